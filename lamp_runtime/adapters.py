@@ -4,6 +4,8 @@ Kinds:
 - `lamp`: factors U [l, r], Q [r], V [r, d]; prompt = avg_pool(U·diag(Q)·V, p).
 - `soft_prompt`: a plain prompt [l, d], optionally pooled.
 - `peft_prompt_tuning`: an HF PEFT PROMPT_TUNING / P_TUNING folder, served as a soft prompt.
+- `ept`: EPT/DePT-style: a short joint prompt [m, d] plus a low-rank offset A [s, r] · B [r, d] added
+  to the embeddings of the first s input tokens (an input of L < s tokens gets the first L rows).
 
 Every loader validates against the backbone (hidden size d) and `AdapterLimits` before returning;
 any problem raises `AdapterError` naming it. Nothing is ever unpickled.
@@ -18,10 +20,12 @@ from pathlib import Path
 import torch
 
 from .errors import AdapterError
+from .prompt_cache import PreparedPrompt
 from .prompt_math import average_pool, compressed_outer_product, pooled_length
 from .safetensors_io import load_tensors, read_limited
 
 LAMP_TENSORS = ("lamp.U", "lamp.Q", "lamp.V")
+EPT_TENSORS = ("ept.prompt", "ept.A", "ept.B")
 PEFT_TYPES = ("PROMPT_TUNING", "P_TUNING")
 MAX_CONFIG_BYTES = 64 * 1024
 
@@ -108,6 +112,14 @@ class PromptAdapter:
         """The [pooled_tokens, d] float32 prompt that is prepended to the input embeddings."""
         raise NotImplementedError
 
+    def build_offset(self) -> torch.Tensor | None:
+        """An [s, d] offset added to the first input-token embeddings, or None (most kinds)."""
+        return None
+
+    def prepare(self) -> PreparedPrompt:
+        """Everything the engine needs, on the host in float32 (the prompt cache moves it)."""
+        return PreparedPrompt(self.build_prompt(), self.build_offset())
+
 
 @dataclass(frozen=True)
 class LampAdapter(PromptAdapter):
@@ -150,6 +162,32 @@ class SoftPromptAdapter(PromptAdapter):
         return average_pool(self.prompt, self.meta.pool)
 
 
+@dataclass(frozen=True)
+class EptAdapter(PromptAdapter):
+    prompt: torch.Tensor = None
+    a: torch.Tensor = None
+    b: torch.Tensor = None
+
+    kind = "ept"
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.prompt.shape[0]
+
+    @property
+    def offset_tokens(self) -> int:
+        return self.a.shape[0]
+
+    def tensors(self):
+        return dict(zip(EPT_TENSORS, (self.prompt, self.a, self.b)))
+
+    def build_prompt(self) -> torch.Tensor:
+        return average_pool(self.prompt, self.meta.pool)
+
+    def build_offset(self) -> torch.Tensor:
+        return self.a @ self.b
+
+
 def _check_values(name: str, tensor: torch.Tensor, limits: AdapterLimits) -> None:
     if not torch.isfinite(tensor).all():
         raise AdapterError(f"tensor {name!r} contains NaN or Inf values")
@@ -190,6 +228,18 @@ def validate(adapter: PromptAdapter, hidden_size: int, limits: AdapterLimits) ->
         if not 1 <= r <= limits.max_rank:
             raise AdapterError(f"LAMP rank r={r} outside 1..{limits.max_rank}")
         d = v.shape[1]
+    elif isinstance(adapter, EptAdapter):
+        p, a, b = adapter.prompt, adapter.a, adapter.b
+        if p.dim() != 2 or a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0] or p.shape[1] != b.shape[1]:
+            raise AdapterError(
+                f"EPT tensors must be prompt [m, d], A [s, r], B [r, d]; got prompt {list(p.shape)}, "
+                f"A {list(a.shape)}, B {list(b.shape)}"
+            )
+        if not 1 <= a.shape[1] <= limits.max_rank:
+            raise AdapterError(f"EPT rank r={a.shape[1]} outside 1..{limits.max_rank}")
+        if not 1 <= a.shape[0] <= limits.max_prompt_tokens:
+            raise AdapterError(f"EPT offset length s={a.shape[0]} outside 1..{limits.max_prompt_tokens}")
+        d = b.shape[1]
     elif isinstance(adapter, SoftPromptAdapter):
         if adapter.prompt.dim() != 2:
             raise AdapterError(f"prompt must be [l, d], got shape {list(adapter.prompt.shape)}")
@@ -205,7 +255,7 @@ def validate(adapter: PromptAdapter, hidden_size: int, limits: AdapterLimits) ->
 
 
 def adapter_from_safetensors(data: bytes, source: str = "adapter", pool: int | None = None) -> PromptAdapter:
-    """Parse a LAMP or soft-prompt `.safetensors` payload (not yet validated against a backbone)."""
+    """Parse a LAMP, soft-prompt or EPT `.safetensors` payload (not yet validated against a backbone)."""
     metadata, tensors = load_tensors(data)
     if pool is not None:
         metadata = {**metadata, "pool": str(pool)}
@@ -217,7 +267,10 @@ def adapter_from_safetensors(data: bytes, source: str = "adapter", pool: int | N
     if fmt == "soft_prompt":
         _check_exact_tensors(tensors, ("prompt",))
         return SoftPromptAdapter(meta, tensors["prompt"])
-    raise AdapterError(f"{source}: metadata format must be 'lamp' or 'soft_prompt', got {fmt!r}")
+    if fmt == "ept":
+        _check_exact_tensors(tensors, EPT_TENSORS)
+        return EptAdapter(meta, *(tensors[n] for n in EPT_TENSORS))
+    raise AdapterError(f"{source}: metadata format must be 'lamp', 'soft_prompt' or 'ept', got {fmt!r}")
 
 
 def adapter_from_peft(config_bytes: bytes, model_bytes: bytes, source: str = "peft adapter",
@@ -277,10 +330,10 @@ def load_adapter(path: str | Path, hidden_size: int, limits: AdapterLimits | Non
 
 
 def save_adapter(adapter: PromptAdapter, path: str | Path) -> Path:
-    """Write a LAMP or soft-prompt adapter in the format `load_adapter` reads."""
+    """Write an adapter in the format `load_adapter` reads (PEFT ones become `soft_prompt`)."""
     from safetensors.torch import save_file
 
-    fmt = "lamp" if isinstance(adapter, LampAdapter) else "soft_prompt"
+    fmt = "soft_prompt" if isinstance(adapter, SoftPromptAdapter) else adapter.kind
     tensors = {k: t.detach().to(torch.float32).contiguous().cpu() for k, t in adapter.tensors().items()}
     save_file(tensors, str(path), metadata=adapter.meta.to_metadata(fmt))
     return Path(path)

@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,6 +186,10 @@ def _quantization_config(quantization: str, dtype: torch.dtype):
     if quantization == "none":
         return None
     from transformers import BitsAndBytesConfig
+
+    # bitsandbytes warns on every int8 matmul that fp32 inputs are cast to fp16: once per layer per
+    # step, thousands of identical lines. It is expected behaviour, so keep it out of the logs.
+    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
 
     if quantization == "nf4":
         return BitsAndBytesConfig(

@@ -167,11 +167,16 @@ class Engine:
         for seq in newcomers:
             seq.admitted_at = now
             ids = torch.tensor(seq.input_ids, dtype=torch.long, device=self.backbone.device)
-            parts = [self.backbone.embed(ids)] if seq.input_ids else []
-            if seq.entry is not None:
-                seq.prompt = self.cache.acquire(seq.entry.cache_key, seq.entry.adapter.build_prompt)
-                parts.insert(0, seq.prompt)
-            rows.append(torch.cat(parts))
+            inputs = self.backbone.embed(ids)
+            if seq.entry is None:
+                rows.append(inputs)
+                continue
+            seq.prepared = self.cache.acquire(seq.entry.cache_key, seq.entry.adapter.prepare)
+            offset = seq.prepared.offset
+            if offset is not None and len(seq.input_ids):
+                n = min(len(seq.input_ids), offset.shape[0])
+                inputs = torch.cat([inputs[:n] + offset[:n], inputs[n:]])
+            rows.append(torch.cat([seq.prepared.prompt, inputs]))
         width = max(r.shape[0] for r in rows)
         embeds = torch.stack([torch.nn.functional.pad(r, (0, 0, width - r.shape[0], 0)) for r in rows])
         mask = torch.stack([
@@ -244,6 +249,6 @@ class Engine:
         self._positions, self._last_tokens = self._positions[index], self._last_tokens[index]
 
     def _release(self, seq: Sequence) -> None:
-        if seq.prompt is not None:
-            seq.prompt = None
+        if seq.prepared is not None:
+            seq.prepared = None
             self.cache.release(seq.entry.cache_key)

@@ -1,6 +1,7 @@
 """Device-side cache of reconstructed + pooled prompts, bounded by bytes, with pinning.
 
-Key: (task id, adapter version), so a re-registered task never serves a stale prompt. An entry
+Values are `PreparedPrompt`s: the pooled prompt to prepend and, for EPT adapters, the low-rank
+offset A·B added to the first input-token embeddings. Key: (task id, adapter version), so a re-registered task never serves a stale prompt. An entry
 acquired by an in-flight batch is pinned (ref-counted) and is never evicted until released: the
 lesson of vLLM issue #14497. When every entry is pinned the cache may sit above its byte budget
 until batches finish; it then shrinks back on release.
@@ -17,6 +18,24 @@ from dataclasses import dataclass
 import torch
 
 
+@dataclass(frozen=True)
+class PreparedPrompt:
+    """What the engine needs of one adapter version, ready on the device in the backbone's dtype."""
+
+    prompt: torch.Tensor  # [tokens, d], prepended to the input embeddings
+    offset: torch.Tensor | None = None  # [s, d], added to the first s input-token embeddings (EPT)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.prompt, self.offset) if t is not None)
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> "PreparedPrompt":
+        def move(t):
+            return None if t is None else t.to(device=device, dtype=dtype).contiguous()
+
+        return PreparedPrompt(move(self.prompt), move(self.offset))
+
+
 @dataclass
 class CacheStats:
     hits: int = 0
@@ -29,11 +48,11 @@ class CacheStats:
 
 
 class _Entry:
-    __slots__ = ("tensor", "nbytes", "pins")
+    __slots__ = ("value", "nbytes", "pins")
 
-    def __init__(self, tensor: torch.Tensor):
-        self.tensor = tensor
-        self.nbytes = tensor.numel() * tensor.element_size()
+    def __init__(self, value: PreparedPrompt):
+        self.value = value
+        self.nbytes = value.nbytes
         self.pins = 0
 
 
@@ -48,7 +67,7 @@ class PromptCache:
         self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()
         self._stats = CacheStats()
 
-    def acquire(self, key: Hashable, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def acquire(self, key: Hashable, build: Callable[[], PreparedPrompt]) -> PreparedPrompt:
         """Return the cached prompt for `key`, building it on a miss, and pin it until `release`.
 
         Built under the lock: a build is one small GEMM plus a copy, far cheaper than letting two
@@ -59,9 +78,9 @@ class PromptCache:
             if entry is None:
                 self._stats.misses += 1
                 started = time.perf_counter()
-                tensor = build().to(device=self.device, dtype=self.dtype).contiguous()
+                value = build().to(self.device, self.dtype)
                 self._stats.build_seconds_total += time.perf_counter() - started
-                entry = _Entry(tensor)
+                entry = _Entry(value)
                 self._entries[key] = entry
                 self._stats.bytes += entry.nbytes
             else:
@@ -69,7 +88,7 @@ class PromptCache:
                 self._entries.move_to_end(key)
             entry.pins += 1
             self._evict_locked()
-            return entry.tensor
+            return entry.value
 
     def release(self, key: Hashable) -> None:
         with self._lock:

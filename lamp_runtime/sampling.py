@@ -25,6 +25,7 @@ class SamplingParams:
     top_k: int | None = None
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False  # keep generating past EOS (benchmarks want a fixed token count)
 
     def __post_init__(self):
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .prompt_cache import PreparedPrompt
 from .registry import AdapterEntry
 from .sampling import SamplingParams
 
@@ -66,7 +67,7 @@ class Sequence:
         self.generator = generator
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
-        self.prompt: torch.Tensor | None = None  # pinned cache tensor while running
+        self.prepared: PreparedPrompt | None = None  # pinned in the prompt cache while running
         self.generated: list[int] = []
         self.text = ""
         self.emitted = 0  # characters of `text` already streamed
@@ -88,7 +89,7 @@ class Sequence:
         """Record a sampled token; decide whether the request is finished; return what to stream."""
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
-        if token_id in self.eos_ids:
+        if token_id in self.eos_ids and not self.params.ignore_eos:
             self.finish_reason = FINISH_STOP
         else:
             self.generated.append(token_id)

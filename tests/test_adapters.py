@@ -103,7 +103,7 @@ def test_bad_pool_metadata(tmp_path, pool):
 
 def test_unknown_or_missing_format(tmp_path):
     path = write(tmp_path / "a.safetensors", lamp_tensors(), format="lora")
-    with pytest.raises(AdapterError, match="format must be 'lamp' or 'soft_prompt', got 'lora'"):
+    with pytest.raises(AdapterError, match="format must be 'lamp', 'soft_prompt' or 'ept', got 'lora'"):
         load_adapter(path, D)
     path = write(tmp_path / "b.safetensors", lamp_tensors())
     with pytest.raises(AdapterError, match="got None"):
@@ -158,3 +158,34 @@ def test_peft_folder_errors(tmp_path):
 def test_missing_path(tmp_path):
     with pytest.raises(AdapterError, match="no such adapter"):
         load_adapter(tmp_path / "nope.safetensors", D)
+
+
+def ept_tensors(m=4, s=5, r=2, d=D):
+    g = torch.Generator().manual_seed(1)
+    return {"ept.prompt": torch.randn(m, d, generator=g), "ept.A": torch.randn(s, r, generator=g),
+            "ept.B": torch.randn(r, d, generator=g)}
+
+
+def test_ept_round_trip_prompt_and_offset(tmp_path):
+    t = ept_tensors()
+    path = write(tmp_path / "e.safetensors", t, format="ept", task="demo")
+    a = load_adapter(path, D)
+    assert a.kind == "ept" and (a.prompt_tokens, a.pooled_tokens, a.offset_tokens) == (4, 4, 5)
+    prepared = a.prepare()
+    torch.testing.assert_close(prepared.prompt, t["ept.prompt"])
+    torch.testing.assert_close(prepared.offset, t["ept.A"] @ t["ept.B"])
+    again = load_adapter(save_adapter(a, tmp_path / "again.safetensors"), D)
+    torch.testing.assert_close(again.prepare().offset, prepared.offset)
+
+
+@pytest.mark.parametrize("case,tensors,message", [
+    ("A/B rank mismatch", {**ept_tensors(), "ept.B": torch.randn(3, D)}, "EPT tensors must be"),
+    ("wrong hidden", ept_tensors(d=D + 2), "hidden size d=18"),
+    ("prompt width", {**ept_tensors(), "ept.prompt": torch.randn(4, D + 1)}, "EPT tensors must be"),
+    ("nan offset", {**ept_tensors(), "ept.A": torch.full((5, 2), float("nan"))}, "NaN or Inf"),
+    ("missing A", {k: v for k, v in ept_tensors().items() if k != "ept.A"}, "missing \\['ept.A'\\]"),
+])
+def test_bad_ept_files(tmp_path, case, tensors, message):
+    path = write(tmp_path / "bad.safetensors", tensors, format="ept")
+    with pytest.raises(AdapterError, match=message):
+        load_adapter(path, D)

@@ -140,5 +140,13 @@ def test_prompt_is_cached_once_per_task_version(engine):
     stats = engine.cache.stats()
     assert stats.misses == 3 and stats.hits == 7 and stats.pinned == 0
     cached = engine.cache.acquire(("lamp2", 1), lambda: pytest.fail("must be cached"))
-    assert cached.dtype == torch.float32 and cached.shape == (6, 576)
+    assert cached.prompt.dtype == torch.float32 and cached.prompt.shape == (6, 576) and cached.offset is None
     engine.cache.release(("lamp2", 1))
+
+
+def test_ignore_eos_generates_exactly_max_new_tokens(engine):
+    text = "Answer with one word. Is the sky blue?"
+    normal = engine.generate([GenerationRequest(text, None, SamplingParams(max_new_tokens=40))])[0]
+    forced = engine.generate([GenerationRequest(text, None, SamplingParams(max_new_tokens=40, ignore_eos=True))])[0]
+    assert forced.completion_tokens == 40 and forced.finish_reason == "length"
+    assert normal.finish_reason == "stop" or normal.completion_tokens == 40

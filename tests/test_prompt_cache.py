@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from lamp_runtime.prompt_cache import PromptCache
+from lamp_runtime.prompt_cache import PreparedPrompt, PromptCache
 
 
-def tensor_of(nbytes: int) -> torch.Tensor:
-    return torch.zeros(nbytes // 4, dtype=torch.float32)
+def tensor_of(nbytes: int) -> PreparedPrompt:
+    return PreparedPrompt(torch.zeros(nbytes // 4, dtype=torch.float32))
 
 
 def test_hit_miss_and_byte_accounting():
@@ -37,21 +37,23 @@ def test_lru_eviction_by_bytes_skips_pinned_entries():
 def test_entry_larger_than_budget_is_served_then_dropped():
     cache = PromptCache(max_bytes=100)
     t = cache.acquire(("big", 1), lambda: tensor_of(400))
-    assert t.numel() == 100 and ("big", 1) in cache
+    assert t.prompt.numel() == 100 and ("big", 1) in cache
     cache.release(("big", 1))
     assert ("big", 1) not in cache and cache.stats().bytes == 0
 
 
 def test_versions_are_separate_entries_and_release_must_match():
     cache = PromptCache(max_bytes=10_000)
-    v1 = cache.acquire(("t", 1), lambda: torch.ones(2))
-    v2 = cache.acquire(("t", 2), lambda: torch.zeros(2))
-    assert not torch.equal(v1, v2)
+    v1 = cache.acquire(("t", 1), lambda: PreparedPrompt(torch.ones(2)))
+    v2 = cache.acquire(("t", 2), lambda: PreparedPrompt(torch.zeros(2)))
+    assert not torch.equal(v1.prompt, v2.prompt)
     cache.release(("t", 1))
     with pytest.raises(KeyError):
         cache.release(("t", 1))
 
 
-def test_cached_tensor_uses_cache_dtype():
+def test_cached_tensors_use_cache_dtype_and_count_the_offset():
     cache = PromptCache(max_bytes=10_000, dtype=torch.bfloat16)
-    assert cache.acquire(("t", 1), lambda: torch.ones(3)).dtype == torch.bfloat16
+    value = cache.acquire(("t", 1), lambda: PreparedPrompt(torch.ones(3, 2), torch.ones(4, 2)))
+    assert value.prompt.dtype == value.offset.dtype == torch.bfloat16
+    assert cache.stats().bytes == (6 + 8) * 2
