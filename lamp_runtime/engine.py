@@ -53,8 +53,8 @@ class StepStats:
 class Engine:
     def __init__(self, backbone: Backbone, registry: AdapterRegistry | None = None,
                  config: EngineConfig | None = None, cache: PromptCache | None = None):
-        if backbone.is_encoder_decoder:
-            raise ValueError("encoder-decoder backbones are not supported by this engine yet")
+        if backbone.is_encoder_decoder and type(self) is Engine:
+            raise ValueError("encoder-decoder backbone: use make_engine() or Seq2SeqEngine")
         self.backbone = backbone
         self.registry = registry if registry is not None else AdapterRegistry()
         self.config = config or EngineConfig()
@@ -112,7 +112,10 @@ class Engine:
 
     @property
     def num_running(self) -> int:
-        return len(self._running)
+        return len(self._running_sequences())
+
+    def _running_sequences(self) -> list[Sequence]:
+        return self._running
 
     # ---- the loop (one thread) ---------------------------------------------------------------
 
@@ -124,9 +127,10 @@ class Engine:
         if newcomers:
             outputs += self._prefill(newcomers)
         stats = StepStats(prefilled=len(newcomers), prefill_tokens=sum(s.length for s in newcomers))
-        if self._running:
-            stats.batch_size = len(self._running)
-            stats.distinct_tasks = len({s.request.task_id for s in self._running})
+        running = self._running_sequences()
+        if running:
+            stats.batch_size = len(running)
+            stats.distinct_tasks = len({s.request.task_id for s in running})
             outputs += self._decode()
         stats.seconds = time.perf_counter() - started
         self.last_step = stats
@@ -149,58 +153,73 @@ class Engine:
                 return []
             dropped = [s for s in self._waiting if s.request.request_id in aborted]
             self._waiting = deque(s for s in self._waiting if s.request.request_id not in aborted)
-        outputs = [s.abort() for s in dropped]
+        return [s.abort() for s in dropped] + self._abort_running(aborted)
+
+    def _abort_running(self, aborted: set[str]) -> list[StepOutput]:
         rows = [i for i, s in enumerate(self._running) if s.request.request_id in aborted]
-        for i in rows:
-            outputs.append(self._running[i].abort())
+        outputs = [self._running[i].abort() for i in rows]
         self._retire(rows)
         return outputs
 
     def _admit(self) -> list[Sequence]:
         with self._lock:
-            room = self.config.max_batch_size - len(self._running)
+            room = self.config.max_batch_size - self.num_running
             return [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+
+    def _embed(self, seq: Sequence) -> torch.Tensor:
+        """[soft prompt ; input embeddings (+ EPT offset on the first tokens)], pinning the prompt."""
+        ids = torch.tensor(seq.input_ids, dtype=torch.long, device=self.backbone.device)
+        inputs = self.backbone.embed(ids)
+        if seq.entry is None:
+            return inputs
+        seq.prepared = self.cache.acquire(seq.entry.cache_key, seq.entry.adapter.prepare)
+        offset = seq.prepared.offset
+        if offset is not None and len(seq.input_ids):
+            n = min(len(seq.input_ids), offset.shape[0])
+            inputs = torch.cat([inputs[:n] + offset[:n], inputs[n:]])
+        return torch.cat([seq.prepared.prompt, inputs])
+
+    @staticmethod
+    def _pad(rows: list[torch.Tensor], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stack [n_i, d] rows into [B, max n, d] with zero padding, and the matching 0/1 mask."""
+        width = max(r.shape[0] for r in rows)
+        pads = [(width - r.shape[0], 0) if left else (0, width - r.shape[0]) for r in rows]
+        embeds = torch.stack([torch.nn.functional.pad(r, (0, 0, *p)) for r, p in zip(rows, pads)])
+        mask = torch.stack([torch.nn.functional.pad(torch.ones(r.shape[0], dtype=torch.long, device=r.device), p)
+                            for r, p in zip(rows, pads)])
+        return embeds, mask
+
+    def _sample(self, sequences: list[Sequence], logits: torch.Tensor) -> tuple[list[StepOutput], list[int]]:
+        """One token per row; returns the outputs and the indices of rows still running."""
+        outputs, keep = [], []
+        for i, seq in enumerate(sequences):
+            outputs.append(seq.accept(next_token(logits[i], seq.params, seq.generator)))
+            if seq.finish_reason is None:
+                keep.append(i)
+        return outputs, keep
 
     def _prefill(self, newcomers: list[Sequence]) -> list[StepOutput]:
         now = time.perf_counter()
-        rows = []
         for seq in newcomers:
             seq.admitted_at = now
-            ids = torch.tensor(seq.input_ids, dtype=torch.long, device=self.backbone.device)
-            inputs = self.backbone.embed(ids)
-            if seq.entry is None:
-                rows.append(inputs)
-                continue
-            seq.prepared = self.cache.acquire(seq.entry.cache_key, seq.entry.adapter.prepare)
-            offset = seq.prepared.offset
-            if offset is not None and len(seq.input_ids):
-                n = min(len(seq.input_ids), offset.shape[0])
-                inputs = torch.cat([inputs[:n] + offset[:n], inputs[n:]])
-            rows.append(torch.cat([seq.prepared.prompt, inputs]))
-        width = max(r.shape[0] for r in rows)
-        embeds = torch.stack([torch.nn.functional.pad(r, (0, 0, width - r.shape[0], 0)) for r in rows])
-        mask = torch.stack([
-            torch.arange(width, device=embeds.device) >= width - r.shape[0] for r in rows
-        ]).long()
+        rows = [self._embed(seq) for seq in newcomers]
+        embeds, mask = self._pad(rows, left=True)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.backbone.config)
         out = self.backbone.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                                   past_key_values=cache, use_cache=True, logits_to_keep=1)
-        logits = out.logits[:, -1, :]
         elapsed = time.perf_counter() - now
-        outputs, keep = [], []
-        for i, seq in enumerate(newcomers):
+        for seq in newcomers:
             seq.prefill_seconds = elapsed
-            outputs.append(seq.accept(next_token(logits[i], seq.params, seq.generator)))
-            if seq.finish_reason is None:
-                keep.append(i)
-            else:
+        outputs, keep = self._sample(newcomers, out.logits[:, -1, :])
+        for i, seq in enumerate(newcomers):
+            if seq.finish_reason is not None:
                 self._release(seq)
         if keep:
             rows_t = torch.tensor(keep, device=mask.device)
             cache, mask = kv_batch.select_rows(cache, mask, rows_t)
             lengths = torch.tensor([rows[i].shape[0] for i in keep], device=mask.device)
-            last = torch.tensor([newcomers[i].generated[-1] for i in keep], device=mask.device)
+            last = torch.tensor([newcomers[i].last_token for i in keep], device=mask.device)
             self._join([newcomers[i] for i in keep], cache, mask, lengths, last)
         return outputs
 
@@ -219,18 +238,10 @@ class Engine:
         out = self.backbone.model(inputs_embeds=embeds, attention_mask=self._mask,
                                   position_ids=self._positions[:, None], past_key_values=self._kv,
                                   use_cache=True)
-        logits = out.logits[:, -1, :]
         self._positions = self._positions + 1
-        outputs, finished = [], []
-        tokens = []
-        for i, seq in enumerate(self._running):
-            token = next_token(logits[i], seq.params, seq.generator)
-            tokens.append(token)
-            outputs.append(seq.accept(token))
-            if seq.finish_reason is not None:
-                finished.append(i)
-        self._last_tokens = torch.tensor(tokens, device=self._mask.device)
-        self._retire(finished)
+        outputs, keep = self._sample(self._running, out.logits[:, -1, :])
+        self._last_tokens = torch.tensor([s.last_token for s in self._running], device=self._mask.device)
+        self._retire([i for i in range(len(self._running)) if i not in set(keep)])
         return outputs
 
     def _retire(self, rows: list[int]) -> None:
@@ -252,3 +263,13 @@ class Engine:
         if seq.prepared is not None:
             seq.prepared = None
             self.cache.release(seq.entry.cache_key)
+
+
+def make_engine(backbone: Backbone, registry: AdapterRegistry | None = None,
+                config: EngineConfig | None = None, cache: PromptCache | None = None) -> Engine:
+    """The engine that fits the backbone: decoder-only (continuous batching) or encoder-decoder."""
+    if backbone.is_encoder_decoder:
+        from .seq2seq_engine import Seq2SeqEngine
+
+        return Seq2SeqEngine(backbone, registry, config, cache)
+    return Engine(backbone, registry, config, cache)

@@ -69,6 +69,7 @@ class Sequence:
         self.eos_ids = eos_ids
         self.prepared: PreparedPrompt | None = None  # pinned in the prompt cache while running
         self.generated: list[int] = []
+        self.last_token: int | None = None  # the next decode step's input
         self.text = ""
         self.emitted = 0  # characters of `text` already streamed
         self.finish_reason: str | None = None
@@ -89,6 +90,7 @@ class Sequence:
         """Record a sampled token; decide whether the request is finished; return what to stream."""
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
+        self.last_token = token_id
         if token_id in self.eos_ids and not self.params.ignore_eos:
             self.finish_reason = FINISH_STOP
         else:
