@@ -1,0 +1,154 @@
+"""`lamp bench pooling | batching | cache`: run a bench, write its JSON, print its table.
+
+On a machine shared with other work, run with `OMP_WAIT_POLICY=PASSIVE` (set before the process
+starts) or `--threads 1`: spinning OpenMP workers that lose their core make a forward pass many
+times slower and the spread huge (docs/benchmarks.md shows by how much).
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+
+
+def register(subparsers) -> None:
+    from ..cli import add_backbone_arguments
+
+    bench = subparsers.add_parser("bench", help="measure pooling, mixed-task batching and prompt-cache savings")
+    benches = bench.add_subparsers(dest="bench", required=True)
+
+    p = benches.add_parser("pooling", help="prefill/TTFT/latency/tokens/s/KV bytes per pool block p vs theory")
+    p.add_argument("--lengths", type=int, nargs="+", default=[100, 200], help="LAMP prompt lengths l")
+    p.add_argument("--pools", type=int, nargs="+", default=[1, 2, 4, 5, 10], help="pool blocks p (must include 1)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--rank", type=int, default=16, help="LAMP rank r")
+    p.add_argument("--new-tokens", type=int, default=8, help="tokens generated per request (EOS ignored)")
+    p.add_argument("--no-memory", action="store_true", help="skip the (untimed, profiled) peak-memory pass")
+    p.add_argument("--plot", help="also draw measured vs theoretical ratios into this PNG")
+    _common(p, repeats=3)
+    add_backbone_arguments(p)
+    p.set_defaults(func=run_pooling_command)
+
+    b = benches.add_parser("batching", help="single- vs mixed-task batching vs one at a time vs PeftModel.generate")
+    b.add_argument("--requests", type=int, default=8, help="requests (and tasks, for the mixed batch)")
+    b.add_argument("--length", type=int, default=100, help="LAMP prompt length l of every task")
+    b.add_argument("--pool", type=int, default=4, help="pool block p of every task")
+    b.add_argument("--rank", type=int, default=16)
+    b.add_argument("--new-tokens", type=int, default=16, help="tokens generated per request (EOS ignored)")
+    b.add_argument("--no-peft", action="store_true", help="skip the PeftModel.generate baseline")
+    b.add_argument("--plot", help="also draw tokens/s per variant into this PNG")
+    _common(b, repeats=5)
+    add_backbone_arguments(b)
+    b.set_defaults(func=run_batching_command)
+
+    c = benches.add_parser("cache", help="prompt-cache miss vs hit cost and memory per task, 10 to 10,000 tasks")
+    c.add_argument("--tasks", type=int, nargs="+", default=[10, 1000, 10000], help="registered task counts")
+    c.add_argument("--length", type=int, default=100)
+    c.add_argument("--rank", type=int, default=16)
+    c.add_argument("--pool", type=int, default=4)
+    c.add_argument("--hidden-size", type=int, default=576, help="the backbone's hidden size (576: SmolLM2-135M)")
+    c.add_argument("--samples", type=int, default=200, help="misses and hits timed per task count per round")
+    c.add_argument("--cache-bytes", type=int, default=None, help="prompt-cache budget (default: the engine's)")
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    c.add_argument("--out", required=True, help="write the report JSON here")
+    c.add_argument("--repeats", type=int, default=5, help="rounds, each over every task count in shuffled order")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    c.set_defaults(func=run_cache_command)
+
+
+def _common(parser, repeats: int) -> None:
+    parser.add_argument("--out", required=True, help="write the report JSON here")
+    parser.add_argument("--repeats", type=int, default=repeats, help="recorded rounds over every variant")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    parser.add_argument("--task", default="support_triage", help="bundled synthetic task whose inputs are used")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+
+
+def _set_threads(args) -> None:
+    import torch
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+
+
+def _command_line() -> str:
+    return shlex.join(["lamp", *sys.argv[1:]])
+
+
+def _finish(report: dict, args, table: str) -> int:
+    from .report import write_json
+
+    report["command"] = _command_line()
+    path = write_json(args.out, report)
+    print(table)
+    print(f"wrote {path}")
+    return 0
+
+
+def run_pooling_command(args) -> int:
+    from ..backbone import load_backbone
+    from ..cli import backbone_options
+    from .pooling import TABLE_COLUMNS, PoolingConfig, run_pooling, table_rows
+    from .report import format_table
+
+    _set_threads(args)
+    config = PoolingConfig(lengths=tuple(args.lengths), pools=tuple(args.pools), batch_sizes=tuple(args.batch_sizes),
+                           rank=args.rank, new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup,
+                           task=args.task, seed=args.seed, measure_memory=not args.no_memory)
+    report = run_pooling(load_backbone(backbone_options(args)), config)
+    lines = [format_table(table_rows(report), TABLE_COLUMNS), ""]
+    for item in report["agreement"]:
+        lines.append(f"l={item['l']} batch {item['batch_size']}: measured - theoretical prefill ratio "
+                     f"mean {item['mean_error']:+.3f}, max |error| {item['max_abs_error']:.3f}")
+    for fit in report["prefill_fit"]:
+        lines.append(f"batch {fit['batch_size']}: prefill ≈ {fit['fixed_ms']:.1f} ms + "
+                     f"{fit['per_token_ms']:.2f} ms/token (tokens per row)")
+    if args.plot:
+        from .plots import plot_pooling
+
+        lines.append(f"plot: {plot_pooling(report, args.plot)}")
+    return _finish(report, args, "\n".join(lines))
+
+
+def run_batching_command(args) -> int:
+    from ..backbone import load_backbone
+    from ..cli import backbone_options
+    from .batching import RATIOS, TABLE_COLUMNS, BatchingConfig, run_batching, table_rows
+    from .report import format_table
+
+    _set_threads(args)
+    config = BatchingConfig(requests=args.requests, length=args.length, pool=args.pool, rank=args.rank,
+                            new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup, task=args.task,
+                            seed=args.seed, include_peft=not args.no_peft)
+    report = run_batching(load_backbone(backbone_options(args)), config)
+    lines = [format_table(table_rows(report), TABLE_COLUMNS), ""]
+    for name in RATIOS:
+        if name in report:
+            spread = report["ratio_spread"][name]
+            lines.append(f"{name}: {report[name]:.2f}x (IQR {spread['q1']:.2f}-{spread['q3']:.2f})")
+    if "peft_outputs_match" in report:
+        lines.append(f"greedy outputs equal to PEFT's: {report['peft_outputs_match']}/{report['peft_outputs_compared']}")
+    if args.plot:
+        from .plots import plot_batching
+
+        lines.append(f"plot: {plot_batching(report, args.plot)}")
+    return _finish(report, args, "\n".join(lines))
+
+
+def run_cache_command(args) -> int:
+    from ..engine import EngineConfig
+    from .cache import TABLE_COLUMNS, CacheBenchConfig, run_cache_bench, table_rows
+    from .report import format_table
+
+    _set_threads(args)
+    config = CacheBenchConfig(task_counts=tuple(args.tasks), length=args.length, rank=args.rank, pool=args.pool,
+                              hidden_size=args.hidden_size, samples=args.samples, repeats=args.repeats,
+                              cache_bytes=args.cache_bytes or EngineConfig.prompt_cache_bytes, device=args.device,
+                              dtype=args.dtype, seed=args.seed)
+    report = run_cache_bench(config)
+    return _finish(report, args, format_table(table_rows(report), TABLE_COLUMNS))

@@ -1,0 +1,62 @@
+"""Memory figures: KV-cache bytes from the model config, and peak tensor memory of a run.
+
+KV bytes are computed, not sampled: 2 (keys and values) x layers x kv_heads x head_dim x tokens x
+bytes per element is exactly what a transformers `DynamicCache` holds (tests/test_bench.py checks
+it against a real cache). Peak memory is the high-water mark of bytes allocated by torch during a
+run, above what was allocated when it started, so weights and earlier runs do not count: on CUDA
+from the allocator's own counters; on CPU from the profiler's allocation records, replayed in
+time order (process RSS cannot show it, since the C allocator keeps freed memory).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
+    layers = config.num_hidden_layers
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def kv_cache_bytes(config, dtype: torch.dtype, tokens: int) -> int:
+    """Bytes of keys and values that `tokens` cached positions take (summed over the batch)."""
+    return kv_bytes_per_token(config, dtype) * tokens
+
+
+def peak_memory_bytes(run: Callable[[], object], device: torch.device) -> int | None:
+    """Run `run()` once and return its peak of torch-allocated bytes above the starting level.
+
+    None when the figure cannot be had on this device or torch build (reported as such).
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        run()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - start
+    if device.type != "cpu":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    try:
+        events = prof.profiler.kineto_results.events()
+    except AttributeError:  # profiler internals moved in this torch build
+        log.warning("peak memory unavailable: torch profiler has no kineto_results")
+        return None
+    records = sorted((e.start_ns(), e.nbytes()) for e in events
+                     if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    level = peak = 0
+    for _, nbytes in records:
+        level += nbytes
+        peak = max(peak, level)
+    return peak

@@ -1,0 +1,72 @@
+"""PNG figures for docs/benchmarks.md (matplotlib is a dev extra: `pip install -e '.[dev]'`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise ValueError("--plot needs matplotlib: pip install -c constraints.txt matplotlib "
+                         "(it is in the dev extra)") from None
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_pooling(report: dict, path: str | Path) -> Path:
+    """Measured prefill ratio (median, IQR bars) against the theoretical ratio, one panel per batch size."""
+    plt = _pyplot()
+    rows = report["rows"]
+    batches = sorted({r["batch_size"] for r in rows})
+    lengths = sorted({r["l"] for r in rows})
+    fig, axes = plt.subplots(1, len(batches), figsize=(5.5 * len(batches), 4.2), sharey=True, squeeze=False)
+    for ax, batch in zip(axes[0], batches):
+        for index, length in enumerate(lengths):
+            mine = sorted((r for r in rows if r["batch_size"] == batch and r["l"] == length), key=lambda r: r["pool"])
+            pools = [r["pool"] for r in mine]
+            color = f"C{index}"
+            ax.plot(pools, [r["theoretical_ratio"] for r in mine], "--", color=color, label=f"l={length} theoretical")
+            spread = [r["spread"]["measured_ratio"] for r in mine]
+            medians = [r["measured_ratio"] for r in mine]
+            ax.errorbar(pools, medians, yerr=[[m - s["q1"] for m, s in zip(medians, spread)],
+                                              [s["q3"] - m for m, s in zip(medians, spread)]],
+                        fmt="o-", color=color, capsize=3, label=f"l={length} measured prefill")
+        ax.set_xscale("log")
+        ax.set_xticks(sorted({r["pool"] for r in rows}), [str(p) for p in sorted({r["pool"] for r in rows})])
+        ax.set_xlabel("pool block p")
+        ax.set_title(f"batch {batch}")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("prefill time relative to p = 1")
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle("Pooled LAMP prompts: measured vs (L_x + ⌈l/p⌉) / (L_x + l)")
+    return _save(fig, plt, path)
+
+
+def plot_batching(report: dict, path: str | Path) -> Path:
+    """Tokens/s of the four serving variants (median, IQR bars)."""
+    plt = _pyplot()
+    variants = list(report["variants"].values())
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    medians = [v["tokens_per_s"] for v in variants]
+    spread = [v["spread"]["tokens_per_s"] for v in variants]
+    ax.bar(range(len(variants)), medians, color=[f"C{i}" for i in range(len(variants))],
+           yerr=[[m - s["q1"] for m, s in zip(medians, spread)], [s["q3"] - m for m, s in zip(medians, spread)]],
+           capsize=4)
+    ax.set_xticks(range(len(variants)), [v["label"].replace(", ", ",\n", 1) for v in variants], fontsize=8)
+    ax.set_ylabel("generated tokens / s")
+    ax.set_title(f"{report['config']['requests']} requests, {report['config']['new_tokens']} new tokens each")
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, plt, path)
+
+
+def _save(fig, plt, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,207 @@
+"""`lamp bench pooling`: what pooling a LAMP prompt of length l with block p saves at inference.
+
+The same task (one set of LAMP factors per l) and the same inputs are served with pool
+p in {1, 2, 4, 5, 10}, at batch 1 and batch 8, through the real `Engine`. Prefill work is
+linear in the tokens the model sees, so pooling should cut it by the theoretical ratio
+(L_x + ceil(l/p)) / (L_x + l), L_x being the input tokens; the measured ratio is the variant's
+prefill time over the p = 1 prefill time of the same round (paired, so noise shared by a round
+cancels). A line fitted through prefill time against tokens gives the fixed cost per forward pass
+that keeps the measured ratio above the theoretical one for short sequences.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from dataclasses import dataclass
+
+from ..adapters import AdapterMeta
+from ..engine import Engine, EngineConfig
+from ..prompt_math import pooled_length
+from ..sampling import SamplingParams
+from ..sequence import GenerationRequest
+from .memory import kv_bytes_per_token, peak_memory_bytes
+from .stats import interleaved, safe_ratio, summarize, summarize_samples
+from .workload import lamp_from_prompt, load_average, machine_context, task_inputs, vocabulary_prompt
+
+# The memory pass covers prefill and the first decode steps: prefill activations are the peak, and
+# the KV cache grows by only 1/(L_x + soft) per further step.
+MEMORY_PASS_TOKENS = 2
+TIMED_METRICS = ("prefill_ms", "ttft_ms", "e2e_ms", "wall_ms", "tokens_per_s", "decode_ms_per_token",
+                 "generated_tokens")
+
+
+@dataclass(frozen=True)
+class PoolingConfig:
+    lengths: tuple[int, ...] = (100, 200)
+    pools: tuple[int, ...] = (1, 2, 4, 5, 10)
+    batch_sizes: tuple[int, ...] = (1, 8)
+    rank: int = 16
+    new_tokens: int = 8
+    repeats: int = 3
+    warmup: int = 1
+    task: str = "support_triage"
+    seed: int = 0
+    measure_memory: bool = True
+
+    def __post_init__(self):
+        for name in ("lengths", "pools", "batch_sizes"):
+            values = getattr(self, name)
+            if not values or any(not isinstance(v, int) or v < 1 for v in values):
+                raise ValueError(f"{name} must be a non-empty list of integers >= 1, got {list(values)}")
+        if 1 not in self.pools:
+            raise ValueError(f"pools must include 1 (ratios are measured against the unpooled prompt), "
+                             f"got {list(self.pools)}")
+        for name in ("rank", "new_tokens", "repeats"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+
+
+def task_id(length: int, pool: int) -> str:
+    return f"pool-l{length}-p{pool}"
+
+
+def run_pooling(backbone, config: PoolingConfig) -> dict:
+    """Measure every (l, p, batch) variant interleaved; return the JSON-ready report."""
+    started = time.perf_counter()
+    context = machine_context(backbone)
+    engine = Engine(backbone, config=EngineConfig(max_batch_size=max(config.batch_sizes)))
+    weight = backbone.model.get_input_embeddings().weight
+    for length in config.lengths:
+        base = lamp_from_prompt(vocabulary_prompt(weight, length, seed=config.seed + length),
+                                rank=min(config.rank, length), pool=1, task=config.task)
+        for pool in config.pools:
+            engine.registry.register(task_id(length, pool), dataclasses.replace(base, meta=AdapterMeta(pool=pool)))
+    inputs = task_inputs(config.task, max(config.batch_sizes), config.seed)
+    input_lengths = [len(backbone.tokenizer(text)["input_ids"]) for text in inputs]
+    # EOS is ignored so every variant generates exactly new_tokens tokens per request: pooled and
+    # unpooled prompts steer the text differently, and unequal lengths would skew tokens/s and e2e.
+    params = SamplingParams(max_new_tokens=config.new_tokens, ignore_eos=True)
+    memory_params = SamplingParams(max_new_tokens=MEMORY_PASS_TOKENS, ignore_eos=True)
+
+    def requests(variant, sampling=params):
+        length, pool, batch = variant
+        return [GenerationRequest(text, task_id(length, pool), sampling) for text in inputs[:batch]]
+
+    def measure(variant) -> dict:
+        batch = requests(variant)
+        begin = time.perf_counter()
+        results = engine.generate(batch)
+        wall = time.perf_counter() - begin
+        tokens = sum(r.completion_tokens for r in results)
+        per_token = [(r.total_ms - r.ttft_ms) / (r.completion_tokens - 1) for r in results if r.completion_tokens > 1]
+        return {
+            "prefill_ms": results[0].prefill_ms,  # one forward pass for the whole batch
+            "ttft_ms": statistics.median(r.ttft_ms for r in results),
+            "e2e_ms": statistics.median(r.total_ms for r in results),
+            "wall_ms": wall * 1000,
+            "tokens_per_s": tokens / wall,
+            "decode_ms_per_token": statistics.median(per_token) if per_token else float("nan"),
+            "generated_tokens": tokens,
+        }
+
+    variants = [(length, pool, batch) for length in config.lengths for pool in config.pools
+                for batch in config.batch_sizes]
+    samples = interleaved(variants, measure, config.repeats, config.warmup, config.seed, "bench pooling")
+    peaks = {}
+    if config.measure_memory:  # a separate, untimed pass: the profiler would slow the timed runs
+        peaks = {v: peak_memory_bytes(lambda v=v: engine.generate(requests(v, memory_params)), backbone.device)
+                 for v in variants}
+
+    per_token_kv = kv_bytes_per_token(backbone.config, backbone.dtype)
+    rows = []
+    for length, pool, batch in variants:
+        own, base = samples[(length, pool, batch)], samples[(length, 1, batch)]
+        input_tokens = max(input_lengths[:batch])  # rows are left-padded to the longest input
+        soft = pooled_length(length, pool)
+        summary = summarize_samples(own, TIMED_METRICS)
+        paired = {
+            key: summarize([safe_ratio(s[key], b[key]) for s, b in zip(own, base)])
+            for key in ("prefill_ms", "ttft_ms", "e2e_ms", "tokens_per_s")
+        }
+        rows.append({
+            "l": length,
+            "pool": pool,
+            "batch_size": batch,
+            "input_tokens": input_tokens,
+            "soft_prompt_tokens": soft,
+            **{key: summary[key].median for key in TIMED_METRICS},
+            "kv_bytes": per_token_kv * batch * (input_tokens + soft),
+            "peak_bytes": peaks.get((length, pool, batch)),
+            "theoretical_ratio": (input_tokens + soft) / (input_tokens + length),
+            "measured_ratio": paired["prefill_ms"].median,
+            "ttft_ratio": paired["ttft_ms"].median,
+            "e2e_ratio": paired["e2e_ms"].median,
+            "tokens_per_s_ratio": paired["tokens_per_s"].median,
+            "spread": {**{k: s.as_dict() for k, s in summary.items()},
+                       "measured_ratio": paired["prefill_ms"].as_dict()},
+        })
+    return {
+        "bench": "pooling",
+        "config": dataclasses.asdict(config),
+        "machine": context,
+        "kv_bytes_per_token": per_token_kv,
+        "notes": {
+            "kv_bytes": "keys+values held after prefill for the whole batch: 2*layers*kv_heads*head_dim*"
+                        "bytes * batch_size * (input_tokens + soft_prompt_tokens)",
+            "peak_bytes": f"peak torch-allocated bytes above the start level during one untimed run of the "
+                          f"variant generating {MEMORY_PASS_TOKENS} tokens (prefill activations, KV cache, "
+                          f"logits; weights excluded)",
+            "measured_ratio": "median over rounds of prefill_ms / prefill_ms(pool=1) within the same round",
+            "input_tokens": "longest input of the batch (the engine left-pads rows to it)",
+        },
+        "rows": rows,
+        "agreement": agreement(rows),
+        "prefill_fit": prefill_fit(rows),
+        "elapsed_s": time.perf_counter() - started,
+        "load_average_end": load_average(),
+    }
+
+
+def agreement(rows: list[dict]) -> list[dict]:
+    """How close measured prefill ratios track the theoretical ones, per (l, batch)."""
+    out = []
+    for (length, batch) in sorted({(r["l"], r["batch_size"]) for r in rows}):
+        errors = [r["measured_ratio"] - r["theoretical_ratio"] for r in rows
+                  if r["l"] == length and r["batch_size"] == batch and r["pool"] != 1]
+        if errors:
+            out.append({"l": length, "batch_size": batch,
+                        "mean_abs_error": statistics.fmean(abs(e) for e in errors),
+                        "max_abs_error": max(abs(e) for e in errors),
+                        "mean_error": statistics.fmean(errors)})
+    return out
+
+
+def prefill_fit(rows: list[dict]) -> list[dict]:
+    """Least-squares prefill_ms = fixed_ms + per_token_ms * tokens per batch size (tokens per row)."""
+    out = []
+    for batch in sorted({r["batch_size"] for r in rows}):
+        points = [(r["input_tokens"] + r["soft_prompt_tokens"], r["prefill_ms"]) for r in rows
+                  if r["batch_size"] == batch]
+        if len({x for x, _ in points}) < 2:
+            continue
+        slope, intercept = statistics.linear_regression([x for x, _ in points], [y for _, y in points])
+        out.append({"batch_size": batch, "fixed_ms": intercept, "per_token_ms": slope})
+    return out
+
+
+TABLE_COLUMNS = (
+    ("l", "l", "d"), ("pool", "p", "d"), ("batch_size", "batch", "d"), ("input_tokens", "L_x", "d"),
+    ("soft_prompt_tokens", "soft", "d"), ("prefill_ms", "prefill ms", ".1f"), ("ttft_ms", "ttft ms", ".1f"),
+    ("e2e_ms", "e2e ms", ".0f"), ("tokens_per_s", "tok/s", ".1f"), ("kv_mb", "KV MB", ".2f"),
+    ("peak_mb", "peak MB", ".1f"), ("theoretical_ratio", "theory", ".3f"), ("measured_ratio", "measured", ".3f"),
+    ("ratio_iqr", "measured IQR", "s"),
+)
+
+
+def table_rows(report: dict) -> list[dict]:
+    out = []
+    for row in report["rows"]:
+        spread = row["spread"]["measured_ratio"]
+        out.append({**row, "kv_mb": row["kv_bytes"] / 1e6,
+                    "peak_mb": None if row["peak_bytes"] is None else row["peak_bytes"] / 1e6,
+                    "ratio_iqr": f"{spread['q1']:.3f}-{spread['q3']:.3f}"})
+    return out

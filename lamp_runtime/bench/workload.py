@@ -1,0 +1,89 @@
+"""What the benches feed the engine: realistic LAMP factors, task inputs, and the machine context.
+
+Timing does not depend on what a prompt has learned, only on its shape, so the adapters here are
+not trained: their factors are the truncated SVD of real vocabulary embeddings (the usual
+prompt-tuning initialisation), which keeps activations in the range a trained prompt produces.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+
+import torch
+
+from ..adapters import AdapterMeta, LampAdapter
+from ..synthetic_tasks import get_task
+
+
+def lamp_from_prompt(prompt: torch.Tensor, rank: int, pool: int, task: str | None = None) -> LampAdapter:
+    """LAMP factors U [l, r], Q [r], V [r, d] of `prompt` by truncated SVD, as LAMP initialises them."""
+    if not 1 <= rank <= min(prompt.shape):
+        raise ValueError(f"rank must be in 1..{min(prompt.shape)} for a {list(prompt.shape)} prompt, got {rank}")
+    u, s, vh = torch.linalg.svd(prompt.float(), full_matrices=False)
+    return LampAdapter(AdapterMeta(pool=pool, task=task), u[:, :rank].contiguous(), s[:rank].contiguous(),
+                       vh[:rank].contiguous())
+
+
+def vocabulary_prompt(embedding_weight: torch.Tensor, length: int, seed: int) -> torch.Tensor:
+    """`length` rows of the backbone's input embeddings, drawn with a fixed seed."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.randint(0, embedding_weight.shape[0], (length,), generator=generator)
+    return embedding_weight.detach()[rows].float().cpu().clone()
+
+
+def gaussian_prompt(hidden_size: int, length: int, seed: int, std: float = 0.05) -> torch.Tensor:
+    """A prompt with embedding-like scale, for benches that never run the model."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(length, hidden_size, generator=generator) * std
+
+
+def task_inputs(task: str, count: int, seed: int = 0) -> list[str]:
+    """`count` distinct inputs of a bundled synthetic task (same task and seed, same inputs)."""
+    return [row["input"] for row in get_task(task).generate(count, seed)]
+
+
+def machine_context(backbone=None) -> dict:
+    """Where the numbers came from. Load averages show how much other work shared the cores."""
+    context = {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        # Spinning OpenMP workers slow down many-fold when other processes share the cores.
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "load_average": load_average(),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if torch.cuda.is_available():
+        context["cuda_device"] = torch.cuda.get_device_name()
+    if backbone is not None:
+        import transformers
+
+        context["transformers"] = transformers.__version__
+        context["backbone"] = {
+            "name": backbone.name, "dtype": backbone.options.dtype, "quantization": backbone.options.quantization,
+            "device": str(backbone.device), "weights_bytes": backbone.weights_bytes,
+            "layers": backbone.config.num_hidden_layers, "hidden_size": backbone.hidden_size,
+        }
+    return context
+
+
+def load_average() -> list[float] | None:
+    """1, 5 and 15 minute load averages: above the core count, other work competed for the CPU."""
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
