@@ -13,7 +13,6 @@ import os
 import shutil
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,9 +186,11 @@ def _quantization_config(quantization: str, dtype: torch.dtype):
         return None
     from transformers import BitsAndBytesConfig
 
-    # bitsandbytes warns on every int8 matmul that fp32 inputs are cast to fp16: once per layer per
-    # step, thousands of identical lines. It is expected behaviour, so keep it out of the logs.
-    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+    # bitsandbytes logs a warning on every int8 matmul that fp32 inputs are cast to fp16: once per
+    # layer per step, thousands of identical lines. It is expected behaviour, so keep it out of the logs.
+    logging.getLogger("bitsandbytes.autograd._functions").addFilter(
+        lambda record: "inputs will be cast" not in record.getMessage()
+    )
 
     if quantization == "nf4":
         return BitsAndBytesConfig(

@@ -103,7 +103,9 @@ class Engine:
 
     def has_work(self) -> bool:
         with self._lock:
-            return bool(self._waiting or self._running)
+            if self._waiting:
+                return True
+        return bool(self._running_sequences())
 
     @property
     def num_waiting(self) -> int:
@@ -216,7 +218,7 @@ class Engine:
             if seq.finish_reason is not None:
                 self._release(seq)
         if keep:
-            rows_t = torch.tensor(keep, device=mask.device)
+            rows_t = torch.tensor(keep, dtype=torch.long, device=mask.device)
             cache, mask = kv_batch.select_rows(cache, mask, rows_t)
             lengths = torch.tensor([rows[i].shape[0] for i in keep], device=mask.device)
             last = torch.tensor([newcomers[i].last_token for i in keep], device=mask.device)
@@ -255,7 +257,7 @@ class Engine:
         if not keep:
             self._kv = self._mask = self._positions = self._last_tokens = None
             return
-        index = torch.tensor(keep, device=self._mask.device)
+        index = torch.tensor(keep, dtype=torch.long, device=self._mask.device)
         self._kv, self._mask = kv_batch.select_rows(self._kv, self._mask, index)
         self._positions, self._last_tokens = self._positions[index], self._last_tokens[index]
 
