@@ -37,3 +37,28 @@ def task_adapters(backbone):
         "lamp2": lamp_from_prompt(vocab_prompt(backbone, 12, seed=2), rank=8, pool=2),
         "lamp3": lamp_from_prompt(vocab_prompt(backbone, 10, seed=3), rank=6, pool=3),
     }
+
+
+@pytest.fixture()
+def engine(backbone, task_adapters):
+    """A decoder engine with the three `task_adapters` registered."""
+    from lamp_runtime.engine import Engine, EngineConfig
+
+    e = Engine(backbone, config=EngineConfig(max_batch_size=8))
+    for task_id, adapter in task_adapters.items():
+        e.registry.register(task_id, adapter)
+    return e
+
+
+def run_staggered(engine, requests, every: int) -> list[list[int]]:
+    """Submit one request every `every` engine steps while the others decode (continuous
+    batching); return each request's token ids in submission order."""
+    results, pending, steps = {}, list(requests), 0
+    while len(results) < len(requests):
+        if pending and steps % every == 0:
+            engine.submit(pending.pop(0))
+        for out in engine.step():
+            if out.finished:
+                results[out.request_id] = out.result.token_ids
+        steps += 1
+    return [results[r.request_id] for r in requests]

@@ -5,21 +5,12 @@ import asyncio
 import pytest
 
 from lamp_runtime.async_engine import AsyncEngine, QueueFullError
-from lamp_runtime.engine import Engine, EngineConfig
 from lamp_runtime.errors import UnknownTaskError
 from lamp_runtime.sampling import SamplingParams
 from lamp_runtime.sequence import GenerationRequest
 
 CASES = [("plain", "The capital of France is"), ("lamp2", "Write a haiku about the sea:"),
          ("lamp3", "1, 2, 3,"), ("lamp2", "Once upon a time")]
-
-
-@pytest.fixture()
-def engine(backbone, task_adapters):
-    e = Engine(backbone, config=EngineConfig(max_batch_size=8))
-    for task_id, adapter in task_adapters.items():
-        e.registry.register(task_id, adapter)
-    return e
 
 
 def requests():

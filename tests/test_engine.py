@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from lamp_runtime.engine import Engine, EngineConfig
 from lamp_runtime.errors import RequestError, UnknownTaskError
 from lamp_runtime.sampling import SamplingParams
 from lamp_runtime.sequence import GenerationRequest
+
+from .conftest import run_staggered
 
 REQUESTS = [  # (task, input, max_new_tokens): 3 tasks with pooled lengths 8, 6, 4, plus no task
     ("plain", "The capital of France is", 16),
@@ -16,14 +17,6 @@ REQUESTS = [  # (task, input, max_new_tokens): 3 tasks with pooled lengths 8, 6,
     ("lamp2", "Once upon a time", 6),
     ("plain", "def add(a, b):", 14),
 ]
-
-
-@pytest.fixture()
-def engine(backbone, task_adapters):
-    e = Engine(backbone, config=EngineConfig(max_batch_size=8))
-    for task_id, adapter in task_adapters.items():
-        e.registry.register(task_id, adapter)
-    return e
 
 
 def make_requests(params=None):
@@ -47,18 +40,7 @@ def test_requests_joining_a_running_batch_equal_alone(engine):
     """Continuous batching: requests submitted while others decode join mid-flight."""
     requests = make_requests()
     alone = [engine.generate([r])[0].token_ids for r in make_requests()]
-    results = {}
-    pending = list(requests)
-    engine.submit(pending.pop(0))
-    steps = 0
-    while len(results) < len(requests):
-        if pending and steps % 3 == 2:
-            engine.submit(pending.pop(0))
-        for out in engine.step():
-            if out.finished:
-                results[out.request_id] = out.result.token_ids
-        steps += 1
-    assert [results[r.request_id] for r in requests] == alone
+    assert run_staggered(engine, requests, every=3) == alone
 
 
 def test_streamed_deltas_concatenate_to_the_final_text(engine):

@@ -16,6 +16,8 @@ from lamp_runtime.sampling import SamplingParams
 from lamp_runtime.seq2seq_engine import Seq2SeqEngine
 from lamp_runtime.sequence import GenerationRequest
 
+from .conftest import run_staggered
+
 NEW_TOKENS = 8
 D_MODEL = 64
 
@@ -99,15 +101,7 @@ def test_requests_joining_mid_flight_form_new_cohorts(t5, tasks):
     params = SamplingParams(max_new_tokens=NEW_TOKENS)
     requests = [GenerationRequest(text, task, params) for task, text in REQUESTS]
     alone = [engine.generate([GenerationRequest(r.input, r.task_id, params)])[0].token_ids for r in requests]
-    results, pending, steps = {}, list(requests), 0
-    while len(results) < len(requests):
-        if pending and steps % 2 == 0:
-            engine.submit(pending.pop(0))
-        for out in engine.step():
-            if out.finished:
-                results[out.request_id] = out.result.token_ids
-        steps += 1
-    assert [results[r.request_id] for r in requests] == alone
+    assert run_staggered(engine, requests, every=2) == alone
     assert engine.cache.stats().pinned == 0 and not engine.has_work()
 
 
