@@ -1,0 +1,159 @@
+"""Settings of one `lamp serve` deployment: defaults < YAML file (`--config`) < command-line flags.
+
+The same keys work everywhere: on the command line (`--max-batch-size 8`), in a YAML file
+(`max_batch_size: 8` or `max-batch-size: 8`) and as the `args` of the Serve config used with
+`serve deploy` (see serving/serve_config.yaml). Every value is checked here, so a bad setting fails
+before Ray starts, with a message naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZATIONS = ("auto", "none", "nf4", "int8")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def default_store_dir() -> Path:
+    from platformdirs import user_data_dir
+
+    return Path(user_data_dir("lamp-serve")) / "adapters"
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    address: str | None = None  # join this Ray cluster instead of starting a local one
+    num_cpus: int | None = None  # logical CPUs of the local Ray cluster (default: all)
+    store: str | None = None  # adapter store directory (default: user data dir / adapters)
+    prompts: str | None = "prompts"  # bundled adapters registered at start; missing folder = none
+    backbone: str | None = None  # local HF folder or .gguf (default: the embedded SmolLM2)
+    dtype: str = "auto"
+    quantization: str = "auto"
+    device: str = "auto"
+    replicas: int = 1
+    replica_cpus: float | None = None  # Ray CPUs reserved per model replica (default: a fair share)
+    threads: int | None = None  # torch threads per model replica (default: CPU cores / replicas)
+    max_batch_size: int = 16
+    batch_wait_ms: float = 5.0
+    max_queue: int = 64  # requests waiting per replica before 503
+    max_input_tokens: int = 2048
+    max_new_tokens: int = 1024
+    prompt_cache_mb: int = 256
+    max_request_bytes: int = 1024 * 1024  # JSON bodies of the inference API
+    max_upload_bytes: int = 64 * 1024 * 1024  # one adapter upload (all its files together)
+    log_level: str = "INFO"
+
+    def __post_init__(self):
+        _check_range(self, "port", 1, 65535)
+        for name in ("replicas", "max_batch_size", "max_queue", "max_input_tokens", "max_new_tokens",
+                     "prompt_cache_mb", "max_request_bytes", "max_upload_bytes"):
+            _check_range(self, name, 1, None)
+        for name in ("num_cpus", "threads"):
+            if getattr(self, name) is not None:
+                _check_range(self, name, 1, None)
+        if self.replica_cpus is not None and not (isinstance(self.replica_cpus, (int, float))
+                                                  and self.replica_cpus >= 0):
+            raise ValueError(f"replica_cpus must be a number >= 0, got {self.replica_cpus!r}")
+        if not isinstance(self.batch_wait_ms, (int, float)) or not 0 <= self.batch_wait_ms <= 10_000:
+            raise ValueError(f"batch_wait_ms must be in [0, 10000], got {self.batch_wait_ms!r}")
+        _check_choice(self, "dtype", DTYPES)
+        _check_choice(self, "quantization", QUANTIZATIONS)
+        object.__setattr__(self, "log_level", str(self.log_level).upper())
+        _check_choice(self, "log_level", LOG_LEVELS)
+        if not self.host:
+            raise ValueError("host must not be empty")
+
+    @property
+    def store_dir(self) -> Path:
+        return Path(self.store).expanduser() if self.store else default_store_dir()
+
+    @property
+    def prompts_dir(self) -> Path | None:
+        return Path(self.prompts).expanduser() if self.prompts else None
+
+    def backbone_options(self):
+        from lamp_runtime.backbone import BackboneOptions
+
+        return BackboneOptions(path=self.backbone, dtype=self.dtype, quantization=self.quantization,
+                               device=self.device)
+
+    def to_args(self) -> dict[str, Any]:
+        """Plain values, to hand to the Serve app builder (and back through `from_mapping`)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any], source: str = "settings") -> "ServeSettings":
+        """Build from a mapping (YAML, Serve `args`); keys may use '-' or '_'; unknown keys are errors."""
+        known = {f.name: f for f in fields(cls)}
+        kwargs = {}
+        for raw_key, value in (values or {}).items():
+            key = str(raw_key).replace("-", "_")
+            if key not in known:
+                raise ValueError(f"{source}: unknown setting {raw_key!r}; known: {', '.join(sorted(known))}")
+            kwargs[key] = _coerce(known[key], value, source)
+        return cls(**kwargs)
+
+    def merged(self, overrides: dict[str, Any]) -> "ServeSettings":
+        """A copy with `overrides` (already typed, e.g. from argparse) applied; None means 'not given'."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return dataclasses.replace(self, **given)
+
+
+def load_settings(config_file: str | os.PathLike | None, overrides: dict[str, Any]) -> ServeSettings:
+    """Defaults, then the YAML file (if any), then the explicit command-line values."""
+    base = ServeSettings()
+    if config_file is not None:
+        path = Path(config_file)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except OSError as exc:
+            raise ValueError(f"cannot read config file {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ValueError(f"config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path} must contain a mapping of settings, got {type(data).__name__}")
+        base = ServeSettings.from_mapping(data, source=str(path))
+    return base.merged(overrides)
+
+
+def _coerce(field: dataclasses.Field, value: Any, source: str) -> Any:
+    """YAML and Serve `args` may deliver numbers as strings; convert by the field's declared type."""
+    if value is None:
+        return None
+    kind = str(field.type)  # a string such as "int | None" (postponed annotations)
+    if kind.startswith("int"):
+        text = str(value).strip()
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and text.isdigit())):
+            raise ValueError(f"{source}: {field.name} must be an integer, got {value!r}")
+        return int(text)
+    if kind.startswith("float"):
+        if isinstance(value, bool):
+            raise ValueError(f"{source}: {field.name} must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{source}: {field.name} must be a number, got {value!r}") from None
+    if isinstance(value, (dict, list)):
+        raise ValueError(f"{source}: {field.name} must be a single value, got {value!r}")
+    return str(value)
+
+
+def _check_range(settings: ServeSettings, name: str, low: int, high: int | None) -> None:
+    value = getattr(settings, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
+
+
+def _check_choice(settings: ServeSettings, name: str, choices: tuple[str, ...]) -> None:
+    if getattr(settings, name) not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {getattr(settings, name)!r}")
