@@ -13,6 +13,7 @@ import sys
 
 COMMAND_MODULES = (
     "lamp_runtime.cli_generate",
+    "serving.cli",
     "lamp_runtime.bench.cli",
 )
 

@@ -1,0 +1,52 @@
+"""The Serve application: ingress -> model replicas, plus the metrics hub.
+
+`build_app(args)` is the importable application builder, used by `lamp serve` and by Serve's own
+tooling with serving/serve_config.yaml (`serve run serving/serve_config.yaml`, `serve deploy ...`).
+`args` are the settings keys of serving/config.py.
+"""
+
+from __future__ import annotations
+
+import ray
+from ray.serve import Application
+
+from .api_router import LampIngress
+from .config import ServeSettings
+from .http_errors import RETRY_AFTER_S
+from .metrics_hub import MetricsHub
+from .model_replica import LampModel
+
+APP_NAME = "lamp"
+# Calls besides generation that a replica must always have room for (health, info, metrics).
+CONTROL_HEADROOM = 8
+
+
+def replica_cpus(settings: ServeSettings) -> float:
+    """Ray CPUs reserved per model replica: the configured value, else a fair share (at most 1) so
+    that `--replicas` larger than the CPU count still schedules (torch threads are set separately)."""
+    if settings.replica_cpus is not None:
+        return float(settings.replica_cpus)
+    total = ray.cluster_resources().get("CPU", 1.0) if ray.is_initialized() else 1.0
+    return round(min(1.0, total / settings.replicas), 3)
+
+
+def build_app(args: dict | None = None) -> Application:
+    settings = ServeSettings.from_mapping(args or {}, source="Serve application args")
+    per_replica = settings.max_batch_size + settings.max_queue
+    hub = MetricsHub.bind()
+    model = LampModel.options(
+        num_replicas=settings.replicas,
+        ray_actor_options={"num_cpus": replica_cpus(settings)},
+        # Enough for a full batch plus the engine's own waiting queue: the engine, not Serve,
+        # decides when a replica is full (and answers 503), and all of it shares one batch.
+        max_ongoing_requests=per_replica + CONTROL_HEADROOM,
+        # Beyond this many requests waiting in the ingress for a free replica: 503 at once.
+        max_queued_requests=settings.max_queue,
+        backpressure_config={"status_code": 503, "retry_after_s": RETRY_AFTER_S},
+    ).bind(settings.to_args(), hub)
+    ingress = LampIngress.options(
+        max_ongoing_requests=per_replica * settings.replicas + 64,
+        max_queued_requests=per_replica * settings.replicas,
+        backpressure_config={"status_code": 503, "retry_after_s": RETRY_AFTER_S},
+    )
+    return ingress.bind(model, hub, settings.to_args())

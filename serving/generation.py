@@ -1,0 +1,191 @@
+"""Ingress side of inference: `/generate` and OpenAI `/v1/completions` over the model deployment.
+
+Each HTTP request becomes one call on the model deployment handle (one per prompt for a list of
+OpenAI prompts, issued together so they join the same batch). Streams use a streaming handle
+call; the first item is awaited before the response starts, so a refused request gets a proper
+status code instead of a 200 stream that carries an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+from .http_errors import REPLICA_HEADER, RETRY_AFTER_S, ServingError
+from .metrics import IngressMetrics
+from .protocol import (
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    CompletionUsage,
+    GenerateRequest,
+    GenerateResponse,
+    GenerateStreamEvent,
+    completion_id,
+)
+
+log = logging.getLogger(__name__)
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+def translate_handle_error(exc: BaseException) -> ServingError:
+    """Failures of the handle call itself (not errors the replica reported)."""
+    if isinstance(exc, BackPressureError):
+        return ServingError(503, f"server overloaded: too many queued requests; retry after {RETRY_AFTER_S} s",
+                            {"Retry-After": str(RETRY_AFTER_S)})
+    if isinstance(exc, (RayActorError, DeploymentUnavailableError)):
+        return ServingError(503, "model replica unavailable, retry shortly", {"Retry-After": str(RETRY_AFTER_S)})
+    log.error("model replica call failed: %s", exc if isinstance(exc, RayTaskError) else repr(exc))
+    return ServingError(500, "internal error in the model replica (details in the server log)")
+
+
+class GenerationService:
+    def __init__(self, model, metrics: IngressMetrics):
+        self.model = model
+        self.metrics = metrics
+
+    # ---- /generate --------------------------------------------------------------------------------
+
+    async def generate(self, request: GenerateRequest):
+        payload = {"task_id": request.task_id, "input": request.input, "params": request.engine_params()}
+        if request.stream:
+            first, items = await self._open_stream(request.task_id, payload)
+            return StreamingResponse(self._generate_events(request.task_id, first, items),
+                                     media_type="text/event-stream", headers=SSE_HEADERS)
+        result = await self._complete(request.task_id, payload)
+        return JSONResponse(GenerateResponse.from_result(result).model_dump(),
+                            headers={REPLICA_HEADER: result["replica"]})
+
+    async def _generate_events(self, task_id: str, first: dict, items) -> AsyncIterator[str]:
+        async for item in self._relay(first, items):
+            if "error" in item:
+                yield sse({"error": _public(item["error"])})
+                return
+            result = item.get("result")
+            if result is None:
+                yield sse(GenerateStreamEvent(task_id=task_id, delta=item["delta"]).model_dump(exclude_none=True))
+                continue
+            final = GenerateResponse.from_result(result)
+            yield sse(GenerateStreamEvent(task_id=task_id, delta=item["delta"], finish_reason=final.finish_reason,
+                                          adapter_version=final.adapter_version, usage=final.usage,
+                                          timings_ms=final.timings_ms).model_dump())
+        yield sse("[DONE]")
+
+    # ---- /v1/completions --------------------------------------------------------------------------
+
+    async def completions(self, request: CompletionRequest):
+        params = request.engine_params()
+        if request.stream:
+            if len(request.prompts) != 1:
+                self.metrics.count_request(request.model, True, 422)
+                raise ServingError(422, f"stream=true supports a single prompt, got {len(request.prompts)}")
+            payload = {"task_id": request.model, "input": request.prompts[0], "params": params}
+            first, items = await self._open_stream(request.model, payload)
+            return StreamingResponse(self._completion_chunks(request, first, items),
+                                     media_type="text/event-stream", headers=SSE_HEADERS)
+        payloads = [{"task_id": request.model, "input": p, "params": params} for p in request.prompts]
+        results = await self._complete_many(request.model, payloads)
+        choices = [CompletionChoice(index=i, text=r["text"], finish_reason=_openai_finish(r["finish_reason"]))
+                   for i, r in enumerate(results)]
+        prompt_tokens = sum(r["input_tokens"] for r in results)
+        completion_tokens = sum(r["completion_tokens"] for r in results)
+        usage = CompletionUsage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                                total_tokens=prompt_tokens + completion_tokens)
+        body = CompletionResponse(id=completion_id(), model=request.model, choices=choices, usage=usage)
+        return JSONResponse(body.model_dump(), headers={REPLICA_HEADER: ",".join(r["replica"] for r in results)})
+
+    async def _completion_chunks(self, request: CompletionRequest, first: dict, items) -> AsyncIterator[str]:
+        chunk_id = completion_id()
+        header = CompletionResponse(id=chunk_id, model=request.model, choices=[]).model_dump(
+            exclude={"choices", "usage"})
+        async for item in self._relay(first, items):
+            if "error" in item:
+                yield sse({"error": _public(item["error"])})
+                return
+            result = item.get("result")
+            finish = _openai_finish(result["finish_reason"]) if result else None
+            choice = CompletionChoice(index=0, text=item["delta"], finish_reason=finish).model_dump()
+            yield sse({**header, "choices": [choice]})
+            if result and request.stream_options and request.stream_options.include_usage:
+                usage = CompletionUsage(prompt_tokens=result["input_tokens"],
+                                        completion_tokens=result["completion_tokens"],
+                                        total_tokens=result["input_tokens"] + result["completion_tokens"])
+                yield sse({**header, "choices": [], "usage": usage.model_dump()})
+        yield sse("[DONE]")
+
+    # ---- calls on the model deployment ------------------------------------------------------------
+
+    async def _complete(self, task_id: str, payload: dict) -> dict:
+        return (await self._complete_many(task_id, [payload]))[0]
+
+    async def _complete_many(self, task_id: str, payloads: list[dict]) -> list[dict]:
+        calls = [self.model.complete.remote(p) for p in payloads]
+        try:
+            replies = await asyncio.gather(*calls)
+        except Exception as exc:
+            for call in calls:
+                call.cancel()
+            error = translate_handle_error(exc)
+            self.metrics.count_request(task_id, True, error.status)
+            raise error from None
+        errors = [r["error"] for r in replies if "error" in r]
+        if errors:
+            self._refused(task_id, errors[0])
+        self.metrics.count_request(task_id, True, 200)
+        return [r["result"] for r in replies]
+
+    async def _open_stream(self, task_id: str, payload: dict):
+        items = self.model.options(stream=True).stream.remote(payload)
+        try:
+            first = await items.__anext__()
+        except Exception as exc:
+            items.cancel()
+            error = translate_handle_error(exc)
+            self.metrics.count_request(task_id, True, error.status)
+            raise error from None
+        if "error" in first:
+            self._refused(task_id, first["error"])
+        self.metrics.count_request(task_id, True, 200)
+        return first, items
+
+    def _refused(self, task_id: str, error: dict):
+        self.metrics.count_request(task_id, error["status"] != 404, error["status"])
+        raise ServingError.from_payload(error)
+
+    @staticmethod
+    async def _relay(first: dict, items) -> AsyncIterator[dict]:
+        """The stream's items, first included; a replica lost mid-stream becomes an in-band error."""
+        finished = False
+        try:
+            yield first
+            async for item in items:
+                yield item
+            finished = True
+        except Exception as exc:
+            error = translate_handle_error(exc)
+            yield {"error": {"status": error.status, "message": error.message}}
+            finished = True
+        finally:
+            if not finished:  # the client went away: stop generating for it
+                items.cancel()
+
+
+def _public(error: dict) -> dict:
+    """An in-band stream error, in the same shape as an error response body."""
+    return {"message": error["message"], "code": error["status"]}
+
+
+def _openai_finish(reason: str) -> str | None:
+    return reason if reason in ("stop", "length") else None
+

@@ -1,0 +1,179 @@
+"""The model deployment: one backbone per replica, one continuous batch for requests of every task.
+
+Serve's `@serve.batch` and model multiplexing group requests by model id, i.e. by task, which is
+exactly what we must not do: a LAMP adapter is only a few prepended embeddings, so requests of any
+mix of tasks share one forward pass. Each replica therefore runs our own `AsyncEngine` and lets
+Serve deliver many concurrent requests to it (`max_ongoing_requests` is sized for a full batch
+plus the waiting queue; see serving/app.py).
+
+Replies cross Ray as plain dicts. Errors a client can cause are returned as `{"error": {...}}`
+(see serving/http_errors.py) rather than raised, so the ingress gets the status and the message
+instead of a remote traceback, and nothing a client sends can take the replica down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+
+from ray import serve
+
+from .config import ServeSettings
+from .http_errors import InputTooLongError, error_payload
+
+log = logging.getLogger(__name__)
+
+STORE_POLL_S = 0.2
+
+
+@serve.deployment(
+    ray_actor_options={"num_cpus": 1},
+    health_check_period_s=5.0,
+    # In-flight generations get a moment to finish on shutdown, but Ctrl-C must stay quick.
+    graceful_shutdown_wait_loop_s=0.5,
+    graceful_shutdown_timeout_s=10.0,
+    max_constructor_retry_count=2,  # a backbone that fails to load will not load on the 20th try
+)
+class LampModel:
+    def __init__(self, settings_args: dict, hub):
+        import torch
+
+        from lamp_runtime.adapters import AdapterLimits
+        from lamp_runtime.async_engine import AsyncEngine
+        from lamp_runtime.backbone import load_backbone
+        from lamp_runtime.engine import EngineConfig, make_engine
+
+        from .adapter_files import import_bundled
+        from .metrics import ModelMetrics
+        from .metrics_hub import MetricsPublisher
+        from .store import AdapterStore
+        from .store_sync import StoreSync
+
+        settings = ServeSettings.from_mapping(settings_args)
+        self.settings = settings
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        # Ray sets OMP_NUM_THREADS from the replica's logical CPUs (1 for fractions); the cores
+        # this replica may really use are its share of the machine.
+        torch.set_num_threads(settings.threads or max(1, (os.cpu_count() or 1) // settings.replicas))
+        self.backbone = load_backbone(settings.backbone_options())
+        self.limits = AdapterLimits(max_file_bytes=settings.max_upload_bytes)
+        self.engine = make_engine(self.backbone, config=EngineConfig(
+            max_batch_size=settings.max_batch_size, max_input_tokens=settings.max_input_tokens,
+            max_new_tokens=settings.max_new_tokens, prompt_cache_bytes=settings.prompt_cache_mb * 1024 * 1024,
+        ))
+        store = AdapterStore(settings.store_dir)
+        import_bundled(store, settings.prompts_dir, self.backbone.hidden_size, self.limits)
+        self.sync = StoreSync(store, self.engine.registry, self.engine.cache, self.backbone.hidden_size, self.limits)
+        self.sync.refresh()
+        self.metrics = ModelMetrics(self.engine, registered=lambda: len(self.engine.registry))
+        self.runner = AsyncEngine(self.engine, max_waiting=settings.max_queue, batch_wait_ms=settings.batch_wait_ms,
+                                  on_step=self.metrics.observe_step, on_finish=self.metrics.observe_result)
+        self.publisher = MetricsPublisher(hub, self.metrics.registry)
+        self.publisher.start()
+        self._poller = asyncio.get_running_loop().create_task(self._poll_store())
+        log.info("replica %s ready: backbone %s (%s, %s), %d adapters, %d torch threads", self.replica_id,
+                 self.backbone.name, self.backbone.options.dtype, self.backbone.device, len(self.engine.registry),
+                 torch.get_num_threads())
+
+    # ---- requests -------------------------------------------------------------------------------
+
+    async def complete(self, payload: dict) -> dict:
+        """One whole generation: `{"result": {...}}` or `{"error": {"status", "message"}}`."""
+        try:
+            request = await self._prepare(payload)
+            result = await self.runner.complete(request)
+        except Exception as exc:
+            error = error_payload(exc)
+            if error is None:
+                raise
+            return {"error": {**error, "replica": self.replica_id}}
+        return {"result": self._result_dict(result)}
+
+    async def stream(self, payload: dict):
+        """Yields `{"delta": text}` per step, then `{"delta": text, "result": {...}}`.
+
+        The first item is `{"error": ...}` instead when the request is refused: the submission only
+        happens when the first output is awaited, so the ingress learns the outcome (and can pick
+        the HTTP status) with the first token.
+        """
+        try:
+            request = await self._prepare(payload)
+            outputs = self.runner.generate(request)
+            out = await outputs.__anext__()
+        except Exception as exc:
+            error = error_payload(exc)
+            if error is None:
+                raise
+            yield {"error": {**error, "replica": self.replica_id}}
+            return
+        try:
+            while True:
+                if out.finished:
+                    yield {"delta": out.delta, "result": self._result_dict(out.result)}
+                    return
+                if out.delta:
+                    yield {"delta": out.delta}
+                out = await outputs.__anext__()
+        except Exception as exc:  # the engine loop failed mid-stream: tell the client, in-band
+            error = error_payload(exc)
+            if error is None:
+                raise
+            yield {"error": {**error, "replica": self.replica_id}}
+        finally:
+            await outputs.aclose()  # aborts the request if the client went away
+
+    async def _prepare(self, payload: dict):
+        from lamp_runtime.sampling import SamplingParams
+        from lamp_runtime.sequence import GenerationRequest
+
+        if self.sync.changed():  # an admin change is visible to the very next request
+            await asyncio.to_thread(self.sync.refresh)
+        params = payload["params"]
+        sampling = SamplingParams(
+            max_new_tokens=params["max_new_tokens"], temperature=params["temperature"], top_p=params["top_p"],
+            top_k=params["top_k"], stop=tuple(params["stop"]), seed=params["seed"],
+        )
+        # Counted here (the engine counts again) so "too long" becomes 413 rather than a generic 422.
+        tokens = len(self.backbone.tokenizer(payload["input"])["input_ids"])
+        if tokens > self.settings.max_input_tokens:
+            raise InputTooLongError(f"input is {tokens} tokens, over the limit of {self.settings.max_input_tokens}")
+        return GenerationRequest(payload["input"], payload["task_id"], sampling)
+
+    def _result_dict(self, result) -> dict:
+        data = dataclasses.asdict(result)
+        data.pop("token_ids")
+        data["replica"] = self.replica_id
+        return data
+
+    # ---- introspection --------------------------------------------------------------------------
+
+    def info(self) -> dict:
+        options = self.backbone.options
+        return {
+            "replica": self.replica_id, "backbone": self.backbone.name, "hidden_size": self.backbone.hidden_size,
+            "dtype": options.dtype, "quantization": options.quantization, "device": str(self.backbone.device),
+            "max_input_tokens": self.settings.max_input_tokens, "max_new_tokens": self.settings.max_new_tokens,
+            "registered_adapters": len(self.engine.registry), "healthy": self.runner.healthy,
+        }
+
+    def check_health(self) -> None:
+        """Called by Serve periodically; raising makes Serve replace this replica."""
+        if not self.runner.healthy:
+            raise RuntimeError("engine loop is not running")
+
+    async def _poll_store(self) -> None:
+        while True:
+            await asyncio.sleep(STORE_POLL_S)
+            try:
+                if self.sync.changed():
+                    await asyncio.to_thread(self.sync.refresh)
+            except Exception:  # keep polling whatever happened; refresh logs its own problems
+                log.exception("adapter store poll failed")
+
+    def __del__(self):
+        # Serve calls this on graceful shutdown: stop the engine thread before the process exits.
+        runner = getattr(self, "runner", None)
+        if runner is not None:
+            runner.shutdown(timeout=5.0)
