@@ -19,6 +19,7 @@ from .model_replica import LampModel
 APP_NAME = "lamp"
 # Calls besides generation that a replica must always have room for (health, info, metrics).
 CONTROL_HEADROOM = 8
+INGRESS_MIN_CAPACITY = 1000
 
 
 def replica_cpus(settings: ServeSettings) -> float:
@@ -44,9 +45,12 @@ def build_app(args: dict | None = None) -> Application:
         max_queued_requests=settings.max_queue,
         backpressure_config={"status_code": 503, "retry_after_s": RETRY_AFTER_S},
     ).bind(settings.to_args(), hub)
+    # The ingress only validates and forwards: let it take far more requests than the replicas can,
+    # so overload is answered by our own limits (JSON 503 + Retry-After), not by Serve's proxy.
+    capacity = max(INGRESS_MIN_CAPACITY, 4 * per_replica * settings.replicas)
     ingress = LampIngress.options(
-        max_ongoing_requests=per_replica * settings.replicas + 64,
-        max_queued_requests=per_replica * settings.replicas,
+        max_ongoing_requests=capacity,
+        max_queued_requests=capacity,
         backpressure_config={"status_code": 503, "retry_after_s": RETRY_AFTER_S},
     )
     return ingress.bind(model, hub, settings.to_args())

@@ -130,8 +130,11 @@ class GenerationService:
         return (await self._complete_many(task_id, [payload]))[0]
 
     async def _complete_many(self, task_id: str, payloads: list[dict]) -> list[dict]:
-        calls = [self.model.complete.remote(p) for p in payloads]
+        calls = []
         try:
+            # `.remote()` itself raises BackPressureError when the handle's queue is full.
+            for payload in payloads:
+                calls.append(self.model.complete.remote(payload))
             replies = await asyncio.gather(*calls)
         except Exception as exc:
             for call in calls:
@@ -146,11 +149,13 @@ class GenerationService:
         return [r["result"] for r in replies]
 
     async def _open_stream(self, task_id: str, payload: dict):
-        items = self.model.options(stream=True).stream.remote(payload)
+        items = None
         try:
+            items = self.model.options(stream=True).stream.remote(payload)
             first = await items.__anext__()
         except Exception as exc:
-            items.cancel()
+            if items is not None:
+                items.cancel()
             error = translate_handle_error(exc)
             self.metrics.count_request(task_id, True, error.status)
             raise error from None
