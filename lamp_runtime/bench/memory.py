@@ -10,8 +10,11 @@ time order (process RSS cannot show it, since the C allocator keeps freed memory
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+import os
+import sys
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -46,7 +49,7 @@ def peak_memory_bytes(run: Callable[[], object], device: torch.device) -> int | 
         return None
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         run()
     try:
         events = prof.profiler.kineto_results.events()
@@ -60,3 +63,19 @@ def peak_memory_bytes(run: Callable[[], object], device: torch.device) -> int | 
         level += nbytes
         peak = max(peak, level)
     return peak
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """The profiler's C++ side prints stage lines ("profiler_start", ...) straight to file descriptor 2
+    on every run, dozens per bench; point fd 2 at /dev/null meanwhile. Python exceptions still surface
+    (they propagate and are printed after the descriptor is restored)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)

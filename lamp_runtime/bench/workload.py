@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -58,6 +60,7 @@ def machine_context(backbone=None) -> dict:
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "load_average": load_average(),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "git": _git_revision(),
     }
     if torch.cuda.is_available():
         context["cuda_device"] = torch.cuda.get_device_name()
@@ -76,6 +79,16 @@ def machine_context(backbone=None) -> dict:
 def load_average() -> list[float] | None:
     """1, 5 and 15 minute load averages: above the core count, other work competed for the CPU."""
     return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
+def _git_revision() -> str | None:
+    """The commit measured, `-dirty` when the working tree had uncommitted changes (None outside git)."""
+    try:
+        done = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).parent,
+                              capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() or None if done.returncode == 0 else None
 
 
 def _cpu_model() -> str:
