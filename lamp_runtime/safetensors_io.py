@@ -55,13 +55,19 @@ def parse_header(data: bytes) -> tuple[dict[str, str], dict[str, dict]]:
         if not isinstance(entry, dict) or {"dtype", "shape", "data_offsets"} - entry.keys():
             raise AdapterError(f"tensor {name!r}: malformed header entry")
         dtype = entry["dtype"]
-        if dtype not in ALLOWED_DTYPES:
+        if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES:
             raise AdapterError(
-                f"tensor {name!r}: dtype {dtype} not allowed (use one of {sorted(ALLOWED_DTYPES)})"
+                f"tensor {name!r}: dtype {dtype!r} not allowed (use one of {sorted(ALLOWED_DTYPES)})"
             )
-        start, end = entry["data_offsets"]
+        # Checked before any arithmetic: a hostile header must be an AdapterError, not a TypeError.
+        shape, offsets = entry["shape"], entry["data_offsets"]
+        if not isinstance(shape, list) or not all(_is_count(dim) for dim in shape):
+            raise AdapterError(f"tensor {name!r}: shape must be a list of integers >= 0, got {shape!r}")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+            raise AdapterError(f"tensor {name!r}: data_offsets must be [start, end] integers >= 0, got {offsets!r}")
+        start, end = offsets
         numel = 1
-        for dim in entry["shape"]:
+        for dim in shape:
             numel *= dim
         if end - start != numel * ALLOWED_DTYPES[dtype] or end > payload:
             raise AdapterError(
@@ -82,3 +88,8 @@ def load_tensors(data: bytes) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     except Exception as exc:  # the header passed our checks, so this is corrupt data
         raise AdapterError(f"cannot read safetensors data: {exc}") from None
     return metadata, {name: t.to(torch.float32) for name, t in tensors.items()}
+
+
+def _is_count(value) -> bool:
+    """A JSON integer >= 0 (bool is an int subclass in Python but never a valid dimension)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
