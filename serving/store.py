@@ -32,11 +32,13 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from lamp_runtime.errors import AdapterError
 from lamp_runtime.registry import validate_task_id
 
 log = logging.getLogger(__name__)
 
 INDEX_NAME = "index.json"
+LOCK_NAME = ".lock"
 INDEX_FORMAT = 1
 LOCK_TIMEOUT_S = 30.0
 VERSION_FILE = re.compile(r"v(\d+)\.safetensors")
@@ -121,6 +123,15 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _validate_stored_task_id(task_id: str) -> None:
+    """A valid task id that is not also the name of one of the store's own files: a task's folder
+    named `index.json` would make the index unwritable (or, in a store without an index yet, turn
+    it into a folder, so that no later read or write of the store could succeed)."""
+    validate_task_id(task_id)
+    if task_id in (INDEX_NAME, LOCK_NAME):
+        raise AdapterError(f"task id {task_id!r} is reserved by the adapter store; choose another name")
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -153,7 +164,7 @@ class AdapterStore:
         except OSError as exc:
             raise StoreError(f"cannot create the adapter store at {self.root}: {exc.strerror}") from None
         self.index_path = self.root / INDEX_NAME
-        self._lock = FileLock(str(self.root / ".lock"), timeout=LOCK_TIMEOUT_S)
+        self._lock = FileLock(str(self.root / LOCK_NAME), timeout=LOCK_TIMEOUT_S)
 
     # ---- reading (no lock: the index is replaced atomically) ------------------------------------
 
@@ -199,7 +210,7 @@ class AdapterStore:
         if it is not what was meant, in which case nothing changes. With `bundled_sha`, the write is
         skipped (None returned) when that bundled source was already imported for this task.
         """
-        validate_task_id(task_id)
+        _validate_stored_task_id(task_id)
         with self._locked():
             index = self.read_index()
             if bundled_sha is not None and index.bundled.get(task_id) == bundled_sha:
@@ -228,7 +239,7 @@ class AdapterStore:
 
     def delete(self, task_id: str) -> StoredAdapter | None:
         """Remove `task_id` (its files too); its version counter is kept. None if it was not stored."""
-        validate_task_id(task_id)
+        _validate_stored_task_id(task_id)
         with self._locked():
             index = self.read_index()
             stored = index.tasks.pop(task_id, None)
