@@ -29,5 +29,13 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
+# Headless Locust against a server it starts (or HOST=http://host:port), bounded in users, time and
+# requests; CSV + HTML reports in loadtest/out/. Fails when any request failed.
+USERS ?= 4
+RUN_TIME ?= 60s
+MAX_REQUESTS ?= 300
+loadtest: setup
+	$(PY) -m loadtest.run --users $(USERS) --run-time $(RUN_TIME) --max-requests $(MAX_REQUESTS) $(if $(HOST),--host $(HOST))
+
 clean:
 	rm -rf $(VENV) .pytest_cache
