@@ -165,20 +165,25 @@ class Backbone:
         return total
 
     def eos_token_ids(self) -> set[int]:
-        ids = set()
-        for source in (getattr(self.model, "generation_config", None), self.config):
-            value = getattr(source, "eos_token_id", None)
-            if value is not None:
-                ids.update(value if isinstance(value, (list, tuple)) else [value])
-        if getattr(self.tokenizer, "eos_token_id", None) is not None:
-            ids.add(self.tokenizer.eos_token_id)
-        return ids
+        return collect_eos_token_ids(getattr(self.model, "generation_config", None), self.config, self.tokenizer)
 
     @torch.no_grad()
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Input embeddings of token ids (what soft prompts are prepended to)."""
         embeddings = self.model.get_encoder() if self.is_encoder_decoder else self.model
         return embeddings.get_input_embeddings()(token_ids.to(self.device))
+
+
+def collect_eos_token_ids(generation_config, config, tokenizer) -> set[int]:
+    """Every id that ends a generation: from the generation config, the model config and the tokenizer."""
+    ids = set()
+    for source in (generation_config, config):
+        value = getattr(source, "eos_token_id", None)
+        if value is not None:
+            ids.update(value if isinstance(value, (list, tuple)) else [value])
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
 
 
 def _quantization_config(quantization: str, dtype: torch.dtype):
@@ -199,12 +204,8 @@ def _quantization_config(quantization: str, dtype: torch.dtype):
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
-def load_backbone(options: BackboneOptions | None = None) -> Backbone:
-    """Load the backbone once: resolve `auto` options, convert GGUF if needed, quantize if asked."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
-
-    options = (options or BackboneOptions()).resolved()
-    started = time.perf_counter()
+def backbone_folder(options: BackboneOptions) -> tuple[Path, str]:
+    """The local HF folder holding the backbone (converting a GGUF once) and its display name."""
     if options.path is None:
         folder, name = convert_gguf_to_hf(embedded_gguf_path()), EMBEDDED_NAME
     elif str(options.path).endswith(".gguf"):
@@ -213,6 +214,16 @@ def load_backbone(options: BackboneOptions | None = None) -> Backbone:
         folder, name = Path(options.path), Path(options.path).name
     if not (Path(folder) / "config.json").is_file():
         raise FileNotFoundError(f"backbone folder {folder} has no config.json")
+    return Path(folder), name
+
+
+def load_backbone(options: BackboneOptions | None = None) -> Backbone:
+    """Load the backbone once: resolve `auto` options, convert GGUF if needed, quantize if asked."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    options = (options or BackboneOptions()).resolved()
+    started = time.perf_counter()
+    folder, name = backbone_folder(options)
     dtype = DTYPES[options.dtype]
     config = AutoConfig.from_pretrained(folder)
     model_class = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM

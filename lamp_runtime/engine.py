@@ -19,9 +19,10 @@ from transformers import DynamicCache
 
 from . import kv_batch
 from .backbone import Backbone
-from .errors import RequestError
+from .prompt_assembly import assemble_embeddings
 from .prompt_cache import PromptCache
 from .registry import AdapterRegistry
+from .request_checks import resolve_request
 from .sampling import make_generator, next_token
 from .sequence import GenerationRequest, GenerationResult, Sequence, StepOutput
 
@@ -74,24 +75,9 @@ class Engine:
 
     def submit(self, request: GenerationRequest) -> str:
         """Validate, tokenize and resolve the task's current adapter version; queue the request."""
-        entry = self.registry.get(request.task_id) if request.task_id is not None else None
-        input_ids = self.backbone.tokenizer(request.input)["input_ids"]
-        if len(input_ids) > self.config.max_input_tokens:
-            raise RequestError(
-                f"input is {len(input_ids)} tokens, over the limit of {self.config.max_input_tokens}"
-            )
-        if not input_ids and entry is None:
-            raise RequestError("input is empty and no task was given: nothing to condition on")
-        params = request.params
-        if params.max_new_tokens > self.config.max_new_tokens:
-            raise RequestError(f"max_new_tokens {params.max_new_tokens} over the limit of {self.config.max_new_tokens}")
-        soft = entry.adapter.pooled_tokens if entry else 0
-        if soft + len(input_ids) + params.max_new_tokens > self.backbone.max_positions:
-            raise RequestError(
-                f"soft prompt ({soft}) + input ({len(input_ids)}) + max_new_tokens ({params.max_new_tokens}) "
-                f"exceeds the backbone's context of {self.backbone.max_positions} tokens"
-            )
-        generator = make_generator(params, self.backbone.device)
+        entry, input_ids = resolve_request(request, self.registry, self.backbone.tokenizer, self.config,
+                                           self.backbone.max_positions)
+        generator = make_generator(request.params, self.backbone.device)
         sequence = Sequence(request, input_ids, entry, generator, self.backbone.tokenizer, self._eos_ids)
         with self._lock:
             self._waiting.append(sequence)
@@ -175,11 +161,7 @@ class Engine:
         if seq.entry is None:
             return inputs
         seq.prepared = self.cache.acquire(seq.entry.cache_key, seq.entry.adapter.prepare)
-        offset = seq.prepared.offset
-        if offset is not None and len(seq.input_ids):
-            n = min(len(seq.input_ids), offset.shape[0])
-            inputs = torch.cat([inputs[:n] + offset[:n], inputs[n:]])
-        return torch.cat([seq.prepared.prompt, inputs])
+        return assemble_embeddings(seq.prepared, inputs)
 
     @staticmethod
     def _pad(rows: list[torch.Tensor], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
