@@ -26,7 +26,8 @@ from .http_errors import ServingError, error_response
 from .metrics import IngressMetrics
 from .metrics_hub import MetricsPublisher, render
 from .protocol import AdapterInfo, AdapterList, CompletionRequest, GenerateRequest, HealthResponse, ModelCard, ModelList
-from .store import AdapterStore, StoredAdapter
+from .object_store import open_store
+from .store import StoredAdapter
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ class LampIngress:
         self.model = model
         self.hub = hub
         self.auth = AdminAuth(os.environ.get(TOKEN_ENV))
-        self.admin = AdapterAdmin(AdapterStore(settings.store_dir),
+        self.admin = AdapterAdmin(open_store(settings.store_location),
                                   AdapterLimits(max_file_bytes=settings.max_upload_bytes))
         self.generation = GenerationService(model, self.metrics)
         self.publisher = MetricsPublisher(hub, self.metrics.registry)

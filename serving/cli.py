@@ -35,7 +35,8 @@ def register(subparsers) -> None:
     p.add_argument("--port", type=int, help="HTTP port (default 8000)")
     p.add_argument("--address", help="join this Ray cluster (e.g. auto, ray://...) instead of starting one")
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray cluster (default: all cores)")
-    p.add_argument("--store", help="adapter store directory (default: user data dir / lamp-serve / adapters)")
+    p.add_argument("--store", help="adapter store: a directory or an fsspec URL such as s3://bucket/prefix "
+                                     "(default: user data dir / lamp-serve / adapters)")
     p.add_argument("--prompts", help="folder of bundled adapters registered at start (default: prompts; '' = none)")
     add_backbone_arguments(p)
     # None = "not given", so values from --config are not overridden by flag defaults.
@@ -73,7 +74,7 @@ def settings_from_args(args: argparse.Namespace):
     absolute = {}
     for name in ("store", "prompts", "backbone"):
         value = getattr(settings, name)
-        if value:
+        if value and not (name == "store" and "://" in value):  # URLs are not paths of this machine
             absolute[name] = str(Path(value).expanduser().resolve())
     if settings.store is None:
         absolute["store"] = str(settings.store_dir)

@@ -33,7 +33,7 @@ class ServeSettings:
     port: int = 8000
     address: str | None = None  # join this Ray cluster instead of starting a local one
     num_cpus: int | None = None  # logical CPUs of the local Ray cluster (default: all)
-    store: str | None = None  # adapter store directory (default: user data dir / adapters)
+    store: str | None = None  # adapter store directory or fsspec URL (default: user data dir / adapters)
     prompts: str | None = "prompts"  # bundled adapters registered at start; missing folder = none
     backbone: str | None = None  # local HF folder or .gguf (default: the embedded SmolLM2)
     dtype: str = "auto"
@@ -75,6 +75,11 @@ class ServeSettings:
     @property
     def store_dir(self) -> Path:
         return Path(self.store).expanduser() if self.store else default_store_dir()
+
+    @property
+    def store_location(self) -> str:
+        """What `open_store` takes: the directory, or an fsspec URL (`s3://...`) left as written."""
+        return self.store if self.store and "://" in self.store else str(self.store_dir)
 
     @property
     def prompts_dir(self) -> Path | None:

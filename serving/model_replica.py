@@ -48,7 +48,7 @@ class LampModel:
         from .adapter_files import import_bundled
         from .metrics import ModelMetrics
         from .metrics_hub import MetricsPublisher
-        from .store import AdapterStore
+        from .object_store import open_store
         from .store_sync import StoreSync
 
         settings = ServeSettings.from_mapping(settings_args)
@@ -63,7 +63,7 @@ class LampModel:
             max_batch_size=settings.max_batch_size, max_input_tokens=settings.max_input_tokens,
             max_new_tokens=settings.max_new_tokens, prompt_cache_bytes=settings.prompt_cache_mb * 1024 * 1024,
         ))
-        store = AdapterStore(settings.store_dir)
+        store = open_store(settings.store_location)
         import_bundled(store, settings.prompts_dir, self.backbone.hidden_size, self.limits)
         self.sync = StoreSync(store, self.engine.registry, self.engine.cache, self.backbone.hidden_size, self.limits)
         self.sync.refresh()
@@ -167,8 +167,8 @@ class LampModel:
         while True:
             await asyncio.sleep(STORE_POLL_S)
             try:
-                if self.sync.changed():
-                    await asyncio.to_thread(self.sync.refresh)
+                # In a thread: on an object store the check itself is a (rate-limited) HEAD request.
+                await asyncio.to_thread(self.sync.refresh_if_changed)
             except Exception:  # keep polling whatever happened; refresh logs its own problems
                 log.exception("adapter store poll failed")
 
