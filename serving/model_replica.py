@@ -17,6 +17,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 from ray import serve
 
@@ -72,6 +73,7 @@ class LampModel:
                                   on_step=self.metrics.observe_step, on_finish=self.metrics.observe_result)
         self.publisher = MetricsPublisher(hub, self.metrics.registry)
         self.publisher.start()
+        self._store_thread = ThreadPoolExecutor(1, thread_name_prefix="store-poll")
         self._poller = asyncio.get_running_loop().create_task(self._poll_store())
         log.info("replica %s ready: backbone %s (%s, %s), %d adapters, %d torch threads", self.replica_id,
                  self.backbone.name, self.backbone.options.dtype, self.backbone.device, len(self.engine.registry),
@@ -167,8 +169,10 @@ class LampModel:
         while True:
             await asyncio.sleep(STORE_POLL_S)
             try:
-                # In a thread: on an object store the check itself is a (rate-limited) HEAD request.
-                await asyncio.to_thread(self.sync.refresh_if_changed)
+                # Off the event loop: on an object store the check itself is a (rate-limited) HEAD
+                # request. Our own thread, not the loop's default executor, which Serve's shutdown
+                # closes while this task may still be running.
+                await asyncio.get_running_loop().run_in_executor(self._store_thread, self.sync.refresh_if_changed)
             except Exception:  # keep polling whatever happened; refresh logs its own problems
                 log.exception("adapter store poll failed")
 

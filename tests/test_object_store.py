@@ -180,3 +180,15 @@ def test_replica_sync_follows_the_index_with_a_head_request(store, tmp_path):
     restarted = StoreSync(ObjectAdapterStore(store.url, cache_dir=tmp_path / "new"), fresh, PromptCache(1 << 20),
                           HIDDEN, LIMITS)
     assert restarted.refresh().loaded == ["a v2"]
+
+
+def test_a_store_url_reaches_the_replicas_as_written(tmp_path, monkeypatch):
+    from lamp_runtime.cli import build_parser
+    from serving.cli import settings_from_args
+
+    monkeypatch.chdir(tmp_path)
+    args = build_parser().parse_args(["serve", "--store", "s3://bucket/some/prefix", "--prompts", ""])
+    settings = settings_from_args(args)  # a relative path would be resolved here; a URL is not a path
+    assert settings.store == settings.store_location == "s3://bucket/some/prefix"
+    local = settings_from_args(build_parser().parse_args(["serve", "--store", "st", "--prompts", ""]))
+    assert local.store_location == str(tmp_path / "st")
