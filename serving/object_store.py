@@ -108,7 +108,11 @@ class ObjectAdapterStore:
         except OSError as exc:
             raise StoreError(f"cannot check adapter index {self.url}/{INDEX_NAME}: {exc}") from None
         etag = info.get("ETag") or info.get("etag")
-        return etag if etag else (info.get("mtime") or info.get("LastModified"), info.get("size"))
+        if etag:
+            return etag
+        # Backends without an ETag: whatever of these they report changes when the object is replaced.
+        return tuple(str(info.get(k)) for k in ("generation", "md5Hash", "mtime", "LastModified", "last_modified",
+                                                  "created", "size"))
 
     def read_index(self) -> StoreIndex:
         return self._read_index_and_key()[0]

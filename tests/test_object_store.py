@@ -192,3 +192,21 @@ def test_a_store_url_reaches_the_replicas_as_written(tmp_path, monkeypatch):
     assert settings.store == settings.store_location == "s3://bucket/some/prefix"
     local = settings_from_args(build_parser().parse_args(["serve", "--store", "st", "--prompts", ""]))
     assert local.store_location == str(tmp_path / "st")
+
+
+def test_other_fsspec_backends_use_the_same_layout_with_plain_writes(tmp_path, caplog):
+    """A backend without conditional PUTs (fsspec's in-memory one): same objects, same answers."""
+    with caplog.at_level("WARNING"):
+        store = open_store(f"memory://lamp-{tmp_path.name}/adapters")
+    assert isinstance(store, ObjectAdapterStore) and not store.conditional
+    assert "one admin writer at a time" in caplog.text
+    assert [put(store, "t", soft(3, s)).version for s in range(3)] == [1, 2, 3]
+    assert sorted(p.rsplit("/", 1)[-1] for p in store.fs.find(store.root)) == [
+        "index.json", "v2.safetensors", "v3.safetensors"]
+    registry = AdapterRegistry()
+    sync = StoreSync(store, registry, PromptCache(1 << 20), HIDDEN, LIMITS)
+    assert sync.refresh().loaded == ["t v3"]
+    put(store, "t", soft(3, 9))  # an index of the very same size: the change must still be seen
+    time.sleep(CHECK_INTERVAL_S)
+    assert sync.refresh_if_changed().loaded == ["t v4"]
+    assert store.delete("t").version == 4 and store.list() == []
