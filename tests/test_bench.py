@@ -81,11 +81,13 @@ def test_pooling_report_rows(pooling_report):
         lx = row["input_tokens"]
         assert row["theoretical_ratio"] == pytest.approx((lx + math.ceil(12 / row["pool"])) / (lx + 12))
         assert row["generated_tokens"] == 2 * row["batch_size"]  # EOS ignored: fixed work per variant
-        for key in ("prefill_ms", "ttft_ms", "e2e_ms", "tokens_per_s", "kv_bytes", "peak_bytes", "measured_ratio"):
+        for key in ("prefill_ms", "prefill_cpu_ms", "ttft_ms", "e2e_ms", "tokens_per_s", "tokens_per_cpu_s",
+                    "kv_bytes", "peak_bytes", "measured_ratio", "measured_cpu_ratio"):
             assert positive_finite(row[key]), (key, row[key])
         assert row["spread"]["prefill_ms"]["n"] == 2
     unpooled = [r for r in rows if r["pool"] == 1]
-    assert all(r["measured_ratio"] == 1 and r["theoretical_ratio"] == 1 for r in unpooled)
+    assert all(r["measured_ratio"] == r["measured_cpu_ratio"] == r["theoretical_ratio"] == 1 for r in unpooled)
+    assert all(r["fixed_cost_ratio"] == pytest.approx(1) for r in unpooled)
     by_key = {(r["pool"], r["batch_size"]): r for r in rows}
     assert by_key[(4, 1)]["kv_bytes"] < by_key[(1, 1)]["kv_bytes"] < by_key[(1, 2)]["kv_bytes"]
 
@@ -100,12 +102,13 @@ def test_batching_report_ratios_and_peft_parity(backbone, tmp_path):
     config = BatchingConfig(requests=2, length=8, pool=2, rank=4, new_tokens=3, repeats=1, warmup=0)
     report = run_batching(backbone, config)
     for name in RATIOS:
-        assert positive_finite(report[name]), name
+        assert positive_finite(report[name]) and positive_finite(report["cpu_time_ratios"][name]["median"]), name
     assert set(report["variants"]) == {"single_task_batched", "mixed_task_batched", "mixed_task_sequential",
                                        "peft_sequential"}
     for variant in report["variants"].values():
         assert variant["generated_tokens"] == 2 * 3
-        assert positive_finite(variant["tokens_per_s"]) and positive_finite(variant["latency_ms"])
+        for key in ("tokens_per_s", "tokens_per_cpu_s", "latency_ms", "cpu_ms"):
+            assert positive_finite(variant[key]), key
     # same prompts, greedy, fp32: our mixed batch reproduces PeftModel.generate token for token
     assert report["peft_outputs_match"] == report["peft_outputs_compared"] == 2
     assert report["soft_prompt_tokens"] == 4

@@ -103,11 +103,14 @@ def run_pooling_command(args) -> int:
     report = run_pooling(load_backbone(backbone_options(args)), config)
     lines = [format_table(table_rows(report), TABLE_COLUMNS), ""]
     for item in report["agreement"]:
-        lines.append(f"l={item['l']} batch {item['batch_size']}: measured - theoretical prefill ratio "
-                     f"mean {item['mean_error']:+.3f}, max |error| {item['max_abs_error']:.3f}")
+        lines.append(f"l={item['l']} batch {item['batch_size']}: measured - theoretical prefill ratio, mean "
+                     f"{item['wall']['mean_error']:+.3f} wall-clock / {item['cpu']['mean_error']:+.3f} CPU time; "
+                     f"max |error| {item['wall']['max_abs_error']:.3f} / {item['cpu']['max_abs_error']:.3f}")
     for fit in report["prefill_fit"]:
-        lines.append(f"batch {fit['batch_size']}: prefill ≈ {fit['fixed_ms']:.1f} ms + "
-                     f"{fit['per_token_ms']:.2f} ms/token (tokens per row)")
+        wall, cpu = fit["wall"], fit["cpu"]
+        lines.append(f"batch {fit['batch_size']}: prefill ≈ {wall['fixed_ms']:.1f} ms + {wall['per_token_ms']:.2f} "
+                     f"ms/token wall-clock, {cpu['fixed_ms']:.1f} ms + {cpu['per_token_ms']:.2f} ms/token CPU "
+                     f"(tokens per row)")
     if args.plot:
         from .plots import plot_pooling
 
@@ -130,7 +133,9 @@ def run_batching_command(args) -> int:
     for name in RATIOS:
         if name in report:
             spread = report["ratio_spread"][name]
-            lines.append(f"{name}: {report[name]:.2f}x (IQR {spread['q1']:.2f}-{spread['q3']:.2f})")
+            cpu = report["cpu_time_ratios"][name]
+            lines.append(f"{name}: {report[name]:.2f}x wall-clock (IQR {spread['q1']:.2f}-{spread['q3']:.2f}), "
+                         f"{cpu['median']:.2f}x CPU time (IQR {cpu['q1']:.2f}-{cpu['q3']:.2f})")
     if "peft_outputs_match" in report:
         lines.append(f"greedy outputs equal to PEFT's: {report['peft_outputs_match']}/{report['peft_outputs_compared']}")
     if args.plot:

@@ -18,7 +18,8 @@ def _pyplot():
 
 
 def plot_pooling(report: dict, path: str | Path) -> Path:
-    """Measured prefill ratio (median, IQR bars) against the theoretical ratio, one panel per batch size."""
+    """Measured prefill ratios (median, IQR bars; CPU time and wall-clock) against the theoretical
+    ratio, one panel per batch size."""
     plt = _pyplot()
     rows = report["rows"]
     batches = sorted({r["batch_size"] for r in rows})
@@ -30,11 +31,17 @@ def plot_pooling(report: dict, path: str | Path) -> Path:
             pools = [r["pool"] for r in mine]
             color = f"C{index}"
             ax.plot(pools, [r["theoretical_ratio"] for r in mine], "--", color=color, label=f"l={length} theoretical")
-            spread = [r["spread"]["measured_ratio"] for r in mine]
-            medians = [r["measured_ratio"] for r in mine]
-            ax.errorbar(pools, medians, yerr=[[m - s["q1"] for m, s in zip(medians, spread)],
-                                              [s["q3"] - m for m, s in zip(medians, spread)]],
-                        fmt="o-", color=color, capsize=3, label=f"l={length} measured prefill")
+            if all(r.get("fixed_cost_ratio") is not None for r in mine):
+                ax.plot(pools, [r["fixed_cost_ratio"] for r in mine], "-.", color=color, alpha=0.6, lw=1,
+                        label=f"l={length} theoretical + fitted fixed cost")
+            for key, style, label in (("measured_cpu_ratio", "o-", "prefill CPU time"),
+                                      ("measured_ratio", "s:", "prefill wall-clock")):
+                spread = [r["spread"][key] for r in mine]
+                medians = [r[key] for r in mine]
+                ax.errorbar(pools, medians, yerr=[[m - s["q1"] for m, s in zip(medians, spread)],
+                                                  [s["q3"] - m for m, s in zip(medians, spread)]],
+                            fmt=style, color=color, capsize=3, alpha=1.0 if key == "measured_cpu_ratio" else 0.5,
+                            mfc="none" if key == "measured_ratio" else color, label=f"l={length} {label}")
         ax.set_xscale("log")
         ax.set_xticks(sorted({r["pool"] for r in rows}), [str(p) for p in sorted({r["pool"] for r in rows})])
         ax.set_xlabel("pool block p")
@@ -47,19 +54,21 @@ def plot_pooling(report: dict, path: str | Path) -> Path:
 
 
 def plot_batching(report: dict, path: str | Path) -> Path:
-    """Tokens/s of the four serving variants (median, IQR bars)."""
+    """Tokens per wall-clock second and per CPU second of the four serving variants (median, IQR bars)."""
     plt = _pyplot()
     variants = list(report["variants"].values())
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    medians = [v["tokens_per_s"] for v in variants]
-    spread = [v["spread"]["tokens_per_s"] for v in variants]
-    ax.bar(range(len(variants)), medians, color=[f"C{i}" for i in range(len(variants))],
-           yerr=[[m - s["q1"] for m, s in zip(medians, spread)], [s["q3"] - m for m, s in zip(medians, spread)]],
-           capsize=4)
-    ax.set_xticks(range(len(variants)), [v["label"].replace(", ", ",\n", 1) for v in variants], fontsize=8)
-    ax.set_ylabel("generated tokens / s")
-    ax.set_title(f"{report['config']['requests']} requests, {report['config']['new_tokens']} new tokens each")
-    ax.grid(axis="y", alpha=0.3)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for ax, key, ylabel in ((axes[0], "tokens_per_s", "generated tokens / wall-clock s"),
+                            (axes[1], "tokens_per_cpu_s", "generated tokens / CPU s")):
+        medians = [v[key] for v in variants]
+        spread = [v["spread"][key] for v in variants]
+        ax.bar(range(len(variants)), medians, color=[f"C{i}" for i in range(len(variants))],
+               yerr=[[m - s["q1"] for m, s in zip(medians, spread)], [s["q3"] - m for m, s in zip(medians, spread)]],
+               capsize=4)
+        ax.set_xticks(range(len(variants)), [v["label"].replace(", ", ",\n", 1) for v in variants], fontsize=7)
+        ax.set_ylabel(ylabel)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"{report['config']['requests']} requests, {report['config']['new_tokens']} new tokens each")
     return _save(fig, plt, path)
 
 
