@@ -53,7 +53,9 @@ class Plan:
     max_new_tokens: int = 16
     own_tasks: list[str] = field(default_factory=list)
     inference_requests: int = 0
+    max_requests: int = 0
     stopping: bool = False
+    environment: object = None  # request events do not carry it; remembered at init
 
 
 PLAN = Plan()
@@ -70,6 +72,11 @@ def _add_options(parser):
                         help="tasks uploaded by the test when LAMP_ADMIN_TOKEN is set")
     parser.add_argument("--lamp-admin-interval", env_var="LAMP_ADMIN_INTERVAL", type=float, default=5.0)
     parser.add_argument("--lamp-hidden-size", env_var="LAMP_HIDDEN_SIZE", type=int, default=576)
+
+
+@events.init.add_listener
+def _remember_environment(environment, **_kwargs):
+    PLAN.environment = environment
 
 
 def _admin_headers() -> dict[str, str]:
@@ -99,6 +106,7 @@ def _plan_traffic(environment, **_kwargs):
         if options.lamp_max_new_tokens < 1 or options.lamp_own_tasks < 0 or options.lamp_admin_interval <= 0:
             raise ValueError("--lamp-max-new-tokens must be >= 1, --lamp-own-tasks >= 0, --lamp-admin-interval > 0")
         PLAN.max_new_tokens = options.lamp_max_new_tokens
+        PLAN.max_requests = max(0, options.lamp_max_requests)
         with requests.Session() as session:
             if options.lamp_tasks:
                 mix = parse_task_mix(options.lamp_tasks)
@@ -145,16 +153,15 @@ def _remove_own_tasks(environment, **_kwargs):
 
 
 @events.request.add_listener
-def _count_inference(name, environment=None, **_kwargs):
+def _count_inference(name, **_kwargs):
     """Stop the whole test after --lamp-max-requests inference requests (a bound on total work)."""
     if not name.startswith(INFERENCE_PREFIXES):
         return
     PLAN.inference_requests += 1
-    limit = environment.parsed_options.lamp_max_requests if environment is not None else 0
-    if limit and PLAN.inference_requests >= limit and not PLAN.stopping:
+    if PLAN.max_requests and PLAN.inference_requests >= PLAN.max_requests and not PLAN.stopping:
         PLAN.stopping = True
-        log.info("reached %d inference requests: stopping", limit)
-        gevent.spawn(environment.runner.quit)
+        log.info("reached %d inference requests: stopping", PLAN.max_requests)
+        gevent.spawn(PLAN.environment.runner.quit)
 
 
 class LampUser(HttpUser):
