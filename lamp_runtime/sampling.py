@@ -15,6 +15,8 @@ from .errors import RequestError
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
+# What torch.Generator.manual_seed accepts (int64 or uint64); beyond it raises ValueError.
+MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,9 @@ class SamplingParams:
             raise RequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
             raise RequestError(f"top_k must be null or an integer >= 1, got {self.top_k!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not MIN_SEED <= self.seed <= MAX_SEED):
+            raise RequestError(f"seed must be null or an integer in [{MIN_SEED}, {MAX_SEED}], got {self.seed!r}")
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         if len(stop) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_CHARS for s in stop):
             raise RequestError(

@@ -1,0 +1,40 @@
+"""Request values that used to escape validation and crash a replica call (500s), checked where
+they are validated; the HTTP-level versions are in test_fuzz_api.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lamp_runtime.errors import RequestError
+from lamp_runtime.sampling import MAX_SEED, MIN_SEED, SamplingParams, make_generator
+from serving.protocol import CompletionRequest, GenerateRequest
+
+
+@pytest.mark.parametrize("seed", [MAX_SEED + 1, MIN_SEED - 1, 10**30, True, 1.5])
+def test_seed_outside_what_torch_accepts_is_a_request_error(seed):
+    with pytest.raises(RequestError, match="seed must be null or an integer in"):
+        SamplingParams(temperature=0.7, seed=seed)
+
+
+@pytest.mark.parametrize("seed", [MIN_SEED, -1, 0, MAX_SEED])
+def test_every_accepted_seed_seeds_a_generator(seed):
+    assert make_generator(SamplingParams(temperature=0.7, seed=seed), torch.device("cpu")) is not None
+
+
+@pytest.mark.parametrize("model, raw", [
+    (GenerateRequest, {"task_id": "t", "input": "ok \ud800"}),
+    (CompletionRequest, {"model": "t", "prompt": "\udfff"}),
+    (CompletionRequest, {"model": "t", "prompt": ["fine", "bad \udbff"]}),
+])
+def test_lone_surrogates_are_refused_naming_the_field(model, raw):
+    # What FastAPI hands the model after json.loads of a body with a "\ud800" escape.
+    body = json.loads(json.dumps(raw))
+    with pytest.raises(ValueError, match="lone surrogate"):
+        model.model_validate(body)
+
+
+def test_real_unicode_text_is_accepted():
+    assert GenerateRequest.model_validate({"task_id": "t", "input": "café 😀 ☃"}).input == "café 😀 ☃"
