@@ -18,6 +18,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 MAX_STOP_STRINGS = 16
 
 
+def unicode_text(value: str) -> str:
+    """JSON can carry lone surrogates ("\\ud800"): valid JSON, but not text the tokenizer can encode."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"contains a lone surrogate {value[exc.start]!r} at character {exc.start}; "
+                         "send valid Unicode text") from None
+    return value
+
+
 class SamplingFields(BaseModel):
     temperature: float = Field(0.0, ge=0, le=100)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -41,6 +51,11 @@ class GenerateRequest(SamplingFields):
     max_new_tokens: int = Field(64, ge=1)
     top_k: int | None = Field(None, ge=1)
     stream: bool = False
+
+    @field_validator("input")
+    @classmethod
+    def _input_text(cls, value):
+        return unicode_text(value)
 
     def engine_params(self) -> dict:
         return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
@@ -158,6 +173,8 @@ class CompletionRequest(SamplingFields):
     def _prompt_list(cls, value):
         if isinstance(value, list) and not 1 <= len(value) <= 32:
             raise ValueError(f"prompt must be a string or a list of 1..32 strings, got a list of {len(value)}")
+        for text in [value] if isinstance(value, str) else value:
+            unicode_text(text)
         return value
 
     @property
