@@ -50,6 +50,19 @@ def translate_handle_error(exc: BaseException) -> ServingError:
     return ServingError(500, "internal error in the model replica (details in the server log)")
 
 
+def cancel_quietly(response) -> None:
+    """Cancel a handle call that may already have failed.
+
+    Serve's `DeploymentResponse.cancel()` re-raises the call's own error when the call has already
+    failed (e.g. BackPressureError for a call rejected by a full queue). Escaping the route, that
+    error became Serve's plain-text 503 instead of our JSON error for the request.
+    """
+    try:
+        response.cancel()
+    except Exception:
+        pass
+
+
 class GenerationService:
     def __init__(self, model, metrics: IngressMetrics):
         self.model = model
@@ -138,7 +151,7 @@ class GenerationService:
             replies = await asyncio.gather(*calls)
         except Exception as exc:
             for call in calls:
-                call.cancel()
+                cancel_quietly(call)
             error = translate_handle_error(exc)
             self.metrics.count_request(task_id, True, error.status)
             raise error from None
@@ -155,7 +168,7 @@ class GenerationService:
             first = await items.__anext__()
         except Exception as exc:
             if items is not None:
-                items.cancel()
+                cancel_quietly(items)
             error = translate_handle_error(exc)
             self.metrics.count_request(task_id, True, error.status)
             raise error from None
@@ -183,7 +196,7 @@ class GenerationService:
             finished = True
         finally:
             if not finished:  # the client went away: stop generating for it
-                items.cancel()
+                cancel_quietly(items)
 
 
 def _public(error: dict) -> dict:
