@@ -105,7 +105,17 @@ async def _validation_error(request: Request, exc: RequestValidationError):
 
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException):
-    return error_response(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+    message = str(exc.detail)
+    if exc.status_code in (404, 405) and message in ("Not Found", "Method Not Allowed"):  # no route matched
+        message = f"{message}: no route for {request.method} {request.scope['path']!r}"
+    return error_response(exc.status_code, message, getattr(exc, "headers", None))
+
+
+@app.exception_handler(Exception)
+async def _unexpected_error(request: Request, exc: Exception):
+    # A bug, not a client error: the traceback goes to the log (Starlette re-raises after this), the
+    # client gets the usual JSON shape instead of a plain-text 500.
+    return error_response(500, "internal server error (details in the server log)")
 
 
 def _adapter_info(stored: StoredAdapter) -> dict:
@@ -174,7 +184,7 @@ class LampIngress:
 
     # ---- admin ------------------------------------------------------------------------------------
 
-    @app.put("/admin/adapters/{task_id}", status_code=201)
+    @app.put("/admin/adapters/{task_id:path}", status_code=201)
     async def put_adapter(self, task_id: str, request: Request):
         self.auth.check(request.headers.get("authorization"))
         files, pool = await self._read_upload(request)
@@ -188,12 +198,12 @@ class LampIngress:
         adapters = await asyncio.to_thread(self.admin.list)
         return AdapterList(adapters=[AdapterInfo(**a.to_json()) for a in adapters])
 
-    @app.get("/admin/adapters/{task_id}")
+    @app.get("/admin/adapters/{task_id:path}")
     async def get_adapter(self, task_id: str, request: Request):
         self.auth.check(request.headers.get("authorization"))
         return _adapter_info(await asyncio.to_thread(self.admin.get, task_id))
 
-    @app.delete("/admin/adapters/{task_id}")
+    @app.delete("/admin/adapters/{task_id:path}")
     async def delete_adapter(self, task_id: str, request: Request):
         self.auth.check(request.headers.get("authorization"))
         stored = await asyncio.to_thread(self.admin.delete, task_id)
