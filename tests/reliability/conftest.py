@@ -1,0 +1,68 @@
+"""One real 2-replica `lamp serve` shared by the reliability tests of this package.
+
+It starts once (package scope) with the three session `task_adapters` bundled, an admin token
+unique to the run (so a grep for it in logs can only find a leak), its Ray session under a private
+temporary directory (so those logs can be searched) and small limits, so limit errors and
+overload are cheap to provoke and every generation is short. Tests that change adapters use task
+ids of their own; the replica-failure test leaves the server healthy again before it ends.
+"""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+import tempfile
+
+import httpx
+import pytest
+
+from lamp_runtime.adapters import save_adapter
+
+from ..server_process import ServerProcess
+
+ADMIN_TOKEN = f"rel-{secrets.token_hex(12)}"
+REPLICAS = 2
+MAX_BATCH_SIZE = 4
+MAX_QUEUE = 8
+MAX_NEW_TOKENS = 4
+MAX_INPUT_TOKENS = 128
+MAX_REQUEST_BYTES = 32 * 1024
+MAX_UPLOAD_BYTES = 1024 * 1024
+BUNDLED_TASKS = ("lamp2", "lamp3", "plain")
+
+
+@pytest.fixture(scope="package")
+def ray_tmpdir():
+    # Short on purpose: Ray puts unix sockets under it (108-byte path limit).
+    path = tempfile.mkdtemp(prefix="lamp-rel-", dir="/tmp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="package")
+def server(tmp_path_factory, task_adapters, ray_tmpdir):
+    prompts = tmp_path_factory.mktemp("rel-prompts")
+    for task_id, adapter in task_adapters.items():
+        save_adapter(adapter, prompts / f"{task_id}.safetensors")
+    process = ServerProcess(
+        store=tmp_path_factory.mktemp("rel-store") / "store", prompts=prompts, replicas=REPLICAS,
+        admin_token=ADMIN_TOKEN, env={"RAY_TMPDIR": ray_tmpdir},
+        log_path=tmp_path_factory.mktemp("rel-logs") / "serve.log",
+        extra_args=["--max-batch-size", str(MAX_BATCH_SIZE), "--max-queue", str(MAX_QUEUE),
+                    "--max-new-tokens", str(MAX_NEW_TOKENS), "--max-input-tokens", str(MAX_INPUT_TOKENS),
+                    "--max-request-bytes", str(MAX_REQUEST_BYTES), "--max-upload-bytes", str(MAX_UPLOAD_BYTES)],
+    )
+    with process:
+        yield process
+
+
+@pytest.fixture()
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture()
+def admin(server):
+    with httpx.Client(base_url=server.url, timeout=120, headers=server.admin_headers()) as c:
+        yield c
