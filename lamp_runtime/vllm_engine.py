@@ -67,6 +67,8 @@ class VllmOptions:
     prefix_caching: reuse KV blocks of identical prompt-embedding prefixes (vLLM block size: 128
       tokens on CPU, 16 on GPU), e.g. the same task + the same long instruction.
     enforce_eager: None = eager on CPU (torch.compile takes minutes there), graphs on GPU.
+    max_num_batched_tokens: tokens per engine step, i.e. the chunk a long prompt is prefilled in
+      (chunked prefill) while the running requests keep decoding; None = vLLM's default.
     """
 
     kv_cache_mb: int | None = 1024
@@ -74,6 +76,7 @@ class VllmOptions:
     max_model_len: int | None = None
     prefix_caching: bool = True
     enforce_eager: bool | None = None
+    max_num_batched_tokens: int | None = None
 
     def __post_init__(self):
         if self.kv_cache_mb is not None and (not isinstance(self.kv_cache_mb, int) or self.kv_cache_mb < 1):
@@ -82,6 +85,10 @@ class VllmOptions:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
             raise ValueError(f"max_model_len must be an integer >= 2 or None, got {self.max_model_len!r}")
+        if self.max_num_batched_tokens is not None and (not isinstance(self.max_num_batched_tokens, int)
+                                                        or self.max_num_batched_tokens < 1):
+            raise ValueError(f"max_num_batched_tokens must be an integer >= 1 or None, "
+                             f"got {self.max_num_batched_tokens!r}")
 
 
 def _vllm_quantization(quantization: str, device: str) -> str | None:
@@ -169,7 +176,8 @@ class VllmEngine:
             model=str(backbone.folder), tokenizer=str(backbone.folder), dtype=backbone.options.dtype,
             quantization=_vllm_quantization(backbone.options.quantization, device),
             enable_prompt_embeds=True, enforce_eager=enforce_eager, max_model_len=self.max_model_len,
-            max_num_seqs=self.config.max_batch_size, enable_prefix_caching=options.prefix_caching,
+            max_num_seqs=self.config.max_batch_size, max_num_batched_tokens=options.max_num_batched_tokens,
+            enable_prefix_caching=options.prefix_caching,
             kv_cache_memory_bytes=None if options.kv_cache_mb is None else options.kv_cache_mb * 1024 * 1024,
             gpu_memory_utilization=options.gpu_memory_utilization,
             disable_log_stats=True,  # our step logger below still receives the stats

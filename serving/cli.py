@@ -50,6 +50,9 @@ def register(subparsers) -> None:
     p.add_argument("--max-input-tokens", type=int, help="longest input in tokens; longer is 413 (default 2048)")
     p.add_argument("--max-new-tokens", type=int, help="largest max_new_tokens a request may ask (default 1024)")
     p.add_argument("--prompt-cache-mb", type=int, help="device memory for built prompts (default 256)")
+    p.add_argument("--engine", choices=["hf", "vllm"], help="hf (transformers, default) or vllm (docs/vllm.md)")
+    p.add_argument("--vllm-kv-cache-mb", type=int, help="vLLM's KV cache, host memory on CPU (default 1024)")
+    p.add_argument("--vllm-max-model-len", type=int, help="longest sequence vLLM holds (default: backbone's)")
     p.add_argument("--max-request-bytes", type=int, help="largest inference request body (default 1 MiB)")
     p.add_argument("--max-upload-bytes", type=int, help="largest adapter upload (default 64 MiB)")
     # Not --log-level: that one belongs to `lamp` itself (this process's own logging).
@@ -60,7 +63,7 @@ def register(subparsers) -> None:
 SETTING_FLAGS = ("host", "port", "address", "num_cpus", "store", "prompts", "backbone", "dtype", "quantization",
                  "device", "replicas", "replica_cpus", "threads", "max_batch_size", "batch_wait_ms", "max_queue",
                  "max_input_tokens", "max_new_tokens", "prompt_cache_mb", "max_request_bytes", "max_upload_bytes",
-                 "serve_log_level")
+                 "serve_log_level", "engine", "vllm_kv_cache_mb", "vllm_max_model_len")
 
 
 def settings_from_args(args: argparse.Namespace):

@@ -19,6 +19,7 @@ import yaml
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("auto", "none", "nf4", "int8")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+ENGINES = ("hf", "vllm")  # lamp_runtime.engine_factory.ENGINE_KINDS (not imported: keeps this module light)
 
 
 def default_store_dir() -> Path:
@@ -51,6 +52,9 @@ class ServeSettings:
     max_request_bytes: int = 1024 * 1024  # JSON bodies of the inference API
     max_upload_bytes: int = 64 * 1024 * 1024  # one adapter upload (all its files together)
     log_level: str = "INFO"
+    engine: str = "hf"  # hf: transformers in the replica; vllm: vLLM's engine (docs/vllm.md)
+    vllm_kv_cache_mb: int = 1024  # memory vLLM reserves for its KV cache (host memory on CPU)
+    vllm_max_model_len: int | None = None  # longest sequence vLLM holds (default: the backbone's context)
 
     def __post_init__(self):
         _check_range(self, "port", 1, 65535)
@@ -67,6 +71,10 @@ class ServeSettings:
             raise ValueError(f"batch_wait_ms must be in [0, 10000], got {self.batch_wait_ms!r}")
         _check_choice(self, "dtype", DTYPES)
         _check_choice(self, "quantization", QUANTIZATIONS)
+        _check_choice(self, "engine", ENGINES)
+        _check_range(self, "vllm_kv_cache_mb", 1, None)
+        if self.vllm_max_model_len is not None:
+            _check_range(self, "vllm_max_model_len", 2, None)
         object.__setattr__(self, "log_level", str(self.log_level).upper())
         _check_choice(self, "log_level", LOG_LEVELS)
         if not self.host:
@@ -90,6 +98,14 @@ class ServeSettings:
 
         return BackboneOptions(path=self.backbone, dtype=self.dtype, quantization=self.quantization,
                                device=self.device)
+
+    def vllm_options(self):
+        """VllmOptions for the vLLM engine; None for the HF engine."""
+        if self.engine != "vllm":
+            return None
+        from lamp_runtime.vllm_engine import VllmOptions
+
+        return VllmOptions(kv_cache_mb=self.vllm_kv_cache_mb, max_model_len=self.vllm_max_model_len)
 
     def to_args(self) -> dict[str, Any]:
         """Plain values, to hand to the Serve app builder (and back through `from_mapping`)."""

