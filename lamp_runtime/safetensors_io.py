@@ -57,7 +57,7 @@ def parse_header(data: bytes) -> tuple[dict[str, str], dict[str, dict]]:
         dtype = entry["dtype"]
         if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES:
             raise AdapterError(
-                f"tensor {name!r}: dtype {dtype!r} not allowed (use one of {sorted(ALLOWED_DTYPES)})"
+                f"tensor {name!r}: dtype {dtype} not allowed (use one of {sorted(ALLOWED_DTYPES)})"
             )
         # Checked before any arithmetic: a hostile header must be an AdapterError, not a TypeError.
         shape, offsets = entry["shape"], entry["data_offsets"]
