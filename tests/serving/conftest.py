@@ -24,7 +24,7 @@ from ..server_process import ServerProcess
 
 ADMIN_TOKEN = "test-admin-token"
 MAX_BATCH_SIZE = 4
-MAX_QUEUE = 4
+MAX_QUEUE = 8  # above the 6 concurrent requests of the batching test, so only the overload test hits it
 MAX_INPUT_TOKENS = 256
 MAX_REQUEST_BYTES = 64 * 1024
 MAX_UPLOAD_BYTES = 256 * 1024

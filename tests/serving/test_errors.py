@@ -100,8 +100,8 @@ def test_overload_is_503_with_retry_after_and_the_server_recovers(server, client
         return httpx.post(f"{server.url}/generate", timeout=180,
                           json={"task_id": "plain", "input": f"Story number {i}:", "max_new_tokens": 8})
 
-    with ThreadPoolExecutor(20) as pool:  # capacity is MAX_BATCH_SIZE running + MAX_QUEUE waiting = 8
-        responses = list(pool.map(generate, range(20)))
+    with ThreadPoolExecutor(24) as pool:  # capacity is MAX_BATCH_SIZE running + MAX_QUEUE waiting = 12
+        responses = list(pool.map(generate, range(24)))
     statuses = sorted(r.status_code for r in responses)
     assert set(statuses) == {200, 503}, statuses
     rejected = [r for r in responses if r.status_code == 503]
