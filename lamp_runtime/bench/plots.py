@@ -24,7 +24,7 @@ def plot_pooling(report: dict, path: str | Path) -> Path:
     rows = report["rows"]
     batches = sorted({r["batch_size"] for r in rows})
     lengths = sorted({r["l"] for r in rows})
-    fig, axes = plt.subplots(1, len(batches), figsize=(5.5 * len(batches), 4.2), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(batches), figsize=(5.5 * len(batches), 4.8), sharey=True, squeeze=False)
     for ax, batch in zip(axes[0], batches):
         for index, length in enumerate(lengths):
             mine = sorted((r for r in rows if r["batch_size"] == batch and r["l"] == length), key=lambda r: r["pool"])
@@ -48,9 +48,12 @@ def plot_pooling(report: dict, path: str | Path) -> Path:
         ax.set_title(f"batch {batch}")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("prefill time relative to p = 1")
-    axes[0][-1].legend(fontsize=8)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    columns = 4
+    fig.legend(handles, labels, loc="lower center", ncol=columns, fontsize=8, frameon=False)
     fig.suptitle("Pooled LAMP prompts: measured vs (L_x + ⌈l/p⌉) / (L_x + l)")
-    return _save(fig, plt, path)
+    fig.tight_layout(rect=(0, 0.02 + 0.04 * -(-len(labels) // columns), 1, 1))
+    return _save(fig, plt, path, layout=False)
 
 
 def plot_batching(report: dict, path: str | Path) -> Path:
@@ -72,10 +75,11 @@ def plot_batching(report: dict, path: str | Path) -> Path:
     return _save(fig, plt, path)
 
 
-def _save(fig, plt, path) -> Path:
+def _save(fig, plt, path, layout: bool = True) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    if layout:
+        fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
