@@ -22,6 +22,7 @@ def write_json(path: str | Path, payload: dict) -> Path:
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as out:
             out.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a report is meant to be shared
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
