@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PORT ?= 8000
 
-.PHONY: setup serve test test-fast loadtest clean
+.PHONY: setup serve test test-fast loadtest prompts clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,11 @@ RUN_TIME ?= 60s
 MAX_REQUESTS ?= 300
 loadtest: setup
 	$(PY) -m loadtest.run --users $(USERS) --run-time $(RUN_TIME) --max-requests $(MAX_REQUESTS) $(if $(HOST),--host $(HOST))
+
+# Retrain the bundled adapters in prompts/ and rewrite the results table in prompts/README.md
+# (CPU, fp32; the budget is stated above the table).
+prompts: setup
+	$(PY) -m lamp_runtime.training.reproduce
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -12,6 +12,7 @@ import logging
 import sys
 
 COMMAND_MODULES = (
+    "lamp_runtime.training.cli",
     "lamp_runtime.cli_generate",
     "serving.cli",
     "lamp_runtime.bench.cli",
