@@ -18,10 +18,15 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="where to write the adapter (.safetensors)")
     p.add_argument("--task", help="task name stored in the adapter's metadata (default: the file stem)")
     p.add_argument("--description", help="free text stored in the adapter's metadata")
-    p.add_argument("--method", default="lamp", choices=["lamp", "pt"],
-                   help="lamp (factors U, Q, V) or pt (plain prompt tuning, the baseline)")
+    p.add_argument("--method", default="lamp", choices=["lamp", "pt", "ept"],
+                   help="lamp (factors U, Q, V), pt (plain prompt tuning, the baseline) or ept (short prompt "
+                        "+ low-rank input offset, multi-space projection folded into the saved prompt)")
     p.add_argument("--prompt-length", "-l", type=int, default=100, help="soft prompt tokens l before pooling")
-    p.add_argument("--rank", "-r", type=int, default=8, help="LAMP rank r")
+    p.add_argument("--rank", "-r", type=int, default=8, help="LAMP rank r (EPT: rank of the offset A·B)")
+    p.add_argument("--offset-tokens", type=int, default=32,
+                   help="EPT: rows s of the offset A·B added to the first s input tokens")
+    p.add_argument("--spaces", type=int, default=2, help="EPT: subspaces K of the multi-space projection")
+    p.add_argument("--projection-rank", type=int, default=1, help="EPT: rank of each subspace's residual map")
     p.add_argument("--pool", "-p", type=int, default=1, help="average-pooling block p (served tokens = ceil(l/p))")
     p.add_argument("--lr", type=float, default=0.3, help="peak learning rate (relative to each tensor's RMS "
                    "with the default Adafactor)")
@@ -99,6 +104,7 @@ def run_train(args) -> int:
     from ..backbone import load_backbone
     from ..cli import backbone_options
     from .data import load_rows, tokenize_rows
+    from .methods import EptShape
     from .trainer import TrainConfig, save_checked, train
 
     out = Path(args.out)
@@ -109,6 +115,7 @@ def run_train(args) -> int:
         pool=args.pool, learning_rate=args.lr, batch_size=args.batch_size, epochs=args.epochs,
         max_steps=args.max_steps, warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm,
         eval_every=args.eval_every, seed=args.seed, init_text=_init_text(args),
+        ept=EptShape(offset_tokens=args.offset_tokens, spaces=args.spaces, projection_rank=args.projection_rank),
     )
     train_rows, eval_rows = _split_rows(args, load_rows)
     backbone = load_backbone(backbone_options(args))
@@ -164,7 +171,7 @@ def run_eval(args) -> int:
     from ..adapters import load_adapter
     from ..backbone import load_backbone
     from ..cli import backbone_options
-    from ..engine import Engine, EngineConfig
+    from ..engine import EngineConfig, make_engine
     from ..synthetic_tasks import TASKS
     from .data import load_rows
     from .evaluate import evaluate
@@ -173,7 +180,7 @@ def run_eval(args) -> int:
         _task_name(args, ())  # an unknown --task fails before the backbone loads
     rows = load_rows(args.data, args.limit)
     backbone = load_backbone(backbone_options(args))
-    engine = Engine(backbone, config=EngineConfig(max_batch_size=args.batch_size))
+    engine = make_engine(backbone, config=EngineConfig(max_batch_size=args.batch_size))
     adapters = {}
     for path in args.adapter:
         name = Path(path).stem if Path(path).suffix else Path(path).name

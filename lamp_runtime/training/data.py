@@ -70,7 +70,8 @@ def tokenize_rows(tokenizer, rows: list[dict[str, str]], max_input_tokens: int,
     examples = []
     for index, row in enumerate(rows):
         prompt_ids = tokenizer(format_input(row["input"]))["input_ids"][-max_input_tokens:]
-        target_ids = tokenizer(format_target(row["target"]))["input_ids"] + [eos]
+        # No special tokens on the target: a T5 tokenizer would append its own EOS before ours.
+        target_ids = tokenizer(format_target(row["target"]), add_special_tokens=False)["input_ids"] + [eos]
         if len(target_ids) > max_target_tokens:
             raise ValueError(
                 f"row {index}: target is {len(target_ids)} tokens with EOS, over --max-target-tokens "

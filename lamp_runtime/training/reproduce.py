@@ -1,7 +1,7 @@
 """Rebuild the bundled adapters and the results table in prompts/README.md with one command.
 
-For every bundled task: train plain prompt tuning (PT) and LAMP with p = 1, 2, 4, 5 under one
-small CPU budget, score zero-shot and all five through the serving Engine on held-out rows,
+For every bundled task: train plain prompt tuning (PT), LAMP with p = 1, 2, 4, 5 and EPT under one
+small CPU budget, score zero-shot and all six through the serving Engine on held-out rows,
 bundle the most accurate pooled LAMP variant as `prompts/<task>.safetensors`, and write the
 table. Run `make prompts` or `python -m lamp_runtime.training.reproduce`.
 """
@@ -17,9 +17,9 @@ from pathlib import Path
 
 from ..synthetic_tasks import TASKS
 
-# (name, method, pool). PT is unpooled, as in the papers' baseline.
+# (name, method, pool). PT is unpooled, as in the papers' baseline; EPT's prompt is its short one.
 VARIANTS = (("PT", "pt", 1), ("LAMP p=1", "lamp", 1), ("LAMP p=2", "lamp", 2),
-            ("LAMP p=4", "lamp", 4), ("LAMP p=5", "lamp", 5))
+            ("LAMP p=4", "lamp", 4), ("LAMP p=5", "lamp", 5), ("EPT", "ept", 1))
 TABLE_BEGIN, TABLE_END = "<!-- results:begin -->", "<!-- results:end -->"
 # Both targets must fit the answer budget; longer ones are cut, not dropped.
 MAX_INPUT_TOKENS, MAX_TARGET_TOKENS = 256, 64
@@ -31,6 +31,10 @@ class Budget:
 
     prompt_length: int = 20
     rank: int = 8
+    # EPT splits the prompt budget: a short prompt of half the length plus an offset on the
+    # first input tokens (the bundled inputs are 20-35 tokens long).
+    ept_prompt_length: int = 10
+    ept_offset_tokens: int = 32
     steps: int = 32
     batch_size: int = 4
     learning_rate: float = 0.1
@@ -45,9 +49,10 @@ def variant_file(name: str) -> str:
 
 def run_task(backbone, task: str, data_dir: Path, work_dir: Path, budget: Budget, progress: bool) -> dict:
     from ..adapters import AdapterMeta, load_adapter
-    from ..engine import Engine
+    from ..engine import make_engine
     from .data import load_rows, tokenize_rows
     from .evaluate import evaluate
+    from .methods import EptShape
     from .trainer import TrainConfig, save_checked, train
 
     rows = load_rows(data_dir / task / "train.jsonl")
@@ -59,12 +64,14 @@ def run_task(backbone, task: str, data_dir: Path, work_dir: Path, budget: Budget
     train_examples, holdout_examples = tokenize(train_rows), tokenize(holdout_rows)
     task_dir = work_dir / task
     task_dir.mkdir(parents=True, exist_ok=True)
-    engine = Engine(backbone)
+    engine = make_engine(backbone)
     variants = []
     for name, method, pool in VARIANTS:
-        config = TrainConfig(method=method, prompt_length=budget.prompt_length, rank=budget.rank, pool=pool,
+        length = budget.ept_prompt_length if method == "ept" else budget.prompt_length
+        config = TrainConfig(method=method, prompt_length=length, rank=budget.rank, pool=pool,
                              learning_rate=budget.learning_rate, batch_size=budget.batch_size,
-                             max_steps=budget.steps, eval_every=max(1, budget.steps // 2), seed=budget.seed)
+                             max_steps=budget.steps, eval_every=max(1, budget.steps // 2), seed=budget.seed,
+                             ept=EptShape(offset_tokens=budget.ept_offset_tokens))
         meta = AdapterMeta(task=task, base_model=backbone.name, description=TASKS[task].description)
         result = train(backbone, train_examples, holdout_examples, config, meta, progress=progress)
         path = save_checked(result.adapter, task_dir / variant_file(name), backbone.hidden_size)
@@ -132,7 +139,9 @@ def render_table(all_results: list[dict], budget: Budget, wall_seconds: float, d
         f"average {load[0]:.1f} at the start, {load[1]:.1f} at the end; train times scale with it). "
         f"Budget per trained variant: l={budget.prompt_length}, "
         f"r={budget.rank}, {budget.steps} steps x batch {budget.batch_size} "
-        f"(= {budget.steps * budget.batch_size} training rows seen), lr {budget.learning_rate}, seed {budget.seed}. "
+        f"(= {budget.steps * budget.batch_size} training rows seen), lr {budget.learning_rate}, seed {budget.seed}; "
+        f"EPT: a {budget.ept_prompt_length}-token short prompt, offset A·B of rank {budget.rank} on the first "
+        f"{budget.ept_offset_tokens} input tokens, 2 projection spaces (folded into the stored prompt). "
         "Accuracy is on the first "
         f"{all_results[0]['eval_rows']} rows of each `eval.jsonl` (greedy, through the serving Engine).",
         "",
@@ -193,8 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-bundle", action="store_true", help="do not touch prompts/ (table printed only)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    budget = Budget(args.prompt_length, args.rank, args.steps, args.batch_size, args.lr,
-                    defaults.holdout_rows, args.eval_rows, args.seed)
+    budget = Budget(prompt_length=args.prompt_length, rank=args.rank, steps=args.steps, batch_size=args.batch_size,
+                    learning_rate=args.lr, eval_rows=args.eval_rows, seed=args.seed)
     started, load_at_start = time.perf_counter(), os.getloadavg()[0]
     backbone = load_backbone(BackboneOptions(dtype="float32", quantization="none", device="cpu"))
     prompts_dir, work_dir = Path(args.prompts), Path(args.work)

@@ -1,8 +1,9 @@
 """The training loop: only the soft-prompt tensors learn; the backbone is frozen and gets no grads.
 
-Loss is the mean cross-entropy over target tokens only (the completion and its EOS), computed
-from the hidden states at just those positions so the 49k-wide LM head runs on a handful of rows.
-Learning rate: AdamW with linear warmup then linear decay to zero, and gradient-norm clipping.
+Loss is the mean cross-entropy over target tokens only (the completion and its EOS); the forward
+passes for decoder-only and encoder-decoder backbones are in `forward.py`.
+Optimizer: Adafactor (steps relative to each tensor's RMS; AdamW optional) with linear warmup then linear
+decay to zero, and gradient-norm clipping.
 The LAMP paper gives lr 0.3 but no warmup or clipping; without them the first steps at lr 0.3
 overshoot (see prompts/README.md), so both are on by default.
 """
@@ -25,8 +26,9 @@ from ..adapters import (AdapterLimits, AdapterMeta, PromptAdapter, adapter_from_
                         validate)
 from ..backbone import Backbone
 from ..task_format import INPUT_TEMPLATE
-from .data import Batch, Example, collate
-from .methods import METHODS, PromptMethod, build_method, text_init, vocab_init
+from .data import Example
+from .forward import prompt_forward
+from .methods import METHODS, EptShape, PromptMethod, build_method, text_init, vocab_init
 
 
 OPTIMIZERS = ("adafactor", "adamw")
@@ -58,6 +60,7 @@ class TrainConfig:
     eval_batch_size: int = 16
     seed: int = 0
     init_text: str | None = None
+    ept: EptShape = field(default_factory=EptShape)  # used by method "ept" only
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
@@ -76,6 +79,11 @@ class TrainConfig:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+        if self.method == "ept" and self.pool != 1:
+            raise ValueError(f"EPT prompts are not pooled; got pool={self.pool} (use 1)")
+        for name in ("offset_tokens", "spaces", "projection_rank"):
+            if getattr(self.ept, name) < 1:
+                raise ValueError(f"ept {name} must be >= 1, got {getattr(self.ept, name)}")
 
     def total_steps(self, num_examples: int) -> int:
         """`max_steps` when given (epochs repeat as needed, as in HF Trainer), else whole epochs."""
@@ -102,34 +110,6 @@ class TrainResult:
     final_train_loss: float = float("nan")
 
 
-def prompt_forward(backbone: Backbone, prompt: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed target-token loss, per-row exact match) of a batch behind a [k, d] soft prompt.
-
-    Hidden state at position i predicts token i+1, so the target token at text position j is
-    predicted by the hidden state at k + j - 1 (k >= 1 soft tokens come first). A row counts as an
-    exact match when the argmax at every target position is the target token, which is exactly
-    when greedy decoding would produce target + EOS.
-    """
-    model = backbone.model
-    token_ids = batch.token_ids.to(backbone.device)
-    target_mask = batch.target_mask.to(backbone.device)
-    with torch.no_grad():
-        text = model.get_input_embeddings()(token_ids)
-    rows, width = token_ids.shape
-    soft = prompt.to(device=text.device, dtype=text.dtype)
-    embeds = torch.cat([soft.unsqueeze(0).expand(rows, -1, -1), text], dim=1)
-    hidden = model.base_model(inputs_embeds=embeds, use_cache=False).last_hidden_state
-    k = soft.shape[0]
-    predicting = hidden[:, k - 1 : k - 1 + width][target_mask]
-    labels = token_ids[target_mask]
-    logits = model.get_output_embeddings()(predicting).float()
-    loss_sum = torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
-    wrong = (logits.argmax(-1) != labels).float()
-    row_of = torch.arange(rows, device=token_ids.device)[:, None].expand(rows, width)[target_mask]
-    wrong_per_row = torch.zeros(rows, device=token_ids.device).index_add_(0, row_of, wrong)
-    return loss_sum, wrong_per_row == 0
-
-
 def initial_prompt(backbone: Backbone, config: TrainConfig) -> torch.Tensor:
     weight = backbone.model.get_input_embeddings().weight
     if config.init_text:
@@ -143,13 +123,13 @@ def initial_prompt(backbone: Backbone, config: TrainConfig) -> torch.Tensor:
 @torch.no_grad()
 def evaluate_loss(backbone: Backbone, method: PromptMethod, examples: list[Example], batch_size: int,
                   pad_id: int, step: int) -> EvalPoint:
-    prompt = method.prompt()
+    prompt, offset = method.prompt(), method.offset()
     loss, tokens, exact = 0.0, 0, 0
     for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start : start + batch_size], pad_id)
-        loss_sum, row_exact = prompt_forward(backbone, prompt, batch)
+        chunk = examples[start : start + batch_size]
+        loss_sum, row_exact = prompt_forward(backbone, prompt, offset, chunk, pad_id)
         loss += float(loss_sum)
-        tokens += batch.num_targets
+        tokens += sum(len(e.target_ids) for e in chunk)
         exact += int(row_exact.sum())
     return EvalPoint(step, loss / tokens, exact / len(examples))
 
@@ -253,8 +233,11 @@ def _provenance(config: TrainConfig, method: PromptMethod, best: EvalPoint, step
         # Clients must send their input in this shape (see lamp_runtime/task_format.py).
         "input_template": INPUT_TEMPLATE,
     }
-    if config.method == "lamp":
+    if config.method in ("lamp", "ept"):
         extra["r"] = config.rank
+    if config.method == "ept":
+        extra.update(offset_tokens=config.ept.offset_tokens, spaces=config.ept.spaces,
+                     projection_rank=config.ept.projection_rank)
     return extra
 
 
@@ -269,7 +252,8 @@ def train(backbone: Backbone, train_examples: list[Example], eval_examples: list
     if not train_examples:
         raise ValueError("no training examples")
     _freeze(backbone)
-    method = build_method(config.method, initial_prompt(backbone, config), config.rank, config.pool)
+    method = build_method(config.method, initial_prompt(backbone, config), config.rank, config.pool,
+                          config.ept, config.seed)
     pad_id = backbone.tokenizer.pad_token_id
     if pad_id is None:
         pad_id = backbone.tokenizer.eos_token_id
@@ -296,9 +280,9 @@ def train(backbone: Backbone, train_examples: list[Example], eval_examples: list
             for start in range(0, len(order), config.batch_size):
                 if step >= total:
                     break
-                batch = collate([train_examples[i] for i in order[start : start + config.batch_size]], pad_id)
-                loss_sum, _ = prompt_forward(backbone, method.prompt(), batch)
-                loss = loss_sum / batch.num_targets
+                chunk = [train_examples[i] for i in order[start : start + config.batch_size]]
+                loss_sum, _ = prompt_forward(backbone, method.prompt(), method.offset(), chunk, pad_id)
+                loss = loss_sum / sum(len(e.target_ids) for e in chunk)
                 value = loss.item()
                 if not math.isfinite(value):
                     raise TrainingError(f"training loss became {value} at step {step + 1}; lower --lr")
