@@ -35,7 +35,7 @@ class Budget:
     # first input tokens (the bundled inputs are 20-35 tokens long).
     ept_prompt_length: int = 10
     ept_offset_tokens: int = 32
-    steps: int = 32
+    steps: int = 64
     batch_size: int = 4
     learning_rate: float = 0.1
     holdout_rows: int = 16
