@@ -14,7 +14,7 @@ RETRY_AFTER_S = 1
 REPLICA_HEADER = "x-lamp-replica"
 
 _TYPES = {
-    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 413: "payload_too_large",
+    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 409: "conflict", 413: "payload_too_large",
     422: "invalid_request", 500: "internal_error", 503: "overloaded",
 }
 
@@ -50,10 +50,12 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
 def error_payload(exc: BaseException) -> dict | None:
     """Status and message for an error a model replica expects; None for a bug (let it raise)."""
     from lamp_runtime.async_engine import EngineStoppedError, QueueFullError
-    from lamp_runtime.errors import AdapterError, RequestError, UnknownTaskError
+    from lamp_runtime.errors import AdapterError, RequestError, UnknownTaskError, UnservableTaskError
 
     if isinstance(exc, UnknownTaskError):
         status = 404
+    elif isinstance(exc, UnservableTaskError):
+        status = 409
     elif isinstance(exc, InputTooLongError):
         status = 413
     elif isinstance(exc, (RequestError, AdapterError)):

@@ -126,11 +126,15 @@ class LampModel:
             await outputs.aclose()  # aborts the request if the client went away
 
     async def _prepare(self, payload: dict):
+        from lamp_runtime.errors import UnservableTaskError
         from lamp_runtime.sampling import SamplingParams
         from lamp_runtime.sequence import GenerationRequest
 
         if self.sync.changed():  # an admin change is visible to the very next request
             await asyncio.to_thread(self.sync.refresh)
+        reason = self.sync.unservable.get(payload["task_id"])
+        if reason is not None:
+            raise UnservableTaskError(payload["task_id"], reason)
         params = payload["params"]
         sampling = SamplingParams(
             max_new_tokens=params["max_new_tokens"], temperature=params["temperature"], top_p=params["top_p"],

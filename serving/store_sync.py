@@ -42,6 +42,9 @@ class StoreSync:
         self._lock = threading.Lock()
         self._seen_key: tuple | None = ()  # () = never read; None = no index file yet
         self._failed: set[tuple[str, int]] = set()  # versions that failed to load: not retried
+        # Tasks in the store that this replica cannot serve at all (no earlier version loaded),
+        # with the reason, so a request for one is told why instead of "unknown task".
+        self.unservable: dict[str, str] = {}
 
     def changed(self) -> bool:
         return self.store.change_key() != self._seen_key
@@ -70,6 +73,8 @@ class StoreSync:
             for entry in self.registry.entries():
                 if entry.task_id not in index.tasks:
                     self._remove(entry.task_id, report)
+            for task_id in [t for t in self.unservable if t not in index.tasks]:
+                del self.unservable[task_id]
             self._seen_key = key
         if report.loaded or report.removed or report.failed:
             log.info("adapter store sync: loaded %s, removed %s, failed %s",
@@ -91,9 +96,12 @@ class StoreSync:
         except (AdapterError, OSError) as exc:
             self._failed.add((stored.task_id, stored.version))
             report.failed.append(f"{stored.task_id} v{stored.version}")
-            log.error("cannot load adapter %s v%d from the store (previous version keeps serving): %s",
-                      stored.task_id, stored.version, exc)
+            if current is None:
+                self.unservable[stored.task_id] = f"v{stored.version}: {exc}"
+            log.error("cannot load adapter %s v%d from the store (%s): %s", stored.task_id, stored.version,
+                      f"v{current.version} keeps serving" if current else "the task is not served", exc)
             return
+        self.unservable.pop(stored.task_id, None)
         if current is not None:
             self.cache.discard(current.cache_key)  # pinned by running requests? then LRU takes it later
         report.loaded.append(f"{stored.task_id} v{stored.version}")

@@ -186,6 +186,32 @@ def test_sync_keeps_the_previous_version_when_a_file_is_bad(store, sync, caplog)
     assert sync.refresh().failed == []  # not retried (and not logged) again until the index changes
 
 
+def test_a_task_made_for_another_backbone_is_reported_with_its_reason(store):
+    """A store shared with a wider backbone: the replica says why it cannot serve the task (409),
+    instead of calling a task that /v1/models lists "unknown"."""
+    from lamp_runtime.errors import UnservableTaskError
+    from serving.http_errors import error_payload
+
+    wide = SoftPromptAdapter(AdapterMeta(), torch.randn(4, 2 * HIDDEN))
+    store_adapter(store, "wide", wide, 2 * HIDDEN, LIMITS)
+    narrow_sync = StoreSync(store, AdapterRegistry(), PromptCache(1 << 20), HIDDEN, LIMITS)
+    assert narrow_sync.refresh().failed == ["wide v1"]
+    reason = narrow_sync.unservable["wide"]
+    assert f"hidden size d={2 * HIDDEN}" in reason and f"hidden size {HIDDEN}" in reason
+    payload = error_payload(UnservableTaskError("wide", reason))
+    assert payload["status"] == 409 and "'wide' is in the adapter store but this server cannot serve it" in payload["message"]
+
+    put(store, "wide", soft(4, 3))  # a fitting version replaces it
+    assert narrow_sync.refresh().loaded == ["wide v2"] and "wide" not in narrow_sync.unservable
+    store_adapter(store, "wide", wide, 2 * HIDDEN, LIMITS)  # a bad v3: v2 keeps serving, so not "unservable"
+    assert narrow_sync.refresh().failed == ["wide v3"] and "wide" not in narrow_sync.unservable
+    store_adapter(store, "other", wide, 2 * HIDDEN, LIMITS)
+    narrow_sync.refresh()
+    store.delete("other")
+    narrow_sync.refresh()
+    assert "other" not in narrow_sync.unservable
+
+
 def test_sync_survives_a_damaged_index(store, sync, caplog):
     put(store, "a")
     sync.refresh()

@@ -8,6 +8,8 @@ decoder-only default backbone (hidden 576) must be refused by name without distu
 
 The server gets an empty `prompts/` folder: the repo's bundled adapters are 576 wide, so the
 server would log one "not registered" error per file at start (and skip them) for this backbone.
+Its store, though, already holds one 576-wide adapter, as a store last used with the default
+backbone would: requests for that task must say why it cannot be served (409), not "unknown".
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer, T5ForConditionalGeneration
 
-from lamp_runtime.adapters import AdapterMeta, EptAdapter, LampAdapter, SoftPromptAdapter, save_adapter
+from lamp_runtime.adapters import AdapterLimits, AdapterMeta, EptAdapter, LampAdapter, SoftPromptAdapter, save_adapter
 from lamp_runtime.backbone import BackboneOptions, backbone_folder
 from lamp_runtime.prompt_math import average_pool
+from serving.adapter_files import store_adapter
+from serving.store import AdapterStore
 
 from ..server_process import ServerProcess
 from ..test_t5_engine import D_MODEL, build_tiny_t5
@@ -34,6 +38,7 @@ ADMIN_TOKEN = "t5-admin-token"
 NEW_TOKENS = 8
 DECODER_HIDDEN = 576  # the embedded SmolLM2's hidden size, which the bundled adapters have
 UNKNOWN_TASK = "not-registered"
+FOREIGN_TASK = "made-for-smollm"  # in the store before the server starts, 576 wide
 CASES = [("t5-lamp", "summarize: the cat sat on the mat"), ("t5-plain", "translate English to German: hello"),
          ("t5-ept", "question: why is the sky blue?"), ("t5-lamp", "a b c"),
          ("t5-ept", "x"),  # shorter than the EPT offset: only its first row is added
@@ -83,8 +88,11 @@ def adapters():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, t5_folder):
+    store = tmp_path_factory.mktemp("store")
+    store_adapter(AdapterStore(store), FOREIGN_TASK, make_adapters(DECODER_HIDDEN, seed=3)["t5-lamp"], DECODER_HIDDEN,
+                  AdapterLimits())
     process = ServerProcess(
-        store=tmp_path_factory.mktemp("store"), prompts=tmp_path_factory.mktemp("empty-prompts"),
+        store=store, prompts=tmp_path_factory.mktemp("empty-prompts"),
         admin_token=ADMIN_TOKEN, log_path=tmp_path_factory.mktemp("logs") / "serve.log",
         extra_args=["--backbone", str(t5_folder), "--max-batch-size", "8", "--batch-wait-ms", "50",
                     "--max-new-tokens", "32"],
@@ -154,7 +162,7 @@ def test_adapters_of_every_kind_register_for_the_t5_hidden_size(server, register
             for task, body in registered.items()} == {
         "t5-lamp": ("lamp", 1, 10, 4), "t5-plain": ("soft_prompt", 1, 5, 5), "t5-ept": ("ept", 1, 3, 3)}
     models = httpx.get(f"{server.url}/v1/models", timeout=60).json()
-    assert sorted(m["id"] for m in models["data"]) == sorted(registered)
+    assert sorted(m["id"] for m in models["data"]) == sorted([*registered, FOREIGN_TASK])
     health = httpx.get(f"{server.url}/healthz", timeout=60).json()
     assert health["backbone"] == "tiny-t5"
 
@@ -197,8 +205,16 @@ def test_decoder_sized_adapter_is_refused_by_hidden_size(server, registered, ref
     # Re-registering an existing task with a wide adapter keeps its current version serving.
     assert upload(server, "t5-lamp", wide["t5-lamp"], tmp_path).status_code == 422
     models = httpx.get(f"{server.url}/v1/models", timeout=60).json()
-    assert sorted(m["id"] for m in models["data"]) == sorted(registered)
+    assert sorted(m["id"] for m in models["data"]) == sorted([*registered, FOREIGN_TASK])
     for index, (task_id, text) in enumerate(CASES[:3]):
         reply = generate(server, task_id, text)
         assert reply.status_code == 200, reply.text
         assert (reply.json()["adapter_version"], reply.json()["text"]) == (1, reference[index])
+
+
+def test_a_stored_adapter_for_another_backbone_is_explained_not_unknown(server, registered):
+    reply = generate(server, FOREIGN_TASK, "hello")
+    assert reply.status_code == 409, reply.text
+    message = reply.json()["error"]["message"]
+    assert f"task {FOREIGN_TASK!r} is in the adapter store but this server cannot serve it" in message
+    assert f"d={DECODER_HIDDEN}" in message and f"hidden size {D_MODEL}" in message, message
