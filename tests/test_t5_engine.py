@@ -121,3 +121,18 @@ def test_abort_in_a_cohort(t5, tasks):
                 finished[out.request_id] = out.result
     assert finished[drop.request_id].finish_reason == "abort"
     assert finished[keep.request_id].token_ids == engine.generate([GenerationRequest("a b c", "lamp", keep.params)])[0].token_ids
+
+
+@pytest.mark.parametrize("quantization", ["int8", "nf4"])
+def test_quantized_t5_batches_mixed_tasks_like_its_own_generate(t5, tasks, quantization):
+    """bitsandbytes on the T5 linears (the tiny model is mostly embeddings, so sizes barely move):
+    the engine on the quantized model equals transformers' generate on that same model."""
+    quantized = load_backbone(BackboneOptions(path=t5.options.path, dtype="float32", quantization=quantization,
+                                              device="cpu"))
+    assert quantized.options.quantization == quantization
+    engine = engine_for(quantized, tasks)
+    params = SamplingParams(max_new_tokens=NEW_TOKENS)
+    mixed = engine.generate([GenerationRequest(text, task, params) for task, text in REQUESTS])
+    eos = quantized.tokenizer.eos_token_id
+    expected = [reference(quantized, tasks.get(task), text) for task, text in REQUESTS]
+    assert [m.token_ids for m in mixed] == [[t for t in e if t != eos] for e in expected]
