@@ -251,6 +251,12 @@ def validate(adapter: PromptAdapter, hidden_size: int, limits: AdapterLimits) ->
     _check_length(adapter.prompt_tokens, adapter.meta.pool, limits)
     for name, tensor in adapter.tensors().items():
         _check_values(name, tensor, limits)
+    # Bounded factors can still multiply into huge prompts (1e4 * 1e4 * 1e4 ...), which would
+    # overflow a float16 backbone into inf; the product must respect the same limit.
+    if isinstance(adapter, LampAdapter):
+        _check_values("U·diag(Q)·V", compressed_outer_product(u.float(), q.float(), v.float()), limits)
+    elif isinstance(adapter, EptAdapter):
+        _check_values("A·B", a.float() @ b.float(), limits)
     return adapter
 
 

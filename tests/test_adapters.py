@@ -189,3 +189,16 @@ def test_bad_ept_files(tmp_path, case, tensors, message):
     path = write(tmp_path / "bad.safetensors", tensors, format="ept")
     with pytest.raises(AdapterError, match=message):
         load_adapter(path, D)
+
+
+@pytest.mark.parametrize("fmt,tensors,product", [
+    ("lamp", {"lamp.U": torch.full((6, 3), 50.0), "lamp.Q": torch.full((3,), 50.0), "lamp.V": torch.full((3, D), 50.0)},
+     "U·diag\\(Q\\)·V"),
+    ("ept", {**ept_tensors(), "ept.A": torch.full((5, 2), 200.0), "ept.B": torch.full((2, D), 200.0)}, "A·B"),
+])
+def test_factors_within_limits_whose_product_is_not_are_refused(tmp_path, fmt, tensors, product):
+    """Each factor is under the 1e4 limit, but the product (3 * 50^3 = 375,000; 2 * 200^2 = 80,000)
+    would overflow float16 (max 65,504): the served prompt must respect the limit too."""
+    path = write(tmp_path / "big.safetensors", tensors, format=fmt)
+    with pytest.raises(AdapterError, match=f"tensor '{product}' has \\|value\\| .* above the limit 10000"):
+        load_adapter(path, D)
