@@ -42,6 +42,8 @@ LOCK_NAME = ".lock"
 INDEX_FORMAT = 1
 LOCK_TIMEOUT_S = 30.0
 VERSION_FILE = re.compile(r"v(\d+)\.safetensors")
+# `_write_atomically`'s temporary files: `.v3.k2j1x.tmp.safetensors`, `.index.q8w.tmp.json`.
+TEMP_FILE = re.compile(r"\..+\.tmp\.(safetensors|json)")
 # Versions kept on disk per task: the current one and the one before it, so a replica that read the
 # previous index a moment ago can still open the file it names.
 KEEP_VERSIONS = 2
@@ -217,6 +219,7 @@ class AdapterStore:
                 return None
             task_dir = self.root / task_id
             task_dir.mkdir(exist_ok=True)
+            self._remove_dead_writers_files(task_dir)
             version = max(index.last_versions.get(task_id, 0), self._max_version_on_disk(task_dir)) + 1
             target = task_dir / f"v{version}.safetensors"
 
@@ -263,6 +266,7 @@ class AdapterStore:
             self._lock.release()
 
     def _write_index(self, index: StoreIndex) -> None:
+        self._remove_dead_writers_files(self.root)
         index.generation += 1
         payload = json.dumps(index.to_json(), indent=1).encode("utf-8")
         _write_atomically(self.index_path, lambda tmp: tmp.write_bytes(payload))
@@ -272,6 +276,15 @@ class AdapterStore:
         """Files of versions whose index write never happened (a crash) still reserve their number."""
         versions = [int(m.group(1)) for p in task_dir.iterdir() if (m := VERSION_FILE.fullmatch(p.name))]
         return max(versions, default=0)
+
+    @staticmethod
+    def _remove_dead_writers_files(folder: Path) -> None:
+        """Every write happens under the store lock, so a temporary file seen while holding it
+        belongs to a writer that died mid-write; nothing reads it, and it would pile up."""
+        for p in folder.iterdir():
+            if TEMP_FILE.fullmatch(p.name) and p.is_file():
+                p.unlink(missing_ok=True)
+                log.info("removed %s, left by a writer that died mid-write", p)
 
     @staticmethod
     def _prune(task_dir: Path, keep_from: int) -> None:

@@ -100,6 +100,10 @@ def test_sigkill_at_any_point_of_a_write_leaves_old_or_new_never_torn(tmp_path, 
     after = put_file(store, "task", new)
     assert after.version > max(on_disk, current.version)
     assert same_prompt(store.path_of(after), new)
+    # ...and the next write removed whatever temporary file the dead writer left.
+    leftovers = [p.name for folder in (store_dir, store_dir / "task") for p in folder.iterdir()
+                 if ".tmp." in p.name]
+    assert leftovers == []
 
     # A replica starting now loads exactly the index's state.
     registry = AdapterRegistry()
