@@ -1,0 +1,83 @@
+"""`lamp serve` with the repo's own `prompts/`: the bundled tuned adapters, as a user gets them.
+
+Lists the four bundled tasks at `/v1/models` and answers held-out rows of each over HTTP, mixed in
+one burst; every answer equals what the in-process engine gives with the same file. (How often the
+answers are right is measured on 100 rows per task by `make prompts`, see prompts/README.md; here
+they are only printed.)
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from lamp_runtime.adapters import load_adapter
+from lamp_runtime.engine import Engine
+from lamp_runtime.sampling import SamplingParams
+from lamp_runtime.sequence import GenerationRequest
+from lamp_runtime.synthetic_tasks import TASKS
+from lamp_runtime.task_format import answer_matches, format_input
+
+from ..server_process import REPO_ROOT, ServerProcess
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = REPO_ROOT / "prompts"
+ROWS_PER_TASK = 4
+MAX_NEW_TOKENS = {"sentiment": 4, "topic": 4, "support_triage": 4, "extract": 24}  # as in prompts/README.md
+
+
+def eval_rows(task: str) -> list[dict]:
+    lines = (PROMPTS / "data" / task / "eval.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines[:ROWS_PER_TASK]]
+
+
+CASES = [(task, row) for task in sorted(MAX_NEW_TOKENS) for row in eval_rows(task)]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    process = ServerProcess(store=tmp_path_factory.mktemp("store"), prompts=PROMPTS,
+                            log_path=tmp_path_factory.mktemp("logs") / "serve.log",
+                            extra_args=["--max-batch-size", "16", "--batch-wait-ms", "50"])
+    with process:
+        yield process
+
+
+@pytest.fixture(scope="module")
+def engine_answers(backbone):
+    engine = Engine(backbone)
+    for task in MAX_NEW_TOKENS:
+        engine.registry.register(task, load_adapter(PROMPTS / f"{task}.safetensors", backbone.hidden_size))
+    requests = [GenerationRequest(format_input(row["input"]), task, SamplingParams(max_new_tokens=MAX_NEW_TOKENS[task]))
+                for task, row in CASES]
+    return [result.text for result in engine.generate(requests)]
+
+
+def test_bundled_tasks_are_listed(server):
+    models = httpx.get(f"{server.url}/v1/models", timeout=60).json()
+    assert sorted(m["id"] for m in models["data"]) == sorted(p.stem for p in Path(PROMPTS).glob("*.safetensors"))
+    assert set(MAX_NEW_TOKENS) <= {m["id"] for m in models["data"]}
+
+
+def test_each_bundled_task_answers_like_the_engine(server, engine_answers, backbone):
+    def ask(case):
+        task, row = case
+        return httpx.post(f"{server.url}/generate", timeout=300, json={
+            "task_id": task, "input": format_input(row["input"]), "max_new_tokens": MAX_NEW_TOKENS[task]})
+
+    with ThreadPoolExecutor(len(CASES)) as pool:
+        replies = list(pool.map(ask, CASES))
+    assert all(r.status_code == 200 for r in replies), [r.text for r in replies if r.status_code != 200]
+    texts = [r.json()["text"] for r in replies]
+    assert texts == engine_answers
+    assert all(text.strip() for text in texts)  # each adapter answers (the tuned ones stop on EOS)
+    assert [r.json()["usage"]["soft_prompt_tokens"] for r in replies] == \
+        [load_adapter(PROMPTS / f"{task}.safetensors", backbone.hidden_size).pooled_tokens for task, _ in CASES]
+    correct = {task: sum(answer_matches(text, row["target"], TASKS[task].labels)
+                         for (t, row), text in zip(CASES, texts) if t == task) for task in MAX_NEW_TOKENS}
+    print("correct of", ROWS_PER_TASK, "per task:", correct)
