@@ -36,6 +36,8 @@ from lamp_traffic import (OWN_PREFIX, TaskMix, lamp_adapter_bytes, load_inputs, 
 from locust import HttpUser, between, events, task
 from locust.runners import WorkerRunner
 
+from lamp_runtime.task_format import format_input
+
 log = logging.getLogger("lamp-loadtest")
 ADMIN_TOKEN = os.environ.get("LAMP_ADMIN_TOKEN") or None
 BUNDLED_TASK_NAMES = ("sentiment", "topic", "extract", "support_triage")
@@ -175,7 +177,8 @@ class LampUser(HttpUser):
         if PLAN.mix is None:  # planning failed or has not finished; the test is being stopped
             return None
         task_id = PLAN.mix.pick(self.rng)
-        return task_id, shaped_input(PLAN.inputs[task_id], PLAN.words, self.rng)
+        # The input shape the bundled adapters were trained on (lamp_runtime/task_format.py).
+        return task_id, format_input(shaped_input(PLAN.inputs[task_id], PLAN.words, self.rng))
 
 
 class GenerateUser(LampUser):
