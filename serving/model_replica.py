@@ -65,7 +65,8 @@ class LampModel:
         self.backbone = self.engine.backbone
         store = open_store(settings.store_location)
         import_bundled(store, settings.prompts_dir, self.backbone.hidden_size, self.limits)
-        self.sync = StoreSync(store, self.engine.registry, self.engine.cache, self.backbone.hidden_size, self.limits)
+        self.sync = StoreSync(store, self.engine.registry, self.engine.cache, self.backbone.hidden_size, self.limits,
+                              self.backbone.options)
         self.sync.refresh()
         self.metrics = ModelMetrics(self.engine, registered=lambda: len(self.engine.registry))
         self.runner = build_runner(self.engine, max_waiting=settings.max_queue, batch_wait_ms=settings.batch_wait_ms,

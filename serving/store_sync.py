@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from lamp_runtime.adapters import AdapterLimits
 from lamp_runtime.errors import AdapterError, UnknownTaskError
 from lamp_runtime.prompt_cache import PromptCache
+from lamp_runtime.provenance import serving_mismatch
 from lamp_runtime.registry import AdapterRegistry
 
 from .adapter_files import load_stored
@@ -33,12 +34,13 @@ class SyncReport:
 
 class StoreSync:
     def __init__(self, store: AdapterStore, registry: AdapterRegistry, cache: PromptCache,
-                 hidden_size: int, limits: AdapterLimits):
+                 hidden_size: int, limits: AdapterLimits, backbone_options=None):
         self.store = store
         self.registry = registry
         self.cache = cache
         self.hidden_size = hidden_size
         self.limits = limits
+        self.backbone_options = backbone_options  # resolved; None: no numerics check
         self._lock = threading.Lock()
         self._seen_key: tuple | None = ()  # () = never read; None = no index file yet
         self._failed: set[tuple[str, int]] = set()  # versions that failed to load: not retried
@@ -102,6 +104,8 @@ class StoreSync:
                       f"v{current.version} keeps serving" if current else "the task is not served", exc)
             return
         self.unservable.pop(stored.task_id, None)
+        if self.backbone_options is not None and (warning := serving_mismatch(adapter, self.backbone_options)):
+            log.warning("adapter %s v%d: %s", stored.task_id, stored.version, warning)
         if current is not None:
             self.cache.discard(current.cache_key)  # pinned by running requests? then LRU takes it later
         report.loaded.append(f"{stored.task_id} v{stored.version}")

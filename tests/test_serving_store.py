@@ -212,6 +212,20 @@ def test_a_task_made_for_another_backbone_is_reported_with_its_reason(store):
     assert "other" not in narrow_sync.unservable
 
 
+def test_sync_warns_when_an_adapter_was_trained_on_other_numerics(store, caplog):
+    from lamp_runtime.backbone import BackboneOptions
+
+    trained = SoftPromptAdapter(AdapterMeta(extra={"trained_on": "float32/none"}), torch.randn(4, HIDDEN))
+    put(store, "fp32-tuned", trained)
+    put(store, "unknown-origin", soft(4, 1))
+    serving = BackboneOptions(dtype="bfloat16", quantization="nf4")
+    StoreSync(store, AdapterRegistry(), PromptCache(1 << 20), HIDDEN, LIMITS, serving).refresh()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and warnings[0].startswith("adapter fp32-tuned v1: trained on a float32/none backbone "
+                                                        "but served on bfloat16/nf4")
+    assert "--dtype bfloat16 --quantization nf4" in warnings[0]
+
+
 def test_sync_survives_a_damaged_index(store, sync, caplog):
     put(store, "a")
     sync.refresh()

@@ -194,6 +194,7 @@ def test_every_bundled_prompt_loads(backbone):
         assert adapter.meta.task == path.stem
         assert adapter.pooled_tokens < adapter.prompt_tokens or adapter.meta.pool == 1
         assert float(adapter.meta.extra["heldout_accuracy"]) > float(adapter.meta.extra["zero_shot_accuracy"])
+        assert adapter.meta.extra["trained_on"] == "float32/none"  # what make prompts trains on
 
 
 @pytest.mark.slow
@@ -209,6 +210,7 @@ def test_training_through_a_quantized_backbone(quantization):
     result = train(quantized, examples, examples, config, tiny_meta(), progress=False)
     assert min(p.loss for p in result.history[1:]) < result.history[0].loss
     assert len({round(p.loss, 6) for p in result.history}) == len(result.history)  # it moved every step
+    assert result.adapter.meta.extra["trained_on"] == f"float32/{quantization}"
     assert all(p.grad is None for p in quantized.model.parameters())
     assert not any(m.training for m in quantized.model.modules())  # back to inference mode
 

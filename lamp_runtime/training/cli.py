@@ -172,6 +172,7 @@ def run_eval(args) -> int:
     from ..backbone import load_backbone
     from ..cli import backbone_options
     from ..engine import EngineConfig, make_engine
+    from ..provenance import serving_mismatch
     from ..synthetic_tasks import TASKS
     from .data import load_rows
     from .evaluate import evaluate
@@ -188,6 +189,8 @@ def run_eval(args) -> int:
             raise ValueError(f"two adapters are named {name!r}; rename one")
         adapters[name] = load_adapter(path, backbone.hidden_size)
         engine.registry.register(name, adapters[name])
+        if warning := serving_mismatch(adapters[name], backbone.options):
+            print(f"warning: {name}: {warning}", file=sys.stderr)
     task = _task_name(args, adapters.values())
     labels = _labels(args, task, rows)
     instruction = None

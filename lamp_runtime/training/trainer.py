@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from ..adapters import (AdapterLimits, AdapterMeta, PromptAdapter, adapter_from_safetensors, save_adapter,
                         validate)
 from ..backbone import Backbone
+from ..provenance import TRAINED_ON_KEY, numerics
 from ..task_format import INPUT_TEMPLATE
 from .data import Example
 from .forward import prompt_forward
@@ -308,6 +309,7 @@ def train(backbone: Backbone, train_examples: list[Example], eval_examples: list
     method.load_state_dict(best_state)
     extra = _provenance(config, method, best_point, step, seconds, len(train_examples), len(scored),
                         bool(eval_examples))
+    extra[TRAINED_ON_KEY] = numerics(backbone.options)
     adapter = method.to_adapter(AdapterMeta(pool=config.pool, base_model=meta.base_model, task=meta.task,
                                             description=meta.description, extra={**meta.extra, **extra}))
     return TrainResult(adapter, best_point, history, step, seconds, method.trainable_parameters,
