@@ -136,3 +136,25 @@ def test_quantized_t5_batches_mixed_tasks_like_its_own_generate(t5, tasks, quant
     eos = quantized.tokenizer.eos_token_id
     expected = [reference(quantized, tasks.get(task), text) for task, text in REQUESTS]
     assert [m.token_ids for m in mixed] == [[t for t in e if t != eos] for e in expected]
+
+
+def test_t5_v1_1_style_backbone_batches_like_its_own_generate(backbone, tasks, tmp_path):
+    """T5 v1.1 / Flan-T5 shape: gated-GELU feed-forward, and a config saying the LM head is untied,
+    which transformers 5 maps to "no d_model**-0.5 rescaling of the decoder output"; loaded
+    through the same `--backbone PATH`."""
+    torch.manual_seed(1)
+    config = T5Config(vocab_size=len(backbone.tokenizer), d_model=D_MODEL, d_kv=16, d_ff=96, num_layers=2,
+                      num_decoder_layers=2, num_heads=4, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                      pad_token_id=backbone.tokenizer.pad_token_id, eos_token_id=backbone.tokenizer.eos_token_id,
+                      decoder_start_token_id=backbone.tokenizer.pad_token_id)
+    folder = tmp_path / "tiny-t5-v1_1"
+    T5ForConditionalGeneration(config).save_pretrained(folder)
+    backbone.tokenizer.save_pretrained(folder)
+    v1_1 = load_backbone(BackboneOptions(path=str(folder), dtype="float32", quantization="none", device="cpu"))
+    assert v1_1.model.config.scale_decoder_outputs is False
+    engine = engine_for(v1_1, tasks)
+    params = SamplingParams(max_new_tokens=NEW_TOKENS)
+    mixed = engine.generate([GenerationRequest(text, task, params) for task, text in REQUESTS])
+    eos = v1_1.tokenizer.eos_token_id
+    expected = [reference(v1_1, tasks.get(task), text) for task, text in REQUESTS]
+    assert [m.token_ids for m in mixed] == [[t for t in e if t != eos] for e in expected]
