@@ -1,7 +1,7 @@
 """The HF transformers engine: continuous batching of requests of any mix of tasks.
 
-Each step (1) prefills the requests that are waiting, as one left-padded batch whose rows start
-with their own task's pooled soft prompt, (2) merges them into the running batch's KV cache and
+Each step (1) prefills the requests that are waiting, as left-padded batches (rows of similar
+length together) whose rows start with their own task's pooled soft prompt, (2) merges them into the running batch's KV cache and
 (3) decodes one token for every running row in a single forward pass. Finished rows leave the
 batch at once, so a short or early-EOS request never holds the others back, and a new request
 starts at the next step instead of waiting for the batch to drain.
@@ -20,6 +20,7 @@ from transformers import DynamicCache
 from . import kv_batch
 from .backbone import Backbone
 from .prompt_assembly import assemble_embeddings
+from .prefill_groups import prefill_groups
 from .prompt_cache import PromptCache
 from .registry import AdapterRegistry
 from .request_checks import resolve_request
@@ -33,11 +34,17 @@ class EngineConfig:
     max_input_tokens: int = 2048
     max_new_tokens: int = 1024
     prompt_cache_bytes: int = 256 * 1024 * 1024
+    # A prefill forward's fixed cost in padded positions: newcomers whose lengths differ by more
+    # than this (per row) are prefilled in separate forwards (see prefill_groups.py).
+    prefill_forward_cost_tokens: int = 32
 
     def __post_init__(self):
         for name in ("max_batch_size", "max_input_tokens", "max_new_tokens", "prompt_cache_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.prefill_forward_cost_tokens < 0:
+            raise ValueError(f"EngineConfig.prefill_forward_cost_tokens must be >= 0, "
+                             f"got {self.prefill_forward_cost_tokens}")
 
 
 @dataclass
@@ -48,6 +55,8 @@ class StepStats:
     distinct_tasks: int = 0
     prefilled: int = 0
     prefill_tokens: int = 0
+    prefill_forwards: int = 0
+    prefill_padding: int = 0  # padded positions computed beyond the real tokens
     seconds: float = 0.0
 
 
@@ -112,9 +121,9 @@ class Engine:
         started = time.perf_counter()
         outputs = self._handle_aborts()
         newcomers = self._admit()
-        if newcomers:
-            outputs += self._prefill(newcomers)
         stats = StepStats(prefilled=len(newcomers), prefill_tokens=sum(s.length for s in newcomers))
+        if newcomers:
+            outputs += self._prefill(newcomers, stats)
         running = self._running_sequences()
         if running:
             stats.batch_size = len(running)
@@ -182,10 +191,19 @@ class Engine:
                 keep.append(i)
         return outputs, keep
 
-    def _prefill(self, newcomers: list[Sequence]) -> list[StepOutput]:
+    def _prefill(self, newcomers: list[Sequence], stats: StepStats) -> list[StepOutput]:
         now = time.perf_counter()
         for seq in newcomers:
             seq.admitted_at = now
+        lengths = [seq.length for seq in newcomers]
+        groups = prefill_groups(lengths, self.config.prefill_forward_cost_tokens)
+        stats.prefill_forwards = len(groups)
+        stats.prefill_padding = sum(max(lengths[i] for i in g) * len(g) - sum(lengths[i] for i in g) for g in groups)
+        return [out for group in groups for out in self._prefill_batch([newcomers[i] for i in group])]
+
+    def _prefill_batch(self, newcomers: list[Sequence]) -> list[StepOutput]:
+        """One left-padded forward over `newcomers`; the rows still running join the batch."""
+        now = time.perf_counter()
         rows = [self._embed(seq) for seq in newcomers]
         embeds, mask = self._pad(rows, left=True)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)

@@ -61,11 +61,16 @@ class Seq2SeqEngine(Engine):
         self._cohorts = [c for c in self._cohorts if c.sequences]
         return outputs
 
-    def _prefill(self, newcomers: list[Sequence]) -> list[StepOutput]:
+    def _prefill(self, newcomers: list[Sequence], stats) -> list[StepOutput]:
+        """One encoder forward over all newcomers: they form one cohort (a decoder batch whose
+        rows share a cache length), so they are not split by length like the decoder's prefill."""
         now = time.perf_counter()
         for seq in newcomers:
             seq.admitted_at = now
-        embeds, mask = self._pad([self._embed(seq) for seq in newcomers], left=False)
+        rows = [self._embed(seq) for seq in newcomers]
+        stats.prefill_forwards = 1
+        stats.prefill_padding = max(r.shape[0] for r in rows) * len(rows) - sum(r.shape[0] for r in rows)
+        embeds, mask = self._pad(rows, left=False)
         encoder = self.backbone.model.get_encoder()
         states = encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         cache = EncoderDecoderCache(DynamicCache(config=self.backbone.config),

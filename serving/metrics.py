@@ -94,6 +94,10 @@ class ModelMetrics:
                                           "Soft-prompt tokens prepended (after pooling)", registry=r)
         self.soft_prompt_tokens_saved = Counter("lamp_soft_prompt_tokens_saved_total",
                                                 "Soft-prompt tokens saved by pooling (l - ceil(l/p))", registry=r)
+        self.prefill_forwards = Counter("lamp_prefill_forwards_total",
+                                        "Prefill forward passes (a step's newcomers, grouped by length)", registry=r)
+        self.prefill_padding = Counter("lamp_prefill_padding_tokens_total",
+                                       "Padded positions computed in prefill beyond the real tokens", registry=r)
         self.aborted = Counter("lamp_aborted_requests_total",
                                "Requests aborted before finishing (client disconnected)", registry=r)
         r.register(EngineCollector(engine, registered))
@@ -101,6 +105,8 @@ class ModelMetrics:
 
     def observe_step(self, stats) -> None:
         """Engine-loop callback (its thread); prometheus_client metrics are thread-safe."""
+        self.prefill_forwards.inc(stats.prefill_forwards)
+        self.prefill_padding.inc(stats.prefill_padding)
         if stats.batch_size:
             self.batch_size.observe(stats.batch_size)
             self.batch_tasks.observe(stats.distinct_tasks)

@@ -132,3 +132,22 @@ def test_ignore_eos_generates_exactly_max_new_tokens(engine):
     forced = engine.generate([GenerationRequest(text, None, SamplingParams(max_new_tokens=40, ignore_eos=True))])[0]
     assert forced.completion_tokens == 40 and forced.finish_reason == "length"
     assert normal.finish_reason == "stop" or normal.completion_tokens == 40
+
+
+def test_a_long_newcomer_is_prefilled_apart_and_answers_stay_the_same(engine):
+    """One long input among short ones: prefilled in its own forward, not padding every short row
+    to its length; each answer still equals the request alone."""
+    long_text = "Summarize: " + " ".join(f"item {i} is on the shelf." for i in range(40))
+    requests = [*make_requests(), GenerationRequest(long_text, "lamp3", SamplingParams(max_new_tokens=8))]
+    alone = [engine.generate([r])[0].token_ids for r in [*make_requests(), requests[-1]]]
+    ids = [engine.submit(r) for r in requests]
+    results, stats = {}, None
+    while len(results) < len(ids):
+        outputs = engine.step()
+        stats = stats or engine.last_step  # the first step prefilled every request
+        results.update((out.request_id, out.result) for out in outputs if out.result is not None)
+    assert [results[i].token_ids for i in ids] == alone
+    lengths = [results[i].input_tokens + results[i].soft_prompt_tokens for i in ids]
+    one_batch_padding = max(lengths) * len(lengths) - sum(lengths)
+    assert stats.prefilled == len(requests) and stats.prefill_forwards == 2
+    assert stats.prefill_padding < one_batch_padding / 10
