@@ -46,6 +46,9 @@ def register(subparsers) -> None:
     p.add_argument("--threads", type=int, help="torch threads per replica (default: cores / replicas)")
     p.add_argument("--max-batch-size", type=int, help="requests per engine batch (default 16)")
     p.add_argument("--batch-wait-ms", type=float, help="wait for company before an idle batch starts (default 5)")
+    p.add_argument("--prefill-forward-cost-tokens", type=int,
+                   help="a prefill forward's fixed cost in padded positions: newcomers whose lengths differ "
+                        "more are prefilled apart (default 32; a huge value = one padded batch)")
     p.add_argument("--max-queue", type=int, help="waiting requests per replica before 503 (default 64)")
     p.add_argument("--max-input-tokens", type=int, help="longest input in tokens; longer is 413 (default 2048)")
     p.add_argument("--max-new-tokens", type=int, help="largest max_new_tokens a request may ask (default 1024)")
@@ -61,7 +64,8 @@ def register(subparsers) -> None:
 
 
 SETTING_FLAGS = ("host", "port", "address", "num_cpus", "store", "prompts", "backbone", "dtype", "quantization",
-                 "device", "replicas", "replica_cpus", "threads", "max_batch_size", "batch_wait_ms", "max_queue",
+                 "device", "replicas", "replica_cpus", "threads", "max_batch_size", "batch_wait_ms",
+                 "prefill_forward_cost_tokens", "max_queue",
                  "max_input_tokens", "max_new_tokens", "prompt_cache_mb", "max_request_bytes", "max_upload_bytes",
                  "serve_log_level", "engine", "vllm_kv_cache_mb", "vllm_max_model_len")
 

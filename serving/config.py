@@ -45,6 +45,7 @@ class ServeSettings:
     threads: int | None = None  # torch threads per model replica (default: CPU cores / replicas)
     max_batch_size: int = 16
     batch_wait_ms: float = 5.0
+    prefill_forward_cost_tokens: int = 32  # newcomers differing more in length get separate prefills
     max_queue: int = 64  # requests waiting per replica before 503
     max_input_tokens: int = 2048
     max_new_tokens: int = 1024
@@ -61,6 +62,7 @@ class ServeSettings:
         for name in ("replicas", "max_batch_size", "max_queue", "max_input_tokens", "max_new_tokens",
                      "prompt_cache_mb", "max_request_bytes", "max_upload_bytes"):
             _check_range(self, name, 1, None)
+        _check_range(self, "prefill_forward_cost_tokens", 0, None)
         for name in ("num_cpus", "threads"):
             if getattr(self, name) is not None:
                 _check_range(self, name, 1, None)

@@ -61,6 +61,7 @@ class LampModel:
         self.engine = build_engine(settings.engine, settings.backbone_options(), EngineConfig(
             max_batch_size=settings.max_batch_size, max_input_tokens=settings.max_input_tokens,
             max_new_tokens=settings.max_new_tokens, prompt_cache_bytes=settings.prompt_cache_mb * 1024 * 1024,
+            prefill_forward_cost_tokens=settings.prefill_forward_cost_tokens,
         ), settings.vllm_options())
         self.backbone = self.engine.backbone
         store = open_store(settings.store_location)

@@ -30,6 +30,7 @@ def test_yaml_then_flags_override_defaults(tmp_path):
     ("port: eighty\n", "port must be an integer"),
     ("port: 70000\n", r"port must be an integer in \[1, 65535\]"),
     ("max_batch_size: 0\n", "max_batch_size must be an integer >= 1"),
+    ("prefill_forward_cost_tokens: -1\n", "prefill_forward_cost_tokens must be an integer >= 0"),
     ("dtype: float8\n", "dtype must be one of"),
     ("- port\n", "must contain a mapping"),
     ("port: [1\n", "not valid YAML"),
