@@ -123,6 +123,15 @@ def test_abort_in_a_cohort(t5, tasks):
     assert finished[keep.request_id].token_ids == engine.generate([GenerationRequest("a b c", "lamp", keep.params)])[0].token_ids
 
 
+def assert_mixed_batch_equals_generate(t5_backbone, tasks):
+    engine = engine_for(t5_backbone, tasks)
+    params = SamplingParams(max_new_tokens=NEW_TOKENS)
+    mixed = engine.generate([GenerationRequest(text, task, params) for task, text in REQUESTS])
+    eos = t5_backbone.tokenizer.eos_token_id
+    expected = [reference(t5_backbone, tasks.get(task), text) for task, text in REQUESTS]
+    assert [m.token_ids for m in mixed] == [[t for t in e if t != eos] for e in expected]
+
+
 @pytest.mark.parametrize("quantization", ["int8", "nf4"])
 def test_quantized_t5_batches_mixed_tasks_like_its_own_generate(t5, tasks, quantization):
     """bitsandbytes on the T5 linears (the tiny model is mostly embeddings, so sizes barely move):
@@ -130,12 +139,7 @@ def test_quantized_t5_batches_mixed_tasks_like_its_own_generate(t5, tasks, quant
     quantized = load_backbone(BackboneOptions(path=t5.options.path, dtype="float32", quantization=quantization,
                                               device="cpu"))
     assert quantized.options.quantization == quantization
-    engine = engine_for(quantized, tasks)
-    params = SamplingParams(max_new_tokens=NEW_TOKENS)
-    mixed = engine.generate([GenerationRequest(text, task, params) for task, text in REQUESTS])
-    eos = quantized.tokenizer.eos_token_id
-    expected = [reference(quantized, tasks.get(task), text) for task, text in REQUESTS]
-    assert [m.token_ids for m in mixed] == [[t for t in e if t != eos] for e in expected]
+    assert_mixed_batch_equals_generate(quantized, tasks)
 
 
 def test_t5_v1_1_style_backbone_batches_like_its_own_generate(backbone, tasks, tmp_path):
@@ -152,9 +156,4 @@ def test_t5_v1_1_style_backbone_batches_like_its_own_generate(backbone, tasks, t
     backbone.tokenizer.save_pretrained(folder)
     v1_1 = load_backbone(BackboneOptions(path=str(folder), dtype="float32", quantization="none", device="cpu"))
     assert v1_1.model.config.scale_decoder_outputs is False
-    engine = engine_for(v1_1, tasks)
-    params = SamplingParams(max_new_tokens=NEW_TOKENS)
-    mixed = engine.generate([GenerationRequest(text, task, params) for task, text in REQUESTS])
-    eos = v1_1.tokenizer.eos_token_id
-    expected = [reference(v1_1, tasks.get(task), text) for task, text in REQUESTS]
-    assert [m.token_ids for m in mixed] == [[t for t in e if t != eos] for e in expected]
+    assert_mixed_batch_equals_generate(v1_1, tasks)
