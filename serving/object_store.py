@@ -130,13 +130,7 @@ class ObjectAdapterStore:
             return self._read_index_and_key()
         except (OSError, UnicodeDecodeError) as exc:
             raise StoreError(f"cannot read adapter index {source}: {exc}") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise StoreError(f"adapter index {source} is not valid JSON ({exc}); fix or remove it") from None
-        if not isinstance(data, dict):
-            raise StoreError(f"adapter index {source} must be a JSON object")
-        return StoreIndex.from_json(data, source), key
+        return StoreIndex.parse(text, source), key
 
     def list(self) -> list[StoredAdapter]:
         return sorted(self.read_index().tasks.values(), key=lambda a: a.task_id)

@@ -103,6 +103,17 @@ class StoreIndex:
         }
 
     @classmethod
+    def parse(cls, text: str, source: str) -> "StoreIndex":
+        """The index from its file's text; any problem is a StoreError naming `source`."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise StoreError(f"adapter index {source} is not valid JSON ({exc}); fix or remove it") from None
+        if not isinstance(data, dict):
+            raise StoreError(f"adapter index {source} must be a JSON object")
+        return cls.from_json(data, source)
+
+    @classmethod
     def from_json(cls, data: dict, source: str) -> "StoreIndex":
         try:
             if data.get("format") != INDEX_FORMAT:
@@ -185,13 +196,7 @@ class AdapterStore:
             return StoreIndex()
         except (OSError, UnicodeDecodeError) as exc:
             raise StoreError(f"cannot read adapter index {self.index_path}: {exc}") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise StoreError(f"adapter index {self.index_path} is not valid JSON ({exc}); fix or remove it") from None
-        if not isinstance(data, dict):
-            raise StoreError(f"adapter index {self.index_path} must be a JSON object")
-        return StoreIndex.from_json(data, str(self.index_path))
+        return StoreIndex.parse(text, str(self.index_path))
 
     def list(self) -> list[StoredAdapter]:
         return sorted(self.read_index().tasks.values(), key=lambda a: a.task_id)
