@@ -1,7 +1,8 @@
-"""Shared fixtures: the real embedded backbone (fp32), loaded once per test session."""
+"""Shared fixtures: the real embedded backbone (fp32), loaded once per test session, and HTTP clients."""
 
 from __future__ import annotations
 
+import httpx
 import pytest
 import torch
 
@@ -62,3 +63,17 @@ def run_staggered(engine, requests, every: int) -> list[list[int]]:
                 results[out.request_id] = out.result.token_ids
         steps += 1
     return [results[r.request_id] for r in requests]
+
+
+# HTTP clients of the real server that a test package starts as its own `server` fixture
+# (tests/serving, tests/reliability).
+@pytest.fixture()
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture()
+def admin(server):
+    with httpx.Client(base_url=server.url, timeout=120, headers=server.admin_headers()) as c:
+        yield c

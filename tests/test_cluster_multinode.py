@@ -28,10 +28,10 @@ import torch
 from lamp_runtime.adapters import AdapterMeta, SoftPromptAdapter, save_adapter
 from serving.http_errors import REPLICA_HEADER
 
+from .local_s3 import local_s3
 from .server_process import free_port
 
 pytestmark = pytest.mark.slow
-moto_server = pytest.importorskip("moto.server")
 
 ADMIN_TOKEN = "cluster-test-token"
 BUCKET = "lamp-cluster-test"
@@ -72,25 +72,11 @@ def wait_for(condition, timeout: float, what: str):
 
 @pytest.fixture(scope="module")
 def s3_store():
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    # Set before the Ray nodes start: their processes inherit it, as nodes with an IAM role would.
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": endpoint}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    boto3.client("s3").create_bucket(Bucket=BUCKET)
-    try:
+    # Started before the Ray nodes: their processes inherit the AWS_* variables, as nodes with an
+    # IAM role would have credentials.
+    with local_s3():
+        boto3.client("s3").create_bucket(Bucket=BUCKET)
         yield f"s3://{BUCKET}/adapters"
-    finally:
-        server.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @pytest.fixture(scope="module")

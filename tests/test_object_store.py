@@ -6,7 +6,6 @@ same conditional PUTs (If-None-Match / If-Match) that AWS S3 answers.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 
@@ -22,11 +21,11 @@ from serving.object_store import CHECK_INTERVAL_S, ObjectAdapterStore, open_stor
 from serving.store import AdapterStore
 from serving.store_sync import StoreSync
 
-moto_server = pytest.importorskip("moto.server")
+from .local_s3 import local_s3
+
 
 HIDDEN = 16
 LIMITS = AdapterLimits()
-S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 def soft(rows: int, seed: int) -> SoftPromptAdapter:
@@ -40,21 +39,8 @@ def put(store, task_id: str, adapter=None):
 @pytest.fixture(scope="module")
 def s3_endpoint():
     """A moto S3 server on 127.0.0.1; the AWS_* variables point boto/s3fs (and child processes) at it."""
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    saved = {k: os.environ.get(k) for k in (*S3_ENV, "AWS_ENDPOINT_URL")}
-    os.environ.update(S3_ENV, AWS_ENDPOINT_URL=endpoint)
-    try:
+    with local_s3() as endpoint:
         yield endpoint
-    finally:
-        server.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @pytest.fixture()

@@ -13,7 +13,6 @@ import secrets
 import shutil
 import tempfile
 
-import httpx
 import pytest
 
 from lamp_runtime.adapters import save_adapter
@@ -55,14 +54,3 @@ def server(tmp_path_factory, task_adapters, ray_tmpdir):
     with process:
         yield process
 
-
-@pytest.fixture()
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=120) as c:
-        yield c
-
-
-@pytest.fixture()
-def admin(server):
-    with httpx.Client(base_url=server.url, timeout=120, headers=server.admin_headers()) as c:
-        yield c

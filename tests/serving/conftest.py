@@ -72,17 +72,6 @@ def server(tmp_path_factory, prompts_dir):
         yield process
 
 
-@pytest.fixture()
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=120) as c:
-        yield c
-
-
-@pytest.fixture()
-def admin(server):
-    with httpx.Client(base_url=server.url, timeout=120, headers=server.admin_headers()) as c:
-        yield c
-
 
 def engine_alone(backbone, adapters: dict, cases: list[tuple[str, str]], max_new_tokens: int) -> list[str]:
     """Greedy texts of each (task, input) run on its own through the engine: the reference."""
