@@ -62,7 +62,7 @@ def decoder_forward(backbone: Backbone, prompt: torch.Tensor, offset: torch.Tens
 def seq2seq_forward(backbone: Backbone, prompt: torch.Tensor, offset: torch.Tensor | None,
                     examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Encoder: [prompt ; input] right-padded with an attention mask. Decoder: the target, shifted
-    right behind the decoder start token by the model (`labels`), padding ignored."""
+    right behind the decoder start token, padding ignored."""
     model = backbone.model
     device = backbone.device
     rows = len(examples)
@@ -82,7 +82,11 @@ def seq2seq_forward(backbone: Backbone, prompt: torch.Tensor, offset: torch.Tens
     soft = prompt.to(device=text.device, dtype=text.dtype)
     embeds = torch.cat([soft.unsqueeze(0).expand(rows, -1, -1), text], dim=1)
     attention = torch.cat([torch.ones((rows, soft.shape[0]), dtype=input_mask.dtype, device=device), input_mask], 1)
-    logits = model(inputs_embeds=embeds, attention_mask=attention, labels=labels, use_cache=False).logits
+    # Decoder inputs from the labels (start token, shifted right) without `labels=`, which would
+    # make the model compute a second full-vocabulary loss that `_score` computes anyway.
+    decoder_ids = model.prepare_decoder_input_ids_from_labels(labels=labels)
+    logits = model(inputs_embeds=embeds, attention_mask=attention, decoder_input_ids=decoder_ids,
+                   use_cache=False).logits
     target_mask = labels != -100
     row_of = torch.arange(rows, device=device)[:, None].expand(rows, target_width)[target_mask]
     return _score(logits[target_mask], labels[target_mask], row_of, rows)
