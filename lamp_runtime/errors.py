@@ -1,4 +1,8 @@
-"""Error types users see. Each message names the bad value so the caller can fix it."""
+"""Error types users see. Each message names the bad value so the caller can fix it.
+
+Every engine raises these same types, and the serving layer maps each to one HTTP status
+(serving/http/errors.py).
+"""
 
 
 class AdapterError(ValueError):
@@ -31,3 +35,24 @@ class UnservableTaskError(LookupError):
 
 class RequestError(ValueError):
     """A generation request is invalid (bad sampling parameters, input too long, ...)."""
+
+
+class InputTooLongError(RequestError):
+    """The input has more tokens than the engine accepts (HTTP 413: it is about size)."""
+
+
+class QueueFullError(RuntimeError):
+    """Too many requests are waiting; try again later."""
+
+
+class EngineStoppedError(RuntimeError):
+    """The engine loop is not running (shutting down, or it failed)."""
+
+
+def require_at_least(owner, minimum: int, *names: str, prefix: str = "") -> None:
+    """Config checks: raise ValueError naming the first of `owner`'s fields `names` below `minimum`
+    (a field that is None is optional and skipped)."""
+    for name in names:
+        value = getattr(owner, name)
+        if value is not None and value < minimum:
+            raise ValueError(f"{prefix}{name} must be >= {minimum}, got {value}")

@@ -31,12 +31,19 @@ from dataclasses import dataclass, field
 
 import gevent
 import requests
-from lamp_traffic import (OWN_PREFIX, TaskMix, lamp_adapter_bytes, load_inputs, parse_task_mix, parse_word_range,
-                          shaped_input)
+from lamp_traffic import (
+    OWN_PREFIX,
+    TaskMix,
+    lamp_adapter_bytes,
+    load_inputs,
+    parse_task_mix,
+    parse_word_range,
+    shaped_input,
+)
 from locust import HttpUser, between, events, task
 from locust.runners import WorkerRunner
 
-from lamp_runtime.task_format import format_input
+from lamp_runtime.tasks.format import format_input
 
 log = logging.getLogger("lamp-loadtest")
 ADMIN_TOKEN = os.environ.get("LAMP_ADMIN_TOKEN") or None
@@ -177,7 +184,7 @@ class LampUser(HttpUser):
         if PLAN.mix is None:  # planning failed or has not finished; the test is being stopped
             return None
         task_id = PLAN.mix.pick(self.rng)
-        # The input shape the bundled adapters were trained on (lamp_runtime/task_format.py).
+        # The input shape the bundled adapters were trained on (lamp_runtime/tasks/format.py).
         return task_id, format_input(shaped_input(PLAN.inputs[task_id], PLAN.words, self.rng))
 
 

@@ -1,48 +1,20 @@
-"""The admin API's logic: bearer-token check and adapter registration into the store.
-
-The token comes from the environment (`LAMP_ADMIN_TOKEN`) of the serving processes and is compared
-in constant time; it never appears in a log line, an error message or a metric. Without it the
-admin API is off rather than open.
+"""The admin API's logic: adapter registration, listing and deletion against the store, with each
+outcome as the HTTP error the route answers (it sits beside generation.py, above the store).
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 
 from lamp_runtime.adapters import AdapterLimits
+from lamp_runtime.adapters.registry import validate_task_id
 from lamp_runtime.errors import AdapterError
-from lamp_runtime.registry import validate_task_id
 
-from .adapter_files import adapter_from_upload, parse_pool, store_adapter
-from .http_errors import ServingError
+from .http.errors import ServingError
 from .store import AdapterStore, StoredAdapter, StoreError
+from .store.files import adapter_from_upload, parse_pool_field, store_adapter
 
 log = logging.getLogger(__name__)
-
-TOKEN_ENV = "LAMP_ADMIN_TOKEN"
-UPLOAD_FILE_FIELDS = ("adapter", "adapter_config", "adapter_model")
-UPLOAD_FORM_FIELDS = ("pool",)
-
-
-class AdminAuth:
-    def __init__(self, token: str | None):
-        self._token = token.encode("utf-8") if token else None
-
-    @property
-    def enabled(self) -> bool:
-        return self._token is not None
-
-    def check(self, authorization: str | None) -> None:
-        if self._token is None:
-            raise ServingError(403, f"the admin API is disabled: set {TOKEN_ENV} in the server's environment "
-                                    "and restart it to enable it")
-        scheme, _, credentials = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not credentials.strip():
-            raise ServingError(401, f"admin API needs 'Authorization: Bearer <{TOKEN_ENV}>'",
-                               headers={"WWW-Authenticate": "Bearer"})
-        if not hmac.compare_digest(credentials.strip().encode("utf-8"), self._token):
-            raise ServingError(403, "invalid admin token")
 
 
 class AdapterAdmin:
@@ -62,7 +34,7 @@ class AdapterAdmin:
         try:
             validate_task_id(task_id)
             adapter = adapter_from_upload(files.get("adapter"), files.get("adapter_config"),
-                                          files.get("adapter_model"), parse_pool(pool), hidden_size, self.limits)
+                                          files.get("adapter_model"), parse_pool_field(pool), hidden_size, self.limits)
             return store_adapter(self.store, task_id, adapter, hidden_size, self.limits)
         except AdapterError as exc:
             raise ServingError(422, f"adapter for task {task_id!r} rejected: {exc}") from None

@@ -10,11 +10,11 @@ from __future__ import annotations
 import ray
 from ray.serve import Application
 
-from .api_router import LampIngress
 from .config import ServeSettings
-from .http_errors import RETRY_AFTER_S
-from .metrics_hub import MetricsHub
-from .model_replica import LampModel
+from .http.errors import RETRY_AFTER_S
+from .http.routes import LampIngress
+from .metrics.hub import MetricsHub
+from .replica import LampModel
 
 APP_NAME = "lamp"
 # Calls besides generation that a replica must always have room for (health, info, metrics).

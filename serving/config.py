@@ -16,10 +16,10 @@ from typing import Any
 
 import yaml
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-QUANTIZATIONS = ("auto", "none", "nf4", "int8")
+from lamp_runtime.backbone.options import DTYPE_CHOICES, QUANTIZATION_CHOICES
+from lamp_runtime.engine import ENGINE_KINDS
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-ENGINES = ("hf", "vllm")  # lamp_runtime.engine_factory.ENGINE_KINDS (not imported: keeps this module light)
 
 
 def default_store_dir() -> Path:
@@ -71,9 +71,9 @@ class ServeSettings:
             raise ValueError(f"replica_cpus must be a number >= 0, got {self.replica_cpus!r}")
         if not isinstance(self.batch_wait_ms, (int, float)) or not 0 <= self.batch_wait_ms <= 10_000:
             raise ValueError(f"batch_wait_ms must be in [0, 10000], got {self.batch_wait_ms!r}")
-        _check_choice(self, "dtype", DTYPES)
-        _check_choice(self, "quantization", QUANTIZATIONS)
-        _check_choice(self, "engine", ENGINES)
+        _check_choice(self, "dtype", DTYPE_CHOICES)
+        _check_choice(self, "quantization", QUANTIZATION_CHOICES)
+        _check_choice(self, "engine", ENGINE_KINDS)
         _check_range(self, "vllm_kv_cache_mb", 1, None)
         if self.vllm_max_model_len is not None:
             _check_range(self, "vllm_max_model_len", 2, None)
@@ -89,23 +89,32 @@ class ServeSettings:
     @property
     def store_location(self) -> str:
         """What `open_store` takes: the directory, or an fsspec URL (`s3://...`) left as written."""
-        return self.store if self.store and "://" in self.store else str(self.store_dir)
+        from .store import is_url
+
+        return self.store if is_url(self.store) else str(self.store_dir)
 
     @property
     def prompts_dir(self) -> Path | None:
         return Path(self.prompts).expanduser() if self.prompts else None
 
     def backbone_options(self):
-        from lamp_runtime.backbone import BackboneOptions
+        from lamp_runtime.backbone.options import BackboneOptions
 
         return BackboneOptions(path=self.backbone, dtype=self.dtype, quantization=self.quantization,
                                device=self.device)
+
+    def engine_config(self):
+        from lamp_runtime.engine.base import EngineConfig
+
+        return EngineConfig(max_batch_size=self.max_batch_size, max_input_tokens=self.max_input_tokens,
+                            max_new_tokens=self.max_new_tokens, prompt_cache_bytes=self.prompt_cache_mb * 1024 * 1024,
+                            prefill_forward_cost_tokens=self.prefill_forward_cost_tokens)
 
     def vllm_options(self):
         """VllmOptions for the vLLM engine; None for the HF engine."""
         if self.engine != "vllm":
             return None
-        from lamp_runtime.vllm_engine import VllmOptions
+        from lamp_runtime.vllm.engine import VllmOptions
 
         return VllmOptions(kv_cache_mb=self.vllm_kv_cache_mb, max_model_len=self.vllm_max_model_len)
 

@@ -1,9 +1,10 @@
 """Ingress side of inference: `/generate` and OpenAI `/v1/completions` over the model deployment.
 
-Each HTTP request becomes one call on the model deployment handle (one per prompt for a list of
-OpenAI prompts, issued together so they join the same batch). Streams use a streaming handle
-call; the first item is awaited before the response starts, so a refused request gets a proper
-status code instead of a 200 stream that carries an error.
+Each HTTP request converts itself into `GenerationRequest`s (one per prompt for a list of OpenAI
+prompts, issued together so they join the same batch), and each becomes one call on the model
+deployment handle, which answers with a `GenerationResult` or a `Refusal`. Streams use a
+streaming handle call; the first item is awaited before the response starts, so a refused request
+gets a proper status code instead of a 200 stream that carries an error.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-from .http_errors import REPLICA_HEADER, RETRY_AFTER_S, ServingError
-from .metrics import IngressMetrics
-from .protocol import (
+from lamp_runtime.errors import RequestError
+from lamp_runtime.requests import GenerationRequest, GenerationResult, StepOutput
+
+from .http.errors import REPLICA_HEADER, RETRY_AFTER_S, Refusal, ServingError
+from .http.protocol import (
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
@@ -29,6 +32,7 @@ from .protocol import (
     GenerateStreamEvent,
     completion_id,
 )
+from .metrics.ingress import IngressMetrics
 
 log = logging.getLogger(__name__)
 
@@ -71,26 +75,24 @@ class GenerationService:
     # ---- /generate --------------------------------------------------------------------------------
 
     async def generate(self, request: GenerateRequest):
-        payload = {"task_id": request.task_id, "input": request.input, "params": request.engine_params()}
+        engine_request = self._to_engine(request.task_id, request.to_engine)
         if request.stream:
-            first, items = await self._open_stream(request.task_id, payload)
+            first, items = await self._open_stream(engine_request)
             return StreamingResponse(self._generate_events(request.task_id, first, items),
                                      media_type="text/event-stream", headers=SSE_HEADERS)
-        result = await self._complete(request.task_id, payload)
-        return JSONResponse(GenerateResponse.from_result(result).model_dump(),
-                            headers={REPLICA_HEADER: result["replica"]})
+        result = await self._complete(engine_request)
+        return JSONResponse(GenerateResponse.from_result(result).model_dump(), headers={REPLICA_HEADER: result.replica})
 
-    async def _generate_events(self, task_id: str, first: dict, items) -> AsyncIterator[str]:
+    async def _generate_events(self, task_id: str, first: StepOutput, items) -> AsyncIterator[str]:
         async for item in self._relay(first, items):
-            if "error" in item:
-                yield sse({"error": _public(item["error"])})
+            if isinstance(item, Refusal):
+                yield sse({"error": _public(item)})
                 return
-            result = item.get("result")
-            if result is None:
-                yield sse(GenerateStreamEvent(task_id=task_id, delta=item["delta"]).model_dump(exclude_none=True))
+            if item.result is None:
+                yield sse(GenerateStreamEvent(task_id=task_id, delta=item.delta).model_dump(exclude_none=True))
                 continue
-            final = GenerateResponse.from_result(result)
-            yield sse(GenerateStreamEvent(task_id=task_id, delta=item["delta"], finish_reason=final.finish_reason,
+            final = GenerateResponse.from_result(item.result)
+            yield sse(GenerateStreamEvent(task_id=task_id, delta=item.delta, finish_reason=final.finish_reason,
                                           adapter_version=final.adapter_version, usage=final.usage,
                                           timings_ms=final.timings_ms).model_dump())
         yield sse("[DONE]")
@@ -98,56 +100,56 @@ class GenerationService:
     # ---- /v1/completions --------------------------------------------------------------------------
 
     async def completions(self, request: CompletionRequest):
-        params = request.engine_params()
+        engine_requests = self._to_engine(request.model, request.to_engine)
         if request.stream:
-            if len(request.prompts) != 1:
+            if len(engine_requests) != 1:
                 self.metrics.count_request(request.model, True, 422)
-                raise ServingError(422, f"stream=true supports a single prompt, got {len(request.prompts)}")
-            payload = {"task_id": request.model, "input": request.prompts[0], "params": params}
-            first, items = await self._open_stream(request.model, payload)
+                raise ServingError(422, f"stream=true supports a single prompt, got {len(engine_requests)}")
+            first, items = await self._open_stream(engine_requests[0])
             return StreamingResponse(self._completion_chunks(request, first, items),
                                      media_type="text/event-stream", headers=SSE_HEADERS)
-        payloads = [{"task_id": request.model, "input": p, "params": params} for p in request.prompts]
-        results = await self._complete_many(request.model, payloads)
-        choices = [CompletionChoice(index=i, text=r["text"], finish_reason=_openai_finish(r["finish_reason"]))
+        results = await self._complete_many(request.model, engine_requests)
+        choices = [CompletionChoice(index=i, text=r.text, finish_reason=_openai_finish(r.finish_reason))
                    for i, r in enumerate(results)]
-        prompt_tokens = sum(r["input_tokens"] for r in results)
-        completion_tokens = sum(r["completion_tokens"] for r in results)
-        usage = CompletionUsage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                                total_tokens=prompt_tokens + completion_tokens)
-        body = CompletionResponse(id=completion_id(), model=request.model, choices=choices, usage=usage)
-        return JSONResponse(body.model_dump(), headers={REPLICA_HEADER: ",".join(r["replica"] for r in results)})
+        body = CompletionResponse(id=completion_id(), model=request.model, choices=choices,
+                                  usage=CompletionUsage.of(results))
+        return JSONResponse(body.model_dump(), headers={REPLICA_HEADER: ",".join(r.replica for r in results)})
 
-    async def _completion_chunks(self, request: CompletionRequest, first: dict, items) -> AsyncIterator[str]:
+    async def _completion_chunks(self, request: CompletionRequest, first: StepOutput, items) -> AsyncIterator[str]:
         chunk_id = completion_id()
         header = CompletionResponse(id=chunk_id, model=request.model, choices=[]).model_dump(
             exclude={"choices", "usage"})
         async for item in self._relay(first, items):
-            if "error" in item:
-                yield sse({"error": _public(item["error"])})
+            if isinstance(item, Refusal):
+                yield sse({"error": _public(item)})
                 return
-            result = item.get("result")
-            finish = _openai_finish(result["finish_reason"]) if result else None
-            choice = CompletionChoice(index=0, text=item["delta"], finish_reason=finish).model_dump()
+            result = item.result
+            finish = _openai_finish(result.finish_reason) if result else None
+            choice = CompletionChoice(index=0, text=item.delta, finish_reason=finish).model_dump()
             yield sse({**header, "choices": [choice]})
             if result and request.stream_options and request.stream_options.include_usage:
-                usage = CompletionUsage(prompt_tokens=result["input_tokens"],
-                                        completion_tokens=result["completion_tokens"],
-                                        total_tokens=result["input_tokens"] + result["completion_tokens"])
-                yield sse({**header, "choices": [], "usage": usage.model_dump()})
+                yield sse({**header, "choices": [], "usage": CompletionUsage.of([result]).model_dump()})
         yield sse("[DONE]")
 
     # ---- calls on the model deployment ------------------------------------------------------------
 
-    async def _complete(self, task_id: str, payload: dict) -> dict:
-        return (await self._complete_many(task_id, [payload]))[0]
+    def _to_engine(self, task_id: str, convert):
+        """The request's engine form; a value only SamplingParams checks is a 422 here, at the ingress."""
+        try:
+            return convert()
+        except RequestError as exc:
+            self.metrics.count_request(task_id, False, 422)
+            raise ServingError(422, f"invalid request: {exc}") from None
 
-    async def _complete_many(self, task_id: str, payloads: list[dict]) -> list[dict]:
+    async def _complete(self, request: GenerationRequest) -> GenerationResult:
+        return (await self._complete_many(request.task_id, [request]))[0]
+
+    async def _complete_many(self, task_id: str, requests: list[GenerationRequest]) -> list[GenerationResult]:
         calls = []
         try:
             # `.remote()` itself raises BackPressureError when the handle's queue is full.
-            for payload in payloads:
-                calls.append(self.model.complete.remote(payload))
+            for request in requests:
+                calls.append(self.model.complete.remote(request))
             replies = await asyncio.gather(*calls)
         except Exception as exc:
             for call in calls:
@@ -155,35 +157,35 @@ class GenerationService:
             error = translate_handle_error(exc)
             self.metrics.count_request(task_id, True, error.status)
             raise error from None
-        errors = [r["error"] for r in replies if "error" in r]
-        if errors:
-            self._refused(task_id, errors[0])
+        refusals = [r for r in replies if isinstance(r, Refusal)]
+        if refusals:
+            self._refused(task_id, refusals[0])
         self.metrics.count_request(task_id, True, 200)
-        return [r["result"] for r in replies]
+        return replies
 
-    async def _open_stream(self, task_id: str, payload: dict):
+    async def _open_stream(self, request: GenerationRequest):
         items = None
         try:
-            items = self.model.options(stream=True).stream.remote(payload)
+            items = self.model.options(stream=True).stream.remote(request)
             first = await items.__anext__()
         except Exception as exc:
             if items is not None:
                 cancel_quietly(items)
             error = translate_handle_error(exc)
-            self.metrics.count_request(task_id, True, error.status)
+            self.metrics.count_request(request.task_id, True, error.status)
             raise error from None
-        if "error" in first:
-            self._refused(task_id, first["error"])
-        self.metrics.count_request(task_id, True, 200)
+        if isinstance(first, Refusal):
+            self._refused(request.task_id, first)
+        self.metrics.count_request(request.task_id, True, 200)
         return first, items
 
-    def _refused(self, task_id: str, error: dict):
-        self.metrics.count_request(task_id, error["status"] != 404, error["status"])
-        raise ServingError.from_payload(error)
+    def _refused(self, task_id: str, refusal: Refusal):
+        self.metrics.count_request(task_id, refusal.status != 404, refusal.status)
+        raise ServingError.from_refusal(refusal)
 
     @staticmethod
-    async def _relay(first: dict, items) -> AsyncIterator[dict]:
-        """The stream's items, first included; a replica lost mid-stream becomes an in-band error."""
+    async def _relay(first: StepOutput, items) -> AsyncIterator[StepOutput | Refusal]:
+        """The stream's items, first included; a replica lost mid-stream becomes an in-band refusal."""
         finished = False
         try:
             yield first
@@ -192,18 +194,17 @@ class GenerationService:
             finished = True
         except Exception as exc:
             error = translate_handle_error(exc)
-            yield {"error": {"status": error.status, "message": error.message}}
+            yield Refusal(error.status, error.message)
             finished = True
         finally:
             if not finished:  # the client went away: stop generating for it
                 cancel_quietly(items)
 
 
-def _public(error: dict) -> dict:
+def _public(refusal: Refusal) -> dict:
     """An in-band stream error, in the same shape as an error response body."""
-    return {"message": error["message"], "code": error["status"]}
+    return {"message": refusal.message, "code": refusal.status}
 
 
 def _openai_finish(reason: str) -> str | None:
     return reason if reason in ("stop", "length") else None
-

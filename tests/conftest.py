@@ -11,7 +11,8 @@ from lamp_runtime.adapters import AdapterMeta, LampAdapter, SoftPromptAdapter
 
 @pytest.fixture(scope="session")
 def backbone():
-    from lamp_runtime.backbone import BackboneOptions, load_backbone
+    from lamp_runtime.backbone.hf import load_backbone
+    from lamp_runtime.backbone.options import BackboneOptions
 
     return load_backbone(BackboneOptions(dtype="float32", quantization="none", device="cpu"))
 
@@ -43,9 +44,10 @@ def task_adapters(backbone):
 @pytest.fixture()
 def engine(backbone, task_adapters):
     """A decoder engine with the three `task_adapters` registered."""
-    from lamp_runtime.engine import Engine, EngineConfig
+    from lamp_runtime.engine.base import EngineConfig
+    from lamp_runtime.engine.decoder import DecoderEngine
 
-    e = Engine(backbone, config=EngineConfig(max_batch_size=8))
+    e = DecoderEngine(backbone, config=EngineConfig(max_batch_size=8))
     for task_id, adapter in task_adapters.items():
         e.registry.register(task_id, adapter)
     return e

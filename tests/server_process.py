@@ -58,7 +58,7 @@ class ServerProcess:
 
     def command(self) -> list[str]:
         return [
-            sys.executable, "-m", "lamp_runtime.cli", "serve", "--port", str(self.port), "--host", "127.0.0.1",
+            sys.executable, "-m", "serving.cli", "serve", "--port", str(self.port), "--host", "127.0.0.1",
             "--store", str(self.store), "--prompts", str(self.prompts) if self.prompts else "",
             "--replicas", str(self.replicas), "--num-cpus", str(self.num_cpus),
             "--dtype", "float32", "--quantization", "none", "--device", "cpu", *self.extra_args,

@@ -20,10 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine import Engine, EngineConfig
-from ..prompt_math import pooled_length
-from ..sampling import SamplingParams
-from ..sequence import GenerationRequest
+from ..engine.base import EngineConfig
+from ..engine.build import engine_for
+from ..errors import require_at_least
+from ..prompts.math import pooled_length
+from ..requests import GenerationRequest, SamplingParams
 from .stats import interleaved, safe_ratio, summarize, summarize_samples
 from .workload import lamp_from_prompt, load_average, machine_context, task_inputs, vocabulary_prompt
 
@@ -58,11 +59,8 @@ class BatchingConfig:
     include_peft: bool = True
 
     def __post_init__(self):
-        for name in ("requests", "length", "pool", "rank", "new_tokens", "repeats"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.warmup < 0:
-            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        require_at_least(self, 1, "requests", "length", "pool", "rank", "new_tokens", "repeats")
+        require_at_least(self, 0, "warmup")
 
 
 def task_id(index: int) -> str:
@@ -99,7 +97,7 @@ class PeftBaseline:
     def __init__(self, backbone, prompts: dict[str, torch.Tensor]):
         from peft import PromptTuningConfig, TaskType, get_peft_model
 
-        from ..backbone import load_backbone
+        from ..backbone.hf import load_backbone
 
         self.tokenizer = backbone.tokenizer
         self.device = backbone.device
@@ -149,7 +147,7 @@ class PeftBaseline:
 def run_batching(backbone, config: BatchingConfig) -> dict:
     started = time.perf_counter()
     context = machine_context(backbone)
-    engine = Engine(backbone, config=EngineConfig(max_batch_size=config.requests))
+    engine = engine_for(backbone, config=EngineConfig(max_batch_size=config.requests))
     weight = backbone.model.get_input_embeddings().weight
     prompts = {}
     for index in range(config.requests):

@@ -17,11 +17,13 @@ import torch
 from tqdm import tqdm
 
 from ..adapters import AdapterMeta, LampAdapter
-from ..backbone import DTYPES
-from ..engine import EngineConfig
-from ..prompt_cache import PromptCache
-from ..prompt_math import pooled_length
-from ..registry import AdapterRegistry
+from ..adapters.registry import AdapterRegistry
+from ..backbone.hf import DTYPES
+from ..engine.base import EngineConfig
+from ..errors import require_at_least
+from ..prompts.cache import PromptCache
+from ..prompts.math import pooled_length
+from ..prompts.prepared import prepare
 from .stats import interleaved, safe_ratio, summarize
 from .workload import gaussian_prompt, lamp_from_prompt, load_average, machine_context
 
@@ -49,9 +51,7 @@ class CacheBenchConfig:
         if not self.task_counts or any(not isinstance(n, int) or n < HOT_TASKS + 1 for n in self.task_counts):
             raise ValueError(f"task_counts must be integers >= {HOT_TASKS + 1} (the hot set plus one), "
                              f"got {list(self.task_counts)}")
-        for name in ("length", "rank", "pool", "hidden_size", "samples", "repeats", "cache_bytes"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        require_at_least(self, 1, "length", "rank", "pool", "hidden_size", "samples", "repeats", "cache_bytes")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype {self.dtype!r} not supported; use one of {sorted(DTYPES)}")
 
@@ -85,7 +85,7 @@ class _Population:
         """What the engine does per request: resolve the task, acquire its prompt, release it."""
         begin = time.perf_counter()
         entry = self.registry.get(task)
-        self.cache.acquire(entry.cache_key, entry.adapter.prepare)
+        self.cache.acquire(entry.cache_key, lambda: prepare(entry.adapter))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.cache.release(entry.cache_key)

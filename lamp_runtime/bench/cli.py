@@ -12,7 +12,7 @@ import sys
 
 
 def register(subparsers) -> None:
-    from ..cli import add_backbone_arguments
+    from ..backbone.options import DTYPE_NAMES
 
     bench = subparsers.add_parser("bench", help="measure pooling, mixed-task batching and prompt-cache savings")
     benches = bench.add_subparsers(dest="bench", required=True)
@@ -21,24 +21,16 @@ def register(subparsers) -> None:
     p.add_argument("--lengths", type=int, nargs="+", default=[100, 200], help="LAMP prompt lengths l")
     p.add_argument("--pools", type=int, nargs="+", default=[1, 2, 4, 5, 10], help="pool blocks p (must include 1)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--rank", type=int, default=16, help="LAMP rank r")
-    p.add_argument("--new-tokens", type=int, default=8, help="tokens generated per request (EOS ignored)")
     p.add_argument("--no-memory", action="store_true", help="skip the (untimed, profiled) peak-memory pass")
-    p.add_argument("--plot", help="also draw measured vs theoretical ratios into this PNG")
-    _common(p, repeats=3)
-    add_backbone_arguments(p)
+    _generation_bench(p, new_tokens=8, repeats=3, plot="also draw measured vs theoretical ratios into this PNG")
     p.set_defaults(func=run_pooling_command)
 
     b = benches.add_parser("batching", help="single- vs mixed-task batching vs one at a time vs PeftModel.generate")
     b.add_argument("--requests", type=int, default=8, help="requests (and tasks, for the mixed batch)")
     b.add_argument("--length", type=int, default=100, help="LAMP prompt length l of every task")
     b.add_argument("--pool", type=int, default=4, help="pool block p of every task")
-    b.add_argument("--rank", type=int, default=16)
-    b.add_argument("--new-tokens", type=int, default=16, help="tokens generated per request (EOS ignored)")
     b.add_argument("--no-peft", action="store_true", help="skip the PeftModel.generate baseline")
-    b.add_argument("--plot", help="also draw tokens/s per variant into this PNG")
-    _common(b, repeats=5)
-    add_backbone_arguments(b)
+    _generation_bench(b, new_tokens=16, repeats=5, plot="also draw tokens/s per variant into this PNG")
     b.set_defaults(func=run_batching_command)
 
     c = benches.add_parser("cache", help="prompt-cache miss vs hit cost and memory per task, 10 to 10,000 tasks")
@@ -50,12 +42,23 @@ def register(subparsers) -> None:
     c.add_argument("--samples", type=int, default=200, help="misses and hits timed per task count per round")
     c.add_argument("--cache-bytes", type=int, default=None, help="prompt-cache budget (default: the engine's)")
     c.add_argument("--device", default="cpu")
-    c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    c.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
     c.add_argument("--out", required=True, help="write the report JSON here")
     c.add_argument("--repeats", type=int, default=5, help="rounds, each over every task count in shuffled order")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     c.set_defaults(func=run_cache_command)
+
+
+def _generation_bench(parser, new_tokens: int, repeats: int, plot: str) -> None:
+    """The options of the benches that generate through the engine (pooling, batching)."""
+    from ..backbone.cli_args import add_backbone_arguments
+
+    parser.add_argument("--rank", type=int, default=16, help="LAMP rank r")
+    parser.add_argument("--new-tokens", type=int, default=new_tokens, help="tokens generated per request (EOS ignored)")
+    parser.add_argument("--plot", help=plot)
+    _common(parser, repeats=repeats)
+    add_backbone_arguments(parser)
 
 
 def _common(parser, repeats: int) -> None:
@@ -91,8 +94,8 @@ def _finish(report: dict, args, table: str) -> int:
 
 
 def run_pooling_command(args) -> int:
-    from ..backbone import load_backbone
-    from ..cli import backbone_options
+    from ..backbone.cli_args import backbone_options
+    from ..backbone.hf import load_backbone
     from .pooling import TABLE_COLUMNS, PoolingConfig, run_pooling, table_rows
     from .report import format_table
 
@@ -119,8 +122,8 @@ def run_pooling_command(args) -> int:
 
 
 def run_batching_command(args) -> int:
-    from ..backbone import load_backbone
-    from ..cli import backbone_options
+    from ..backbone.cli_args import backbone_options
+    from ..backbone.hf import load_backbone
     from .batching import RATIOS, TABLE_COLUMNS, BatchingConfig, run_batching, table_rows
     from .report import format_table
 
@@ -146,7 +149,7 @@ def run_batching_command(args) -> int:
 
 
 def run_cache_command(args) -> int:
-    from ..engine import EngineConfig
+    from ..engine.base import EngineConfig
     from .cache import TABLE_COLUMNS, CacheBenchConfig, run_cache_bench, table_rows
     from .report import format_table
 

@@ -1,7 +1,7 @@
 """Memory figures: KV-cache bytes from the model config, and peak tensor memory of a run.
 
 KV bytes are computed, not sampled: 2 (keys and values) x layers x kv_heads x head_dim x tokens x
-bytes per element is exactly what a transformers `DynamicCache` holds (tests/test_bench.py checks
+bytes per element is exactly what a transformers `DynamicCache` holds (tests/runtime/test_bench.py checks
 it against a real cache). Peak memory is the high-water mark of bytes allocated by torch during a
 run, above what was allocated when it started, so weights and earlier runs do not count: on CUDA
 from the allocator's own counters; on CPU from the profiler's allocation records, replayed in

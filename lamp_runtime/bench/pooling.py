@@ -1,7 +1,7 @@
 """`lamp bench pooling`: what pooling a LAMP prompt of length l with block p saves at inference.
 
 The same task (one set of LAMP factors per l) and the same inputs are served with pool
-p in {1, 2, 4, 5, 10}, at batch 1 and batch 8, through the real `Engine`. Prefill work is
+p in {1, 2, 4, 5, 10}, at batch 1 and batch 8, through the real engine. Prefill work is
 linear in the tokens the model sees, so pooling should cut it by the theoretical ratio
 (L_x + ceil(l/p)) / (L_x + l), L_x being the input tokens; the measured ratio is the variant's
 prefill time over the p = 1 prefill time of the same round (paired, so noise shared by a round
@@ -17,10 +17,11 @@ import time
 from dataclasses import dataclass
 
 from ..adapters import AdapterMeta
-from ..engine import Engine, EngineConfig
-from ..prompt_math import pooled_length
-from ..sampling import SamplingParams
-from ..sequence import GenerationRequest
+from ..engine.base import EngineConfig
+from ..engine.build import engine_for
+from ..errors import require_at_least
+from ..prompts.math import pooled_length
+from ..requests import GenerationRequest, SamplingParams
 from .memory import kv_bytes_per_token, peak_memory_bytes
 from .stats import interleaved, safe_ratio, summarize, summarize_samples
 from .stepping import run_stepped
@@ -54,11 +55,8 @@ class PoolingConfig:
         if 1 not in self.pools:
             raise ValueError(f"pools must include 1 (ratios are measured against the unpooled prompt), "
                              f"got {list(self.pools)}")
-        for name in ("rank", "new_tokens", "repeats"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.warmup < 0:
-            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        require_at_least(self, 1, "rank", "new_tokens", "repeats")
+        require_at_least(self, 0, "warmup")
 
 
 def task_id(length: int, pool: int) -> str:
@@ -69,7 +67,7 @@ def run_pooling(backbone, config: PoolingConfig) -> dict:
     """Measure every (l, p, batch) variant interleaved; return the JSON-ready report."""
     started = time.perf_counter()
     context = machine_context(backbone)
-    engine = Engine(backbone, config=EngineConfig(max_batch_size=max(config.batch_sizes)))
+    engine = engine_for(backbone, config=EngineConfig(max_batch_size=max(config.batch_sizes)))
     weight = backbone.model.get_input_embeddings().weight
     for length in config.lengths:
         base = lamp_from_prompt(vocabulary_prompt(weight, length, seed=config.seed + length),

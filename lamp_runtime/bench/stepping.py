@@ -13,7 +13,7 @@ import statistics
 import time
 from dataclasses import dataclass
 
-from ..sequence import GenerationRequest, GenerationResult
+from ..requests import GenerationRequest, GenerationResult
 
 
 @dataclass

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..adapters import AdapterMeta, LampAdapter
-from ..synthetic_tasks import get_task
+from ..tasks.synthetic import get_task
 
 
 def lamp_from_prompt(prompt: torch.Tensor, rank: int, pool: int, task: str | None = None) -> LampAdapter:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
-    from ..cli import add_backbone_arguments
+    from ..backbone.cli_args import add_backbone_arguments
 
     p = subparsers.add_parser("train", help="tune a LAMP (or plain) soft prompt on a JSONL file")
     p.add_argument("--data", required=True, help='training JSONL, one {"input": ..., "target": ...} per line')
@@ -18,7 +18,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="where to write the adapter (.safetensors)")
     p.add_argument("--task", help="task name stored in the adapter's metadata (default: the file stem)")
     p.add_argument("--description", help="free text stored in the adapter's metadata")
-    p.add_argument("--method", default="lamp", choices=["lamp", "pt", "ept"],
+    p.add_argument("--method", default="lamp", choices=["lamp", "pt", "ept"],  # training.methods.METHODS (torch-free here)
                    help="lamp (factors U, Q, V), pt (plain prompt tuning, the baseline) or ept (short prompt "
                         "+ low-rank input offset, multi-space projection folded into the saved prompt)")
     p.add_argument("--prompt-length", "-l", type=int, default=100, help="soft prompt tokens l before pooling")
@@ -101,8 +101,8 @@ def run_train(args) -> int:
 
     prefer_passive_openmp()
     from ..adapters import AdapterMeta
-    from ..backbone import load_backbone
-    from ..cli import backbone_options
+    from ..backbone.cli_args import backbone_options
+    from ..backbone.hf import load_backbone
     from .data import load_rows, tokenize_rows
     from .methods import EptShape
     from .trainer import TrainConfig, save_checked, train
@@ -144,7 +144,7 @@ def format_table(reports) -> str:
 
 def _task_name(args, adapters) -> str | None:
     """The bundled task being evaluated: --task, else the first adapter's metadata task if bundled."""
-    from ..synthetic_tasks import TASKS
+    from ..tasks.synthetic import TASKS
 
     if args.task is not None:
         if args.task not in TASKS:
@@ -154,7 +154,7 @@ def _task_name(args, adapters) -> str | None:
 
 
 def _labels(args, task: str | None, rows) -> tuple[str, ...] | None:
-    from ..synthetic_tasks import TASKS
+    from ..tasks.synthetic import TASKS
     from .evaluate import infer_labels, label_set
 
     if args.match == "exact":
@@ -169,11 +169,12 @@ def run_eval(args) -> int:
 
     prefer_passive_openmp()
     from ..adapters import load_adapter
-    from ..backbone import load_backbone
-    from ..cli import backbone_options
-    from ..engine import EngineConfig, make_engine
-    from ..provenance import serving_mismatch
-    from ..synthetic_tasks import TASKS
+    from ..adapters.provenance import serving_mismatch
+    from ..backbone.cli_args import backbone_options
+    from ..backbone.hf import load_backbone
+    from ..engine.base import EngineConfig
+    from ..engine.build import engine_for
+    from ..tasks.synthetic import TASKS
     from .data import load_rows
     from .evaluate import evaluate
 
@@ -181,7 +182,7 @@ def run_eval(args) -> int:
         _task_name(args, ())  # an unknown --task fails before the backbone loads
     rows = load_rows(args.data, args.limit)
     backbone = load_backbone(backbone_options(args))
-    engine = make_engine(backbone, config=EngineConfig(max_batch_size=args.batch_size))
+    engine = engine_for(backbone, config=EngineConfig(max_batch_size=args.batch_size))
     adapters = {}
     for path in args.adapter:
         name = Path(path).stem if Path(path).suffix else Path(path).name

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..task_format import format_input, format_target
+from ..tasks.format import format_input, format_target
 
 # A training file is read whole into memory; refuse anything far beyond a prompt-tuning set.
 MAX_DATA_BYTES = 256 * 1024 * 1024

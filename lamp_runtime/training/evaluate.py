@@ -1,7 +1,7 @@
 """Accuracy of a soft prompt (or of the zero-shot instruction) through the serving Engine.
 
-The same `Engine` the server runs does the generation (batched, greedy), and inputs are built
-with `task_format`, so a score here is what a client of the server would see.
+The same engine the server runs does the generation (batched, greedy), and inputs are built
+with `tasks.format`, so a score here is what a client of the server would see.
 """
 
 from __future__ import annotations
@@ -11,10 +11,9 @@ from dataclasses import asdict, dataclass, field
 
 from tqdm.auto import tqdm
 
-from ..engine import Engine
-from ..sampling import SamplingParams
-from ..sequence import GenerationRequest
-from ..task_format import answer_matches, format_input, format_target
+from ..engine.step_engine import StepEngine
+from ..requests import GenerationRequest, SamplingParams
+from ..tasks.format import answer_matches, format_input, format_target
 
 # Targets drawn from at most this many distinct values are treated as class labels.
 MAX_LABELS = 20
@@ -25,7 +24,7 @@ ZERO_SHOT_EXTRA_TOKENS = 12
 def instructed_input(instruction: str, text: str) -> str:
     """The zero-shot prompt: instruction, blank line, then the same input shape the adapters see.
 
-    Equal to `synthetic_tasks.zero_shot_prompt` for the bundled tasks (a test keeps them equal).
+    Equal to `tasks.synthetic.zero_shot_prompt` for the bundled tasks (a test keeps them equal).
     """
     return f"{instruction}\n\n{format_input(text)}"
 
@@ -70,7 +69,7 @@ def chat_wrapped(tokenizer, text: str) -> str:
                                          add_generation_prompt=True)
 
 
-def evaluate(engine: Engine, rows: list[dict[str, str]], name: str, task_id: str | None = None,
+def evaluate(engine: StepEngine, rows: list[dict[str, str]], name: str, task_id: str | None = None,
              instruction: str | None = None, chat: bool = False, labels: tuple[str, ...] | None = None,
              batch_size: int = 16, progress: bool = True, keep_mistakes: int = 5) -> EvalReport:
     """Greedy-generate an answer for every row and count matches.

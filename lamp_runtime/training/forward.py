@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..backbone import Backbone
+from ..backbone.hf import Backbone
 from .data import Example, collate
 
 

@@ -13,9 +13,11 @@ from dataclasses import dataclass
 import torch
 
 from ..adapters import AdapterMeta, EptAdapter, LampAdapter, PromptAdapter, SoftPromptAdapter
-from ..prompt_math import average_pool, compressed_outer_product, pooled_length
+from ..prompts.math import average_pool, compressed_outer_product, pooled_length
 
-METHODS = ("lamp", "pt", "ept")
+# `lamp train --method` names -> the adapter kind each one trains. "pt" (prompt tuning, the
+# baseline's usual name) trains a plain `soft_prompt`.
+METHODS = {"lamp": "lamp", "pt": "soft_prompt", "ept": "ept"}
 
 
 def vocab_init(embedding_weight: torch.Tensor, length: int, generator: torch.Generator,
@@ -102,10 +104,10 @@ class LampPrompt(PromptMethod):
         return LampAdapter(meta, *(t.detach().clone() for t in (self.u, self.q, self.v)))
 
 
-class PlainPrompt(PromptMethod):
-    """Plain prompt tuning (Lester et al.): every entry of P [l, d] is trained."""
+class SoftPromptTuning(PromptMethod):
+    """Plain prompt tuning (Lester et al., `--method pt`): every entry of P [l, d] is trained."""
 
-    kind = "pt"
+    kind = "soft_prompt"
 
     def __init__(self, initial_prompt: torch.Tensor, pool: int = 1):
         super().__init__(initial_prompt.shape[0], pool)
@@ -189,7 +191,7 @@ def build_method(method: str, initial_prompt: torch.Tensor, rank: int, pool: int
     if method == "lamp":
         return LampPrompt(initial_prompt, rank, pool)
     if method == "pt":
-        return PlainPrompt(initial_prompt, pool)
+        return SoftPromptTuning(initial_prompt, pool)
     if method == "ept":
         if pool != 1:
             raise ValueError(f"EPT prompts are not pooled; got pool p={pool} (use -p 1)")
@@ -197,4 +199,4 @@ def build_method(method: str, initial_prompt: torch.Tensor, rank: int, pool: int
         generator = torch.Generator().manual_seed(seed)
         return EptPrompt(initial_prompt, rank, shape.offset_tokens, shape.spaces, shape.projection_rank,
                          generator)
-    raise ValueError(f"unknown method {method!r}; use one of {METHODS}")
+    raise ValueError(f"unknown method {method!r}; use one of {tuple(METHODS)}")

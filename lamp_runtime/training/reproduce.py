@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..synthetic_tasks import TASKS
+from ..tasks.synthetic import TASKS
 
 # (name, method, pool). PT is unpooled, as in the papers' baseline; EPT's prompt is its short one.
 VARIANTS = (("PT", "pt", 1), ("LAMP p=1", "lamp", 1), ("LAMP p=2", "lamp", 2),
@@ -49,7 +49,7 @@ def variant_file(name: str) -> str:
 
 def run_task(backbone, task: str, data_dir: Path, work_dir: Path, budget: Budget, progress: bool) -> dict:
     from ..adapters import AdapterMeta, load_adapter
-    from ..engine import make_engine
+    from ..engine.build import engine_for
     from .data import load_rows, tokenize_rows
     from .evaluate import evaluate
     from .methods import EptShape
@@ -64,7 +64,7 @@ def run_task(backbone, task: str, data_dir: Path, work_dir: Path, budget: Budget
     train_examples, holdout_examples = tokenize(train_rows), tokenize(holdout_rows)
     task_dir = work_dir / task
     task_dir.mkdir(parents=True, exist_ok=True)
-    engine = make_engine(backbone)
+    engine = engine_for(backbone)
     variants = []
     for name, method, pool in VARIANTS:
         length = budget.ept_prompt_length if method == "ept" else budget.prompt_length
@@ -165,7 +165,7 @@ def render_table(all_results: list[dict], budget: Budget, wall_seconds: float, d
             f"- `prompts/{results['task']}.safetensors`: {v['name']}, l={budget.prompt_length}, r={budget.rank}, "
             f"{v['soft_prompt_tokens']} soft tokens served, {v['trainable_parameters']:,} parameters; held-out "
             f"accuracy {v['accuracy']:.3f} vs best zero-shot {results['best_zero_shot_accuracy']:.3f}; data "
-            f"`python -m lamp_runtime.synthetic_tasks --seed 0`, trained with seed {budget.seed} by "
+            f"`python -m lamp_runtime.tasks.synthetic --seed 0`, trained with seed {budget.seed} by "
             "`python -m lamp_runtime.training.reproduce`."
         )
     return "\n".join(lines)
@@ -184,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     from .openmp import prefer_passive_openmp
 
     prefer_passive_openmp()  # before torch is imported (see openmp.py)
-    from ..backbone import BackboneOptions, load_backbone
+    from ..backbone.hf import load_backbone
+    from ..backbone.options import BackboneOptions
 
     defaults = Budget()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

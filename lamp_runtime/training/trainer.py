@@ -22,15 +22,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..adapters import (AdapterLimits, AdapterMeta, PromptAdapter, adapter_from_safetensors, save_adapter,
-                        validate)
-from ..backbone import Backbone
-from ..provenance import TRAINED_ON_KEY, numerics
-from ..task_format import INPUT_TEMPLATE
+from ..adapters import AdapterLimits, AdapterMeta, PromptAdapter, adapter_from_safetensors, save_adapter, validate
+from ..adapters.provenance import TRAINED_ON_KEY, numerics
+from ..backbone.hf import Backbone
+from ..errors import require_at_least
+from ..tasks.format import INPUT_TEMPLATE
 from .data import Example
 from .forward import prompt_forward
 from .methods import METHODS, EptShape, PromptMethod, build_method, text_init, vocab_init
-
 
 OPTIMIZERS = ("adafactor", "adamw")
 
@@ -67,24 +66,17 @@ class TrainConfig:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        for name in ("prompt_length", "rank", "pool", "batch_size", "epochs", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "eval_every"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.warmup_steps is not None and self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+            raise ValueError(f"method must be one of {tuple(METHODS)}, got {self.method!r}")
+        require_at_least(self, 1, "prompt_length", "rank", "pool", "batch_size", "epochs", "eval_batch_size",
+                         "max_steps", "eval_every")
+        require_at_least(self, 0, "warmup_steps")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
         if self.method == "ept" and self.pool != 1:
             raise ValueError(f"EPT prompts are not pooled; got pool={self.pool} (use 1)")
-        for name in ("offset_tokens", "spaces", "projection_rank"):
-            if getattr(self.ept, name) < 1:
-                raise ValueError(f"ept {name} must be >= 1, got {getattr(self.ept, name)}")
+        require_at_least(self.ept, 1, "offset_tokens", "spaces", "projection_rank", prefix="ept ")
 
     def total_steps(self, num_examples: int) -> int:
         """`max_steps` when given (epochs repeat as needed, as in HF Trainer), else whole epochs."""
@@ -231,7 +223,7 @@ def _provenance(config: TrainConfig, method: PromptMethod, best: EvalPoint, step
         "eval_exact_match": f"{best.exact_match:.4f}",
         "eval_on": "eval" if held_out else "train",
         "init": "text" if config.init_text else "vocab",
-        # Clients must send their input in this shape (see lamp_runtime/task_format.py).
+        # Clients must send their input in this shape (see lamp_runtime/tasks/format.py).
         "input_template": INPUT_TEMPLATE,
     }
     if config.method in ("lamp", "ept"):

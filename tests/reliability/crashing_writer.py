@@ -1,8 +1,8 @@
-"""A store writer that stops dead at a chosen point of `AdapterStore.put`, for SIGKILL tests.
+"""A store writer that stops dead at a chosen point of `LocalAdapterStore.put`, for SIGKILL tests.
 
     python -m tests.reliability.crashing_writer STORE TASK ADAPTER_FILE POINT
 
-registers ADAPTER_FILE as the next version of TASK through the real `AdapterStore.put`, but at
+registers ADAPTER_FILE as the next version of TASK through the real `LocalAdapterStore.put`, but at
 POINT it prints `PAUSED POINT` and sleeps, so the parent can SIGKILL it exactly there. POINT `none`
 completes the write. The points cover every state a crash can leave on disk:
 
@@ -32,8 +32,8 @@ def pause(point: str) -> None:
 def main(store_dir: str, task_id: str, adapter_file: str, point: str) -> None:
     from lamp_runtime.adapters import AdapterLimits, load_adapter
     from serving import store as store_module
-    from serving.adapter_files import facts_of
-    from serving.store import AdapterStore
+    from serving.store.files import facts_of
+    from serving.store.local import LocalAdapterStore
 
     data = Path(adapter_file).read_bytes()
     adapter = load_adapter(adapter_file, hidden_size=576)
@@ -69,11 +69,11 @@ def main(store_dir: str, task_id: str, adapter_file: str, point: str) -> None:
             pause(point)
         real_prune(task_dir, keep_from)
 
-    real_prune = AdapterStore._prune
+    real_prune = LocalAdapterStore._prune
     store_module.os.replace = replace
     Path.write_bytes = write_bytes
-    AdapterStore._prune = staticmethod(prune)
-    store = AdapterStore(store_dir)
+    LocalAdapterStore._prune = staticmethod(prune)
+    store = LocalAdapterStore(store_dir)
     stored = store.put(task_id, write_adapter, facts_of(adapter),
                        verify=lambda path: load_adapter(path, 576, AdapterLimits()))
     print(f"STORED v{stored.version}", flush=True)

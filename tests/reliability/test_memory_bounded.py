@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from lamp_runtime.adapters import AdapterMeta, LampAdapter
-from lamp_runtime.engine import Engine, EngineConfig
-from lamp_runtime.sampling import SamplingParams
-from lamp_runtime.sequence import GenerationRequest
+from lamp_runtime.engine.base import EngineConfig
+from lamp_runtime.engine.decoder import DecoderEngine
+from lamp_runtime.prompts.prepared import prepare
+from lamp_runtime.requests import GenerationRequest, SamplingParams
 
 ADAPTERS = 10_000
 PROMPT_TOKENS, RANK = 16, 4
@@ -52,7 +53,7 @@ def one_torch_thread():
 
 
 def test_ten_thousand_adapters_keep_memory_bounded(backbone, one_torch_thread):
-    engine = Engine(backbone, config=EngineConfig(max_batch_size=16, max_new_tokens=1,
+    engine = DecoderEngine(backbone, config=EngineConfig(max_batch_size=16, max_new_tokens=1,
                                                   prompt_cache_bytes=CACHE_BYTES))
     params = SamplingParams(max_new_tokens=1)
     # A full batch first: the forward pass pages in the (memory-mapped) weights and sizes torch's
@@ -64,7 +65,7 @@ def test_ten_thousand_adapters_keep_memory_bounded(backbone, one_torch_thread):
         engine.registry.register(f"task-{i}", adapter)
     registered = rss()
     host_bytes = adapters[0].host_bytes
-    prompt_bytes = adapters[0].prepare().nbytes
+    prompt_bytes = prepare(adapters[0]).nbytes
     del adapters
 
     # Every task's prompt goes through the cache exactly as a request's does (acquire on admission,
@@ -72,7 +73,7 @@ def test_ten_thousand_adapters_keep_memory_bounded(backbone, one_torch_thread):
     sample = {f"task-{i}" for i in range(0, ADAPTERS, ADAPTERS // GENERATED_TASKS)}
     for i in range(ADAPTERS):
         entry = engine.registry.get(f"task-{i}")
-        engine.cache.acquire(entry.cache_key, entry.adapter.prepare)
+        engine.cache.acquire(entry.cache_key, lambda: prepare(entry.adapter))
         engine.cache.release(entry.cache_key)
     results = engine.generate([GenerationRequest("Hello", task, params) for task in sorted(sample)])
     assert len(results) == len(sample) and all(r.completion_tokens == 1 for r in results)

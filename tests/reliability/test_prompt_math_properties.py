@@ -1,4 +1,4 @@
-"""Properties of the LAMP product on random shapes (tests/test_prompt_math.py checks it on one
+"""Properties of the LAMP product on random shapes (tests/runtime/test_prompt_math.py checks it on one
 fixed example; pooling already has its property test there)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lamp_runtime.prompt_math import average_pool, compressed_outer_product
+from lamp_runtime.prompts.math import average_pool, compressed_outer_product
 
 SHAPES = dict(length=st.integers(1, 24), rank=st.integers(1, 8), dim=st.integers(1, 16), seed=st.integers(0, 10_000))
 

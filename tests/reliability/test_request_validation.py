@@ -8,9 +8,10 @@ import json
 import pytest
 import torch
 
+from lamp_runtime.engine.sampling import make_generator
 from lamp_runtime.errors import RequestError
-from lamp_runtime.sampling import MAX_SEED, MIN_SEED, SamplingParams, make_generator
-from serving.protocol import CompletionRequest, GenerateRequest
+from lamp_runtime.requests import MAX_SEED, MIN_SEED, SamplingParams
+from serving.http.protocol import CompletionRequest, GenerateRequest
 
 
 @pytest.mark.parametrize("seed", [MAX_SEED + 1, MIN_SEED - 1, 10**30, True, 1.5])

@@ -13,8 +13,8 @@ import zipfile
 import pytest
 
 from lamp_runtime.adapters import adapter_from_safetensors
+from lamp_runtime.adapters.safetensors_io import load_tensors, parse_header
 from lamp_runtime.errors import AdapterError
-from lamp_runtime.safetensors_io import load_tensors, parse_header
 
 from .hostile_files import MALFORMED_HEADERS, lamp_file, pickle_file, raw_safetensors, zip_file
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serving.admin import AdminAuth
-from serving.http_errors import ServingError
+from serving.http.auth import AdminAuth
+from serving.http.errors import ServingError
 
 from .conftest import ADMIN_TOKEN, MAX_BATCH_SIZE, MAX_QUEUE, REPLICAS
 from .hostile_files import lamp_file

@@ -18,12 +18,12 @@ import pytest
 import torch
 
 from lamp_runtime.adapters import AdapterLimits, load_adapter, save_adapter
+from lamp_runtime.adapters.registry import AdapterRegistry
 from lamp_runtime.errors import AdapterError
-from lamp_runtime.prompt_cache import PromptCache
-from lamp_runtime.registry import AdapterRegistry
-from serving.adapter_files import facts_of, load_stored
-from serving.store import AdapterStore
-from serving.store_sync import StoreSync
+from lamp_runtime.prompts.cache import PromptCache
+from serving.store.files import facts_of, load_stored
+from serving.store.local import LocalAdapterStore
+from serving.store.sync import StoreSync
 
 from .crashing_writer import POINTS
 from .hostile_files import HIDDEN
@@ -40,7 +40,7 @@ def soft_prompt(seed: int, tmp_path: Path) -> Path:
     return save_adapter(SoftPromptAdapter(AdapterMeta(), prompt), tmp_path / f"seed{seed}.safetensors")
 
 
-def put_file(store: AdapterStore, task_id: str, source: Path):
+def put_file(store: LocalAdapterStore, task_id: str, source: Path):
     adapter = load_adapter(source, HIDDEN, LIMITS)
     data = source.read_bytes()
     return store.put(task_id, lambda path: path.write_bytes(data), facts_of(adapter),
@@ -77,7 +77,7 @@ def same_prompt(path: Path, source: Path) -> bool:
 def test_sigkill_at_any_point_of_a_write_leaves_old_or_new_never_torn(tmp_path, point):
     store_dir = tmp_path / "store"
     old, new = soft_prompt(1, tmp_path), soft_prompt(2, tmp_path)
-    store = AdapterStore(store_dir)
+    store = LocalAdapterStore(store_dir)
     put_file(store, "task", old)
     before = put_file(store, "task", old)  # v2: two versions on disk, so pruning has work to do
 
@@ -116,12 +116,12 @@ def test_the_writer_completes_when_not_killed(tmp_path):
     store_dir = tmp_path / "store"
     source = soft_prompt(3, tmp_path)
     assert crash_writer_at(store_dir, "task", source, "none") == "STORED v1"
-    assert same_prompt(AdapterStore(store_dir).path_of(AdapterStore(store_dir).get("task")), source)
+    assert same_prompt(LocalAdapterStore(store_dir).path_of(LocalAdapterStore(store_dir).get("task")), source)
 
 
 @pytest.mark.parametrize("reserved", ["index.json"])
 def test_task_ids_naming_store_files_are_refused_and_the_store_keeps_working(tmp_path, reserved):
-    store = AdapterStore(tmp_path / "store")  # fresh: no index yet, the case that used to break it
+    store = LocalAdapterStore(tmp_path / "store")  # fresh: no index yet, the case that used to break it
     source = soft_prompt(4, tmp_path)
     with pytest.raises(AdapterError, match="reserved by the adapter store"):
         put_file(store, reserved, source)

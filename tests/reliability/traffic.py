@@ -13,9 +13,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import save
 
 from lamp_runtime.adapters import PromptAdapter, SoftPromptAdapter
-from lamp_runtime.engine import Engine, EngineConfig
-from lamp_runtime.sampling import SamplingParams
-from lamp_runtime.sequence import GenerationRequest
+from lamp_runtime.engine.base import EngineConfig
+from lamp_runtime.engine.decoder import DecoderEngine
+from lamp_runtime.requests import GenerationRequest, SamplingParams
 
 TEXT = "The weather today is"
 NEW_TOKENS = 3
@@ -30,7 +30,7 @@ def adapter_bytes(adapter: PromptAdapter) -> bytes:
 
 def reference_texts(backbone, adapters: dict, text: str = TEXT, new_tokens: int = NEW_TOKENS) -> dict:
     """Greedy text of each adapter run alone through the engine: what the server must answer."""
-    engine = Engine(backbone, config=EngineConfig(max_batch_size=1))
+    engine = DecoderEngine(backbone, config=EngineConfig(max_batch_size=1))
     params = SamplingParams(max_new_tokens=new_tokens)
     texts = {}
     for key, adapter in adapters.items():

@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import save_file
 
 from lamp_runtime.adapters import load_adapter, save_adapter
-from lamp_runtime.engine import Engine, EngineConfig
-from lamp_runtime.sampling import SamplingParams
-from lamp_runtime.sequence import GenerationRequest
+from lamp_runtime.engine.base import EngineConfig
+from lamp_runtime.engine.decoder import DecoderEngine
+from lamp_runtime.requests import GenerationRequest, SamplingParams
 
 from ..conftest import vocab_prompt
 from ..server_process import ServerProcess
@@ -75,7 +75,7 @@ def server(tmp_path_factory, prompts_dir):
 
 def engine_alone(backbone, adapters: dict, cases: list[tuple[str, str]], max_new_tokens: int) -> list[str]:
     """Greedy texts of each (task, input) run on its own through the engine: the reference."""
-    engine = Engine(backbone, config=EngineConfig(max_batch_size=1))
+    engine = DecoderEngine(backbone, config=EngineConfig(max_batch_size=1))
     for task_id, adapter in adapters.items():
         engine.registry.register(task_id, adapter)
     params = SamplingParams(max_new_tokens=max_new_tokens)

@@ -16,11 +16,10 @@ import httpx
 import pytest
 
 from lamp_runtime.adapters import load_adapter
-from lamp_runtime.engine import Engine
-from lamp_runtime.sampling import SamplingParams
-from lamp_runtime.sequence import GenerationRequest
-from lamp_runtime.synthetic_tasks import TASKS
-from lamp_runtime.task_format import answer_matches, format_input
+from lamp_runtime.engine.decoder import DecoderEngine
+from lamp_runtime.requests import GenerationRequest, SamplingParams
+from lamp_runtime.tasks.format import answer_matches, format_input
+from lamp_runtime.tasks.synthetic import TASKS
 
 from ..server_process import REPO_ROOT, ServerProcess
 
@@ -50,7 +49,7 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine_answers(backbone):
-    engine = Engine(backbone)
+    engine = DecoderEngine(backbone)
     for task in MAX_NEW_TOKENS:
         engine.registry.register(task, load_adapter(PROMPTS / f"{task}.safetensors", backbone.hidden_size))
     requests = [GenerationRequest(format_input(row["input"]), task, SamplingParams(max_new_tokens=MAX_NEW_TOKENS[task]))

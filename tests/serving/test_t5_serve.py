@@ -1,6 +1,6 @@
 """`lamp serve --backbone <T5 folder>` end to end: an encoder-decoder backbone in its own server.
 
-A tiny seeded random T5 (tests/test_t5_engine.py builds it; no T5 weights are reachable here) is
+A tiny seeded random T5 (tests/runtime/test_t5_engine.py builds it; no T5 weights are reachable here) is
 served by the real `lamp serve` on a free port. Adapters of three kinds sized for its d_model are
 registered over the admin API, concurrent HTTP requests mixing them must return the texts a direct
 transformers `generate(inputs_embeds=...)` gives in this process, and an adapter sized for the
@@ -24,13 +24,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer, T5ForConditionalGeneration
 
 from lamp_runtime.adapters import AdapterLimits, AdapterMeta, EptAdapter, LampAdapter, SoftPromptAdapter, save_adapter
-from lamp_runtime.backbone import BackboneOptions, backbone_folder
-from lamp_runtime.prompt_math import average_pool
-from serving.adapter_files import store_adapter
-from serving.store import AdapterStore
+from lamp_runtime.backbone.checkpoint import backbone_folder
+from lamp_runtime.backbone.options import BackboneOptions
+from lamp_runtime.prompts.math import average_pool
+from serving.store.files import store_adapter
+from serving.store.local import LocalAdapterStore
 
 from ..server_process import ServerProcess
-from ..test_t5_engine import D_MODEL, build_tiny_t5
+from ..tiny_t5 import D_MODEL, build_tiny_t5
 
 pytestmark = pytest.mark.slow
 
@@ -89,7 +90,7 @@ def adapters():
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, t5_folder):
     store = tmp_path_factory.mktemp("store")
-    store_adapter(AdapterStore(store), FOREIGN_TASK, make_adapters(DECODER_HIDDEN, seed=3)["t5-lamp"], DECODER_HIDDEN,
+    store_adapter(LocalAdapterStore(store), FOREIGN_TASK, make_adapters(DECODER_HIDDEN, seed=3)["t5-lamp"], DECODER_HIDDEN,
                   AdapterLimits())
     process = ServerProcess(
         store=store, prompts=tmp_path_factory.mktemp("empty-prompts"),

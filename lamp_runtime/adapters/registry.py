@@ -1,0 +1,93 @@
+"""Task id -> current adapter version, in host memory.
+
+The registry holds every registered adapter's (small) factors on the host; the device-side copies
+live in the bounded `PromptCache`. A lookup returns an immutable `AdapterEntry`, so a request keeps
+the version it resolved even if the task is re-registered or deleted while it runs.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass
+
+from ..errors import AdapterError, UnknownTaskError
+from .base import PromptAdapter
+
+# Letters, digits, '.', '_' and '-', starting with a letter or digit: safe as a file name, a URL
+# path segment and a metric label; rules out '..', slashes and unicode look-alikes.
+TASK_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def is_valid_task_id(task_id) -> bool:
+    return isinstance(task_id, str) and bool(TASK_ID_PATTERN.fullmatch(task_id)) and ".." not in task_id
+
+
+def validate_task_id(task_id: str) -> str:
+    if not is_valid_task_id(task_id):
+        raise AdapterError(
+            f"invalid task id {task_id!r}: use 1-64 characters from A-Z a-z 0-9 . _ -, "
+            "starting with a letter or digit, without '..'"
+        )
+    return task_id
+
+
+@dataclass(frozen=True)
+class AdapterEntry:
+    task_id: str
+    version: int
+    adapter: PromptAdapter
+
+    @property
+    def cache_key(self) -> tuple[str, int]:
+        return (self.task_id, self.version)
+
+
+class AdapterRegistry:
+    """Thread-safe map of task id to its current `AdapterEntry`; versions only go up."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._entries: dict[str, AdapterEntry] = {}
+        self._last_version: dict[str, int] = {}
+
+    def register(self, task_id: str, adapter: PromptAdapter, version: int | None = None) -> AdapterEntry:
+        """Make `adapter` the current version of `task_id`. With `version` None the next one is used;
+        an explicit version (e.g. from a persistent store) must not go backwards."""
+        validate_task_id(task_id)
+        with self._lock:
+            last = self._last_version.get(task_id, 0)
+            if version is None:
+                version = last + 1
+            elif version < last:
+                raise AdapterError(f"task {task_id!r}: version {version} is older than current {last}")
+            entry = AdapterEntry(task_id, version, adapter)
+            self._entries[task_id] = entry
+            self._last_version[task_id] = version
+            return entry
+
+    def get(self, task_id: str) -> AdapterEntry:
+        with self._lock:
+            entry = self._entries.get(task_id)
+        if entry is None:
+            raise UnknownTaskError(task_id)
+        return entry
+
+    def remove(self, task_id: str) -> AdapterEntry:
+        with self._lock:
+            entry = self._entries.pop(task_id, None)
+        if entry is None:
+            raise UnknownTaskError(task_id)
+        return entry
+
+    def entries(self) -> list[AdapterEntry]:
+        with self._lock:
+            return sorted(self._entries.values(), key=lambda e: e.task_id)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def __contains__(self, task_id: str) -> bool:
+        with self._lock:
+            return task_id in self._entries

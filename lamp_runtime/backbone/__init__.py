@@ -1,0 +1,11 @@
+"""The one shared backbone:
+
+- options.py: BackboneOptions and the one list of dtype / quantization choices (no torch import)
+- checkpoint.py: where its HF folder is (the embedded GGUF or a .gguf converted once, or a folder)
+- hf.py: loading it into transformers (decoder-only or T5), optionally bitsandbytes-quantized
+- embedding_table.py: the input-embedding table alone (the vLLM engine's process needs only that)
+- cli_args.py: the `lamp` flags that choose it
+
+This package's modules are imported by name (`from lamp_runtime.backbone.hf import load_backbone`)
+so that the light ones (options, cli_args) never pull in torch.
+"""

@@ -1,0 +1,133 @@
+"""Loading the one shared backbone into transformers: the embedded GGUF default or any local HF
+folder (decoder-only such as Llama-2-7B, or encoder-decoder such as T5), in a dtype, optionally
+quantized with bitsandbytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .checkpoint import backbone_folder
+from .options import BackboneOptions
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Backbone:
+    """The loaded model and tokenizer plus the facts the runtime needs about them."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    options: BackboneOptions
+    load_seconds: float
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.hidden_size if hasattr(self.config, "hidden_size") else self.config.d_model)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return bool(getattr(self.config, "is_encoder_decoder", False))
+
+    @property
+    def max_positions(self) -> int:
+        return int(getattr(self.config, "max_position_embeddings", None) or 1 << 16)
+
+    @property
+    def weights_bytes(self) -> int:
+        """Bytes held by parameters and buffers (quantized weights count at their packed size)."""
+        tensors = list(self.model.parameters()) + list(self.model.buffers())
+        seen, total = set(), 0
+        for t in tensors:
+            if t.data_ptr() in seen:  # tied embeddings are counted once
+                continue
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+        return total
+
+    def eos_token_ids(self) -> set[int]:
+        return collect_eos_token_ids(getattr(self.model, "generation_config", None), self.config, self.tokenizer)
+
+    @torch.no_grad()
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Input embeddings of token ids (what soft prompts are prepended to)."""
+        embeddings = self.model.get_encoder() if self.is_encoder_decoder else self.model
+        return embeddings.get_input_embeddings()(token_ids.to(self.device))
+
+
+def collect_eos_token_ids(generation_config, config, tokenizer) -> set[int]:
+    """Every id that ends a generation: from the generation config, the model config and the tokenizer."""
+    ids = set()
+    for source in (generation_config, config):
+        value = getattr(source, "eos_token_id", None)
+        if value is not None:
+            ids.update(value if isinstance(value, (list, tuple)) else [value])
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def _quantization_config(quantization: str, dtype: torch.dtype):
+    if quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    # bitsandbytes logs a warning on every int8 matmul that fp32 inputs are cast to fp16: once per
+    # layer per step, thousands of identical lines. It is expected behaviour, so keep it out of the logs.
+    logging.getLogger("bitsandbytes.autograd._functions").addFilter(
+        lambda record: "inputs will be cast" not in record.getMessage()
+    )
+
+    if quantization == "nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
+        )
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def load_backbone(options: BackboneOptions | None = None) -> Backbone:
+    """Load the backbone once: resolve `auto` options, convert GGUF if needed, quantize if asked."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    options = (options or BackboneOptions()).resolved()
+    started = time.perf_counter()
+    folder, name = backbone_folder(options)
+    dtype = DTYPES[options.dtype]
+    config = AutoConfig.from_pretrained(folder)
+    model_class = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    kwargs = {"dtype": dtype}
+    quantization_config = _quantization_config(options.quantization, dtype)
+    if quantization_config is not None:
+        kwargs.update(quantization_config=quantization_config, device_map=options.device)
+    model = model_class.from_pretrained(folder, **kwargs)
+    if quantization_config is None:
+        model.to(options.device)
+    model.eval().requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    backbone = Backbone(model, tokenizer, name, options, time.perf_counter() - started)
+    log.info(
+        "backbone %s loaded (%s, %s, %s) in %.1f s, %.0f MB of weights",
+        name, options.dtype, options.quantization, options.device,
+        backbone.load_seconds, backbone.weights_bytes / 1e6,
+    )
+    return backbone

@@ -1,0 +1,48 @@
+"""How to load the backbone: one definition of the dtype, quantization and device choices.
+
+Every place that offers these choices (the `lamp` command's flags, `lamp serve` settings, the
+engines) takes them from here. No torch import: `lamp --help` and the serving config stay light.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+QUANTIZATIONS = ("none", "nf4", "int8")
+DTYPE_CHOICES = ("auto", *DTYPE_NAMES)
+QUANTIZATION_CHOICES = ("auto", *QUANTIZATIONS)
+
+
+@dataclass(frozen=True)
+class BackboneOptions:
+    """How to load the backbone. `path` None means the embedded SmolLM2 GGUF."""
+
+    path: str | None = None
+    dtype: str = "auto"
+    quantization: str = "auto"
+    device: str = "auto"
+
+    def __post_init__(self):
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype {self.dtype!r} not supported; use auto or one of {sorted(DTYPE_NAMES)}")
+        if self.quantization not in QUANTIZATION_CHOICES:
+            raise ValueError(
+                f"quantization {self.quantization!r} not supported; use auto or one of {QUANTIZATIONS}"
+            )
+
+    def resolved(self) -> "BackboneOptions":
+        """Fill in `auto`: nf4 + bfloat16 on CUDA; float32 unquantized on CPU (see README)."""
+        device = self.device
+        if device == "auto":
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        quantization = self.quantization
+        if quantization == "auto":
+            quantization = "nf4" if device.startswith("cuda") else "none"
+        dtype = self.dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if device.startswith("cuda") else "float32"
+        return BackboneOptions(self.path, dtype, quantization, device)
+

@@ -1,0 +1,37 @@
+"""Admission checks every engine applies to a request before queueing it.
+
+Shared by the HF engines and the vLLM engine so that a request is refused (or accepted) with the
+same message whichever engine serves it. The input is tokenized here, once per request.
+"""
+
+from __future__ import annotations
+
+from ..adapters.registry import AdapterEntry, AdapterRegistry
+from ..errors import InputTooLongError, RequestError
+from ..requests import GenerationRequest
+
+
+def resolve_request(request: GenerationRequest, registry: AdapterRegistry, tokenizer, config,
+                    context_tokens: int, context_name: str = "the backbone's context",
+                    ) -> tuple[AdapterEntry | None, list[int]]:
+    """Resolve the task's current adapter version and tokenize the input; refuse what cannot run.
+
+    `config` is the engine's EngineConfig (limits); `context_tokens` the longest sequence the
+    engine can hold (`context_name` says which limit that is in the error message).
+    """
+    input_ids = tokenizer(request.input)["input_ids"]
+    if len(input_ids) > config.max_input_tokens:  # before the task: a too-long input is 413 whatever it names
+        raise InputTooLongError(f"input is {len(input_ids)} tokens, over the limit of {config.max_input_tokens}")
+    entry = registry.get(request.task_id) if request.task_id is not None else None
+    if not input_ids and entry is None:
+        raise RequestError("input is empty and no task was given: nothing to condition on")
+    params = request.params
+    if params.max_new_tokens > config.max_new_tokens:
+        raise RequestError(f"max_new_tokens {params.max_new_tokens} over the limit of {config.max_new_tokens}")
+    soft = entry.adapter.pooled_tokens if entry else 0
+    if soft + len(input_ids) + params.max_new_tokens > context_tokens:
+        raise RequestError(
+            f"soft prompt ({soft}) + input ({len(input_ids)}) + max_new_tokens ({params.max_new_tokens}) "
+            f"exceeds {context_name} of {context_tokens} tokens"
+        )
+    return entry, input_ids

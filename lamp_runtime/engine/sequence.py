@@ -1,0 +1,109 @@
+"""State of one request inside the engine: tokens so far, visible text, stop handling, timings."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..adapters.registry import AdapterEntry
+from ..prompts.prepared import PreparedPrompt
+from ..requests import (
+    FINISH_ABORT,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    GenerationRequest,
+    GenerationResult,
+    StepOutput,
+    elapsed_ms,
+)
+
+
+class Sequence:
+    def __init__(self, request: GenerationRequest, input_ids: list[int], entry: AdapterEntry | None,
+                 generator: torch.Generator | None, tokenizer, eos_ids: set[int]):
+        self.request = request
+        self.params = request.params
+        self.input_ids = input_ids
+        self.entry = entry
+        self.generator = generator
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+        self.prepared: PreparedPrompt | None = None  # pinned in the prompt cache while running
+        self.generated: list[int] = []
+        self.last_token: int | None = None  # the next decode step's input
+        self.text = ""
+        self.emitted = 0  # characters of `text` already streamed
+        self.finish_reason: str | None = None
+        self.submitted_at = time.perf_counter()
+        self.admitted_at = self.first_token_at = self.finished_at = None
+        self.prefill_seconds = 0.0
+
+    @property
+    def soft_prompt_tokens(self) -> int:
+        return self.entry.adapter.pooled_tokens if self.entry else 0
+
+    @property
+    def length(self) -> int:
+        """Tokens in the model's context so far (soft prompt + input + generated)."""
+        return self.soft_prompt_tokens + len(self.input_ids) + len(self.generated)
+
+    def accept(self, token_id: int) -> StepOutput:
+        """Record a sampled token; decide whether the request is finished; return what to stream."""
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        self.last_token = token_id
+        if token_id in self.eos_ids and not self.params.ignore_eos:
+            self.finish_reason = FINISH_STOP
+        else:
+            self.generated.append(token_id)
+            self.text = self.tokenizer.decode(self.generated, skip_special_tokens=True)
+            cut = self._stop_index()
+            if cut is not None:
+                self.text = self.text[:cut]
+                self.finish_reason = FINISH_STOP
+            elif len(self.generated) >= self.params.max_new_tokens:
+                self.finish_reason = FINISH_LENGTH
+        return self._emit()
+
+    def abort(self) -> StepOutput:
+        self.finish_reason = FINISH_ABORT
+        return self._emit()
+
+    def _stop_index(self) -> int | None:
+        found = [i for i in (self.text.find(s) for s in self.params.stop) if i >= 0]
+        return min(found) if found else None
+
+    def _safe_to_stream(self) -> int:
+        """Length of text that can be streamed without later being retracted: hold back an
+        incomplete UTF-8 character and any tail that could still grow into a stop string."""
+        end = len(self.text)
+        if self.text.endswith("\ufffd"):
+            end -= 1
+        for stop in self.params.stop:
+            for k in range(min(len(stop) - 1, end), 0, -1):
+                if self.text[:end].endswith(stop[:k]):
+                    end -= k
+                    break
+        return max(end, self.emitted)
+
+    def _emit(self) -> StepOutput:
+        end = len(self.text) if self.finish_reason else self._safe_to_stream()
+        delta, self.emitted = self.text[self.emitted:end], end
+        result = None
+        if self.finish_reason:
+            self.finished_at = time.perf_counter()
+            result = self._result()
+        return StepOutput(self.request.request_id, delta, result)
+
+    def _result(self) -> GenerationResult:
+        admitted = self.admitted_at or self.finished_at
+        return GenerationResult.of(
+            self.request, self.entry, text=self.text, finish_reason=self.finish_reason, token_ids=self.generated,
+            input_tokens=len(self.input_ids),
+            queue_ms=elapsed_ms(self.submitted_at, admitted),
+            prefill_ms=self.prefill_seconds * 1000,
+            decode_ms=elapsed_ms(self.first_token_at, self.finished_at),
+            ttft_ms=elapsed_ms(self.submitted_at, self.first_token_at),
+            total_ms=elapsed_ms(self.submitted_at, self.finished_at),
+        )

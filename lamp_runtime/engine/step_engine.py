@@ -1,0 +1,170 @@
+"""What the two transformers engines (decoder-only and T5) share: the waiting queue, aborts,
+admission, prompt assembly and pinning, padding and sampling, and the synchronous step loop.
+
+Subclasses keep their own running state and say how newcomers are prefilled and how the running
+rows decode one token (`_prefill`, `_decode`, `_abort_running`, `_running_sequences`).
+"""
+
+from __future__ import annotations
+
+import abc
+import threading
+import time
+from collections import deque
+
+import torch
+
+from ..adapters.registry import AdapterRegistry
+from ..prompts.cache import PromptCache
+from ..prompts.prepared import assemble_embeddings, prepare
+from ..requests import GenerationRequest, GenerationResult, StepOutput
+from .admission import resolve_request
+from .base import EngineConfig, StepStats
+from .sampling import make_generator, next_token
+from .sequence import Sequence
+
+
+class StepEngine(abc.ABC):
+    """A transformers engine driven one `step()` at a time (by AsyncEngine's loop thread, or
+    synchronously through `generate()`)."""
+
+    kind = "hf"
+
+    def __init__(self, backbone, registry: AdapterRegistry | None = None, config: EngineConfig | None = None,
+                 cache: PromptCache | None = None):
+        self.backbone = backbone
+        self.registry = registry if registry is not None else AdapterRegistry()
+        self.config = config or EngineConfig()
+        self.cache = cache or PromptCache(self.config.prompt_cache_bytes, backbone.device, backbone.dtype)
+        self._eos_ids = backbone.eos_token_ids()
+        self._lock = threading.Lock()
+        self._waiting: deque[Sequence] = deque()
+        self._aborted: set[str] = set()
+        self.last_step = StepStats()
+
+    # ---- submission (any thread) -------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest) -> str:
+        """Validate, tokenize and resolve the task's current adapter version; queue the request."""
+        entry, input_ids = resolve_request(request, self.registry, self.backbone.tokenizer, self.config,
+                                           self.backbone.max_positions)
+        generator = make_generator(request.params, self.backbone.device)
+        sequence = Sequence(request, input_ids, entry, generator, self.backbone.tokenizer, self._eos_ids)
+        with self._lock:
+            self._waiting.append(sequence)
+        return request.request_id
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._aborted.add(request_id)
+
+    def has_work(self) -> bool:
+        with self._lock:
+            if self._waiting:
+                return True
+        return bool(self._running_sequences())
+
+    @property
+    def num_waiting(self) -> int:
+        with self._lock:
+            return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running_sequences())
+
+    # ---- the loop (one thread) ---------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[StepOutput]:
+        started = time.perf_counter()
+        outputs = self._handle_aborts()
+        newcomers = self._admit()
+        stats = StepStats(prefilled=len(newcomers), prefill_tokens=sum(s.length for s in newcomers))
+        if newcomers:
+            now = time.perf_counter()
+            for seq in newcomers:
+                seq.admitted_at = now
+            outputs += self._prefill(newcomers, stats)
+        running = self._running_sequences()
+        if running:
+            stats.batch_size = len(running)
+            stats.distinct_tasks = len({s.request.task_id for s in running})
+            outputs += self._decode()
+        stats.seconds = time.perf_counter() - started
+        self.last_step = stats
+        return outputs
+
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        """Run `requests` to completion (batched together) and return results in order."""
+        ids = [self.submit(r) for r in requests]
+        results: dict[str, GenerationResult] = {}
+        while len(results) < len(ids):
+            for out in self.step():
+                if out.result is not None:
+                    results[out.request_id] = out.result
+        return [results[i] for i in ids]
+
+    @abc.abstractmethod
+    def _running_sequences(self) -> list[Sequence]:
+        """Every request prefilled and still generating."""
+
+    @abc.abstractmethod
+    def _abort_running(self, aborted: set[str]) -> list[StepOutput]:
+        """Drop the running rows whose request ids are in `aborted`; their abort outputs."""
+
+    @abc.abstractmethod
+    def _prefill(self, newcomers: list[Sequence], stats: StepStats) -> list[StepOutput]:
+        """Prefill `newcomers` (their first token each); the ones still running join the batch."""
+
+    @abc.abstractmethod
+    def _decode(self) -> list[StepOutput]:
+        """One token for every running row."""
+
+    def _handle_aborts(self) -> list[StepOutput]:
+        with self._lock:
+            aborted, self._aborted = self._aborted, set()
+            if not aborted:
+                return []
+            dropped = [s for s in self._waiting if s.request.request_id in aborted]
+            self._waiting = deque(s for s in self._waiting if s.request.request_id not in aborted)
+        return [s.abort() for s in dropped] + self._abort_running(aborted)
+
+    def _admit(self) -> list[Sequence]:
+        with self._lock:
+            room = self.config.max_batch_size - self.num_running
+            return [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+
+    def _embed(self, seq: Sequence) -> torch.Tensor:
+        """[soft prompt ; input embeddings (+ EPT offset on the first tokens)], pinning the prompt."""
+        ids = torch.tensor(seq.input_ids, dtype=torch.long, device=self.backbone.device)
+        inputs = self.backbone.embed(ids)
+        if seq.entry is None:
+            return inputs
+        adapter = seq.entry.adapter
+        seq.prepared = self.cache.acquire(seq.entry.cache_key, lambda: prepare(adapter))
+        return assemble_embeddings(seq.prepared, inputs)
+
+    @staticmethod
+    def _pad(rows: list[torch.Tensor], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stack [n_i, d] rows into [B, max n, d] with zero padding, and the matching 0/1 mask."""
+        width = max(r.shape[0] for r in rows)
+        pads = [(width - r.shape[0], 0) if left else (0, width - r.shape[0]) for r in rows]
+        embeds = torch.stack([torch.nn.functional.pad(r, (0, 0, *p)) for r, p in zip(rows, pads)])
+        mask = torch.stack([torch.nn.functional.pad(torch.ones(r.shape[0], dtype=torch.long, device=r.device), p)
+                            for r, p in zip(rows, pads)])
+        return embeds, mask
+
+    def _sample(self, sequences: list[Sequence], logits: torch.Tensor) -> tuple[list[StepOutput], list[int]]:
+        """One token per row; returns the outputs and the indices of rows still running."""
+        outputs, keep = [], []
+        for i, seq in enumerate(sequences):
+            outputs.append(seq.accept(next_token(logits[i], seq.params, seq.generator)))
+            if seq.finish_reason is None:
+                keep.append(i)
+        return outputs, keep
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.prepared is not None:
+            seq.prepared = None
+            self.cache.release(seq.entry.cache_key)

@@ -1,0 +1,137 @@
+"""HTTP routes (FastAPI) and the ingress deployment that serves them.
+
+The ingress holds no model: it validates requests, enforces body-size limits, checks the admin
+token, talks to the adapter store for admin calls, and forwards generation to the model deployment.
+Routes stay thin: generation lives in serving/generation.py, admin in serving/admin.py, uploads in
+uploads.py, limits and error handlers in middleware.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from ray import serve
+
+from ..admin import AdapterAdmin
+from ..config import ServeSettings
+from ..generation import GenerationService
+from ..metrics.hub import MetricsPublisher, render
+from ..metrics.ingress import IngressMetrics
+from ..replica import ReplicaInfo
+from ..store import open_store
+from . import middleware
+from .auth import TOKEN_ENV, AdminAuth
+from .errors import ServingError, error_response
+from .protocol import AdapterList, CompletionRequest, GenerateRequest, HealthResponse, ModelCard, ModelList
+from .uploads import read_upload
+
+log = logging.getLogger(__name__)
+
+HEALTH_TIMEOUT_S = 10.0
+METRICS_TIMEOUT_S = 5.0
+
+app = FastAPI(title="lamp-serve", summary="Many tuned soft prompts over one shared backbone")
+middleware.install(app, (ServeSettings.max_request_bytes, ServeSettings.max_upload_bytes))
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, graceful_shutdown_wait_loop_s=0.5,
+                  graceful_shutdown_timeout_s=10.0)
+@serve.ingress(app)
+class LampIngress:
+    def __init__(self, model, hub, settings_args: dict):
+        from lamp_runtime.adapters import AdapterLimits
+
+        settings = ServeSettings.from_mapping(settings_args)
+        app.state.body_limits = (settings.max_request_bytes, settings.max_upload_bytes)
+        self.metrics = IngressMetrics()
+        app.state.ingress_metrics = self.metrics
+        self.model = model
+        self.hub = hub
+        self.auth = AdminAuth(os.environ.get(TOKEN_ENV))
+        self.admin = AdapterAdmin(open_store(settings.store_location),
+                                  AdapterLimits(max_file_bytes=settings.max_upload_bytes))
+        self.generation = GenerationService(model, self.metrics)
+        self.publisher = MetricsPublisher(hub, self.metrics.registry)
+        self.publisher.start()
+        self._hidden_size: int | None = None
+        log.info("ingress ready (admin API %s)", "enabled" if self.auth.enabled else f"disabled: {TOKEN_ENV} unset")
+
+    # ---- inference --------------------------------------------------------------------------------
+
+    @app.post("/generate")
+    async def generate(self, request: GenerateRequest):
+        return await self.generation.generate(request)
+
+    @app.post("/v1/completions")
+    async def completions(self, request: CompletionRequest):
+        return await self.generation.completions(request)
+
+    @app.get("/v1/models")
+    async def models(self) -> ModelList:
+        adapters = await asyncio.to_thread(self.admin.list)
+        return ModelList(data=[ModelCard(id=a.task_id, created=int(a.created_at)) for a in adapters])
+
+    # ---- operations -------------------------------------------------------------------------------
+
+    @app.get("/healthz")
+    async def healthz(self):
+        try:
+            info: ReplicaInfo = await asyncio.wait_for(self.model.info.remote(), HEALTH_TIMEOUT_S)
+        except Exception as exc:
+            return error_response(503, f"model not ready: {exc.__class__.__name__}")
+        if not info.healthy:
+            return error_response(503, "engine loop is not running")
+        return HealthResponse(status="ok", backbone=info.backbone, replica=info.replica)
+
+    @app.get("/metrics")
+    async def metrics(self):
+        own = self.publisher.local_snapshot()
+        try:
+            latest = await asyncio.wait_for(self.hub.collect.remote(), METRICS_TIMEOUT_S)
+        except Exception as exc:  # still expose what this process knows
+            log.warning("metrics hub unavailable: %r", exc)
+            latest = {}
+        others = [families for source, families in latest.items() if source != self.publisher.source]
+        return Response(render([own, *others]), media_type=CONTENT_TYPE_LATEST)
+
+    # ---- admin ------------------------------------------------------------------------------------
+
+    @app.put("/admin/adapters/{task_id:path}", status_code=201)
+    async def put_adapter(self, task_id: str, request: Request):
+        self.auth.check(request.headers.get("authorization"))
+        files, pool = await read_upload(request)
+        hidden_size = await self._backbone_hidden_size()
+        stored = await asyncio.to_thread(self.admin.register, task_id, files, pool, hidden_size)
+        return JSONResponse(stored.to_json(), status_code=201)
+
+    @app.get("/admin/adapters")
+    async def list_adapters(self, request: Request):
+        self.auth.check(request.headers.get("authorization"))
+        adapters = await asyncio.to_thread(self.admin.list)
+        return AdapterList(adapters=adapters)
+
+    @app.get("/admin/adapters/{task_id:path}")
+    async def get_adapter(self, task_id: str, request: Request):
+        self.auth.check(request.headers.get("authorization"))
+        return (await asyncio.to_thread(self.admin.get, task_id)).to_json()
+
+    @app.delete("/admin/adapters/{task_id:path}")
+    async def delete_adapter(self, task_id: str, request: Request):
+        self.auth.check(request.headers.get("authorization"))
+        stored = await asyncio.to_thread(self.admin.delete, task_id)
+        return {"task_id": stored.task_id, "deleted_version": stored.version}
+
+    async def _backbone_hidden_size(self) -> int:
+        if self._hidden_size is None:
+            try:
+                info: ReplicaInfo = await asyncio.wait_for(self.model.info.remote(), HEALTH_TIMEOUT_S)
+            except Exception as exc:
+                raise ServingError(503, f"model not ready, cannot validate the adapter: {exc.__class__.__name__}",
+                                   {"Retry-After": "1"}) from None
+            self._hidden_size = info.hidden_size
+        return self._hidden_size

@@ -1,0 +1,51 @@
+"""Reading an adapter upload: multipart/form-data with file field `adapter` (.safetensors) or
+`adapter_config` + `adapter_model` (PEFT), and an optional text field `pool`."""
+
+from __future__ import annotations
+
+from fastapi import Request
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .errors import ServingError
+
+UPLOAD_FILE_FIELDS = ("adapter", "adapter_config", "adapter_model")
+UPLOAD_FORM_FIELDS = ("pool",)
+MAX_FORM_FIELDS = 8
+MAX_TEXT_PART_BYTES = 64 * 1024
+
+
+async def read_upload(request: Request) -> tuple[dict[str, bytes], str | None]:
+    """The uploaded files by field name and the raw `pool` field (None when absent)."""
+    content_type = request.headers.get("content-type", "")
+    if not content_type.startswith("multipart/form-data"):
+        raise ServingError(422, "upload must be multipart/form-data with file field 'adapter' "
+                                "or 'adapter_config' + 'adapter_model' (got content type "
+                                f"{content_type or 'none'!r})")
+    try:
+        form = await request.form(max_files=len(UPLOAD_FILE_FIELDS), max_fields=MAX_FORM_FIELDS,
+                                  max_part_size=MAX_TEXT_PART_BYTES)
+    except StarletteHTTPException as exc:
+        if exc.status_code == 413:
+            raise
+        raise ServingError(422, f"malformed multipart upload: {exc.detail}") from None
+    try:
+        unknown = sorted(set(form.keys()) - set(UPLOAD_FILE_FIELDS) - set(UPLOAD_FORM_FIELDS))
+        if unknown:
+            raise ServingError(422, f"unexpected form fields {unknown}; expected file fields "
+                                    f"{list(UPLOAD_FILE_FIELDS)} and optional field 'pool'")
+        files = {}
+        for name in UPLOAD_FILE_FIELDS:
+            values = form.getlist(name)
+            if len(values) > 1:
+                raise ServingError(422, f"form field {name!r} was sent {len(values)} times")
+            if values:
+                if not isinstance(values[0], UploadFile):
+                    raise ServingError(422, f"form field {name!r} must be a file upload, not a text value")
+                files[name] = await values[0].read()
+        pool = form.get("pool")
+        if pool is not None and not isinstance(pool, str):
+            raise ServingError(422, "form field 'pool' must be a text value, not a file")
+        return files, pool
+    finally:
+        await form.close()

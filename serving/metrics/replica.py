@@ -1,0 +1,106 @@
+"""The Prometheus metrics of a model replica, names prefixed `lamp_`.
+
+Each process keeps its own `CollectorRegistry`; hub.py gathers the registries of all replicas so the ingress `/metrics` shows every replica (see there why). Values that already
+exist elsewhere (prompt-cache counters, registered adapters, memory) are read when collected
+instead of being mirrored into extra metric objects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
+
+from .process import ProcessCollector
+
+SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+BATCH_TASKS_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
+
+
+class EngineCollector:
+    """Prompt cache, backbone, adapters and queue state of a model replica, read at collection time."""
+
+    def __init__(self, engine, registered: Callable[[], int]):
+        self.engine = engine
+        self.registered = registered
+
+    def collect(self):
+        stats = self.engine.cache.stats()
+        for name, value, doc in (("hits", stats.hits, "Prompt cache lookups served from the cache"),
+                                 ("misses", stats.misses, "Prompt cache lookups that built the prompt"),
+                                 ("evictions", stats.evictions, "Prompts evicted from the cache")):
+            family = CounterMetricFamily(f"lamp_prompt_cache_{name}", doc)
+            family.add_metric([], value)
+            yield family
+        yield _gauge("lamp_prompt_cache_bytes", "Device bytes held by cached prompts", stats.bytes)
+        yield _gauge("lamp_backbone_bytes", "Bytes of backbone weights held by this replica",
+                     self.engine.backbone.weights_bytes)
+        yield _gauge("lamp_registered_adapters", "Adapters registered in this replica", self.registered())
+        yield _gauge("lamp_requests_waiting", "Requests queued for the engine", self.engine.num_waiting)
+        yield _gauge("lamp_requests_running", "Requests in the running batch", self.engine.num_running)
+        device = self.engine.backbone.device
+        if device.type == "cuda":
+            import torch
+
+            yield _gauge("lamp_cuda_memory_allocated_bytes", "CUDA memory allocated by tensors",
+                         torch.cuda.memory_allocated(device))
+            yield _gauge("lamp_cuda_memory_reserved_bytes", "CUDA memory reserved by the caching allocator",
+                         torch.cuda.memory_reserved(device))
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, doc)
+    family.add_metric([], value)
+    return family
+
+
+class ModelMetrics:
+    """What a model replica measures: request latencies, batch composition, token counts."""
+
+    def __init__(self, engine, registered: Callable[[], int]):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.queue_seconds = Histogram("lamp_queue_seconds", "Time from submission to joining the batch",
+                                       buckets=SECONDS_BUCKETS, registry=r)
+        self.ttft_seconds = Histogram("lamp_time_to_first_token_seconds", "Time from submission to the first token",
+                                      buckets=SECONDS_BUCKETS, registry=r)
+        self.request_seconds = Histogram("lamp_request_seconds", "Time from submission to the last token",
+                                         buckets=SECONDS_BUCKETS, registry=r)
+        self.batch_size = Histogram("lamp_batch_size", "Requests in the batch, per decode step",
+                                    buckets=BATCH_SIZE_BUCKETS, registry=r)
+        self.batch_tasks = Histogram("lamp_batch_tasks", "Distinct tasks in the batch, per decode step",
+                                     buckets=BATCH_TASKS_BUCKETS, registry=r)
+        self.generated_tokens = Counter("lamp_generated_tokens_total", "Completion tokens generated", registry=r)
+        self.soft_prompt_tokens = Counter("lamp_soft_prompt_tokens_total",
+                                          "Soft-prompt tokens prepended (after pooling)", registry=r)
+        self.soft_prompt_tokens_saved = Counter("lamp_soft_prompt_tokens_saved_total",
+                                                "Soft-prompt tokens saved by pooling (l - ceil(l/p))", registry=r)
+        self.prefill_forwards = Counter("lamp_prefill_forwards_total",
+                                        "Prefill forward passes (a step's newcomers, grouped by length)", registry=r)
+        self.prefill_padding = Counter("lamp_prefill_padding_tokens_total",
+                                       "Padded positions computed in prefill beyond the real tokens", registry=r)
+        self.aborted = Counter("lamp_aborted_requests_total",
+                               "Requests aborted before finishing (client disconnected)", registry=r)
+        r.register(EngineCollector(engine, registered))
+        r.register(ProcessCollector())
+
+    def observe_step(self, stats) -> None:
+        """Engine-loop callback (its thread); prometheus_client metrics are thread-safe."""
+        self.prefill_forwards.inc(stats.prefill_forwards)
+        self.prefill_padding.inc(stats.prefill_padding)
+        if stats.batch_size:
+            self.batch_size.observe(stats.batch_size)
+            self.batch_tasks.observe(stats.distinct_tasks)
+
+    def observe_result(self, result) -> None:
+        if result.finish_reason == "abort":  # client went away: its timings say nothing about us
+            self.aborted.inc()
+            return
+        self.queue_seconds.observe(result.queue_ms / 1000)
+        self.ttft_seconds.observe(result.ttft_ms / 1000)
+        self.request_seconds.observe(result.total_ms / 1000)
+        self.generated_tokens.inc(result.completion_tokens)
+        self.soft_prompt_tokens.inc(result.soft_prompt_tokens)
+        self.soft_prompt_tokens_saved.inc(result.soft_prompt_tokens_saved)

@@ -1,0 +1,185 @@
+"""The model deployment: one backbone per replica, one continuous batch for requests of every task.
+
+Serve's `@serve.batch` and model multiplexing group requests by model id, i.e. by task, which is
+exactly what we must not do: a LAMP adapter is only a few prepended embeddings, so requests of any
+mix of tasks share one forward pass. Each replica therefore runs our own `AsyncEngine` and lets
+Serve deliver many concurrent requests to it (`max_ongoing_requests` is sized for a full batch
+plus the waiting queue; see serving/app.py).
+
+Requests and replies cross Ray as the runtime's own dataclasses (lamp_runtime/requests.py): a
+`GenerationRequest` in, `StepOutput`s / a `GenerationResult` out. Errors a client can cause are
+returned as a `Refusal` (serving/http/errors.py) rather than raised, so the ingress gets the status
+and the message instead of a remote traceback, and nothing a client sends can take the replica down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from ray import serve
+
+from lamp_runtime.errors import UnservableTaskError
+from lamp_runtime.requests import GenerationRequest, GenerationResult, StepOutput
+
+from .config import ServeSettings
+from .http.errors import Refusal, refusal_for
+
+log = logging.getLogger(__name__)
+
+STORE_POLL_S = 0.2
+
+
+@dataclass(frozen=True)
+class ReplicaInfo:
+    """What a replica says about itself (health checks, the admin API's hidden-size check)."""
+
+    replica: str
+    engine: str
+    backbone: str
+    hidden_size: int
+    dtype: str
+    quantization: str
+    device: str
+    max_input_tokens: int
+    max_new_tokens: int
+    registered_adapters: int
+    healthy: bool
+
+
+@serve.deployment(
+    ray_actor_options={"num_cpus": 1},
+    health_check_period_s=5.0,
+    # In-flight generations get a moment to finish on shutdown, but Ctrl-C must stay quick.
+    graceful_shutdown_wait_loop_s=0.5,
+    graceful_shutdown_timeout_s=10.0,
+    max_constructor_retry_count=2,  # a backbone that fails to load will not load on the 20th try
+)
+class LampModel:
+    def __init__(self, settings_args: dict, hub):
+        import torch
+
+        from lamp_runtime.adapters import AdapterLimits
+        from lamp_runtime.engine.build import build_engine, build_runner
+
+        from .metrics.hub import MetricsPublisher
+        from .metrics.replica import ModelMetrics
+        from .store import open_store
+        from .store.files import import_bundled
+        from .store.sync import StoreSync
+
+        settings = ServeSettings.from_mapping(settings_args)
+        self.settings = settings
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        # Ray sets OMP_NUM_THREADS from the replica's logical CPUs (1 for fractions); the cores
+        # this replica may really use are its share of the machine.
+        torch.set_num_threads(settings.threads or max(1, (os.cpu_count() or 1) // settings.replicas))
+        self.limits = AdapterLimits(max_file_bytes=settings.max_upload_bytes)
+        self.engine = build_engine(settings.engine, settings.backbone_options(), settings.engine_config(),
+                                   settings.vllm_options())
+        self.backbone = self.engine.backbone
+        store = open_store(settings.store_location)
+        import_bundled(store, settings.prompts_dir, self.backbone.hidden_size, self.limits)
+        self.sync = StoreSync(store, self.engine.registry, self.engine.cache, self.backbone.hidden_size, self.limits,
+                              self.backbone.options)
+        self.sync.refresh()
+        self.metrics = ModelMetrics(self.engine, registered=lambda: len(self.engine.registry))
+        self.runner = build_runner(self.engine, max_waiting=settings.max_queue, batch_wait_ms=settings.batch_wait_ms,
+                                   on_step=self.metrics.observe_step, on_finish=self.metrics.observe_result)
+        self.publisher = MetricsPublisher(hub, self.metrics.registry)
+        self.publisher.start()
+        self._store_thread = ThreadPoolExecutor(1, thread_name_prefix="store-poll")
+        self._poller = asyncio.get_running_loop().create_task(self._poll_store())
+        log.info("replica %s ready: backbone %s (%s, %s), %d adapters, %d torch threads", self.replica_id,
+                 self.backbone.name, self.backbone.options.dtype, self.backbone.device, len(self.engine.registry),
+                 torch.get_num_threads())
+
+    # ---- requests -------------------------------------------------------------------------------
+
+    async def complete(self, request: GenerationRequest) -> GenerationResult | Refusal:
+        """One whole generation: its result, or the refusal the client gets."""
+        try:
+            await self._admit(request)
+            result = await self.runner.complete(request)
+        except Exception as exc:
+            return self._refusal(exc)
+        return dataclasses.replace(result, replica=self.replica_id)
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[StepOutput | Refusal]:
+        """Yields a `StepOutput` per step with new text (the last one carries the result).
+
+        The first item is a `Refusal` instead when the request is refused: the submission only
+        happens when the first output is awaited, so the ingress learns the outcome (and can pick
+        the HTTP status) with the first token. A failure mid-stream ends it with a `Refusal` too.
+        """
+        try:
+            await self._admit(request)
+            outputs = self.runner.generate(request)
+            out = await outputs.__anext__()
+        except Exception as exc:
+            yield self._refusal(exc)
+            return
+        try:
+            while True:
+                if out.finished:
+                    yield dataclasses.replace(out, result=dataclasses.replace(out.result, replica=self.replica_id))
+                    return
+                if out.delta:
+                    yield out
+                out = await outputs.__anext__()
+        except Exception as exc:  # the engine loop failed mid-stream: tell the client, in-band
+            yield self._refusal(exc)
+        finally:
+            await outputs.aclose()  # aborts the request if the client went away
+
+    async def _admit(self, request: GenerationRequest) -> None:
+        if self.sync.changed():  # an admin change is visible to the very next request
+            await asyncio.to_thread(self.sync.refresh)
+        reason = self.sync.unservable.get(request.task_id)
+        if reason is not None:
+            raise UnservableTaskError(request.task_id, reason)
+
+    def _refusal(self, exc: Exception) -> Refusal:
+        refusal = refusal_for(exc, self.replica_id)
+        if refusal is None:  # a bug, not the client's doing: let Serve report it
+            raise exc
+        return refusal
+
+    # ---- introspection --------------------------------------------------------------------------
+
+    def info(self) -> ReplicaInfo:
+        options = self.backbone.options
+        return ReplicaInfo(
+            replica=self.replica_id, engine=self.settings.engine, backbone=self.backbone.name,
+            hidden_size=self.backbone.hidden_size, dtype=options.dtype, quantization=options.quantization,
+            device=str(self.backbone.device), max_input_tokens=self.settings.max_input_tokens,
+            max_new_tokens=self.settings.max_new_tokens, registered_adapters=len(self.engine.registry),
+            healthy=self.runner.healthy,
+        )
+
+    def check_health(self) -> None:
+        """Called by Serve periodically; raising makes Serve replace this replica."""
+        if not self.runner.healthy:
+            raise RuntimeError("engine loop is not running")
+
+    async def _poll_store(self) -> None:
+        while True:
+            await asyncio.sleep(STORE_POLL_S)
+            try:
+                # Off the event loop: on an object store the check itself is a (rate-limited) HEAD
+                # request. Our own thread, not the loop's default executor, which Serve's shutdown
+                # closes while this task may still be running.
+                await asyncio.get_running_loop().run_in_executor(self._store_thread, self.sync.refresh_if_changed)
+            except Exception:  # keep polling whatever happened; refresh logs its own problems
+                log.exception("adapter store poll failed")
+
+    def __del__(self):
+        # Serve calls this on graceful shutdown: stop the engine thread before the process exits.
+        runner = getattr(self, "runner", None)
+        if runner is not None:
+            runner.shutdown(timeout=5.0)

@@ -1,0 +1,159 @@
+"""The adapter store's contract and the records both backends (local.py, s3.py) keep.
+
+Layout (the same on a local disk and on an object store): `<task>/v<N>.safetensors`, one file per
+adapter version, written once and never modified, and one small `index.json` naming the current
+version of each task. A version becomes current only once its file is stored and verified, so a
+failed or bad upload, or a crash at any point, leaves the previous version serving.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from lamp_runtime.adapters.registry import validate_task_id
+from lamp_runtime.errors import AdapterError
+
+INDEX_NAME = "index.json"
+LOCK_NAME = ".lock"
+INDEX_FORMAT = 1
+# Versions kept per task: the current one and the one before it, so a replica that read the
+# previous index a moment ago can still open the file it names.
+KEEP_VERSIONS = 2
+
+
+class StoreError(RuntimeError):
+    """The store cannot be read or written (corrupt index, disk full, lock timeout)."""
+
+
+@dataclass(frozen=True)
+class AdapterFacts:
+    """What the validated adapter looks like; recorded in the index next to its file."""
+
+    kind: str
+    prompt_tokens: int
+    pooled_tokens: int
+
+
+@dataclass(frozen=True)
+class StoredAdapter:
+    task_id: str
+    version: int
+    kind: str
+    prompt_tokens: int
+    pooled_tokens: int
+    bytes: int
+    sha256: str
+    created_at: float
+    source: str  # "upload" or "bundled:<file name>"
+
+    @property
+    def relative_path(self) -> str:
+        return f"{self.task_id}/v{self.version}.safetensors"
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "StoredAdapter":
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+
+
+@dataclass
+class StoreIndex:
+    generation: int = 0
+    tasks: dict[str, StoredAdapter] = field(default_factory=dict)
+    last_versions: dict[str, int] = field(default_factory=dict)
+    bundled: dict[str, str] = field(default_factory=dict)  # task id -> sha256 of the imported source
+
+    def to_json(self) -> dict:
+        return {
+            "format": INDEX_FORMAT,
+            "generation": self.generation,
+            "tasks": {t: a.to_json() for t, a in sorted(self.tasks.items())},
+            "last_versions": dict(sorted(self.last_versions.items())),
+            "bundled": dict(sorted(self.bundled.items())),
+        }
+
+    @classmethod
+    def parse(cls, text: str, source: str) -> "StoreIndex":
+        """The index from its file's text; any problem is a StoreError naming `source`."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise StoreError(f"adapter index {source} is not valid JSON ({exc}); fix or remove it") from None
+        if not isinstance(data, dict):
+            raise StoreError(f"adapter index {source} must be a JSON object")
+        return cls.from_json(data, source)
+
+    @classmethod
+    def from_json(cls, data: dict, source: str) -> "StoreIndex":
+        try:
+            if data.get("format") != INDEX_FORMAT:
+                raise ValueError(f"format {data.get('format')!r}, expected {INDEX_FORMAT}")
+            return cls(
+                generation=int(data["generation"]),
+                tasks={t: StoredAdapter.from_json(a) for t, a in data["tasks"].items()},
+                last_versions={t: int(v) for t, v in data["last_versions"].items()},
+                bundled={t: str(s) for t, s in data.get("bundled", {}).items()},
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise StoreError(f"adapter index {source} is damaged ({exc!r}); fix or remove it") from None
+
+
+class AdapterStore(abc.ABC):
+    """What the admin API, the replicas' sync and the bundled import need of a store."""
+
+    @abc.abstractmethod
+    def change_key(self):
+        """A cheap fingerprint of the index that changes whenever a writer replaces it (None: no index)."""
+
+    @abc.abstractmethod
+    def read_index(self) -> StoreIndex:
+        """The whole index (an empty one before the first write)."""
+
+    @abc.abstractmethod
+    def path_of(self, stored: StoredAdapter) -> Path:
+        """A local file holding that version's bytes (an object store downloads it once)."""
+
+    @abc.abstractmethod
+    def put(self, task_id: str, write_file: Callable[[Path], None], facts: AdapterFacts, source: str = "upload",
+            verify: Callable[[Path], None] | None = None, bundled_sha: str | None = None) -> StoredAdapter | None:
+        """Store a new version of `task_id` and make it current.
+
+        `write_file(path)` writes the adapter file; `verify(path)` (optional) re-reads it and raises
+        if it is not what was meant, in which case nothing changes. With `bundled_sha`, the write is
+        skipped (None returned) when that bundled source was already imported for this task.
+        """
+
+    @abc.abstractmethod
+    def delete(self, task_id: str) -> StoredAdapter | None:
+        """Remove `task_id`; its version counter is kept. None if it was not stored."""
+
+    def list(self) -> list[StoredAdapter]:
+        return sorted(self.read_index().tasks.values(), key=lambda a: a.task_id)
+
+    def get(self, task_id: str) -> StoredAdapter | None:
+        return self.read_index().tasks.get(task_id)
+
+    @staticmethod
+    def sha256_of(path: Path) -> str:
+        """The content hash the index records for a version file."""
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
+
+    @staticmethod
+    def check_task_id(task_id: str) -> None:
+        """A valid task id that is not also the name of one of the store's own files: a task's folder
+        named `index.json` would make the index unwritable (or, in a store without an index yet, turn
+        it into a folder, so that no later read or write of the store could succeed)."""
+        validate_task_id(task_id)
+        if task_id in (INDEX_NAME, LOCK_NAME):
+            raise AdapterError(f"task id {task_id!r} is reserved by the adapter store; choose another name")

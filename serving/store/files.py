@@ -1,0 +1,144 @@
+"""Adapter files in and out of the store: uploads, bundled `prompts/` files, stored versions.
+
+Everything that enters the store is parsed and validated against the backbone's hidden size and
+`AdapterLimits` first, then written in our own safetensors format (PEFT checkpoints become
+`soft_prompt` files) and read back once before the index points at it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from lamp_runtime.adapters import (
+    MAX_CONFIG_BYTES,
+    AdapterLimits,
+    PromptAdapter,
+    adapter_from_peft,
+    adapter_from_safetensors,
+    load_adapter,
+    parse_pool,
+    save_adapter,
+    validate,
+)
+from lamp_runtime.adapters.peft import CONFIG_FILE, MODEL_FILE
+from lamp_runtime.adapters.registry import is_valid_task_id
+from lamp_runtime.adapters.safetensors_io import read_limited
+from lamp_runtime.errors import AdapterError
+
+from .base import AdapterFacts, AdapterStore, StoredAdapter
+
+log = logging.getLogger(__name__)
+
+
+def parse_pool_field(value: str | None) -> int | None:
+    """The optional `pool` form field: absent/empty means 'keep the file's own pool'."""
+    if value is None or not value.strip():
+        return None
+    return parse_pool(value, "form field 'pool'")
+
+
+def adapter_from_upload(adapter: bytes | None, adapter_config: bytes | None, adapter_model: bytes | None,
+                        pool: int | None, hidden_size: int, limits: AdapterLimits) -> PromptAdapter:
+    """One `.safetensors` (field `adapter`) or a PEFT pair (`adapter_config` + `adapter_model`)."""
+    peft_parts = (adapter_config is not None, adapter_model is not None)
+    if adapter is not None and any(peft_parts):
+        raise AdapterError("send either field 'adapter' or fields 'adapter_config' + 'adapter_model', not both")
+    if adapter is not None:
+        parsed = adapter_from_safetensors(adapter, "field 'adapter'", pool)
+    elif all(peft_parts):
+        parsed = adapter_from_peft(adapter_config, adapter_model, "PEFT upload", pool)
+    elif any(peft_parts):
+        missing = "adapter_model" if adapter_config is not None else "adapter_config"
+        raise AdapterError(f"a PEFT upload needs both 'adapter_config' and 'adapter_model'; {missing!r} is missing")
+    else:
+        raise AdapterError("no adapter in the upload: send file field 'adapter' (.safetensors) "
+                           "or 'adapter_config' + 'adapter_model' (PEFT prompt tuning)")
+    return validate(parsed, hidden_size, limits)
+
+
+def facts_of(adapter: PromptAdapter) -> AdapterFacts:
+    return AdapterFacts(kind=adapter.kind, prompt_tokens=adapter.prompt_tokens, pooled_tokens=adapter.pooled_tokens)
+
+
+def store_adapter(store: AdapterStore, task_id: str, adapter: PromptAdapter, hidden_size: int,
+                  limits: AdapterLimits, source: str = "upload",
+                  bundled_sha: str | None = None) -> StoredAdapter | None:
+    """Write a validated adapter as the next version of `task_id` (see AdapterStore.put)."""
+    return store.put(task_id, lambda path: save_adapter(adapter, path), facts_of(adapter), source=source,
+                     verify=lambda path: load_adapter(path, hidden_size, limits), bundled_sha=bundled_sha)
+
+
+def load_stored(path: Path, expected_sha256: str, hidden_size: int, limits: AdapterLimits) -> PromptAdapter:
+    """Read one stored version, refusing it if its bytes are not the ones the index recorded."""
+    data = read_limited(path, limits.max_file_bytes)
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected_sha256:
+        raise AdapterError(f"{path}: content hash {actual[:12]}… does not match the index ({expected_sha256[:12]}…)")
+    return validate(adapter_from_safetensors(data, path.name), hidden_size, limits)
+
+
+@dataclass(frozen=True)
+class BundledAdapter:
+    task_id: str
+    path: Path
+
+    def sha256(self, limits: AdapterLimits) -> str:
+        digest = hashlib.sha256()
+        if self.path.is_dir():
+            digest.update(read_limited(self.path / CONFIG_FILE, MAX_CONFIG_BYTES))
+            digest.update(read_limited(self.path / MODEL_FILE, limits.max_file_bytes))
+        else:
+            digest.update(read_limited(self.path, limits.max_file_bytes))
+        return digest.hexdigest()
+
+
+def discover_bundled(prompts_dir: Path | None) -> list[BundledAdapter]:
+    """Top-level `*.safetensors` (task id = file stem) and PEFT folders (task id = folder name).
+
+    Other entries (the training data under `prompts/data`, notes) are not adapters and are skipped.
+    """
+    if prompts_dir is None or not prompts_dir.is_dir():
+        return []
+    found = []
+    for path in sorted(prompts_dir.iterdir()):
+        if path.is_file() and path.suffix == ".safetensors":
+            task_id = path.stem
+        elif path.is_dir() and (path / CONFIG_FILE).is_file():
+            task_id = path.name
+        else:
+            continue
+        if not is_valid_task_id(task_id):
+            log.warning("skipping bundled adapter %s: %r is not a valid task id", path, task_id)
+            continue
+        found.append(BundledAdapter(task_id, path))
+    return found
+
+
+def import_bundled(store: AdapterStore, prompts_dir: Path | None, hidden_size: int,
+                   limits: AdapterLimits) -> list[StoredAdapter]:
+    """Register every bundled adapter whose content was not imported before.
+
+    A task whose bundled file is unchanged since its last import is left alone, so an adapter an
+    operator uploaded (or deleted) over the admin API survives restarts; a retrained bundled file
+    (new content) becomes a new version. A broken bundled file is logged and skipped: it must not
+    keep the server, and the adapters that are fine, from starting.
+    """
+    imported = []
+    for bundled in discover_bundled(prompts_dir):
+        try:
+            sha = bundled.sha256(limits)
+            if store.read_index().bundled.get(bundled.task_id) == sha:
+                continue
+            adapter = load_adapter(bundled.path, hidden_size, limits)
+            stored = store_adapter(store, bundled.task_id, adapter, hidden_size, limits,
+                                   source=f"bundled:{bundled.path.name}", bundled_sha=sha)
+        except (AdapterError, OSError) as exc:
+            log.error("bundled adapter %s not registered: %s", bundled.path, exc)
+            continue
+        if stored is not None:
+            imported.append(stored)
+            log.info("registered bundled adapter %s as %s v%d", bundled.path.name, stored.task_id, stored.version)
+    return imported

@@ -1,0 +1,119 @@
+"""Keep one replica's in-memory registry equal to the persistent store.
+
+Each model replica calls `refresh_if_changed()` on every request (one `stat` of the index when
+nothing changed) and every ~200 ms in the background. So once an admin call has returned, any
+request on any replica already sees the new state, and idle replicas also drop deleted adapters
+from memory promptly. A version is loaded (and hash-checked) once; requests already running keep
+the `AdapterEntry` they resolved, so they finish on the version they started with.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+
+from lamp_runtime.adapters import AdapterLimits
+from lamp_runtime.adapters.provenance import serving_mismatch
+from lamp_runtime.adapters.registry import AdapterRegistry
+from lamp_runtime.errors import AdapterError, UnknownTaskError
+from lamp_runtime.prompts.cache import PromptCache
+
+from .base import AdapterStore, StoreError
+from .files import load_stored
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SyncReport:
+    loaded: list[str] = field(default_factory=list)  # "task v3"
+    removed: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+
+class StoreSync:
+    def __init__(self, store: AdapterStore, registry: AdapterRegistry, cache: PromptCache,
+                 hidden_size: int, limits: AdapterLimits, backbone_options=None):
+        self.store = store
+        self.registry = registry
+        self.cache = cache
+        self.hidden_size = hidden_size
+        self.limits = limits
+        self.backbone_options = backbone_options  # resolved; None: no numerics check
+        self._lock = threading.Lock()
+        self._seen_key: tuple | None = ()  # () = never read; None = no index file yet
+        self._failed: set[tuple[str, int]] = set()  # versions that failed to load: not retried
+        # Tasks in the store that this replica cannot serve at all (no earlier version loaded),
+        # with the reason, so a request for one is told why instead of "unknown task".
+        self.unservable: dict[str, str] = {}
+
+    def changed(self) -> bool:
+        return self.store.change_key() != self._seen_key
+
+    def refresh_if_changed(self) -> SyncReport | None:
+        if not self.changed():
+            return None
+        return self.refresh()
+
+    def refresh(self) -> SyncReport:
+        """Bring the registry up to date with the index; problems are logged, never raised."""
+        report = SyncReport()
+        with self._lock:
+            key = self.store.change_key()
+            if key == self._seen_key:
+                return report
+            try:
+                index = self.store.read_index()
+            except StoreError as exc:
+                # Keep serving what we have; a writer will replace the file (and the key) later.
+                log.error("%s", exc)
+                self._seen_key = key
+                return report
+            for stored in index.tasks.values():
+                self._load(stored, report)
+            for entry in self.registry.entries():
+                if entry.task_id not in index.tasks:
+                    self._remove(entry.task_id, report)
+            for task_id in [t for t in self.unservable if t not in index.tasks]:
+                del self.unservable[task_id]
+            self._seen_key = key
+        if report.loaded or report.removed or report.failed:
+            log.info("adapter store sync: loaded %s, removed %s, failed %s",
+                     report.loaded or "-", report.removed or "-", report.failed or "-")
+        return report
+
+    def _load(self, stored, report: SyncReport) -> None:
+        try:
+            current = self.registry.get(stored.task_id)
+        except UnknownTaskError:
+            current = None
+        if current is not None and current.version == stored.version:
+            return
+        if (stored.task_id, stored.version) in self._failed:
+            return
+        try:
+            adapter = load_stored(self.store.path_of(stored), stored.sha256, self.hidden_size, self.limits)
+            self.registry.register(stored.task_id, adapter, stored.version)
+        except (AdapterError, OSError) as exc:
+            self._failed.add((stored.task_id, stored.version))
+            report.failed.append(f"{stored.task_id} v{stored.version}")
+            if current is None:
+                self.unservable[stored.task_id] = f"v{stored.version}: {exc}"
+            log.error("cannot load adapter %s v%d from the store (%s): %s", stored.task_id, stored.version,
+                      f"v{current.version} keeps serving" if current else "the task is not served", exc)
+            return
+        self.unservable.pop(stored.task_id, None)
+        if self.backbone_options is not None and (warning := serving_mismatch(adapter, self.backbone_options)):
+            log.warning("adapter %s v%d: %s", stored.task_id, stored.version, warning)
+        if current is not None:
+            self.cache.discard(current.cache_key)  # pinned by running requests? then LRU takes it later
+        report.loaded.append(f"{stored.task_id} v{stored.version}")
+
+    def _remove(self, task_id: str, report: SyncReport) -> None:
+        try:
+            entry = self.registry.remove(task_id)
+        except UnknownTaskError:
+            return
+        self.cache.discard(entry.cache_key)
+        report.removed.append(task_id)

@@ -1,0 +1,141 @@
+"""`lamp bench` on tiny sizes: the reports have their schema and sane, finite figures.
+
+Timings are never asserted (the machine is shared); what is checked is what cannot vary: token
+counts, prompt lengths, the theoretical ratio, KV bytes against a real cache, PEFT parity.
+"""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from lamp_runtime.bench.batching import RATIOS, BatchingConfig, run_batching
+from lamp_runtime.bench.memory import kv_cache_bytes, peak_memory_bytes
+from lamp_runtime.bench.plots import plot_batching, plot_pooling
+from lamp_runtime.bench.pooling import PoolingConfig, run_pooling
+from lamp_runtime.bench.stats import interleaved, summarize
+from serving.cli import main
+
+POOLING_ROW_KEYS = {"l", "pool", "batch_size", "input_tokens", "soft_prompt_tokens", "prefill_ms", "ttft_ms",
+                    "e2e_ms", "tokens_per_s", "kv_bytes", "peak_bytes", "theoretical_ratio", "measured_ratio",
+                    "spread"}
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def positive_finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_summarize_gives_median_quartiles_and_range():
+    s = summarize([5, 1, 3, 2, 4])
+    assert (s.median, s.q1, s.q3, s.min, s.max, s.n) == (3, 2, 4, 1, 5, 5)
+    with pytest.raises(ValueError, match="empty"):
+        summarize([])
+
+
+def test_interleaved_measures_every_variant_once_per_round_in_varying_order():
+    calls = []
+    samples = interleaved(["a", "b", "c"], lambda v: calls.append(v) or {"v": v}, repeats=4, warmup=1, seed=3)
+    assert {k: len(v) for k, v in samples.items()} == {"a": 4, "b": 4, "c": 4}
+    rounds = [tuple(calls[i:i + 3]) for i in range(0, len(calls), 3)]
+    assert all(sorted(r) == ["a", "b", "c"] for r in rounds) and len(set(rounds)) > 1
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_kv_bytes_formula_matches_a_real_cache(backbone, batch):
+    tokens = 7
+    cache = DynamicCache(config=backbone.config)
+    with torch.inference_mode():
+        backbone.model(input_ids=torch.ones(batch, tokens, dtype=torch.long), past_key_values=cache, use_cache=True)
+    real = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    assert real == kv_cache_bytes(backbone.config, backbone.dtype, batch * tokens)
+
+
+def test_peak_memory_counts_what_a_run_allocates():
+    def run():
+        first = torch.ones(1000, 1000)  # 4 MB, freed before the 8 MB one: the peak is 8 MB, not 12
+        del first
+        second = torch.ones(2000, 1000)
+        del second
+
+    peak = peak_memory_bytes(run, torch.device("cpu"))
+    assert peak is None or 8_000_000 <= peak < 12_000_000
+
+
+@pytest.fixture(scope="module")
+def pooling_report(backbone):
+    config = PoolingConfig(lengths=(12,), pools=(1, 4), batch_sizes=(1, 2), new_tokens=2, repeats=2, warmup=0)
+    return run_pooling(backbone, config)
+
+
+def test_pooling_report_rows(pooling_report):
+    rows = pooling_report["rows"]
+    assert {(r["pool"], r["batch_size"]) for r in rows} == {(1, 1), (1, 2), (4, 1), (4, 2)}
+    for row in rows:
+        assert POOLING_ROW_KEYS <= set(row)
+        assert row["soft_prompt_tokens"] == math.ceil(12 / row["pool"])
+        lx = row["input_tokens"]
+        assert row["theoretical_ratio"] == pytest.approx((lx + math.ceil(12 / row["pool"])) / (lx + 12))
+        assert row["generated_tokens"] == 2 * row["batch_size"]  # EOS ignored: fixed work per variant
+        for key in ("prefill_ms", "prefill_cpu_ms", "ttft_ms", "e2e_ms", "tokens_per_s", "tokens_per_cpu_s",
+                    "kv_bytes", "peak_bytes", "measured_ratio", "measured_cpu_ratio"):
+            assert positive_finite(row[key]), (key, row[key])
+        assert row["spread"]["prefill_ms"]["n"] == 2
+    unpooled = [r for r in rows if r["pool"] == 1]
+    assert all(r["measured_ratio"] == r["measured_cpu_ratio"] == r["theoretical_ratio"] == 1 for r in unpooled)
+    assert all(r["fixed_cost_ratio"] == pytest.approx(1) for r in unpooled)
+    by_key = {(r["pool"], r["batch_size"]): r for r in rows}
+    assert by_key[(4, 1)]["kv_bytes"] < by_key[(1, 1)]["kv_bytes"] < by_key[(1, 2)]["kv_bytes"]
+
+
+def test_pooling_report_is_json_and_plots(pooling_report, tmp_path):
+    assert json.loads(json.dumps(pooling_report))["bench"] == "pooling"
+    assert pooling_report["machine"]["backbone"]["layers"] == 30
+    assert plot_pooling(pooling_report, tmp_path / "p.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_batching_report_ratios_and_peft_parity(backbone, tmp_path):
+    config = BatchingConfig(requests=2, length=8, pool=2, rank=4, new_tokens=3, repeats=1, warmup=0)
+    report = run_batching(backbone, config)
+    for name in RATIOS:
+        assert positive_finite(report[name]) and positive_finite(report["cpu_time_ratios"][name]["median"]), name
+    assert set(report["variants"]) == {"single_task_batched", "mixed_task_batched", "mixed_task_sequential",
+                                       "peft_sequential"}
+    for variant in report["variants"].values():
+        assert variant["generated_tokens"] == 2 * 3
+        for key in ("tokens_per_s", "tokens_per_cpu_s", "latency_ms", "cpu_ms"):
+            assert positive_finite(variant[key]), key
+    # same prompts, greedy, fp32: our mixed batch reproduces PeftModel.generate token for token
+    assert report["peft_outputs_match"] == report["peft_outputs_compared"] == 2
+    assert report["soft_prompt_tokens"] == 4
+    assert plot_batching(report, tmp_path / "b.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_cache_bench_command_writes_its_report(tmp_path):
+    out = tmp_path / "cache.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "serving.cli", "bench", "cache", "--tasks", "9", "40", "--samples", "5",
+         "--repeats", "1", "--length", "20", "--pool", "4", "--rank", "4", "--cache-bytes", "100000",
+         "--out", str(out)], capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "miss/hit" in done.stdout and f"wrote {out}" in done.stdout
+    report = json.loads(out.read_text())
+    assert report["command"].startswith("lamp bench cache")
+    assert [r["tasks"] for r in report["rows"]] == [9, 40]
+    for row in report["rows"]:
+        assert positive_finite(row["miss_us"]) and positive_finite(row["hit_us"])
+        assert row["device_bytes_per_cached_task"] == 5 * 576 * 4  # ceil(20/4) tokens x d x fp32
+        assert row["host_bytes_per_task"] == (20 * 4 + 4 + 4 * 576) * 4  # U, Q, V in fp32
+        assert row["tasks_that_fit"] == min(row["tasks"], 100000 // (5 * 576 * 4))
+        touched = row["after_touching_all"]
+        assert touched["bytes"] <= 100000 and touched["entries"] == row["tasks_that_fit"]
+
+
+def test_bench_rejects_bad_options_before_loading_anything(capsys):
+    assert main(["bench", "pooling", "--pools", "2", "4", "--out", "unused.json"]) == 2
+    assert "pools must include 1" in capsys.readouterr().err

