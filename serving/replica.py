@@ -85,7 +85,7 @@ class LampModel:
         self.backbone = self.engine.backbone
         store = open_store(settings.store_location)
         import_bundled(store, settings.prompts_dir, self.backbone.hidden_size, self.limits)
-        self.sync = StoreSync(store, self.engine.registry, self.engine.cache, self.backbone.hidden_size, self.limits,
+        self.sync = StoreSync(store, self.engine.registry, self.engine, self.backbone.hidden_size, self.limits,
                               self.backbone.options)
         self.sync.refresh()
         self.metrics = ModelMetrics(self.engine, registered=lambda: len(self.engine.registry))

@@ -97,3 +97,10 @@ def backbone_folder(options: BackboneOptions) -> tuple[Path, str]:
     if not (Path(folder) / "config.json").is_file():
         raise FileNotFoundError(f"backbone folder {folder} has no config.json")
     return Path(folder), name
+
+
+def gguf_source(options: BackboneOptions) -> Path | None:
+    """The GGUF file the backbone comes from (its quantized blocks can be served as they are), if any."""
+    if options.path is None:
+        return embedded_gguf_path()
+    return Path(options.path) if str(options.path).endswith(".gguf") else None

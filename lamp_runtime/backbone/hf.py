@@ -88,7 +88,7 @@ def collect_eos_token_ids(generation_config, config, tokenizer) -> set[int]:
 
 
 def _quantization_config(quantization: str, dtype: torch.dtype):
-    if quantization == "none":
+    if quantization in ("none", "int4"):  # int4 is applied after loading (int4.quantize_model)
         return None
     from transformers import BitsAndBytesConfig
 
@@ -112,7 +112,8 @@ def load_backbone(options: BackboneOptions | None = None) -> Backbone:
     options = (options or BackboneOptions()).resolved()
     started = time.perf_counter()
     folder, name = backbone_folder(options)
-    dtype = DTYPES[options.dtype]
+    # int4 keeps the embeddings and norms in float32 and computes its products in bfloat16.
+    dtype = torch.float32 if options.quantization == "int4" else DTYPES[options.dtype]
     config = AutoConfig.from_pretrained(folder)
     model_class = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
     kwargs = {"dtype": dtype}
@@ -123,6 +124,11 @@ def load_backbone(options: BackboneOptions | None = None) -> Backbone:
     if quantization_config is None:
         model.to(options.device)
     model.eval().requires_grad_(False)
+    if options.quantization == "int4":
+        from .checkpoint import gguf_source
+        from .int4 import quantize_model
+
+        quantize_model(model, gguf_source(options))
     tokenizer = AutoTokenizer.from_pretrained(folder)
     backbone = Backbone(model, tokenizer, name, options, time.perf_counter() - started)
     log.info(

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
-QUANTIZATIONS = ("none", "nf4", "int8")
+QUANTIZATIONS = ("none", "nf4", "int8", "int4")  # nf4 / int8: bitsandbytes; int4: backbone/int4.py
 DTYPE_CHOICES = ("auto", *DTYPE_NAMES)
 QUANTIZATION_CHOICES = ("auto", *QUANTIZATIONS)
 
@@ -42,6 +42,12 @@ class BackboneOptions:
         if quantization == "auto":
             quantization = "nf4" if device.startswith("cuda") else "none"
         dtype = self.dtype
+        if quantization == "int4":
+            if device.startswith("cuda"):
+                raise ValueError("quantization int4 runs on the CPU (torch's int4 CPU kernel); on CUDA use nf4")
+            if dtype not in ("auto", "bfloat16"):
+                raise ValueError(f"quantization int4 computes in bfloat16 (its fast CPU path), got dtype {dtype}")
+            dtype = "bfloat16"
         if dtype == "auto":
             dtype = "bfloat16" if device.startswith("cuda") else "float32"
         return BackboneOptions(self.path, dtype, quantization, device)

@@ -13,6 +13,7 @@ import sys
 
 def register(subparsers) -> None:
     from ..backbone.options import DTYPE_NAMES
+    from .speed import SpeedConfig
 
     bench = subparsers.add_parser("bench", help="measure pooling, mixed-task batching and prompt-cache savings")
     benches = bench.add_subparsers(dest="bench", required=True)
@@ -32,6 +33,17 @@ def register(subparsers) -> None:
     b.add_argument("--no-peft", action="store_true", help="skip the PeftModel.generate baseline")
     _generation_bench(b, new_tokens=16, repeats=5, plot="also draw tokens/s per variant into this PNG")
     b.set_defaults(func=run_batching_command)
+
+    s = benches.add_parser("speed", help="decode tokens/s vs the bandwidth bound and llama.cpp; prefill with a "
+                                          "200- vs 2-token prompt, warm and cold")
+    s.add_argument("--options", nargs="+", default=list(SpeedConfig.options), help="backbones as dtype/quantization")
+    s.add_argument("--batches", type=int, nargs="+", default=list(SpeedConfig.batches), help="decode batch sizes")
+    s.add_argument("--prefill-batches", type=int, nargs="+", default=list(SpeedConfig.prefill_batches))
+    s.add_argument("--new-tokens", type=int, default=SpeedConfig.new_tokens, help="tokens per decode run (EOS ignored)")
+    s.add_argument("--llama-bench", help="llama.cpp's llama-bench binary, run on the embedded GGUF for comparison")
+    s.add_argument("--plot", help="also draw decode tokens/s against the bounds into this PNG")
+    _common(s, repeats=3)
+    s.set_defaults(func=run_speed_command)
 
     c = benches.add_parser("cache", help="prompt-cache miss vs hit cost and memory per task, 10 to 10,000 tasks")
     c.add_argument("--tasks", type=int, nargs="+", default=[10, 1000, 10000], help="registered task counts")
@@ -145,6 +157,31 @@ def run_batching_command(args) -> int:
         from .plots import plot_batching
 
         lines.append(f"plot: {plot_batching(report, args.plot)}")
+    return _finish(report, args, "\n".join(lines))
+
+
+def run_speed_command(args) -> int:
+    from .report import format_table
+    from .speed import PREFILL_COLUMNS, TABLE_COLUMNS, SpeedConfig, run_speed
+
+    _set_threads(args)
+    import torch
+
+    config = SpeedConfig(options=tuple(args.options), batches=tuple(args.batches),
+                         prefill_batches=tuple(args.prefill_batches), new_tokens=args.new_tokens,
+                         repeats=args.repeats, warmup=args.warmup, task=args.task, seed=args.seed,
+                         llama_bench=args.llama_bench, threads=torch.get_num_threads())
+    report = run_speed(config)
+    lines = [f"memory read bandwidth: {report['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s", "",
+             format_table(report["decode"], TABLE_COLUMNS), "", format_table(report["prefill"], PREFILL_COLUMNS)]
+    if "llama_cpp" in report:
+        llama = report["llama_cpp"]
+        lines.append(f"llama.cpp llama-bench: tg32 {llama['tg_tokens_per_s']['median']:.1f} tok/s, "
+                     f"pp64 {llama['pp_tokens_per_s']['median']:.1f} tok/s")
+    if args.plot:
+        from .plots import plot_speed
+
+        lines.append(f"plot: {plot_speed(report, args.plot)}")
     return _finish(report, args, "\n".join(lines))
 
 

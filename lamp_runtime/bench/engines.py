@@ -108,6 +108,9 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--quantization", default="none")
+    parser.add_argument("--hf-dtype", help="the HF engine's dtype, if other than --dtype (e.g. bfloat16 for int4)")
+    parser.add_argument("--hf-quantization", help="the HF engine's quantization, if other than --quantization "
+                                                  "(e.g. int4, which vLLM does not take)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="torch threads of this process, i.e. of the HF engine (default: torch's, = cores); "
@@ -118,9 +121,11 @@ def main() -> None:
         torch.set_num_threads(args.torch_threads)
 
     options = BackboneOptions(dtype=args.dtype, quantization=args.quantization, device=args.device)
+    hf_options = BackboneOptions(dtype=args.hf_dtype or args.dtype, quantization=args.hf_quantization or args.quantization,
+                                 device=args.device)
     config = EngineConfig(max_batch_size=args.max_batch_size, max_input_tokens=1024, max_new_tokens=args.new_tokens)
     engines = {
-        "hf": build_engine("hf", options, config),
+        "hf": build_engine("hf", hf_options, config),
         "vllm": build_engine("vllm", options, config,
                              VllmOptions(kv_cache_mb=args.kv_cache_mb, max_model_len=args.max_model_len)),
     }
@@ -146,7 +151,8 @@ def main() -> None:
     context["load_average_after"] = load_average()
 
     print(f"\n{args.new_tokens} new tokens per request, medians of {args.repeats} interleaved rounds "
-          f"(max batch {args.max_batch_size}, {options.dtype}, {options.device}, HF torch threads "
+          f"(max batch {args.max_batch_size}, HF {hf_options.dtype}/{hf_options.quantization}, vLLM "
+          f"{options.dtype}/{options.quantization}, {options.device}, HF torch threads "
           f"{torch.get_num_threads()}); load average before "
           f"{context['load_average_before']}, after {context['load_average_after']}")
     print(f"{'clients':>7} {'engine':>6} {'tok/s':>8} {'req/s':>7} {'p50 ms':>8} {'p95 ms':>8} {'ttft p50':>9}")

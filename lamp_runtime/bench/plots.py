@@ -75,6 +75,32 @@ def plot_batching(report: dict, path: str | Path) -> Path:
     return _save(fig, plt, path)
 
 
+def plot_speed(report: dict, path: str | Path) -> Path:
+    """Decode tokens/s per backbone option and batch size (median, min..max bars) with each one's
+    weight-streaming bound (hollow markers) and llama.cpp's tg (dashed line, batch 1)."""
+    plt = _pyplot()
+    rows = report["decode"]
+    options = list(dict.fromkeys(r["option"] for r in rows))
+    batches = sorted({r["batch"] for r in rows})
+    fig, axes = plt.subplots(1, len(batches), figsize=(4.6 * len(batches), 4.2), squeeze=False)
+    for ax, batch in zip(axes[0], batches):
+        mine = [next(r for r in rows if r["option"] == o and r["batch"] == batch) for o in options]
+        medians = [r["tokens_per_s"] for r in mine]
+        ax.bar(range(len(mine)), medians, color=[f"C{i}" for i in range(len(mine))],
+               yerr=[[m - r["spread"]["min"] for m, r in zip(medians, mine)],
+                     [r["spread"]["max"] - m for m, r in zip(medians, mine)]], capsize=4)
+        ax.scatter(range(len(mine)), [r["bound_tokens_per_s"] for r in mine], marker="_", s=400, color="k",
+                   label="bandwidth bound")
+        if batch == 1 and "llama_cpp" in report:
+            ax.axhline(report["llama_cpp"]["tg_tokens_per_s"]["median"], ls="--", color="gray", label="llama.cpp tg")
+        ax.set_xticks(range(len(mine)), [o.replace("/", "\n") for o in options], fontsize=8)
+        ax.set_title(f"batch {batch}")
+        ax.set_ylabel("decode tokens / s")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, plt, path)
+
+
 def _save(fig, plt, path, layout: bool = True) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ import torch
 
 from ..adapters.registry import AdapterRegistry
 from ..errors import EngineStoppedError, QueueFullError, require_at_least
-from ..prompts.cache import PromptCache
+from ..prompts.cache import CacheStats, PromptCache
 from ..requests import GenerationRequest, GenerationResult, StepOutput
 
 
@@ -35,6 +35,8 @@ class EngineConfig:
     max_input_tokens: int = 2048
     max_new_tokens: int = 1024
     prompt_cache_bytes: int = 256 * 1024 * 1024
+    # Keys and values of tasks' soft prompts kept between requests (engine/prompt_kv.py); 0 = off.
+    prompt_kv_cache_bytes: int = 256 * 1024 * 1024
     # A prefill forward's fixed cost in padded positions: newcomers whose lengths differ by more
     # than this (per row) are prefilled in separate forwards (see prefill_groups.py).
     prefill_forward_cost_tokens: int = 32
@@ -42,7 +44,7 @@ class EngineConfig:
     def __post_init__(self):
         require_at_least(self, 1, "max_batch_size", "max_input_tokens", "max_new_tokens", "prompt_cache_bytes",
                          prefix="EngineConfig.")
-        require_at_least(self, 0, "prefill_forward_cost_tokens", prefix="EngineConfig.")
+        require_at_least(self, 0, "prompt_kv_cache_bytes", "prefill_forward_cost_tokens", prefix="EngineConfig.")
 
 
 @dataclass
@@ -55,6 +57,8 @@ class StepStats:
     prefill_tokens: int = 0
     prefill_forwards: int = 0
     prefill_padding: int = 0  # padded positions computed beyond the real tokens
+    prompt_kv_hits: int = 0  # newcomers whose soft prompt's keys/values were reused, not computed
+    prompt_tokens_reused: int = 0  # soft-prompt positions those newcomers did not compute
     seconds: float = 0.0
 
 
@@ -104,6 +108,12 @@ class Engine(Protocol):
 
     def abort(self, request_id: str) -> None:
         """Stop a request (its client went away); its slot and prompt pin are freed."""
+
+    def discard(self, cache_key) -> None:
+        """Forget what was built for an adapter version (re-registered or deleted)."""
+
+    def prompt_kv_stats(self) -> CacheStats | None:
+        """Reuse of tasks' soft-prompt keys/values (None: this engine keeps none)."""
 
 
 class EngineRunner(abc.ABC):

@@ -40,14 +40,21 @@ def build_engine(kind: str, backbone_options: BackboneOptions | None = None, con
 
 
 def engine_for(backbone, registry=None, config: EngineConfig | None = None, cache=None):
-    """The transformers engine that fits a loaded backbone: decoder-only or encoder-decoder (T5)."""
+    """The transformers engine that fits a loaded backbone: encoder-decoder (T5), a Llama-template
+    decoder (slot KV cache + prompt-KV cache), or any other decoder (transformers' own forward)."""
     if backbone.is_encoder_decoder:
         from .seq2seq import Seq2SeqEngine
 
         return Seq2SeqEngine(backbone, registry, config, cache)
-    from .decoder import DecoderEngine
+    from .llama import supports
 
-    return DecoderEngine(backbone, registry, config, cache)
+    if supports(backbone.model):
+        from .decoder import DecoderEngine
+
+        return DecoderEngine(backbone, registry, config, cache)
+    from .generic_decoder import GenericDecoderEngine
+
+    return GenericDecoderEngine(backbone, registry, config, cache)
 
 
 def build_runner(engine: Engine, max_waiting: int = 256, batch_wait_ms: float = 5.0,

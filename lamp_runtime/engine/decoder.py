@@ -1,10 +1,17 @@
-"""The transformers decoder-only engine: continuous batching of requests of any mix of tasks.
+"""The decoder-only engine: continuous batching of requests of any mix of tasks, on a slot KV cache,
+with each task's soft prompt computed once.
 
-Each step (1) prefills the requests that are waiting, as left-padded batches (rows of similar
-length together) whose rows start with their own task's pooled soft prompt, (2) merges them into
-the running batch's KV cache and (3) decodes one token for every running row in a single forward
-pass. Finished rows leave the batch at once, so a short or early-EOS request never holds the
-others back, and a new request starts at the next step instead of waiting for the batch to drain.
+Each step (1) prefills the requests that are waiting: a row's task prompt comes from the prompt-KV
+cache (its keys/values computed once per task version, prompt_kv.py) and only the row's input
+tokens run, attending to it; rows of similar length share a forward (prefill_groups.py), whatever
+their tasks and prompt lengths. (2) It decodes one token for every running row in one forward.
+Each running request owns a KV slot (kv_slots.py): rows join and leave without copying the
+others, and a step attends only to the positions in use. Finished rows leave the batch at once,
+so a short or early-EOS request never holds the others back, and a new request starts at the
+next step instead of waiting for the batch to drain.
+
+The model is the backbone's own, run by llama.py for Llama-template architectures (the builder
+uses generic_decoder.py for the others).
 """
 
 from __future__ import annotations
@@ -12,14 +19,29 @@ from __future__ import annotations
 import time
 
 import torch
-from transformers import DynamicCache
 
+from ..prompts.prepared import assemble_embeddings, offset_inputs, prepare
 from ..requests import StepOutput
-from . import kv_batch
 from .base import StepStats
+from .llama import LlamaModel
 from .prefill_groups import prefill_groups
+from .prompt_kv import PromptKV, PromptKVCache
 from .sequence import Sequence
 from .step_engine import StepEngine
+
+
+class _Row:
+    """One newcomer's prefill: the prompt keys/values it starts from (None: none) and the
+    embeddings it still has to run."""
+
+    __slots__ = ("seq", "prefix", "embeds")
+
+    def __init__(self, seq: Sequence, prefix: PromptKV | None, embeds: torch.Tensor):
+        self.seq, self.prefix, self.embeds = seq, prefix, embeds
+
+    @property
+    def start(self) -> int:
+        return self.prefix.tokens if self.prefix is not None else 0
 
 
 class DecoderEngine(StepEngine):
@@ -27,14 +49,113 @@ class DecoderEngine(StepEngine):
         if backbone.is_encoder_decoder:
             raise ValueError("encoder-decoder backbone: use Seq2SeqEngine (build_engine chooses it)")
         super().__init__(backbone, *args, **kwargs)
-        self._running: list[Sequence] = []
-        self._kv = None
-        self._mask: torch.Tensor | None = None
-        self._positions: torch.Tensor | None = None
-        self._last_tokens: torch.Tensor | None = None
+        self.model = LlamaModel(backbone.model)
+        self.kv = self.model.new_slots(self.config.max_batch_size)
+        budget = self.config.prompt_kv_cache_bytes
+        self.prompt_kv = PromptKVCache(budget) if budget else None
+        self._running: list[Sequence] = []  # in slot order: _running[i] owns slot i
+        self._lengths: list[int] = []  # positions each slot holds
 
     def _running_sequences(self) -> list[Sequence]:
         return self._running
+
+    def discard(self, cache_key) -> None:
+        """Forget an adapter version's built prompt and prompt KV (it was replaced or deleted)."""
+        super().discard(cache_key)
+        if self.prompt_kv is not None:
+            self.prompt_kv.discard(cache_key)
+
+    def prompt_kv_stats(self):
+        return self.prompt_kv.stats() if self.prompt_kv is not None else None
+
+    # ---- prefill ------------------------------------------------------------------------------
+
+    def _prefill(self, newcomers: list[Sequence], stats: StepStats) -> list[StepOutput]:
+        rows = [self._row(seq, stats) for seq in newcomers]
+        try:
+            lengths = [row.embeds.shape[0] for row in rows]
+            groups = prefill_groups(lengths, self.config.prefill_forward_cost_tokens)
+            stats.prefill_tokens = sum(lengths)
+            stats.prefill_forwards += len(groups)
+            stats.prefill_padding += sum(max(lengths[i] for i in g) * len(g) - sum(lengths[i] for i in g)
+                                         for g in groups)
+            return [out for group in groups for out in self._prefill_group([rows[i] for i in group])]
+        finally:
+            for row in rows:
+                if row.prefix is not None:
+                    self.prompt_kv.release(row.seq.entry.cache_key)
+
+    def _row(self, seq: Sequence, stats: StepStats) -> _Row:
+        """Pin the task's prompt (and its KV, building it on a miss) and embed what remains to run."""
+        inputs = self.backbone.embed(torch.tensor(seq.input_ids, dtype=torch.long, device=self.backbone.device))
+        if seq.entry is None:
+            return _Row(seq, None, inputs)
+        adapter = seq.entry.adapter
+        seq.prepared = self.cache.acquire(seq.entry.cache_key, lambda: prepare(adapter))
+        if self.prompt_kv is None or not seq.input_ids:  # no input: the prompt's last position gives the token
+            return _Row(seq, None, assemble_embeddings(seq.prepared, inputs))
+        key = seq.entry.cache_key
+        hit = key in self.prompt_kv
+        prefix = self.prompt_kv.acquire(key, lambda: self._compute_prompt_kv(seq.prepared.prompt, stats))
+        if hit:
+            stats.prompt_kv_hits += 1
+            stats.prompt_tokens_reused += prefix.tokens
+        return _Row(seq, prefix, offset_inputs(seq.prepared, inputs))
+
+    def _compute_prompt_kv(self, prompt: torch.Tensor, stats: StepStats) -> PromptKV:
+        """Run the prompt alone through the model (in the first free slot) and keep its keys/values."""
+        slot, length = len(self._running), prompt.shape[0]
+        self._reserve(slot + 1, length)
+        self.model.forward(prompt[None], torch.arange(length, device=prompt.device)[None], self.kv, slot,
+                           torch.tensor([length - 1], device=prompt.device))
+        stats.prefill_forwards += 1
+        return PromptKV(*self.kv.read(slot, length))
+
+    def _prefill_group(self, rows: list[_Row]) -> list[StepOutput]:
+        """One forward over `rows` (right-padded to the longest), in the slots after the running rows."""
+        started = time.perf_counter()
+        device = self.backbone.device
+        slot_start, width = len(self._running), max(row.embeds.shape[0] for row in rows)
+        self._reserve(slot_start + len(rows), max(row.start for row in rows) + width)
+        for i, row in enumerate(rows):
+            if row.prefix is not None:
+                self.kv.load(slot_start + i, row.prefix.keys, row.prefix.values)
+        embeds = torch.stack([torch.nn.functional.pad(row.embeds, (0, 0, 0, width - row.embeds.shape[0]))
+                              for row in rows])
+        starts = torch.tensor([row.start for row in rows], device=device)
+        positions = starts[:, None] + torch.arange(width, device=device)[None, :]
+        last = torch.tensor([row.embeds.shape[0] - 1 for row in rows], device=device)
+        logits = self.model.forward(embeds, positions, self.kv, slot_start, last)
+        elapsed = time.perf_counter() - started
+        sequences = [row.seq for row in rows]
+        for seq in sequences:
+            seq.prefill_seconds = elapsed
+        self._running.extend(sequences)
+        self._lengths.extend(row.start + row.embeds.shape[0] for row in rows)
+        outputs, keep = self._sample(sequences, logits)
+        self._retire([slot_start + i for i in range(len(rows)) if i not in set(keep)])
+        return outputs
+
+    # ---- decode -------------------------------------------------------------------------------
+
+    def _decode(self) -> list[StepOutput]:
+        device = self.backbone.device
+        batch = len(self._running)
+        self._reserve(batch, max(self._lengths) + 1)
+        tokens = torch.tensor([s.last_token for s in self._running], dtype=torch.long, device=device)
+        positions = torch.tensor(self._lengths, device=device)[:, None]
+        logits = self.model.forward(self.backbone.embed(tokens)[:, None], positions, self.kv, 0,
+                                    torch.zeros(batch, dtype=torch.long, device=device))
+        self._lengths = [n + 1 for n in self._lengths]
+        outputs, keep = self._sample(self._running, logits)
+        self._retire([i for i in range(batch) if i not in set(keep)])
+        return outputs
+
+    # ---- slots --------------------------------------------------------------------------------
+
+    def _reserve(self, slots: int, positions: int) -> None:
+        self.kv.reserve(slots, positions, used_slots=len(self._running),
+                        used_positions=max(self._lengths, default=0))
 
     def _abort_running(self, aborted: set[str]) -> list[StepOutput]:
         rows = [i for i, s in enumerate(self._running) if s.request.request_id in aborted]
@@ -42,69 +163,24 @@ class DecoderEngine(StepEngine):
         self._retire(rows)
         return outputs
 
-    def _prefill(self, newcomers: list[Sequence], stats: StepStats) -> list[StepOutput]:
-        lengths = [seq.length for seq in newcomers]
-        groups = prefill_groups(lengths, self.config.prefill_forward_cost_tokens)
-        stats.prefill_forwards = len(groups)
-        stats.prefill_padding = sum(max(lengths[i] for i in g) * len(g) - sum(lengths[i] for i in g) for g in groups)
-        return [out for group in groups for out in self._prefill_batch([newcomers[i] for i in group])]
-
-    def _prefill_batch(self, newcomers: list[Sequence]) -> list[StepOutput]:
-        """One left-padded forward over `newcomers`; the rows still running join the batch."""
-        now = time.perf_counter()
-        rows = [self._embed(seq) for seq in newcomers]
-        embeds, mask = self._pad(rows, left=True)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.backbone.config)
-        out = self.backbone.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                                  past_key_values=cache, use_cache=True, logits_to_keep=1)
-        elapsed = time.perf_counter() - now
-        for seq in newcomers:
-            seq.prefill_seconds = elapsed
-        outputs, keep = self._sample(newcomers, out.logits[:, -1, :])
-        for seq in newcomers:
-            if seq.finish_reason is not None:
-                self._release(seq)
-        if keep:
-            rows_t = torch.tensor(keep, dtype=torch.long, device=mask.device)
-            cache, mask = kv_batch.select_rows(cache, mask, rows_t)
-            lengths = torch.tensor([rows[i].shape[0] for i in keep], device=mask.device)
-            last = torch.tensor([newcomers[i].last_token for i in keep], device=mask.device)
-            self._join([newcomers[i] for i in keep], cache, mask, lengths, last)
-        return outputs
-
-    def _join(self, sequences, cache, mask, positions, last_tokens) -> None:
-        if not self._running:
-            self._kv, self._mask, self._positions, self._last_tokens = cache, mask, positions, last_tokens
-        else:
-            self._kv, self._mask = kv_batch.merge(self._kv, self._mask, cache, mask)
-            self._positions = torch.cat([self._positions, positions])
-            self._last_tokens = torch.cat([self._last_tokens, last_tokens])
-        self._running.extend(sequences)
-
-    def _decode(self) -> list[StepOutput]:
-        embeds = self.backbone.embed(self._last_tokens)[:, None, :]
-        self._mask = torch.nn.functional.pad(self._mask, (0, 1), value=1)
-        out = self.backbone.model(inputs_embeds=embeds, attention_mask=self._mask,
-                                  position_ids=self._positions[:, None], past_key_values=self._kv,
-                                  use_cache=True)
-        self._positions = self._positions + 1
-        outputs, keep = self._sample(self._running, out.logits[:, -1, :])
-        self._last_tokens = torch.tensor([s.last_token for s in self._running], device=self._mask.device)
-        self._retire([i for i in range(len(self._running)) if i not in set(keep)])
-        return outputs
-
     def _retire(self, rows: list[int]) -> None:
-        """Remove finished rows from the running batch and unpin their prompts."""
+        """Remove finished rows and unpin their prompts; the last rows move into the freed slots,
+        so the running batch stays in slots 0..B-1 (one row's KV moved per hole, no batch copy)."""
         if not rows:
             return
         for i in rows:
             self._release(self._running[i])
-        keep = [i for i in range(len(self._running)) if i not in set(rows)]
-        self._running = [self._running[i] for i in keep]
-        if not keep:
-            self._kv = self._mask = self._positions = self._last_tokens = None
-            return
-        index = torch.tensor(keep, dtype=torch.long, device=self._mask.device)
-        self._kv, self._mask = kv_batch.select_rows(self._kv, self._mask, index)
-        self._positions, self._last_tokens = self._positions[index], self._last_tokens[index]
+        leaving = set(rows)
+        for hole in sorted(rows):
+            while self._running and len(self._running) - 1 in leaving:  # drop leaving rows at the end
+                leaving.discard(len(self._running) - 1)
+                self._running.pop()
+                self._lengths.pop()
+            if hole >= len(self._running):
+                continue
+            last = len(self._running) - 1
+            self.kv.move(last, hole, self._lengths[last])
+            self._running[hole], self._lengths[hole] = self._running.pop(), self._lengths.pop()
+            leaving.discard(hole)
+        if not self._running:
+            self.kv.release_memory()

@@ -58,6 +58,14 @@ class StepEngine(abc.ABC):
         with self._lock:
             self._aborted.add(request_id)
 
+    def discard(self, cache_key) -> None:
+        """Forget what was built for an adapter version (it was replaced or deleted); a request
+        still running on it keeps it until it finishes."""
+        self.cache.discard(cache_key)
+
+    def prompt_kv_stats(self):
+        return None
+
     def has_work(self) -> bool:
         with self._lock:
             if self._waiting:
@@ -158,8 +166,10 @@ class StepEngine(abc.ABC):
     def _sample(self, sequences: list[Sequence], logits: torch.Tensor) -> tuple[list[StepOutput], list[int]]:
         """One token per row; returns the outputs and the indices of rows still running."""
         outputs, keep = [], []
+        greedy = logits.argmax(-1).tolist()  # one op for the batch; sampled rows draw their own below
         for i, seq in enumerate(sequences):
-            outputs.append(seq.accept(next_token(logits[i], seq.params, seq.generator)))
+            token = greedy[i] if seq.params.greedy else next_token(logits[i], seq.params, seq.generator)
+            outputs.append(seq.accept(token))
             if seq.finish_reason is None:
                 keep.append(i)
         return outputs, keep

@@ -1,6 +1,7 @@
 """Device-side cache of reconstructed + pooled prompts, bounded by bytes, with pinning.
 
-Values are `PreparedPrompt`s (prompts/prepared.py). Key: (task id, adapter version), so a
+`PinnedLRU` is the mechanism (any value with `nbytes`; the decoder engine's prompt-KV cache uses it
+too); `PromptCache` holds `PreparedPrompt`s (prompts/prepared.py), moved to the backbone's device. Key: (task id, adapter version), so a
 re-registered task never serves a stale prompt. An entry acquired by an in-flight batch is
 pinned (ref-counted) and is never evicted until released: the lesson of vLLM issue #14497. When
 every entry is pinned the cache may sit above its byte budget until batches finish; it then
@@ -34,35 +35,40 @@ class CacheStats:
 class _Entry:
     __slots__ = ("value", "nbytes", "pins")
 
-    def __init__(self, value: PreparedPrompt):
+    def __init__(self, value):
         self.value = value
         self.nbytes = value.nbytes
         self.pins = 0
 
 
-class PromptCache:
-    def __init__(self, max_bytes: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+class PinnedLRU:
+    """Values (anything with `nbytes`) by key, least recently used evicted first past `max_bytes`,
+    except the pinned ones: `acquire` pins, `release` unpins."""
+
+    def __init__(self, max_bytes: int):
         if max_bytes <= 0:
             raise ValueError(f"max_bytes must be positive, got {max_bytes}")
         self.max_bytes = max_bytes
-        self.device = torch.device(device)
-        self.dtype = dtype
         self._lock = threading.Lock()
         self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()
         self._stats = CacheStats()
 
-    def acquire(self, key: Hashable, build: Callable[[], PreparedPrompt]) -> PreparedPrompt:
-        """Return the cached prompt for `key`, building it on a miss, and pin it until `release`.
+    def _materialize(self, value):
+        """What is stored for a freshly built value (subclasses move it to their device)."""
+        return value
 
-        Built under the lock: a build is one small GEMM plus a copy, far cheaper than letting two
-        requests for the same new task build it twice.
+    def acquire(self, key: Hashable, build: Callable[[], object]):
+        """Return the cached value for `key`, building it on a miss, and pin it until `release`.
+
+        Built under the lock: a prompt build is one small GEMM plus a copy, far cheaper than
+        letting two requests for the same new task build it twice.
         """
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
                 self._stats.misses += 1
                 started = time.perf_counter()
-                value = build().to(self.device, self.dtype)
+                value = self._materialize(build())
                 self._stats.build_seconds_total += time.perf_counter() - started
                 entry = _Entry(value)
                 self._entries[key] = entry
@@ -111,3 +117,15 @@ class PromptCache:
     def __contains__(self, key: Hashable) -> bool:
         with self._lock:
             return key in self._entries
+
+
+class PromptCache(PinnedLRU):
+    """Built prompts (`PreparedPrompt`), on the backbone's device in its dtype."""
+
+    def __init__(self, max_bytes: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        super().__init__(max_bytes)
+        self.device = torch.device(device)
+        self.dtype = dtype
+
+    def _materialize(self, value: PreparedPrompt) -> PreparedPrompt:
+        return value.to(self.device, self.dtype)

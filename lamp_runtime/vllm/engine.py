@@ -38,7 +38,7 @@ from ..adapters.registry import AdapterEntry, AdapterRegistry
 from ..engine.admission import resolve_request
 from ..engine.base import EngineConfig, StepStats
 from ..errors import EngineStoppedError, RequestError
-from ..prompts.cache import PromptCache
+from ..prompts.cache import CacheStats, PromptCache
 from ..prompts.prepared import assemble_embeddings, prepare
 from ..requests import GenerationRequest, GenerationResult, SamplingParams, StepOutput
 from .backbone import VllmBackbone
@@ -213,6 +213,16 @@ class VllmEngine:
     def has_work(self) -> bool:
         with self._lock:
             return bool(self._sequences)
+
+    def prompt_kv_stats(self) -> CacheStats:
+        """vLLM's prefix cache, in prompt tokens: hits were served from cached KV blocks (a task's
+        prompt, when a whole block of it matched), misses computed."""
+        return CacheStats(hits=self.prefix_cache_hits, misses=self.prefix_cache_queries - self.prefix_cache_hits)
+
+    def discard(self, cache_key) -> None:
+        """Forget an adapter version's built prompt (vLLM's prefix cache holds blocks by their
+        embedding bytes, so it can never serve a stale version's)."""
+        self.cache.discard(cache_key)
 
     # ---- submission (any thread) --------------------------------------------------------------
 

@@ -35,6 +35,16 @@ class EngineCollector:
             family.add_metric([], value)
             yield family
         yield _gauge("lamp_prompt_cache_bytes", "Device bytes held by cached prompts", stats.bytes)
+        kv = self.engine.prompt_kv_stats()
+        if kv is not None:
+            unit = "prompt tokens" if self.engine.kind == "vllm" else "requests"  # vLLM's prefix cache is per block
+            for name, value, doc in (("hits", kv.hits, f"Soft-prompt keys/values reused ({unit})"),
+                                     ("misses", kv.misses, f"Soft-prompt keys/values computed ({unit})"),
+                                     ("evictions", kv.evictions, "Prompt-KV entries evicted")):
+                family = CounterMetricFamily(f"lamp_prompt_kv_cache_{name}", doc)
+                family.add_metric([], value)
+                yield family
+            yield _gauge("lamp_prompt_kv_cache_bytes", "Bytes held by cached soft-prompt keys/values", kv.bytes)
         yield _gauge("lamp_backbone_bytes", "Bytes of backbone weights held by this replica",
                      self.engine.backbone.weights_bytes)
         yield _gauge("lamp_registered_adapters", "Adapters registered in this replica", self.registered())

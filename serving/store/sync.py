@@ -12,12 +12,12 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from lamp_runtime.adapters import AdapterLimits
 from lamp_runtime.adapters.provenance import serving_mismatch
 from lamp_runtime.adapters.registry import AdapterRegistry
 from lamp_runtime.errors import AdapterError, UnknownTaskError
-from lamp_runtime.prompts.cache import PromptCache
 
 from .base import AdapterStore, StoreError
 from .files import load_stored
@@ -32,12 +32,18 @@ class SyncReport:
     failed: list[str] = field(default_factory=list)
 
 
+class Discards(Protocol):
+    def discard(self, cache_key) -> None: ...
+
+
 class StoreSync:
-    def __init__(self, store: AdapterStore, registry: AdapterRegistry, cache: PromptCache,
+    def __init__(self, store: AdapterStore, registry: AdapterRegistry, built: Discards,
                  hidden_size: int, limits: AdapterLimits, backbone_options=None):
+        """`built` forgets what was built for a replaced or deleted version: the engine (its
+        prompt and prompt-KV caches) or a PromptCache alone."""
         self.store = store
         self.registry = registry
-        self.cache = cache
+        self.built = built
         self.hidden_size = hidden_size
         self.limits = limits
         self.backbone_options = backbone_options  # resolved; None: no numerics check
@@ -107,7 +113,7 @@ class StoreSync:
         if self.backbone_options is not None and (warning := serving_mismatch(adapter, self.backbone_options)):
             log.warning("adapter %s v%d: %s", stored.task_id, stored.version, warning)
         if current is not None:
-            self.cache.discard(current.cache_key)  # pinned by running requests? then LRU takes it later
+            self.built.discard(current.cache_key)  # pinned by running requests? then LRU takes it later
         report.loaded.append(f"{stored.task_id} v{stored.version}")
 
     def _remove(self, task_id: str, report: SyncReport) -> None:
@@ -115,5 +121,5 @@ class StoreSync:
             entry = self.registry.remove(task_id)
         except UnknownTaskError:
             return
-        self.cache.discard(entry.cache_key)
+        self.built.discard(entry.cache_key)
         report.removed.append(task_id)

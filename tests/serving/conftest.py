@@ -72,10 +72,10 @@ def server(tmp_path_factory, prompts_dir):
         yield process
 
 
-
 def engine_alone(backbone, adapters: dict, cases: list[tuple[str, str]], max_new_tokens: int) -> list[str]:
-    """Greedy texts of each (task, input) run on its own through the engine: the reference."""
-    engine = DecoderEngine(backbone, config=EngineConfig(max_batch_size=1))
+    """Greedy texts of each (task, input) run on its own through the engine, every prompt computed
+    with its input (no prompt-KV cache): the reference."""
+    engine = DecoderEngine(backbone, config=EngineConfig(max_batch_size=1, prompt_kv_cache_bytes=0))
     for task_id, adapter in adapters.items():
         engine.registry.register(task_id, adapter)
     params = SamplingParams(max_new_tokens=max_new_tokens)

@@ -159,8 +159,8 @@ def test_sync_loads_replaces_and_removes(store, sync):
     report = sync.refresh()
     assert sorted(report.loaded) == ["a v1", "b v1"]
     entry_a = sync.registry.get("a")
-    sync.cache.acquire(entry_a.cache_key, entry_a.adapter.build_prompt)
-    sync.cache.release(entry_a.cache_key)
+    sync.built.acquire(entry_a.cache_key, entry_a.adapter.build_prompt)
+    sync.built.release(entry_a.cache_key)
     assert sync.refresh_if_changed() is None  # nothing changed: only a stat
 
     put(store, "a", soft(4, 9))
@@ -168,7 +168,7 @@ def test_sync_loads_replaces_and_removes(store, sync):
     report = sync.refresh_if_changed()
     assert report.loaded == ["a v2"] and report.removed == ["b"]
     assert sync.registry.get("a").version == 2
-    assert entry_a.cache_key not in sync.cache  # the old version's prompt is dropped
+    assert entry_a.cache_key not in sync.built  # the old version's prompt is dropped
     with pytest.raises(UnknownTaskError):
         sync.registry.get("b")
     torch.testing.assert_close(sync.registry.get("a").adapter.prompt, soft(4, 9).prompt)
