@@ -29,11 +29,9 @@ def chat_input(tokenizer, text: str) -> str:
 
 
 def run(args) -> int:
-    import asyncio
-
     from .adapters import load_adapter
     from .backbone.cli_args import backbone_options
-    from .engine.build import build_engine, build_runner
+    from .engine.build import build_engine
     from .requests import GenerationRequest, SamplingParams
 
     text = sys.stdin.read() if args.input == "-" else args.input
@@ -46,10 +44,7 @@ def run(args) -> int:
         task_id = "cli"
     if args.chat:
         text = chat_input(engine.backbone.tokenizer, text)
-    runner = build_runner(engine, batch_wait_ms=0)
-    try:
-        result = asyncio.run(runner.complete(GenerationRequest(text, task_id, params)))
-    finally:
-        runner.shutdown()
+    # Stepped on this (main) thread: one request needs no async runner.
+    result = engine.generate([GenerationRequest(text, task_id, params)])[0]
     sys.stdout.write(result.text + "\n")
     return 0

@@ -57,6 +57,7 @@ class ServeSettings:
     engine: str = "hf"  # hf: transformers in the replica; vllm: vLLM's engine (docs/vllm.md)
     vllm_kv_cache_mb: int = 1024  # memory vLLM reserves for its KV cache (host memory on CPU)
     vllm_max_model_len: int | None = None  # longest sequence vLLM holds (default: the backbone's context)
+    vllm_block_size: int | None = None  # vLLM KV block tokens (default: the smallest the backend takes)
 
     def __post_init__(self):
         _check_range(self, "port", 1, 65535)
@@ -79,6 +80,8 @@ class ServeSettings:
         _check_range(self, "vllm_kv_cache_mb", 1, None)
         if self.vllm_max_model_len is not None:
             _check_range(self, "vllm_max_model_len", 2, None)
+        if self.vllm_block_size is not None:
+            _check_range(self, "vllm_block_size", 16, None)
         object.__setattr__(self, "log_level", str(self.log_level).upper())
         _check_choice(self, "log_level", LOG_LEVELS)
         if not self.host:
@@ -119,7 +122,8 @@ class ServeSettings:
             return None
         from lamp_runtime.vllm.engine import VllmOptions
 
-        return VllmOptions(kv_cache_mb=self.vllm_kv_cache_mb, max_model_len=self.vllm_max_model_len)
+        return VllmOptions(kv_cache_mb=self.vllm_kv_cache_mb, max_model_len=self.vllm_max_model_len,
+                           block_size=self.vllm_block_size)
 
     def to_args(self) -> dict[str, Any]:
         """Plain values, to hand to the Serve app builder (and back through `from_mapping`)."""

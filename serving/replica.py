@@ -77,12 +77,19 @@ class LampModel:
         self.settings = settings
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         # Ray sets OMP_NUM_THREADS from the replica's logical CPUs (1 for fractions); the cores
-        # this replica may really use are its share of the machine.
-        torch.set_num_threads(settings.threads or max(1, (os.cpu_count() or 1) // settings.replicas))
+        # this replica may really use are its share of the machine. Only the engine loop thread
+        # runs torch with them: loading (and every other thread) stays on one, or the engine's
+        # decode steps pay an OpenMP wake-up per op (lamp_runtime/engine/runner.py).
+        threads = settings.threads or max(1, (os.cpu_count() or 1) // settings.replicas)
+        torch.set_num_threads(1)
         self.limits = AdapterLimits(max_file_bytes=settings.max_upload_bytes)
-        self.engine = build_engine(settings.engine, settings.backbone_options(), settings.engine_config(),
+        self.engine = build_engine(settings.engine, settings.backbone_options(),
+                                   dataclasses.replace(settings.engine_config(), threads=threads),
                                    settings.vllm_options())
         self.backbone = self.engine.backbone
+        # Adapter loads (tensor checks) run on this one thread, single-threaded like the loading.
+        self._store_thread = ThreadPoolExecutor(1, thread_name_prefix="store-poll",
+                                                initializer=torch.set_num_threads, initargs=(1,))
         store = open_store(settings.store_location)
         import_bundled(store, settings.prompts_dir, self.backbone.hidden_size, self.limits)
         self.sync = StoreSync(store, self.engine.registry, self.engine, self.backbone.hidden_size, self.limits,
@@ -93,11 +100,10 @@ class LampModel:
                                    on_step=self.metrics.observe_step, on_finish=self.metrics.observe_result)
         self.publisher = MetricsPublisher(hub, self.metrics.registry)
         self.publisher.start()
-        self._store_thread = ThreadPoolExecutor(1, thread_name_prefix="store-poll")
         self._poller = asyncio.get_running_loop().create_task(self._poll_store())
-        log.info("replica %s ready: backbone %s (%s, %s), %d adapters, %d torch threads", self.replica_id,
-                 self.backbone.name, self.backbone.options.dtype, self.backbone.device, len(self.engine.registry),
-                 torch.get_num_threads())
+        log.info("replica %s ready: backbone %s (%s, %s, %s), %d adapters, %d torch threads", self.replica_id,
+                 self.backbone.name, self.backbone.options.dtype, self.backbone.options.quantization,
+                 self.backbone.device, len(self.engine.registry), threads)
 
     # ---- requests -------------------------------------------------------------------------------
 
@@ -139,7 +145,7 @@ class LampModel:
 
     async def _admit(self, request: GenerationRequest) -> None:
         if self.sync.changed():  # an admin change is visible to the very next request
-            await asyncio.to_thread(self.sync.refresh)
+            await asyncio.get_running_loop().run_in_executor(self._store_thread, self.sync.refresh)
         reason = self.sync.unservable.get(request.task_id)
         if reason is not None:
             raise UnservableTaskError(request.task_id, reason)

@@ -59,6 +59,9 @@ def register(subparsers) -> None:
     p.add_argument("--engine", choices=ENGINE_KINDS, help="hf (transformers, default) or vllm (docs/vllm.md)")
     p.add_argument("--vllm-kv-cache-mb", type=int, help="vLLM's KV cache, host memory on CPU (default 1024)")
     p.add_argument("--vllm-max-model-len", type=int, help="longest sequence vLLM holds (default: backbone's)")
+    p.add_argument("--vllm-block-size", type=int,
+                   help="vLLM KV block tokens: only whole blocks of a prompt are reused (default: the smallest "
+                        "the backend takes, 32 on CPU, 16 on CUDA)")
     p.add_argument("--max-request-bytes", type=int, help="largest inference request body (default 1 MiB)")
     p.add_argument("--max-upload-bytes", type=int, help="largest adapter upload (default 64 MiB)")
     # Not --log-level: that one belongs to `lamp` itself (this process's own logging).
@@ -70,7 +73,8 @@ SETTING_FLAGS = ("host", "port", "address", "num_cpus", "store", "prompts", "bac
                  "device", "replicas", "replica_cpus", "threads", "max_batch_size", "batch_wait_ms",
                  "prefill_forward_cost_tokens", "max_queue", "max_input_tokens", "max_new_tokens", "prompt_cache_mb",
                  "prompt_kv_cache_mb", "max_request_bytes", "max_upload_bytes",
-                 "serve_log_level", "engine", "vllm_kv_cache_mb", "vllm_max_model_len")
+                 "serve_log_level", "engine", "vllm_kv_cache_mb", "vllm_max_model_len",
+                 "vllm_block_size")
 
 
 def settings_from_args(args: argparse.Namespace):

@@ -19,12 +19,20 @@ def numerics(options) -> str:
     return f"{options.dtype}/{options.quantization}"
 
 
+def _same_gguf_weights(recorded: str, options) -> bool:
+    """int4 from a GGUF serves the very Q4_1 blocks the float32 backbone was dequantized from, with
+    bfloat16 products: the bundled adapters, trained on float32, score the same there
+    (docs/bench/accuracy.json), and int4 itself cannot train (its kernel has no backward)."""
+    from_gguf = options.path is None or str(options.path).endswith(".gguf")
+    return from_gguf and options.quantization == "int4" and recorded == "float32/none"
+
+
 def serving_mismatch(adapter: PromptAdapter, options) -> str | None:
     """A warning when the adapter records other training numerics than `options`; None when they
     match or the adapter does not say (files from other tools)."""
     recorded = adapter.meta.extra.get(TRAINED_ON_KEY)
     serving = numerics(options)
-    if not recorded or recorded == serving:
+    if not recorded or recorded == serving or _same_gguf_weights(recorded, options):
         return None
     return (f"trained on a {recorded} backbone but served on {serving}; soft prompts are tuned to the "
             f"backbone's exact numerics and can lose accuracy (retrain with lamp train "

@@ -105,11 +105,12 @@ def _quantization_config(quantization: str, dtype: torch.dtype):
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
-def load_backbone(options: BackboneOptions | None = None) -> Backbone:
-    """Load the backbone once: resolve `auto` options, convert GGUF if needed, quantize if asked."""
+def load_backbone(options: BackboneOptions | None = None, int4: bool = True) -> Backbone:
+    """Load the backbone once: resolve `auto` options (to int4 on CPU unless `int4` is False:
+    training needs a backward pass), convert GGUF if needed, quantize if asked."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-    options = (options or BackboneOptions()).resolved()
+    options = (options or BackboneOptions()).resolved(int4=int4)
     started = time.perf_counter()
     folder, name = backbone_folder(options)
     # int4 keeps the embeddings and norms in float32 and computes its products in bfloat16.

@@ -31,16 +31,19 @@ class BackboneOptions:
                 f"quantization {self.quantization!r} not supported; use auto or one of {QUANTIZATIONS}"
             )
 
-    def resolved(self) -> "BackboneOptions":
-        """Fill in `auto`: nf4 + bfloat16 on CUDA; float32 unquantized on CPU (see README)."""
+    def resolved(self, int4: bool = True) -> "BackboneOptions":
+        """Fill in `auto`: nf4 + bfloat16 on CUDA; int4 (bfloat16 products) on CPU, the fastest there
+        and as accurate as float32 on the bundled tasks (docs/benchmarks.md), or float32 unquantized
+        where int4 is not offered (`int4=False`: the vLLM engine, training) or another dtype is asked."""
         device = self.device
         if device == "auto":
             import torch
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
         quantization = self.quantization
-        if quantization == "auto":
-            quantization = "nf4" if device.startswith("cuda") else "none"
+        if quantization == "auto":  # int4 computes in bfloat16: a float32 or float16 dtype asks for none
+            cpu_int4 = int4 and self.dtype in ("auto", "bfloat16")
+            quantization = "nf4" if device.startswith("cuda") else "int4" if cpu_int4 else "none"
         dtype = self.dtype
         if quantization == "int4":
             if device.startswith("cuda"):
@@ -51,4 +54,3 @@ class BackboneOptions:
         if dtype == "auto":
             dtype = "bfloat16" if device.startswith("cuda") else "float32"
         return BackboneOptions(self.path, dtype, quantization, device)
-

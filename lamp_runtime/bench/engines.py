@@ -117,13 +117,16 @@ def main() -> None:
                              "vLLM's worker process binds its own (VLLM_CPU_OMP_THREADS_BIND)")
     parser.add_argument("--out", help="write settings, samples and summaries as JSON here")
     args = parser.parse_args()
-    if args.torch_threads is not None:
-        torch.set_num_threads(args.torch_threads)
+    threads = args.torch_threads or torch.get_num_threads()
+    # As lamp serve does: load on one thread, so that the HF engine's loop thread is the only one
+    # with an OpenMP pool of several threads (lamp_runtime/engine/runner.py says why).
+    torch.set_num_threads(1)
 
     options = BackboneOptions(dtype=args.dtype, quantization=args.quantization, device=args.device)
     hf_options = BackboneOptions(dtype=args.hf_dtype or args.dtype, quantization=args.hf_quantization or args.quantization,
                                  device=args.device)
-    config = EngineConfig(max_batch_size=args.max_batch_size, max_input_tokens=1024, max_new_tokens=args.new_tokens)
+    config = EngineConfig(max_batch_size=args.max_batch_size, max_input_tokens=1024, max_new_tokens=args.new_tokens,
+                          threads=threads)
     engines = {
         "hf": build_engine("hf", hf_options, config),
         "vllm": build_engine("vllm", options, config,
@@ -135,7 +138,7 @@ def main() -> None:
         for task, adapter in adapters.items():
             engine.registry.register(task, adapter)
         runners[kind] = build_runner(engine, max_waiting=1024)
-    context = machine_context(engines["hf"].backbone)
+    context = machine_context(engines["hf"].backbone) | {"hf_engine_threads": threads}
     variants = [(kind, clients) for clients in args.clients for kind in ENGINES]
 
     def measure(variant):
@@ -153,7 +156,7 @@ def main() -> None:
     print(f"\n{args.new_tokens} new tokens per request, medians of {args.repeats} interleaved rounds "
           f"(max batch {args.max_batch_size}, HF {hf_options.dtype}/{hf_options.quantization}, vLLM "
           f"{options.dtype}/{options.quantization}, {options.device}, HF torch threads "
-          f"{torch.get_num_threads()}); load average before "
+          f"{threads}); load average before "
           f"{context['load_average_before']}, after {context['load_average_after']}")
     print(f"{'clients':>7} {'engine':>6} {'tok/s':>8} {'req/s':>7} {'p50 ms':>8} {'p95 ms':>8} {'ttft p50':>9}")
     summaries = {}

@@ -40,11 +40,15 @@ class EngineConfig:
     # A prefill forward's fixed cost in padded positions: newcomers whose lengths differ by more
     # than this (per row) are prefilled in separate forwards (see prefill_groups.py).
     prefill_forward_cost_tokens: int = 32
+    # torch intra-op threads of the engine loop (None: the process's). See runner.py for why the
+    # loop thread must be the only one that runs multi-threaded torch work.
+    threads: int | None = None
 
     def __post_init__(self):
         require_at_least(self, 1, "max_batch_size", "max_input_tokens", "max_new_tokens", "prompt_cache_bytes",
                          prefix="EngineConfig.")
         require_at_least(self, 0, "prompt_kv_cache_bytes", "prefill_forward_cost_tokens", prefix="EngineConfig.")
+        require_at_least(self, 1, "threads", prefix="EngineConfig.")
 
 
 @dataclass

@@ -29,6 +29,11 @@ from .prompt_kv import PromptKV, PromptKVCache
 from .sequence import Sequence
 from .step_engine import StepEngine
 
+# An empty batch gives its KV memory back only above this: zeroing a fresh allocation for every
+# request of a sporadic stream costs more than keeping a few MB (one 256-position slot of SmolLM2
+# in float32 is 12 MB).
+KEEP_IDLE_KV_BYTES = 64 * 1024 * 1024
+
 
 class _Row:
     """One newcomer's prefill: the prompt keys/values it starts from (None: none) and the
@@ -71,6 +76,7 @@ class DecoderEngine(StepEngine):
     # ---- prefill ------------------------------------------------------------------------------
 
     def _prefill(self, newcomers: list[Sequence], stats: StepStats) -> list[StepOutput]:
+        started = time.perf_counter()  # a request's prefill time includes building its prompt KV
         rows = [self._row(seq, stats) for seq in newcomers]
         try:
             lengths = [row.embeds.shape[0] for row in rows]
@@ -79,7 +85,7 @@ class DecoderEngine(StepEngine):
             stats.prefill_forwards += len(groups)
             stats.prefill_padding += sum(max(lengths[i] for i in g) * len(g) - sum(lengths[i] for i in g)
                                          for g in groups)
-            return [out for group in groups for out in self._prefill_group([rows[i] for i in group])]
+            return [out for group in groups for out in self._prefill_group([rows[i] for i in group], started)]
         finally:
             for row in rows:
                 if row.prefix is not None:
@@ -111,9 +117,8 @@ class DecoderEngine(StepEngine):
         stats.prefill_forwards += 1
         return PromptKV(*self.kv.read(slot, length))
 
-    def _prefill_group(self, rows: list[_Row]) -> list[StepOutput]:
+    def _prefill_group(self, rows: list[_Row], started: float) -> list[StepOutput]:
         """One forward over `rows` (right-padded to the longest), in the slots after the running rows."""
-        started = time.perf_counter()
         device = self.backbone.device
         slot_start, width = len(self._running), max(row.embeds.shape[0] for row in rows)
         self._reserve(slot_start + len(rows), max(row.start for row in rows) + width)
@@ -182,5 +187,5 @@ class DecoderEngine(StepEngine):
             self.kv.move(last, hole, self._lengths[last])
             self._running[hole], self._lengths[hole] = self._running.pop(), self._lengths.pop()
             leaving.discard(hole)
-        if not self._running:
+        if not self._running and self.kv.nbytes > KEEP_IDLE_KV_BYTES:
             self.kv.release_memory()

@@ -41,6 +41,7 @@ class StepEngine(abc.ABC):
         self._waiting: deque[Sequence] = deque()
         self._aborted: set[str] = set()
         self.last_step = StepStats()
+        self.threads = self.config.threads or torch.get_num_threads()  # intra-op threads of its steps
 
     # ---- submission (any thread) -------------------------------------------------------------
 

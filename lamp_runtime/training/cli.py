@@ -118,7 +118,11 @@ def run_train(args) -> int:
         ept=EptShape(offset_tokens=args.offset_tokens, spaces=args.spaces, projection_rank=args.projection_rank),
     )
     train_rows, eval_rows = _split_rows(args, load_rows)
-    backbone = load_backbone(backbone_options(args))
+    options = backbone_options(args)
+    if options.quantization == "int4":
+        raise ValueError("int4 cannot train a prompt (its kernel has no backward pass); train with --quantization "
+                         "none: from a GGUF, int4 serves those very weights (the bundled adapters score the same)")
+    backbone = load_backbone(options, int4=False)
     tokenize = lambda rows: tokenize_rows(backbone.tokenizer, rows, args.max_input_tokens, args.max_target_tokens)  # noqa: E731
     meta = AdapterMeta(task=args.task or out.stem, base_model=backbone.name, description=args.description)
     result = train(backbone, tokenize(train_rows), tokenize(eval_rows) if eval_rows else None, config, meta,

@@ -97,7 +97,7 @@ def load_vllm_backbone(options: BackboneOptions | None = None) -> VllmBackbone:
     """Resolve `auto`, convert a GGUF once, and read tokenizer, config and embedding table."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-    options = (options or BackboneOptions()).resolved()
+    options = (options or BackboneOptions()).resolved(int4=False)  # vLLM has no int4 CPU kernel
     started = time.perf_counter()
     folder, name = backbone_folder(options)
     config = AutoConfig.from_pretrained(folder)

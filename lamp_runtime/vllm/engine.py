@@ -51,6 +51,11 @@ START_TIMEOUT_S = 900.0  # first start on a busy 2-core machine: process spawn +
 SHUTDOWN_TIMEOUT_S = 10.0
 
 
+# The smallest KV block each vLLM attention backend takes (vLLM 0.32: CPU_ATTN's
+# get_supported_kernel_block_sizes is MultipleOf(32), FlashAttention's MultipleOf(16)).
+SMALLEST_BLOCK = {"cpu": 32, "cuda": 16}
+
+
 @dataclass(frozen=True)
 class VllmOptions:
     """vLLM engine settings (the backbone's dtype, quantization and device come from BackboneOptions).
@@ -61,8 +66,12 @@ class VllmOptions:
       The legacy environment variable VLLM_CPU_KVCACHE_SPACE (GiB), if set, overrides it on CPU.
     max_model_len: longest sequence (soft prompt + input + output); None = the backbone's context.
       The KV cache must hold at least one sequence this long.
-    prefix_caching: reuse KV blocks of identical prompt-embedding prefixes (vLLM block size: 128
-      tokens on CPU, 16 on GPU), e.g. the same task + the same long instruction.
+    prefix_caching: reuse KV blocks of identical prompt-embedding prefixes, e.g. a task's soft
+      prompt: only whole blocks are reused, so a prompt shorter than a block never is.
+    block_size: tokens per KV block. None = the smallest each backend accepts, so as much of
+      every task's prompt as possible is reused: 32 on CPU (its attention kernel takes multiples
+      of 32; vLLM's own CPU default is 128), 16 on CUDA (FlashAttention's multiple). See
+      docs/vllm.md for what it costs.
     enforce_eager: None = eager on CPU (torch.compile takes minutes there), graphs on GPU.
     max_num_batched_tokens: tokens per engine step, i.e. the chunk a long prompt is prefilled in
       (chunked prefill) while the running requests keep decoding; None = vLLM's default.
@@ -72,6 +81,7 @@ class VllmOptions:
     gpu_memory_utilization: float = 0.3
     max_model_len: int | None = None
     prefix_caching: bool = True
+    block_size: int | None = None
     enforce_eager: bool | None = None
     max_num_batched_tokens: int | None = None
 
@@ -82,6 +92,10 @@ class VllmOptions:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
             raise ValueError(f"max_model_len must be an integer >= 2 or None, got {self.max_model_len!r}")
+        if self.block_size is not None and (not isinstance(self.block_size, int) or self.block_size < 1
+                                            or self.block_size % SMALLEST_BLOCK["cuda"]):
+            raise ValueError(f"block_size must be a multiple of {SMALLEST_BLOCK['cuda']} (CPU: of "
+                             f"{SMALLEST_BLOCK['cpu']}) or None, got {self.block_size!r}")
         if self.max_num_batched_tokens is not None and (not isinstance(self.max_num_batched_tokens, int)
                                                         or self.max_num_batched_tokens < 1):
             raise ValueError(f"max_num_batched_tokens must be an integer >= 1 or None, "
@@ -175,6 +189,7 @@ class VllmEngine:
             enable_prompt_embeds=True, enforce_eager=enforce_eager, max_model_len=self.max_model_len,
             max_num_seqs=self.config.max_batch_size, max_num_batched_tokens=options.max_num_batched_tokens,
             enable_prefix_caching=options.prefix_caching,
+            block_size=options.block_size or SMALLEST_BLOCK.get(torch.device(device).type),
             kv_cache_memory_bytes=None if options.kv_cache_mb is None else options.kv_cache_mb * 1024 * 1024,
             gpu_memory_utilization=options.gpu_memory_utilization,
             disable_log_stats=True,  # our step logger below still receives the stats

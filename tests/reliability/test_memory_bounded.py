@@ -1,7 +1,7 @@
 """Memory with 10,000 registered adapters: the registry holds each adapter's small factors (linear
 in the number of adapters, by design), while the built prompts live in the byte-bounded LRU cache,
-so serving every one of the 10,000 tasks grows the process by at most the cache budget, not by
-10,000 prompts. Measured as RSS of this process (after returning freed heap to the OS), not as a
+and each task's prompt keys/values in the byte-bounded prompt-KV cache, so serving every one of the
+10,000 tasks grows the process by at most the two budgets, not by 10,000 prompts. Measured as RSS of this process (after returning freed heap to the OS), not as a
 timing."""
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from lamp_runtime.requests import GenerationRequest, SamplingParams
 ADAPTERS = 10_000
 PROMPT_TOKENS, RANK = 16, 4
 CACHE_BYTES = 8 * 1024 * 1024
+KV_CACHE_BYTES = 8 * 1024 * 1024  # the prompt-KV cache's budget (~11 tasks' 16-token prompts)
 SLACK_BYTES = 48 * 1024 * 1024  # allocator and interpreter noise around the measured operations
 GENERATED_TASKS = 48  # real generations through the engine, spread over all tasks
 MiB = 1024 * 1024
@@ -54,7 +55,8 @@ def one_torch_thread():
 
 def test_ten_thousand_adapters_keep_memory_bounded(backbone, one_torch_thread):
     engine = DecoderEngine(backbone, config=EngineConfig(max_batch_size=16, max_new_tokens=1,
-                                                  prompt_cache_bytes=CACHE_BYTES))
+                                                  prompt_cache_bytes=CACHE_BYTES,
+                                                  prompt_kv_cache_bytes=KV_CACHE_BYTES))
     params = SamplingParams(max_new_tokens=1)
     # A full batch first: the forward pass pages in the (memory-mapped) weights and sizes torch's
     # buffers, ~0.5 GiB of RSS that has nothing to do with adapters.
@@ -84,7 +86,9 @@ def test_ten_thousand_adapters_keep_memory_bounded(backbone, one_torch_thread):
     assert unbounded > 3 * (CACHE_BYTES + SLACK_BYTES), "too few adapters for the check to mean anything"
     assert stats.bytes <= CACHE_BYTES and stats.entries <= CACHE_BYTES // prompt_bytes
     assert stats.evictions >= ADAPTERS - CACHE_BYTES // prompt_bytes
-    assert served - registered <= CACHE_BYTES + SLACK_BYTES, \
+    kv = engine.prompt_kv.stats()
+    assert kv.bytes <= KV_CACHE_BYTES and kv.misses == len(sample) and kv.evictions == len(sample) - kv.entries
+    assert served - registered <= CACHE_BYTES + KV_CACHE_BYTES + SLACK_BYTES, \
         f"serving all tasks grew RSS by {(served - registered) / MiB:.0f} MiB"
     per_adapter = (registered - start) / ADAPTERS
     assert per_adapter <= 2 * host_bytes + 4096, f"{per_adapter:.0f} bytes per registered adapter"

@@ -1,0 +1,74 @@
+"""The bundled adapters' held-out accuracy and greedy answers under several backbone options.
+
+    .venv/bin/python -m lamp_runtime.bench.accuracy [--options float32/none bfloat16/int4] [--rows 100]
+        [--out docs/bench/accuracy.json]
+
+Every bundled adapter (prompts/*.safetensors) answers the first `--rows` rows of its task's
+eval.jsonl through the serving engine, greedy, under each option; the report gives each option's
+accuracy and the share of answers identical, token for token, to the first option's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from ..adapters import load_adapter
+from ..backbone.hf import load_backbone
+from ..backbone.options import BackboneOptions
+from ..engine.build import engine_for
+from ..requests import GenerationRequest, SamplingParams
+from ..tasks.format import answer_matches, format_input
+from ..tasks.synthetic import TASKS
+from ..training.evaluate import answer_budget
+from .report import write_json
+from .workload import machine_context
+
+PROMPTS = Path(__file__).resolve().parents[2] / "prompts"
+
+
+def answers(engine, task: str, rows: list[dict]) -> list[list[int]]:
+    params = SamplingParams(max_new_tokens=answer_budget(engine.backbone.tokenizer, rows))
+    results = []
+    for start in range(0, len(rows), 16):
+        chunk = rows[start:start + 16]
+        results += engine.generate([GenerationRequest(format_input(r["input"]), task, params) for r in chunk])
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--options", nargs="+", default=["float32/none", "bfloat16/int4"])
+    parser.add_argument("--rows", type=int, default=100)
+    parser.add_argument("--out", help="write the report JSON here")
+    args = parser.parse_args()
+    report = {"bench": "accuracy", "command": "python -m lamp_runtime.bench.accuracy " + " ".join(
+        f"--options {' '.join(args.options)} --rows {args.rows}".split()), "context": machine_context(), "tasks": {}}
+    completions: dict[str, dict[str, list]] = {}
+    for spec in args.options:
+        dtype, quantization = spec.split("/")
+        backbone = load_backbone(BackboneOptions(dtype=dtype, quantization=quantization, device="cpu"))
+        engine = engine_for(backbone)
+        for task in sorted(TASKS):
+            rows = [json.loads(line) for line in (PROMPTS / "data" / task / "eval.jsonl").read_text().splitlines()]
+            rows = rows[:args.rows]
+            engine.registry.register(task, load_adapter(PROMPTS / f"{task}.safetensors", backbone.hidden_size))
+            started = time.perf_counter()
+            results = answers(engine, task, rows)
+            labels = TASKS[task].labels
+            correct = sum(answer_matches(r.text, row["target"], labels) for r, row in zip(results, rows))
+            completions.setdefault(task, {})[spec] = [r.token_ids for r in results]
+            first = completions[task][args.options[0]]
+            same = sum(a == b for a, b in zip(first, completions[task][spec]))
+            report["tasks"].setdefault(task, {})[spec] = {
+                "accuracy": correct / len(rows), "rows": len(rows), "seconds": time.perf_counter() - started,
+                f"answers_identical_to_{args.options[0]}": same / len(rows)}
+            print(f"{task:15} {spec:15} accuracy {correct / len(rows):.2f}  identical answers {same / len(rows):.2f}")
+    if args.out:
+        print(f"wrote {write_json(args.out, report)}")
+
+
+if __name__ == "__main__":
+    main()
