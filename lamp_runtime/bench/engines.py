@@ -106,6 +106,8 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--kv-cache-mb", type=int, default=512, help="vLLM KV cache (host memory on CPU)")
     parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--vllm-block-size", type=int, default=None,
+                        help="vLLM KV block tokens (default: the smallest the backend takes; vLLM's own CPU default is 128)")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--quantization", default="none")
     parser.add_argument("--hf-dtype", help="the HF engine's dtype, if other than --dtype (e.g. bfloat16 for int4)")
@@ -130,7 +132,8 @@ def main() -> None:
     engines = {
         "hf": build_engine("hf", hf_options, config),
         "vllm": build_engine("vllm", options, config,
-                             VllmOptions(kv_cache_mb=args.kv_cache_mb, max_model_len=args.max_model_len)),
+                             VllmOptions(kv_cache_mb=args.kv_cache_mb, max_model_len=args.max_model_len,
+                                         block_size=args.vllm_block_size)),
     }
     adapters = bench_adapters(engines["hf"].backbone.model.get_input_embeddings().weight)
     runners = {}
@@ -152,12 +155,18 @@ def main() -> None:
             runner.shutdown()
     context["load_average_before"] = context.pop("load_average")
     context["load_average_after"] = load_average()
+    vllm = engines["vllm"]
+    prefix = {"block_size": vllm.engine_args().block_size, "prompt_tokens_looked_up": vllm.prefix_cache_queries,
+              "prompt_tokens_reused": vllm.prefix_cache_hits,
+              "reused_share": safe_ratio(vllm.prefix_cache_hits, vllm.prefix_cache_queries)}
 
     print(f"\n{args.new_tokens} new tokens per request, medians of {args.repeats} interleaved rounds "
           f"(max batch {args.max_batch_size}, HF {hf_options.dtype}/{hf_options.quantization}, vLLM "
           f"{options.dtype}/{options.quantization}, {options.device}, HF torch threads "
           f"{threads}); load average before "
           f"{context['load_average_before']}, after {context['load_average_after']}")
+    print(f"vLLM prefix cache, block {prefix['block_size']}: {prefix['prompt_tokens_reused']} of "
+          f"{prefix['prompt_tokens_looked_up']} prompt tokens reused ({prefix['reused_share']:.0%})")
     print(f"{'clients':>7} {'engine':>6} {'tok/s':>8} {'req/s':>7} {'p50 ms':>8} {'p95 ms':>8} {'ttft p50':>9}")
     summaries = {}
     for clients in args.clients:
@@ -175,7 +184,7 @@ def main() -> None:
               f"{ratios['ttft_p50_ms'].median:>8.2f}x")
     if args.out:
         with open(args.out, "w", encoding="utf-8") as handle:
-            json.dump({"settings": vars(args), "context": context, "summaries": summaries,
+            json.dump({"settings": vars(args), "context": context, "summaries": summaries, "vllm_prefix_cache": prefix,
                        "samples": {f"{k}/{c}": v for (k, c), v in samples.items()}}, handle, indent=2)
         print(f"wrote {args.out}")
 

@@ -163,6 +163,7 @@ def run_speed(config: SpeedConfig) -> dict:
             bound = batch * bandwidth / streamed
             decode_rows.append({"option": spec, "batch": batch, "tokens_per_s": rate.median, "spread": rate.as_dict(),
                                 "weights_bytes": backbones[spec].weights_bytes, "streamed_bytes": streamed,
+                                "load_seconds": backbones[spec].load_seconds,
                                 "bound_tokens_per_s": bound,
                                 "of_bound": rate.median / bound,
                                 "vs_llama_cpp": safe_ratio(rate.median, llama_tg) if llama_tg and batch == 1 else None})

@@ -23,7 +23,7 @@ import torch
 from ..prompts.prepared import assemble_embeddings, offset_inputs, prepare
 from ..requests import StepOutput
 from .base import StepStats
-from .llama import LlamaModel
+from .llama import LlamaModel, Segment
 from .prefill_groups import prefill_groups
 from .prompt_kv import PromptKV, PromptKVCache
 from .sequence import Sequence
@@ -73,23 +73,40 @@ class DecoderEngine(StepEngine):
     def prompt_kv_stats(self):
         return self.prompt_kv.stats() if self.prompt_kv is not None else None
 
-    # ---- prefill ------------------------------------------------------------------------------
+    # ---- a step: one forward for the decode rows and the newcomers ----------------------------
 
-    def _prefill(self, newcomers: list[Sequence], stats: StepStats) -> list[StepOutput]:
-        started = time.perf_counter()  # a request's prefill time includes building its prompt KV
-        rows = [self._row(seq, stats) for seq in newcomers]
+    def _run_model(self, newcomers: list[Sequence], stats: StepStats) -> list[StepOutput]:
+        """Decode one token for every running row and prefill the newcomers, in one pass over the
+        weights: the running rows are one segment of the forward, each length group of newcomers
+        another (llama.Segment). With a steady stream of requests most steps admit someone, and a
+        separate prefill forward would read every weight a second time."""
+        started = time.perf_counter()  # a newcomer's prefill time includes building its prompt KV
+        rows = [self._row(seq, stats) for seq in newcomers]  # may run forwards building prompt KV
         try:
-            lengths = [row.embeds.shape[0] for row in rows]
-            groups = prefill_groups(lengths, self.config.prefill_forward_cost_tokens)
-            stats.prefill_tokens = sum(lengths)
-            stats.prefill_forwards += len(groups)
-            stats.prefill_padding += sum(max(lengths[i] for i in g) * len(g) - sum(lengths[i] for i in g)
-                                         for g in groups)
-            return [out for group in groups for out in self._prefill_group([rows[i] for i in group], started)]
+            decoding, segments = len(self._running), []
+            if decoding:
+                segments.append(self._decode_segment())
+            groups = self._place(rows, stats)
+            segments += [self._prefill_segment(group, slot) for slot, group in groups]
+            if not segments:
+                return []
+            logits = self.model.forward_segments(segments, self.kv)
         finally:
             for row in rows:
                 if row.prefix is not None:
                     self.prompt_kv.release(row.seq.entry.cache_key)
+        elapsed = time.perf_counter() - started
+        for row in rows:
+            row.seq.prefill_seconds = elapsed
+        self._lengths[:decoding] = [n + 1 for n in self._lengths[:decoding]]
+        placed = [row for _, group in groups for row in group]  # in slot order, as the segments stacked them
+        self._running.extend(row.seq for row in placed)
+        self._lengths.extend(row.start + row.embeds.shape[0] for row in placed)
+        stats.batch_size = len(self._running)
+        stats.distinct_tasks = len({s.request.task_id for s in self._running})
+        outputs, keep = self._sample(self._running, torch.cat(logits))
+        self._retire([i for i in range(len(self._running)) if i not in set(keep)])
+        return outputs
 
     def _row(self, seq: Sequence, stats: StepStats) -> _Row:
         """Pin the task's prompt (and its KV, building it on a miss) and embed what remains to run."""
@@ -117,44 +134,49 @@ class DecoderEngine(StepEngine):
         stats.prefill_forwards += 1
         return PromptKV(*self.kv.read(slot, length))
 
-    def _prefill_group(self, rows: list[_Row], started: float) -> list[StepOutput]:
-        """One forward over `rows` (right-padded to the longest), in the slots after the running rows."""
+    def _place(self, rows: list[_Row], stats: StepStats) -> list[tuple[int, list[_Row]]]:
+        """Group the newcomers by length (prefill_groups.py), give each group the slots after the
+        running rows, and load their cached prompt keys/values there."""
+        if not rows:
+            return []
+        lengths = [row.embeds.shape[0] for row in rows]
+        groups = [[rows[i] for i in g] for g in prefill_groups(lengths, self.config.prefill_forward_cost_tokens)]
+        stats.prefill_tokens = sum(lengths)
+        stats.prefill_forwards += len(groups)
+        stats.prefill_padding += sum(max(r.embeds.shape[0] for r in g) * len(g) - sum(r.embeds.shape[0] for r in g)
+                                     for g in groups)
+        slot = len(self._running)
+        self._reserve(slot + len(rows), max(row.start + max(r.embeds.shape[0] for r in g)
+                                            for g in groups for row in g))
+        placed = []
+        for group in groups:
+            for i, row in enumerate(group):
+                if row.prefix is not None:
+                    self.kv.load(slot + i, row.prefix.keys, row.prefix.values)
+            placed.append((slot, group))
+            slot += len(group)
+        return placed
+
+    def _prefill_segment(self, rows: list[_Row], slot_start: int) -> Segment:
+        """Newcomers right-padded to the longest, at their positions after their cached prompts."""
         device = self.backbone.device
-        slot_start, width = len(self._running), max(row.embeds.shape[0] for row in rows)
-        self._reserve(slot_start + len(rows), max(row.start for row in rows) + width)
-        for i, row in enumerate(rows):
-            if row.prefix is not None:
-                self.kv.load(slot_start + i, row.prefix.keys, row.prefix.values)
+        width = max(row.embeds.shape[0] for row in rows)
         embeds = torch.stack([torch.nn.functional.pad(row.embeds, (0, 0, 0, width - row.embeds.shape[0]))
                               for row in rows])
         starts = torch.tensor([row.start for row in rows], device=device)
         positions = starts[:, None] + torch.arange(width, device=device)[None, :]
         last = torch.tensor([row.embeds.shape[0] - 1 for row in rows], device=device)
-        logits = self.model.forward(embeds, positions, self.kv, slot_start, last)
-        elapsed = time.perf_counter() - started
-        sequences = [row.seq for row in rows]
-        for seq in sequences:
-            seq.prefill_seconds = elapsed
-        self._running.extend(sequences)
-        self._lengths.extend(row.start + row.embeds.shape[0] for row in rows)
-        outputs, keep = self._sample(sequences, logits)
-        self._retire([slot_start + i for i in range(len(rows)) if i not in set(keep)])
-        return outputs
+        return Segment(embeds, positions, slot_start, last)
 
-    # ---- decode -------------------------------------------------------------------------------
-
-    def _decode(self) -> list[StepOutput]:
+    def _decode_segment(self) -> Segment:
+        """The running rows' last tokens, at the position after each row's (slots 0..B-1)."""
         device = self.backbone.device
         batch = len(self._running)
         self._reserve(batch, max(self._lengths) + 1)
         tokens = torch.tensor([s.last_token for s in self._running], dtype=torch.long, device=device)
         positions = torch.tensor(self._lengths, device=device)[:, None]
-        logits = self.model.forward(self.backbone.embed(tokens)[:, None], positions, self.kv, 0,
-                                    torch.zeros(batch, dtype=torch.long, device=device))
-        self._lengths = [n + 1 for n in self._lengths]
-        outputs, keep = self._sample(self._running, logits)
-        self._retire([i for i in range(batch) if i not in set(keep)])
-        return outputs
+        return Segment(self.backbone.embed(tokens)[:, None], positions, 0,
+                       torch.zeros(batch, dtype=torch.long, device=device))
 
     # ---- slots --------------------------------------------------------------------------------
 

@@ -19,6 +19,8 @@ float32 this is the computation transformers does, op for op, so greedy answers 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -172,63 +174,114 @@ class LlamaModel:
         dtype = torch.float32 if self.device.type == "cpu" else self.model.dtype
         return KVSlots(len(self.layers), slots, self.kv_heads, self.head_dim, dtype, self.device)
 
-    @torch.inference_mode()
     def forward(self, embeds: torch.Tensor, positions: torch.Tensor, kv: KVSlots, slot_start: int,
                 last: torch.Tensor) -> torch.Tensor:
-        """Run `embeds` [R, N, d] at `positions` [R, N] for the rows in slots slot_start..+R;
-        write their keys/values there and return the logits [R, vocab] of position `last[r]` of
-        each row.
+        """One segment's forward (see `forward_segments`): the logits [R, vocab]."""
+        return self.forward_segments([Segment(embeds, positions, slot_start, last)], kv)[0]
 
-        A row's queries see the keys at positions <= their own in that row's slot: what an earlier
+    @torch.inference_mode()
+    def forward_segments(self, segments: list["Segment"], kv: KVSlots) -> list[torch.Tensor]:
+        """Run every segment's rows through the model in one pass over the weights; return each
+        segment's logits [R, vocab] at its rows' `last` positions.
+
+        A segment is R rows of N tokens at `positions` [R, N] in slots slot_start..+R (a step's
+        decode rows are one segment with N = 1, each group of newcomers another), so a step that
+        prefills newcomers while others decode reads every weight once, not once per forward. Each
+        row's queries see the keys at positions <= their own in that row's slot: what an earlier
         forward left there (a cached prompt, the tokens so far) and this forward's own. Positions
         of padding (queries beyond a row's real tokens) are written too, after its real ones; they
-        are never visible to the real queries and are overwritten by the row's next tokens.
+        are never visible to the real queries and are overwritten by the row's next tokens. The
+        engine has reserved room for every position in `kv`.
         """
-        rows, n = embeds.shape[:2]
-        length = int(positions.max()) + 1  # the engine has reserved this much in `kv`
-        slots = torch.arange(slot_start, slot_start + rows, device=self.device)
-        write_at = kv.flat_positions(slots, positions)
-        visible = torch.arange(length, device=self.device)[None, None, :] <= positions[:, :, None]  # [R, N, T]
-        cos, sin = self.rotary(embeds, positions)
-        half = self.head_dim // 2
-        cos = cos.float()[:, :, None, :]
-        # rotate_half(q) * sin == roll(q, half) * [-sin1, sin2], bit for bit, in one op fewer
-        sin = torch.cat((-sin[..., :half], sin[..., half:]), -1).float()[:, :, None, :]
-        x = embeds.float().reshape(rows * n, self.hidden)  # the residual stream, one row per token
-        # Decode attention (one query per row) runs as two batched products with an additive mask
-        # per (row, kv head): [R*kvh, 1, T], grouped query heads sharing their kv head without a
-        # repeat; 8 us per layer at batch 1 on the 2-core CPU against 70 us in
-        # scaled_dot_product_attention, which the prefill uses (its kernel never holds every score).
-        if n == 1:
-            mask = torch.zeros(rows, self.kv_heads, length, device=self.device).masked_fill_(
-                ~visible, float("-inf")).view(rows * self.kv_heads, 1, length)
-        else:  # scaled_dot_product_attention's boolean mask, [R, 1, N, T]
-            mask = visible[:, None]
-        heads, kv_heads, head_dim, scale = self.heads, self.kv_heads, self.head_dim, self.scale
-        qk_width, groups, flat = (heads + kv_heads) * head_dim, heads // kv_heads, rows * kv_heads
-        rsqrt, silu, baddbmm, bmm, softmax = torch.rsqrt, F.silu, torch.baddbmm, torch.bmm, torch.softmax
-        end = slot_start + rows
+        parts = [_SegmentPlan(segment, self, kv) for segment in segments]
+        start = 0
+        for part in parts:  # the segments' tokens, stacked in order
+            part.tokens = slice(start, start + part.rows * part.n)
+            start = part.tokens.stop
+        x = torch.cat([part.x for part in parts]) if len(parts) > 1 else parts[0].x  # one row per token
+        write_at = torch.cat([part.write_at for part in parts]) if len(parts) > 1 else parts[0].write_at
+        heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
+        qk_width, rsqrt, silu = (heads + kv_heads) * head_dim, torch.rsqrt, F.silu
         # One loop, locals only: at batch 1 on a 2-core CPU a decode step is ~50 small ops per
         # layer besides the products, and Python time between them was ~1.3 ms of ~8 per step.
         for index, layer in enumerate(self.layers):
             (w1, e1), (w2, e2) = layer.norm1, layer.norm2
             qkv = layer.qkv((w1 * (x * rsqrt(x.pow(2).mean(-1, keepdim=True) + e1))).to(layer.dtypes[0])).float()
-            qk = qkv[:, :qk_width].view(rows, n, heads + kv_heads, head_dim)
-            qk = qk * cos + qk.roll(head_dim // 2, -1) * sin
-            kv.write(index, write_at, qk[:, :, heads:], qkv[:, qk_width:])
-            keys = kv.keys[index, slot_start:end, :, :length]  # [R, kv_heads, T, D]
-            values = kv.values[index, slot_start:end, :, :length]
-            if n == 1:
-                scores = baddbmm(mask, qk[:, :, :heads].reshape(flat, groups, head_dim),  # mask + scale q k.T
-                                 keys.reshape(flat, length, head_dim).transpose(1, 2), alpha=scale)
-                out = bmm(softmax(scores, -1), values.reshape(flat, length, head_dim)).view(rows, heads * head_dim)
-            else:
-                out = F.scaled_dot_product_attention(qk[:, :, :heads].transpose(1, 2), keys, values, attn_mask=mask,
-                                                     scale=scale, enable_gqa=kv_heads != heads)
-                out = out.transpose(1, 2).reshape(rows * n, heads * head_dim)
+            qk_rows = [part.rope(qkv[part.tokens, :qk_width]) for part in parts]
+            keys = (torch.cat([qk[:, :, heads:].reshape(-1, kv_heads, head_dim) for qk in qk_rows])
+                    if len(parts) > 1 else qk_rows[0][:, :, heads:])
+            kv.write(index, write_at, keys, qkv[:, qk_width:])
+            out = [part.attend(qk[:, :, :heads], kv, index) for part, qk in zip(parts, qk_rows)]
+            out = torch.cat(out) if len(parts) > 1 else out[0]
             x = x + layer.o(out.to(layer.dtypes[1])).float()
             gate_up = layer.gate_up((w2 * (x * rsqrt(x.pow(2).mean(-1, keepdim=True) + e2))).to(layer.dtypes[2]))
             x = x + layer.down((silu(gate_up[:, :layer.intermediate]) * gate_up[:, layer.intermediate:])
                                .to(layer.dtypes[3])).float()
-        hidden = x.view(rows, n, self.hidden)[torch.arange(rows, device=self.device), last]
-        return self.head(_rms(hidden, *self.final_norm).to(_input_dtype(self.head))).float()
+        hidden = torch.cat([x[part.tokens].view(part.rows, part.n, self.hidden)[part.row_index, part.last]
+                            for part in parts])
+        logits = self.head(_rms(hidden, *self.final_norm).to(_input_dtype(self.head))).float()
+        return list(logits.split([part.rows for part in parts]))
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Rows of one forward that share a shape: embeds [R, N, d] at positions [R, N] in slots
+    slot_start..+R; the logits come from position `last[r]` of each row."""
+
+    embeds: torch.Tensor
+    positions: torch.Tensor
+    slot_start: int
+    last: torch.Tensor
+
+
+class _SegmentPlan:
+    """What a segment needs at every layer, computed once per forward: its token rows in the
+    stacked activations, rotary angles, KV write indices and attention mask."""
+
+    def __init__(self, segment: Segment, model: LlamaModel, kv: KVSlots):
+        self.model, self.slot_start = model, segment.slot_start
+        self.rows, self.n = segment.embeds.shape[:2]
+        self.last, device = segment.last, model.device
+        self.row_index = torch.arange(self.rows, device=device)
+        self.length = int(segment.positions.max()) + 1
+        self.x = segment.embeds.float().reshape(self.rows * self.n, model.hidden)
+        self.write_at = kv.flat_positions(torch.arange(segment.slot_start, segment.slot_start + self.rows,
+                                                       device=device), segment.positions)
+        cos, sin = model.rotary(segment.embeds, segment.positions)
+        half = model.head_dim // 2
+        self.cos = cos.float()[:, :, None, :]
+        # rotate_half(q) * sin == roll(q, half) * [-sin1, sin2], bit for bit, in one op fewer
+        self.sin = torch.cat((-sin[..., :half], sin[..., half:]), -1).float()[:, :, None, :]
+        visible = torch.arange(self.length, device=device)[None, None, :] <= segment.positions[:, :, None]
+        # Decode attention (one query per row) runs as two batched products with an additive mask
+        # per (row, kv head), [R*kvh, 1, T], grouped query heads sharing their kv head without a
+        # repeat: 8 us per layer at batch 1 on the 2-core CPU against 70 us in
+        # scaled_dot_product_attention, which prefills use (its kernel never holds every score).
+        if self.n == 1:
+            self.mask = torch.zeros(self.rows, model.kv_heads, self.length, device=device).masked_fill_(
+                ~visible, float("-inf")).view(self.rows * model.kv_heads, 1, self.length)
+        else:  # scaled_dot_product_attention's boolean mask, [R, 1, N, T]
+            self.mask = visible[:, None]
+        self.tokens = slice(0, self.rows * self.n)  # where its tokens sit among the stacked segments
+
+    def rope(self, qk: torch.Tensor) -> torch.Tensor:
+        """Rotary embedding of this segment's q and k heads: [R, N, heads + kv_heads, D]."""
+        model = self.model
+        qk = qk.view(self.rows, self.n, model.heads + model.kv_heads, model.head_dim)
+        return qk * self.cos + qk.roll(model.head_dim // 2, -1) * self.sin
+
+    def attend(self, q: torch.Tensor, kv: KVSlots, layer: int) -> torch.Tensor:
+        """This segment's attention output for layer `layer`: [R * N, heads * D]."""
+        model, rows, length = self.model, self.rows, self.length
+        heads, kv_heads, head_dim = model.heads, model.kv_heads, model.head_dim
+        keys = kv.keys[layer, self.slot_start:self.slot_start + rows, :, :length]  # [R, kv_heads, T, D]
+        values = kv.values[layer, self.slot_start:self.slot_start + rows, :, :length]
+        if self.n == 1:
+            flat = rows * kv_heads
+            scores = torch.baddbmm(self.mask, q.reshape(flat, heads // kv_heads, head_dim),  # mask + scale q k.T
+                                   keys.reshape(flat, length, head_dim).transpose(1, 2), alpha=model.scale)
+            return torch.bmm(torch.softmax(scores, -1), values.reshape(flat, length, head_dim)).view(
+                rows, heads * head_dim)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=self.mask,
+                                             scale=model.scale, enable_gqa=kv_heads != heads)
+        return out.transpose(1, 2).reshape(rows * self.n, heads * head_dim)

@@ -1,8 +1,8 @@
 """What the two transformers engines (decoder-only and T5) share: the waiting queue, aborts,
 admission, prompt assembly and pinning, padding and sampling, and the synchronous step loop.
 
-Subclasses keep their own running state and say how newcomers are prefilled and how the running
-rows decode one token (`_prefill`, `_decode`, `_abort_running`, `_running_sequences`).
+Subclasses keep their own running state and say how a step runs the model (`_run_model`, or the
+`_prefill` and `_decode` it calls by default), how running rows are aborted and which are running.
 """
 
 from __future__ import annotations
@@ -90,16 +90,10 @@ class StepEngine(abc.ABC):
         outputs = self._handle_aborts()
         newcomers = self._admit()
         stats = StepStats(prefilled=len(newcomers), prefill_tokens=sum(s.length for s in newcomers))
-        if newcomers:
-            now = time.perf_counter()
-            for seq in newcomers:
-                seq.admitted_at = now
-            outputs += self._prefill(newcomers, stats)
-        running = self._running_sequences()
-        if running:
-            stats.batch_size = len(running)
-            stats.distinct_tasks = len({s.request.task_id for s in running})
-            outputs += self._decode()
+        now = time.perf_counter()
+        for seq in newcomers:
+            seq.admitted_at = now
+        outputs += self._run_model(newcomers, stats)
         stats.seconds = time.perf_counter() - started
         self.last_step = stats
         return outputs
@@ -114,6 +108,18 @@ class StepEngine(abc.ABC):
                     results[out.request_id] = out.result
         return [results[i] for i in ids]
 
+    def _run_model(self, newcomers: list[Sequence], stats: StepStats) -> list[StepOutput]:
+        """The step's model work: by default the subclass's `_prefill(newcomers, stats)` (a first
+        token each; the ones still running join the batch), then its `_decode()` (one token for
+        every running row, the newcomers included). The decoder engine fuses both into one forward."""
+        outputs = self._prefill(newcomers, stats) if newcomers else []
+        running = self._running_sequences()
+        if running:
+            stats.batch_size = len(running)
+            stats.distinct_tasks = len({s.request.task_id for s in running})
+            outputs += self._decode()
+        return outputs
+
     @abc.abstractmethod
     def _running_sequences(self) -> list[Sequence]:
         """Every request prefilled and still generating."""
@@ -122,13 +128,6 @@ class StepEngine(abc.ABC):
     def _abort_running(self, aborted: set[str]) -> list[StepOutput]:
         """Drop the running rows whose request ids are in `aborted`; their abort outputs."""
 
-    @abc.abstractmethod
-    def _prefill(self, newcomers: list[Sequence], stats: StepStats) -> list[StepOutput]:
-        """Prefill `newcomers` (their first token each); the ones still running join the batch."""
-
-    @abc.abstractmethod
-    def _decode(self) -> list[StepOutput]:
-        """One token for every running row."""
 
     def _handle_aborts(self) -> list[StepOutput]:
         with self._lock:
