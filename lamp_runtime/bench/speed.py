@@ -107,6 +107,27 @@ def prefill_times(engine, task: str, inputs: list[str], cold: bool) -> tuple[flo
     return results[0].prefill_ms, max(r.ttft_ms for r in results)
 
 
+def decode_profile(engine, steps: int = 16, top: int = 8) -> dict:
+    """Where one batch-1 decode step's time goes: torch profiler, operators by self CPU time."""
+    from torch.profiler import profile
+
+    engine.generate([GenerationRequest(DECODE_PROMPT, None, SamplingParams(max_new_tokens=2))])
+    engine.submit(GenerationRequest(DECODE_PROMPT, None, SamplingParams(max_new_tokens=steps + 2, ignore_eos=True)))
+    engine.step()  # the prefill
+    started = time.perf_counter()
+    with profile() as prof:
+        for _ in range(steps):
+            engine.step()
+    wall = (time.perf_counter() - started) / steps
+    while engine.has_work():
+        engine.step()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) / steps / 1000
+    return {"step_ms_profiled": wall * 1000, "operators_ms": total,
+            "top": [{"op": e.key, "ms_per_step": e.self_cpu_time_total / steps / 1000, "calls_per_step": e.count / steps}
+                    for e in events[:top]]}
+
+
 def run_llama_bench(binary: str, gguf: str, threads: int) -> dict:
     """llama-bench's tg32 and pp64 tokens/s on `gguf` (one repetition: rounds give the spread)."""
     done = subprocess.run([binary, "-m", gguf, "-t", str(threads), "-p", "64", "-n", "32", "-r", "1", "-o", "json"],
@@ -182,4 +203,5 @@ def run_speed(config: SpeedConfig) -> dict:
     if llama:
         report["llama_cpp"] = {key: summarize([s[key] for s in llama]).as_dict()
                                for key in ("tg_tokens_per_s", "pp_tokens_per_s")}
+    report["decode_profile_batch_1"] = {spec: decode_profile(engine) for spec, engine in engines.items()}
     return report
