@@ -26,7 +26,14 @@ from ..errors import require_at_least
 from ..prompts.math import pooled_length
 from ..requests import GenerationRequest, SamplingParams
 from .stats import interleaved, safe_ratio, summarize, summarize_samples
-from .workload import lamp_from_prompt, load_average, machine_context, task_inputs, vocabulary_prompt
+from .workload import (
+    GenerationBenchConfig,
+    lamp_from_prompt,
+    load_average,
+    machine_context,
+    task_inputs,
+    vocabulary_prompt,
+)
 
 SINGLE, MIXED, SEQUENTIAL, PEFT = "single_task_batched", "mixed_task_batched", "mixed_task_sequential", "peft_sequential"
 VARIANT_LABELS = {
@@ -46,21 +53,17 @@ RATIOS = {
 
 
 @dataclass(frozen=True)
-class BatchingConfig:
+class BatchingConfig(GenerationBenchConfig):
+    new_tokens: int = 16
+    repeats: int = 5
     requests: int = 8
     length: int = 100
     pool: int = 4
-    rank: int = 16
-    new_tokens: int = 16
-    repeats: int = 5
-    warmup: int = 1
-    task: str = "support_triage"
-    seed: int = 0
     include_peft: bool = True
 
     def __post_init__(self):
-        require_at_least(self, 1, "requests", "length", "pool", "rank", "new_tokens", "repeats")
-        require_at_least(self, 0, "warmup")
+        super().__post_init__()
+        require_at_least(self, 1, "requests", "length", "pool")
 
 
 def task_id(index: int) -> str:

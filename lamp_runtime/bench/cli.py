@@ -95,12 +95,17 @@ def _command_line() -> str:
     return shlex.join(["lamp", *sys.argv[1:]])
 
 
-def _finish(report: dict, args, table: str) -> int:
+def _finish(report: dict, args, table: str, plot: str | None = None) -> int:
+    """Write the report's JSON, print its table and, with --plot, draw it with plots.<plot>."""
     from .report import write_json
 
     report["command"] = _command_line()
     path = write_json(args.out, report)
     print(table)
+    if plot and args.plot:
+        from . import plots
+
+        print(f"plot: {getattr(plots, plot)(report, args.plot)}")
     print(f"wrote {path}")
     return 0
 
@@ -126,11 +131,7 @@ def run_pooling_command(args) -> int:
         lines.append(f"batch {fit['batch_size']}: prefill ≈ {wall['fixed_ms']:.1f} ms + {wall['per_token_ms']:.2f} "
                      f"ms/token wall-clock, {cpu['fixed_ms']:.1f} ms + {cpu['per_token_ms']:.2f} ms/token CPU "
                      f"(tokens per row)")
-    if args.plot:
-        from .plots import plot_pooling
-
-        lines.append(f"plot: {plot_pooling(report, args.plot)}")
-    return _finish(report, args, "\n".join(lines))
+    return _finish(report, args, "\n".join(lines), plot="plot_pooling")
 
 
 def run_batching_command(args) -> int:
@@ -153,11 +154,7 @@ def run_batching_command(args) -> int:
                          f"{cpu['median']:.2f}x CPU time (IQR {cpu['q1']:.2f}-{cpu['q3']:.2f})")
     if "peft_outputs_match" in report:
         lines.append(f"greedy outputs equal to PEFT's: {report['peft_outputs_match']}/{report['peft_outputs_compared']}")
-    if args.plot:
-        from .plots import plot_batching
-
-        lines.append(f"plot: {plot_batching(report, args.plot)}")
-    return _finish(report, args, "\n".join(lines))
+    return _finish(report, args, "\n".join(lines), plot="plot_batching")
 
 
 def run_speed_command(args) -> int:
@@ -178,11 +175,7 @@ def run_speed_command(args) -> int:
         llama = report["llama_cpp"]
         lines.append(f"llama.cpp llama-bench: tg32 {llama['tg_tokens_per_s']['median']:.1f} tok/s, "
                      f"pp64 {llama['pp_tokens_per_s']['median']:.1f} tok/s")
-    if args.plot:
-        from .plots import plot_speed
-
-        lines.append(f"plot: {plot_speed(report, args.plot)}")
-    return _finish(report, args, "\n".join(lines))
+    return _finish(report, args, "\n".join(lines), plot="plot_speed")
 
 
 def run_cache_command(args) -> int:

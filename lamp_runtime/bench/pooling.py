@@ -19,13 +19,19 @@ from dataclasses import dataclass
 from ..adapters import AdapterMeta
 from ..engine.base import EngineConfig
 from ..engine.build import engine_for
-from ..errors import require_at_least
 from ..prompts.math import pooled_length
 from ..requests import GenerationRequest, SamplingParams
 from .memory import kv_bytes_per_token, peak_memory_bytes
 from .stats import interleaved, safe_ratio, summarize, summarize_samples
 from .stepping import run_stepped
-from .workload import lamp_from_prompt, load_average, machine_context, task_inputs, vocabulary_prompt
+from .workload import (
+    GenerationBenchConfig,
+    lamp_from_prompt,
+    load_average,
+    machine_context,
+    task_inputs,
+    vocabulary_prompt,
+)
 
 # The memory pass covers prefill and the first decode steps: prefill activations are the peak, and
 # the KV cache grows by only 1/(L_x + soft) per further step.
@@ -35,19 +41,14 @@ TIMED_METRICS = ("prefill_ms", "prefill_cpu_ms", "ttft_ms", "e2e_ms", "wall_ms",
 
 
 @dataclass(frozen=True)
-class PoolingConfig:
+class PoolingConfig(GenerationBenchConfig):
     lengths: tuple[int, ...] = (100, 200)
     pools: tuple[int, ...] = (1, 2, 4, 5, 10)
     batch_sizes: tuple[int, ...] = (1, 8)
-    rank: int = 16
-    new_tokens: int = 8
-    repeats: int = 3
-    warmup: int = 1
-    task: str = "support_triage"
-    seed: int = 0
     measure_memory: bool = True
 
     def __post_init__(self):
+        super().__post_init__()
         for name in ("lengths", "pools", "batch_sizes"):
             values = getattr(self, name)
             if not values or any(not isinstance(v, int) or v < 1 for v in values):
@@ -55,8 +56,6 @@ class PoolingConfig:
         if 1 not in self.pools:
             raise ValueError(f"pools must include 1 (ratios are measured against the unpooled prompt), "
                              f"got {list(self.pools)}")
-        require_at_least(self, 1, "rank", "new_tokens", "repeats")
-        require_at_least(self, 0, "warmup")
 
 
 def task_id(length: int, pool: int) -> str:

@@ -12,12 +12,30 @@ import platform
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..adapters import AdapterMeta, LampAdapter
+from ..errors import require_at_least
 from ..tasks.synthetic import get_task
+
+
+@dataclass(frozen=True)
+class GenerationBenchConfig:
+    """What every bench that generates through the engine takes (`lamp bench pooling | batching`)."""
+
+    rank: int = 16  # LAMP rank of the bench's adapters
+    new_tokens: int = 8  # generated per request, EOS ignored
+    repeats: int = 3  # recorded rounds
+    warmup: int = 1  # untimed rounds first
+    task: str = "support_triage"  # the synthetic task whose inputs are sent
+    seed: int = 0
+
+    def __post_init__(self):
+        require_at_least(self, 1, "rank", "new_tokens", "repeats")
+        require_at_least(self, 0, "warmup")
 
 
 def lamp_from_prompt(prompt: torch.Tensor, rank: int, pool: int, task: str | None = None) -> LampAdapter:

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..adapters.registry import AdapterEntry
 from ..prompts.prepared import PreparedPrompt
-from ..requests import (
-    FINISH_ABORT,
-    FINISH_LENGTH,
-    FINISH_STOP,
-    GenerationRequest,
-    GenerationResult,
-    StepOutput,
-    elapsed_ms,
-)
+from ..requests import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, GenerationResult, StepOutput, elapsed_ms
+
+if TYPE_CHECKING:
+    from ..requests import GenerationRequest
 
 
 class Sequence:

@@ -10,17 +10,13 @@ timestamps come from the engine-core process (CLOCK_MONOTONIC, the same clock as
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from ..adapters.registry import AdapterEntry
-from ..requests import (
-    FINISH_ABORT,
-    FINISH_LENGTH,
-    FINISH_STOP,
-    GenerationRequest,
-    GenerationResult,
-    StepOutput,
-    elapsed_ms,
-)
+from ..requests import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, GenerationResult, StepOutput, elapsed_ms
+
+if TYPE_CHECKING:
+    from ..requests import GenerationRequest
 
 FINISH_REASONS = {"stop": FINISH_STOP, "length": FINISH_LENGTH, "abort": FINISH_ABORT}
 
