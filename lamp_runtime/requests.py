@@ -80,6 +80,9 @@ class GenerationResult:
     input_tokens: int
     soft_prompt_tokens: int
     soft_prompt_tokens_saved: int
+    # Positions of the soft prompt this request's prefill ran: 0 when its keys/values were reused
+    # (prompt-KV cache, vLLM's prefix cache). Pooling saved prefill time only where it ran.
+    soft_prompt_tokens_computed: int
     completion_tokens: int
     queue_ms: float
     prefill_ms: float
@@ -91,16 +94,19 @@ class GenerationResult:
     @classmethod
     def of(cls, request: GenerationRequest, entry, *, text: str, finish_reason: str, token_ids: list[int],
            input_tokens: int, queue_ms: float, prefill_ms: float, decode_ms: float, ttft_ms: float,
-           total_ms: float) -> "GenerationResult":
+           total_ms: float, soft_prompt_tokens_computed: int | None = None) -> "GenerationResult":
         """A request's result; `entry` is the AdapterEntry it resolved (None: no task), from which
-        the adapter version and the soft-prompt token counts are taken the same way by every engine."""
+        the adapter version and the soft-prompt token counts are taken the same way by every engine;
+        `soft_prompt_tokens_computed` defaults to the whole pooled prompt."""
         adapter = entry.adapter if entry is not None else None
+        pooled = adapter.pooled_tokens if adapter else 0
         return cls(
             request_id=request.request_id, task_id=request.task_id,
             adapter_version=entry.version if entry is not None else None,
             text=text, finish_reason=finish_reason, token_ids=list(token_ids), input_tokens=input_tokens,
-            soft_prompt_tokens=adapter.pooled_tokens if adapter else 0,
-            soft_prompt_tokens_saved=(adapter.prompt_tokens - adapter.pooled_tokens) if adapter else 0,
+            soft_prompt_tokens=pooled,
+            soft_prompt_tokens_saved=(adapter.prompt_tokens - pooled) if adapter else 0,
+            soft_prompt_tokens_computed=pooled if soft_prompt_tokens_computed is None else soft_prompt_tokens_computed,
             completion_tokens=len(token_ids), queue_ms=queue_ms, prefill_ms=prefill_ms, decode_ms=decode_ms,
             ttft_ms=ttft_ms, total_ms=total_ms,
         )

@@ -75,6 +75,20 @@ class Backbone:
         return embeddings.get_input_embeddings()(token_ids.to(self.device))
 
 
+def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
+    """Bytes of keys and values one context position holds across all layers, at `dtype`: the
+    self-attention cache of a decoder-only model; for an encoder-decoder (T5), the decoder's
+    cross-attention keys/values of one encoder position (its self-attention holds as much per
+    generated token)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    if getattr(config, "is_encoder_decoder", False):
+        layers = getattr(config, "num_decoder_layers", None) or config.num_layers
+        return 2 * layers * config.num_heads * config.d_kv * size
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * heads * head_dim * size
+
+
 def collect_eos_token_ids(generation_config, config, tokenizer) -> set[int]:
     """Every id that ends a generation: from the generation config, the model config and the tokenizer."""
     ids = set()

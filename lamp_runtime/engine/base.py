@@ -63,6 +63,9 @@ class StepStats:
     prefill_padding: int = 0  # padded positions computed beyond the real tokens
     prompt_kv_hits: int = 0  # newcomers whose soft prompt's keys/values were reused, not computed
     prompt_tokens_reused: int = 0  # soft-prompt positions those newcomers did not compute
+    # Positions the step's forwards ran (prefill rows, prompt-KV builds, one per decode row, no
+    # padding): the x of the serving layer's per-token cost fit.
+    computed_tokens: int = 0
     seconds: float = 0.0
 
 
@@ -118,6 +121,12 @@ class Engine(Protocol):
 
     def prompt_kv_stats(self) -> CacheStats | None:
         """Reuse of tasks' soft-prompt keys/values (None: this engine keeps none)."""
+
+    # Bytes of keys/values one context position holds in this engine's cache (all layers).
+    kv_bytes_per_token: int
+
+    def kv_cache_bytes(self) -> int | None:
+        """Keys/values held by the requests in flight right now (None: the engine cannot tell)."""
 
 
 class EngineRunner(abc.ABC):

@@ -56,6 +56,7 @@ class DecoderEngine(StepEngine):
         super().__init__(backbone, *args, **kwargs)
         self.model = LlamaModel(backbone.model)
         self.kv = self.model.new_slots(self.config.max_batch_size)
+        self.kv_bytes_per_token = self.kv.bytes_per_position()
         budget = self.config.prompt_kv_cache_bytes
         self.prompt_kv = PromptKVCache(budget) if budget else None
         self._running: list[Sequence] = []  # in slot order: _running[i] owns slot i
@@ -73,6 +74,9 @@ class DecoderEngine(StepEngine):
     def prompt_kv_stats(self):
         return self.prompt_kv.stats() if self.prompt_kv is not None else None
 
+    def kv_cache_bytes(self) -> int:
+        return sum(list(self._lengths)) * self.kv_bytes_per_token  # positions in use, not the allocation
+
     # ---- a step: one forward for the decode rows and the newcomers ----------------------------
 
     def _run_model(self, newcomers: list[Sequence], stats: StepStats) -> list[StepOutput]:
@@ -81,12 +85,14 @@ class DecoderEngine(StepEngine):
         another (llama.Segment). With a steady stream of requests most steps admit someone, and a
         separate prefill forward would read every weight a second time."""
         started = time.perf_counter()  # a newcomer's prefill time includes building its prompt KV
+        stats.prefill_tokens = 0  # positions computed: prompt-KV builds and the rows' own tokens
         rows = [self._row(seq, stats) for seq in newcomers]  # may run forwards building prompt KV
         try:
             decoding, segments = len(self._running), []
             if decoding:
                 segments.append(self._decode_segment())
             groups = self._place(rows, stats)
+            stats.computed_tokens = decoding + stats.prefill_tokens
             segments += [self._prefill_segment(group, slot) for slot, group in groups]
             if not segments:
                 return []
@@ -121,6 +127,7 @@ class DecoderEngine(StepEngine):
         hit = key in self.prompt_kv
         prefix = self.prompt_kv.acquire(key, lambda: self._compute_prompt_kv(seq.prepared.prompt, stats))
         if hit:
+            seq.prompt_reused = True
             stats.prompt_kv_hits += 1
             stats.prompt_tokens_reused += prefix.tokens
         return _Row(seq, prefix, offset_inputs(seq.prepared, inputs))
@@ -132,6 +139,7 @@ class DecoderEngine(StepEngine):
         self.model.forward(prompt[None], torch.arange(length, device=prompt.device)[None], self.kv, slot,
                            torch.tensor([length - 1], device=prompt.device))
         stats.prefill_forwards += 1
+        stats.prefill_tokens += length
         return PromptKV(*self.kv.read(slot, length))
 
     def _place(self, rows: list[_Row], stats: StepStats) -> list[tuple[int, list[_Row]]]:
@@ -141,7 +149,7 @@ class DecoderEngine(StepEngine):
             return []
         lengths = [row.embeds.shape[0] for row in rows]
         groups = [[rows[i] for i in g] for g in prefill_groups(lengths, self.config.prefill_forward_cost_tokens)]
-        stats.prefill_tokens = sum(lengths)
+        stats.prefill_tokens += sum(lengths)
         stats.prefill_forwards += len(groups)
         stats.prefill_padding += sum(max(r.embeds.shape[0] for r in g) * len(g) - sum(r.embeds.shape[0] for r in g)
                                      for g in groups)

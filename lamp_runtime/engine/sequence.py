@@ -34,6 +34,7 @@ class Sequence:
         self.submitted_at = time.perf_counter()
         self.admitted_at = self.first_token_at = self.finished_at = None
         self.prefill_seconds = 0.0
+        self.prompt_reused = False  # its soft prompt's keys/values came from the prompt-KV cache
 
     @property
     def soft_prompt_tokens(self) -> int:
@@ -102,4 +103,5 @@ class Sequence:
             decode_ms=elapsed_ms(self.first_token_at, self.finished_at),
             ttft_ms=elapsed_ms(self.submitted_at, self.first_token_at),
             total_ms=elapsed_ms(self.submitted_at, self.finished_at),
+            soft_prompt_tokens_computed=0 if self.prompt_reused else self.soft_prompt_tokens,
         )

@@ -15,6 +15,7 @@ from collections import deque
 import torch
 
 from ..adapters.registry import AdapterRegistry
+from ..backbone.hf import kv_bytes_per_token
 from ..prompts.cache import PromptCache
 from ..prompts.prepared import assemble_embeddings, prepare
 from ..requests import GenerationRequest, GenerationResult, StepOutput
@@ -42,6 +43,7 @@ class StepEngine(abc.ABC):
         self._aborted: set[str] = set()
         self.last_step = StepStats()
         self.threads = self.config.threads or torch.get_num_threads()  # intra-op threads of its steps
+        self.kv_bytes_per_token = kv_bytes_per_token(backbone.config, backbone.dtype)
 
     # ---- submission (any thread) -------------------------------------------------------------
 
@@ -66,6 +68,10 @@ class StepEngine(abc.ABC):
 
     def prompt_kv_stats(self):
         return None
+
+    def kv_cache_bytes(self) -> int | None:
+        # a running row's last sampled token is the next step's input: not in the cache yet
+        return sum(s.length - 1 for s in list(self._running_sequences())) * self.kv_bytes_per_token
 
     def has_work(self) -> bool:
         with self._lock:
@@ -114,6 +120,7 @@ class StepEngine(abc.ABC):
         every running row, the newcomers included). The decoder engine fuses both into one forward."""
         outputs = self._prefill(newcomers, stats) if newcomers else []
         running = self._running_sequences()
+        stats.computed_tokens = stats.prefill_tokens + len(running)
         if running:
             stats.batch_size = len(running)
             stats.distinct_tasks = len({s.request.task_id for s in running})

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from ..adapters.registry import AdapterEntry, AdapterRegistry
+from ..backbone.hf import kv_bytes_per_token
 from ..engine.admission import resolve_request
 from ..engine.base import EngineConfig, StepStats
 from ..errors import EngineStoppedError, RequestError
@@ -154,6 +155,8 @@ class VllmEngine:
         self.last_step = StepStats()
         self.prefix_cache_queries = 0  # prompt tokens looked up in vLLM's prefix cache
         self.prefix_cache_hits = 0  # ... and found there
+        self._kv_cache_usage = 0.0  # fraction of vLLM's KV blocks in use, after the last step
+        self.kv_bytes_per_token = kv_bytes_per_token(backbone.config, backbone.dtype)
         self.step_callback: Callable[[StepStats], None] | None = None
         self.finish_callback: Callable[[GenerationResult], None] | None = None
         self._lock = threading.Lock()
@@ -233,6 +236,12 @@ class VllmEngine:
         """vLLM's prefix cache, in prompt tokens: hits were served from cached KV blocks (a task's
         prompt, when a whole block of it matched), misses computed."""
         return CacheStats(hits=self.prefix_cache_hits, misses=self.prefix_cache_queries - self.prefix_cache_hits)
+
+    def kv_cache_bytes(self) -> int | None:
+        """The share of vLLM's KV cache its scheduler reported in use (whole blocks), when its size is set."""
+        if self.options.kv_cache_mb is None:
+            return None
+        return int(self._kv_cache_usage * self.options.kv_cache_mb * 1024 * 1024)
 
     def discard(self, cache_key) -> None:
         """Forget an adapter version's built prompt (vLLM's prefix cache holds blocks by their
@@ -364,7 +373,9 @@ class VllmEngine:
                           seconds=now - self._last_step_at)
         if iteration_stats is not None:
             stats.prefilled = len(iteration_stats.time_to_first_tokens_iter)
-            stats.prefill_tokens = iteration_stats.num_prompt_tokens
+            stats.prefill_tokens = iteration_stats.prompt_token_stats.computed  # not the prefix-cached
+            stats.computed_tokens = stats.prefill_tokens + iteration_stats.num_generation_tokens
+        self._kv_cache_usage = scheduler_stats.kv_cache_usage
         prefix = scheduler_stats.prefix_cache_stats
         if prefix is not None:
             self.prefix_cache_queries += prefix.queries

@@ -39,6 +39,7 @@ class VllmSequence:
         self.token_ids: list[int] = []
         self.finish_reason: str | None = None
         self.metrics = None  # vLLM's RequestStateStats (engine-core timestamps), when it sends them
+        self.cached_tokens = 0  # prompt positions vLLM's prefix cache supplied
 
     @property
     def request_id(self) -> str:
@@ -66,6 +67,8 @@ class VllmSequence:
         self.text += completion.text
         if output.metrics is not None:
             self.metrics = output.metrics
+        if output.num_cached_tokens:
+            self.cached_tokens = output.num_cached_tokens
         if not output.finished:
             return StepOutput(self.request_id, completion.text)
         reason = FINISH_REASONS.get(str(completion.finish_reason))
@@ -100,4 +103,6 @@ class VllmSequence:
             decode_ms=elapsed_ms(self.first_token_at, self.finished_at),
             ttft_ms=elapsed_ms(self.submitted_at, self.first_token_at),
             total_ms=elapsed_ms(self.submitted_at, self.finished_at),
+            # the soft prompt comes first, so cached positions are its own up to its length
+            soft_prompt_tokens_computed=self.soft_prompt_tokens - min(self.cached_tokens, self.soft_prompt_tokens),
         )

@@ -4,31 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter
 
+from .labels import TaskLabels
 from .process import ProcessCollector
-
-OTHER_TASK = "other"
-
-
-class TaskLabels:
-    """Bounded `task` label values: registered tasks, first come first served up to `limit`, else "other".
-
-    Unknown task ids (anyone can send any string) never become label values, so a client cannot
-    grow the metric set without bound.
-    """
-
-    def __init__(self, limit: int = 64):
-        self.limit = limit
-        self._labels: set[str] = set()
-
-    def label(self, task_id: str | None, registered: bool) -> str:
-        if not task_id or not registered:
-            return OTHER_TASK
-        if task_id in self._labels:
-            return task_id
-        if len(self._labels) < self.limit:
-            self._labels.add(task_id)
-            return task_id
-        return OTHER_TASK
 
 
 class IngressMetrics:

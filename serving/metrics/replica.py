@@ -12,7 +12,9 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
 
+from .labels import TaskLabels
 from .process import ProcessCollector
+from .token_cost import TokenCostFit
 
 SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -45,6 +47,10 @@ class EngineCollector:
                 family.add_metric([], value)
                 yield family
             yield _gauge("lamp_prompt_kv_cache_bytes", "Bytes held by cached soft-prompt keys/values", kv.bytes)
+        kv_bytes = self.engine.kv_cache_bytes()
+        if kv_bytes is not None:
+            yield _gauge("lamp_kv_cache_bytes", "Keys/values held by the requests in flight (positions in use)",
+                         kv_bytes)
         yield _gauge("lamp_backbone_bytes", "Bytes of backbone weights held by this replica",
                      self.engine.backbone.weights_bytes)
         yield _gauge("lamp_registered_adapters", "Adapters registered in this replica", self.registered())
@@ -67,17 +73,28 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
 
 
 class ModelMetrics:
-    """What a model replica measures: request latencies, batch composition, token counts."""
+    """What a model replica measures: request latencies by task, batch composition, token counts,
+    and what pooling saved (tokens, prefill seconds, KV bytes)."""
 
-    def __init__(self, engine, registered: Callable[[], int]):
+    def __init__(self, engine, registered: Callable[[], int], task_label_limit: int = 64):
         self.registry = CollectorRegistry()
+        self.engine = engine
+        self.task_labels = TaskLabels(task_label_limit)
+        self.token_cost = TokenCostFit()
         r = self.registry
         self.queue_seconds = Histogram("lamp_queue_seconds", "Time from submission to joining the batch",
                                        buckets=SECONDS_BUCKETS, registry=r)
-        self.ttft_seconds = Histogram("lamp_time_to_first_token_seconds", "Time from submission to the first token",
-                                      buckets=SECONDS_BUCKETS, registry=r)
-        self.request_seconds = Histogram("lamp_request_seconds", "Time from submission to the last token",
-                                         buckets=SECONDS_BUCKETS, registry=r)
+        self.ttft_seconds = Histogram("lamp_time_to_first_token_seconds",
+                                      "Time from submission to the first token, by task (bounded labels)",
+                                      ["task"], buckets=SECONDS_BUCKETS, registry=r)
+        self.request_seconds = Histogram("lamp_request_seconds",
+                                         "Time from submission to the last token, by task (bounded labels)",
+                                         ["task"], buckets=SECONDS_BUCKETS, registry=r)
+        self.prefill_seconds = Histogram("lamp_prefill_seconds",
+                                         "Seconds of each step that prefilled newcomers (its one forward "
+                                         "carries the running rows' decode too)", buckets=SECONDS_BUCKETS, registry=r)
+        self.prefill_tokens = Counter("lamp_prefill_tokens_total", "Positions prefilled (computed, not padding)",
+                                      registry=r)
         self.batch_size = Histogram("lamp_batch_size", "Requests in the batch, per decode step",
                                     buckets=BATCH_SIZE_BUCKETS, registry=r)
         self.batch_tasks = Histogram("lamp_batch_tasks", "Distinct tasks in the batch, per decode step",
@@ -87,6 +104,12 @@ class ModelMetrics:
                                           "Soft-prompt tokens prepended (after pooling)", registry=r)
         self.soft_prompt_tokens_saved = Counter("lamp_soft_prompt_tokens_saved_total",
                                                 "Soft-prompt tokens saved by pooling (l - ceil(l/p))", registry=r)
+        self.prefill_seconds_saved = Counter(
+            "lamp_prefill_seconds_saved_total", "Prefill seconds pooling saved: tokens saved x this replica's fitted "
+            "marginal seconds per token, for requests whose prefill ran their soft prompt", registry=r)
+        self.kv_cache_bytes_saved = Counter(
+            "lamp_kv_cache_bytes_saved_total", "KV-cache bytes the unpooled prompts would have held in addition: tokens "
+            "saved x bytes per position (all layers), summed over requests", registry=r)
         self.prefill_forwards = Counter("lamp_prefill_forwards_total",
                                         "Prefill forward passes (a step's newcomers, grouped by length)", registry=r)
         self.prefill_padding = Counter("lamp_prefill_padding_tokens_total",
@@ -100,6 +123,10 @@ class ModelMetrics:
         """Engine-loop callback (its thread); prometheus_client metrics are thread-safe."""
         self.prefill_forwards.inc(stats.prefill_forwards)
         self.prefill_padding.inc(stats.prefill_padding)
+        self.token_cost.add(stats.computed_tokens, stats.seconds)
+        if stats.prefilled:
+            self.prefill_seconds.observe(stats.seconds)
+            self.prefill_tokens.inc(stats.prefill_tokens)
         if stats.batch_size:
             self.batch_size.observe(stats.batch_size)
             self.batch_tasks.observe(stats.distinct_tasks)
@@ -108,9 +135,18 @@ class ModelMetrics:
         if result.finish_reason == "abort":  # client went away: its timings say nothing about us
             self.aborted.inc()
             return
+        task = self.task_labels.label(result.task_id, result.task_id in self.engine.registry)
         self.queue_seconds.observe(result.queue_ms / 1000)
-        self.ttft_seconds.observe(result.ttft_ms / 1000)
-        self.request_seconds.observe(result.total_ms / 1000)
+        self.ttft_seconds.labels(task).observe(result.ttft_ms / 1000)
+        self.request_seconds.labels(task).observe(result.total_ms / 1000)
         self.generated_tokens.inc(result.completion_tokens)
         self.soft_prompt_tokens.inc(result.soft_prompt_tokens)
-        self.soft_prompt_tokens_saved.inc(result.soft_prompt_tokens_saved)
+        saved = result.soft_prompt_tokens_saved
+        if saved:
+            self.soft_prompt_tokens_saved.inc(saved)
+            self.kv_cache_bytes_saved.inc(saved * self.engine.kv_bytes_per_token)
+            per_token = self.token_cost.seconds_per_token() if result.soft_prompt_tokens_computed else None
+            if per_token:
+                # a prompt partly reused (vLLM's block-granular prefix cache) saved in proportion
+                share = result.soft_prompt_tokens_computed / result.soft_prompt_tokens
+                self.prefill_seconds_saved.inc(per_token * saved * share)

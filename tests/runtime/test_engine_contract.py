@@ -85,6 +85,7 @@ def test_a_request_completes(runtime):
     assert result.task_id == "task" and result.adapter_version == 1
     assert result.soft_prompt_tokens == 6 and result.soft_prompt_tokens_saved == 6  # l=12, p=2
     assert result.input_tokens > 0 and result.total_ms >= result.ttft_ms > 0
+    assert 0 <= result.soft_prompt_tokens_computed <= result.soft_prompt_tokens
 
 
 def test_a_stream_adds_up_to_its_result_and_reports_it_once(runtime):
@@ -99,6 +100,27 @@ def test_a_stream_adds_up_to_its_result_and_reports_it_once(runtime):
     result = outputs[-1].result
     assert "".join(o.delta for o in outputs) == result.text
     assert runtime.finished == [result]
+
+
+def test_the_kv_held_is_reported_while_a_request_runs_and_given_back_after(runtime):
+    engine = runtime.engine
+    assert engine.kv_bytes_per_token > 0
+
+    async def main():
+        outputs = runtime.runner.generate(request(max_new_tokens=24, ignore_eos=True))
+        await outputs.__anext__()
+        during = engine.kv_cache_bytes()
+        async for _ in outputs:
+            pass
+        await wait_idle(engine)
+        return during
+
+    during = asyncio.run(main())
+    if engine.kind == "vllm":  # read from its scheduler's block usage, reported after each step
+        assert during is not None and during >= 0
+    else:
+        assert during >= (6 + 1) * engine.kv_bytes_per_token  # the pooled prompt, input and first token
+        assert engine.kv_cache_bytes() == 0
 
 
 @pytest.mark.parametrize("bad, error", [

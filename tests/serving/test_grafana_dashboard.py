@@ -17,7 +17,9 @@ def exposed_names(backbone) -> set[str]:
     """Sample names of a replica's and the ingress's registries, as /metrics renders them."""
     model = ModelMetrics(DecoderEngine(backbone), registered=lambda: 0)
     ingress = IngressMetrics()
-    ingress.count_request("t", True, 200)  # a labelled counter shows up once it has a series
+    ingress.count_request("t", True, 200)  # a labelled metric shows up once it has a series
+    model.request_seconds.labels("t").observe(0.1)
+    model.ttft_seconds.labels("t").observe(0.1)
     text = (generate_latest(model.registry) + generate_latest(ingress.registry)).decode()
     return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
 
@@ -33,7 +35,9 @@ def test_every_dashboard_query_uses_an_exposed_lamp_metric(backbone):
                      "lamp_requests_total", "lamp_generated_tokens_total", "lamp_soft_prompt_tokens_total",
                      "lamp_soft_prompt_tokens_saved_total", "lamp_prompt_cache_hits_total",
                      "lamp_prompt_cache_misses_total", "lamp_prompt_cache_evictions_total", "lamp_prompt_cache_bytes",
-                     "lamp_backbone_bytes", "lamp_registered_adapters", "lamp_process_resident_memory_bytes"):
+                     "lamp_backbone_bytes", "lamp_registered_adapters", "lamp_process_resident_memory_bytes",
+                     "lamp_prefill_seconds_sum", "lamp_prefill_seconds_saved_total", "lamp_kv_cache_bytes",
+                     "lamp_kv_cache_bytes_saved_total"):
         assert required in used, required
 
 

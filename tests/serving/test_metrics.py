@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -9,8 +10,10 @@ from lamp_runtime.engine.base import StepStats
 from lamp_runtime.engine.decoder import DecoderEngine
 from lamp_runtime.requests import GenerationRequest, SamplingParams
 from serving.metrics.hub import render, snapshot
-from serving.metrics.ingress import OTHER_TASK, IngressMetrics, TaskLabels
+from serving.metrics.ingress import IngressMetrics
+from serving.metrics.labels import OTHER_TASK, TaskLabels
 from serving.metrics.replica import ModelMetrics
+from serving.metrics.token_cost import TokenCostFit
 
 
 def samples(text: str) -> dict[tuple[str, tuple], float]:
@@ -71,8 +74,56 @@ def test_model_metrics_record_steps_results_and_engine_state(backbone, task_adap
     assert values[("lamp_generated_tokens_total", ())] == sum(r.completion_tokens for r in results)
     assert values[("lamp_soft_prompt_tokens_total", ())] == 8 + 6
     assert values[("lamp_soft_prompt_tokens_saved_total", ())] == 12 - 6
-    assert values[("lamp_request_seconds_count", ())] == 2
+    assert values[("lamp_request_seconds_count", (("task", "plain"),))] == 1
+    assert values[("lamp_time_to_first_token_seconds_count", (("task", "lamp2"),))] == 1
+    # lamp2 (l=12, p=2) saved 6 positions of every layer's keys and values
+    assert values[("lamp_kv_cache_bytes_saved_total", ())] == 6 * engine.kv_bytes_per_token
+    assert values[("lamp_kv_cache_bytes", ())] == 0  # nothing in flight
     assert values[("lamp_prompt_cache_misses_total", ())] >= 2
     assert values[("lamp_registered_adapters", ())] == 3
     assert values[("lamp_backbone_bytes", ())] == backbone.weights_bytes
     assert values[("lamp_process_resident_memory_bytes", ())] > 0
+
+
+def test_per_task_latency_labels_are_bounded_and_unknown_tasks_are_other(backbone, task_adapters):
+    engine = DecoderEngine(backbone)
+    for task_id, adapter in task_adapters.items():
+        engine.registry.register(task_id, adapter)
+    metrics = ModelMetrics(engine, registered=lambda: len(engine.registry), task_label_limit=1)
+    requests = [GenerationRequest("Hi", task, SamplingParams(max_new_tokens=1)) for task in ("plain", "lamp2", None)]
+    for result in engine.generate(requests):
+        metrics.observe_result(result)
+    values = samples(render([snapshot(metrics.registry, {})]).decode())
+    assert values[("lamp_request_seconds_count", (("task", "plain"),))] == 1
+    assert values[("lamp_request_seconds_count", (("task", OTHER_TASK),))] == 2  # over the limit, and no task
+
+
+def test_token_cost_fit_recovers_the_marginal_cost_not_the_average():
+    fit = TokenCostFit(window=64, min_steps=16)
+    for i in range(15):
+        fit.add(1 + 10 * i, 0.020 + 0.0005 * (1 + 10 * i))  # 20 ms per step + 0.5 ms per token
+    assert fit.seconds_per_token() is None  # too few steps yet
+    fit.add(200, 0.020 + 0.0005 * 200)
+    assert fit.seconds_per_token() == pytest.approx(0.0005)
+    flat = TokenCostFit(window=64, min_steps=16)
+    for _ in range(40):
+        flat.add(1, 0.02)  # decode at batch 1 only: the slope cannot be told
+    assert flat.seconds_per_token() is None
+    with pytest.raises(ValueError, match="window"):
+        TokenCostFit(window=4, min_steps=16)
+
+
+def test_prefill_seconds_saved_counts_only_prompts_that_were_computed(backbone, task_adapters):
+    engine = DecoderEngine(backbone)  # prompt-KV cache on: the second lamp2 request reuses the prompt
+    engine.registry.register("lamp2", task_adapters["lamp2"])
+    metrics = ModelMetrics(engine, registered=lambda: len(engine.registry))
+    for i in range(40):
+        metrics.token_cost.add(1 + 5 * i, 0.01 + 0.001 * (1 + 5 * i))  # 1 ms per token
+    params = SamplingParams(max_new_tokens=1)
+    first, second = (engine.generate([GenerationRequest("Hi", "lamp2", params)])[0] for _ in range(2))
+    assert (first.soft_prompt_tokens_computed, second.soft_prompt_tokens_computed) == (6, 0)
+    for result in (first, second):
+        metrics.observe_result(result)
+    values = samples(render([snapshot(metrics.registry, {})]).decode())
+    assert values[("lamp_soft_prompt_tokens_saved_total", ())] == 12
+    assert values[("lamp_prefill_seconds_saved_total", ())] == pytest.approx(6 * 0.001, rel=0.02)
