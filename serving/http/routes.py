@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from ray import serve
 
@@ -23,6 +24,7 @@ from ..generation import GenerationService
 from ..metrics.hub import MetricsPublisher, render
 from ..metrics.ingress import IngressMetrics
 from ..replica import ReplicaInfo
+from ..status import StatusBoard, current_sums
 from ..store import open_store
 from . import middleware
 from .auth import TOKEN_ENV, AdminAuth
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 
 HEALTH_TIMEOUT_S = 10.0
 METRICS_TIMEOUT_S = 5.0
+STATUS_PAGE = (Path(__file__).parent / "status_page.html").read_text(encoding="utf-8")
 
 app = FastAPI(title="lamp-serve", summary="Many tuned soft prompts over one shared backbone")
 middleware.install(app, (ServeSettings.max_request_bytes, ServeSettings.max_upload_bytes))
@@ -58,6 +61,8 @@ class LampIngress:
         self.generation = GenerationService(model, self.metrics)
         self.publisher = MetricsPublisher(hub, self.metrics.registry)
         self.publisher.start()
+        self.board = StatusBoard()
+        self._status_sampler = asyncio.get_running_loop().create_task(self._sample_status())
         self._hidden_size: int | None = None
         log.info("ingress ready (admin API %s)", "enabled" if self.auth.enabled else f"disabled: {TOKEN_ENV} unset")
 
@@ -90,14 +95,39 @@ class LampIngress:
 
     @app.get("/metrics")
     async def metrics(self):
+        return Response(render(await self._snapshots()), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def status_page(self):
+        """The status page: no build step, no CDN; it polls /status.json. Shows nothing secret."""
+        return HTMLResponse(STATUS_PAGE)
+
+    @app.get("/status.json")
+    async def status(self):
+        sums = current_sums(await self._snapshots())
+        adapters = await asyncio.to_thread(self.admin.list)
+        return self.board.view(sums, adapters)
+
+    async def _snapshots(self) -> list:
+        """This process's metric families and the latest of every replica's (from the hub)."""
         own = self.publisher.local_snapshot()
         try:
             latest = await asyncio.wait_for(self.hub.collect.remote(), METRICS_TIMEOUT_S)
         except Exception as exc:  # still expose what this process knows
             log.warning("metrics hub unavailable: %r", exc)
             latest = {}
-        others = [families for source, families in latest.items() if source != self.publisher.source]
-        return Response(render([own, *others]), media_type=CONTENT_TYPE_LATEST)
+        return [own, *(families for source, families in latest.items() if source != self.publisher.source)]
+
+    async def _sample_status(self) -> None:
+        """Feed the status board's history (its chart and rates) whether or not a page is open."""
+        while True:
+            await asyncio.sleep(self.board.sample_every_s)
+            try:
+                self.board.record(current_sums(await self._snapshots()))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a missed point only leaves a gap in the chart
+                log.debug("status sample failed: %r", exc)
 
     # ---- admin ------------------------------------------------------------------------------------
 

@@ -37,6 +37,7 @@ class AdapterFacts:
     kind: str
     prompt_tokens: int
     pooled_tokens: int
+    pool: int = 1
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class StoredAdapter:
     sha256: str
     created_at: float
     source: str  # "upload" or "bundled:<file name>"
+    pool: int | None = None  # the pooling block p; None in indexes written before it was recorded
 
     @property
     def relative_path(self) -> str:
@@ -60,7 +62,7 @@ class StoredAdapter:
 
     @classmethod
     def from_json(cls, data: dict) -> "StoredAdapter":
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k != "pool"}, pool=data.get("pool"))
 
 
 @dataclass

@@ -60,7 +60,8 @@ def adapter_from_upload(adapter: bytes | None, adapter_config: bytes | None, ada
 
 
 def facts_of(adapter: PromptAdapter) -> AdapterFacts:
-    return AdapterFacts(kind=adapter.kind, prompt_tokens=adapter.prompt_tokens, pooled_tokens=adapter.pooled_tokens)
+    return AdapterFacts(kind=adapter.kind, prompt_tokens=adapter.prompt_tokens, pooled_tokens=adapter.pooled_tokens,
+                        pool=adapter.meta.pool)
 
 
 def store_adapter(store: AdapterStore, task_id: str, adapter: PromptAdapter, hidden_size: int,

@@ -133,7 +133,7 @@ class LocalAdapterStore(AdapterStore):
 
             _write_atomically(target, write_and_verify)
             stored = StoredAdapter(task_id, version, facts.kind, facts.prompt_tokens, facts.pooled_tokens,
-                                   target.stat().st_size, self.sha256_of(target), time.time(), source)
+                                   target.stat().st_size, self.sha256_of(target), time.time(), source, facts.pool)
             index.tasks[task_id] = stored
             index.last_versions[task_id] = version
             if bundled_sha is not None:

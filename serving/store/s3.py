@@ -166,7 +166,7 @@ class ObjectAdapterStore(AdapterStore):
             sha = self.sha256_of(local)
         version = self._upload_version(task_id, data)
         stored = StoredAdapter(task_id, version, facts.kind, facts.prompt_tokens, facts.pooled_tokens,
-                               len(data), sha, time.time(), source)
+                               len(data), sha, time.time(), source, facts.pool)
 
         def make_current(index: StoreIndex) -> bool:
             if bundled_sha is not None and index.bundled.get(task_id) == bundled_sha:

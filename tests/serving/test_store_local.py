@@ -53,6 +53,16 @@ def test_stored_entry_describes_the_file(store):
     assert [a.task_id for a in store.list()] == ["t"]
 
 
+def test_the_pool_is_recorded_and_an_older_index_reads_it_as_unknown(store):
+    pooled = SoftPromptAdapter(AdapterMeta(pool=3), torch.randn(7, HIDDEN))
+    stored = put(store, "p3", pooled)
+    assert (stored.pool, stored.pooled_tokens) == (3, 3)
+    index = json.loads(store.index_path.read_text())
+    del index["tasks"]["p3"]["pool"]  # as the release before this field wrote it
+    store.index_path.write_text(json.dumps(index))
+    assert store.get("p3").pool is None and store.get("p3").pooled_tokens == 3
+
+
 def test_a_failed_write_changes_nothing(store):
     first = put(store, "t")
     index_before = store.index_path.read_bytes()
