@@ -53,6 +53,25 @@ def engine(backbone, task_adapters):
     return e
 
 
+def assert_bitsandbytes_linears(model, quantization: str) -> int:
+    """Every linear layer of the transformer blocks is a bitsandbytes module of `quantization`
+    (nf4: Linear4bit holding Params4bit; int8: Linear8bitLt holding Int8Params), except those the
+    model class keeps in full precision on purpose (T5's `wo`, its `_keep_in_fp32_modules`) and
+    the LM head; returns how many."""
+    import bitsandbytes as bnb
+
+    kind, params = {"nf4": (bnb.nn.Linear4bit, bnb.nn.Params4bit),
+                    "int8": (bnb.nn.Linear8bitLt, bnb.nn.Int8Params)}[quantization]
+    kept = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    linears = [m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in name
+               and not any(name.split(".")[-1] == k for k in kept)]
+    assert linears and all(isinstance(m, kind) and isinstance(m.weight, params) for m in linears), \
+        sorted({type(m).__name__ for m in linears})
+    if quantization == "nf4":
+        assert all(m.weight.quant_state.quant_type == "nf4" for m in linears)
+    return len(linears)
+
+
 def run_staggered(engine, requests, every: int) -> list[list[int]]:
     """Submit one request every `every` engine steps while the others decode (continuous
     batching); return each request's token ids in submission order."""

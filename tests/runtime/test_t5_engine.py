@@ -15,7 +15,7 @@ from lamp_runtime.engine.seq2seq import Seq2SeqEngine
 from lamp_runtime.prompts.prepared import prepare
 from lamp_runtime.requests import GenerationRequest, SamplingParams
 
-from ..conftest import run_staggered
+from ..conftest import assert_bitsandbytes_linears, run_staggered
 from ..tiny_t5 import D_MODEL, build_tiny_t5
 
 NEW_TOKENS = 8
@@ -128,6 +128,8 @@ def test_quantized_t5_batches_mixed_tasks_like_its_own_generate(t5, tasks, quant
     quantized = load_backbone(BackboneOptions(path=t5.options.path, dtype="float32", quantization=quantization,
                                               device="cpu"))
     assert quantized.options.quantization == quantization
+    # q, k, v, o (+ cross-attention) and wi of 2 + 2 blocks; transformers keeps T5's `wo` in float
+    assert assert_bitsandbytes_linears(quantized.model, quantization) == 2 * 5 + 2 * 9
     assert_mixed_batch_equals_generate(quantized, tasks)
 
 
