@@ -37,6 +37,10 @@ from .metrics.ingress import IngressMetrics
 log = logging.getLogger(__name__)
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# A request whose replica died before answering (its node was lost, the process was killed) is
+# sent again, to whichever replica the handle picks: generation has no side effects, and a greedy
+# or seeded request answers the same anywhere. A stream is retried only before its first item.
+REPLICA_LOST_RETRIES = 2
 
 
 def sse(data: dict | str) -> str:
@@ -145,15 +149,12 @@ class GenerationService:
         return (await self._complete_many(request.task_id, [request]))[0]
 
     async def _complete_many(self, task_id: str, requests: list[GenerationRequest]) -> list[GenerationResult]:
-        calls = []
+        calls = [asyncio.ensure_future(self._call(request)) for request in requests]
         try:
-            # `.remote()` itself raises BackPressureError when the handle's queue is full.
-            for request in requests:
-                calls.append(self.model.complete.remote(request))
             replies = await asyncio.gather(*calls)
         except Exception as exc:
             for call in calls:
-                cancel_quietly(call)
+                call.cancel()
             error = translate_handle_error(exc)
             self.metrics.count_request(task_id, True, error.status)
             raise error from None
@@ -163,17 +164,39 @@ class GenerationService:
         self.metrics.count_request(task_id, True, 200)
         return replies
 
+    async def _call(self, request: GenerationRequest) -> GenerationResult | Refusal:
+        """One call on the model deployment, re-sent if its replica dies before answering."""
+        retries = REPLICA_LOST_RETRIES
+        while True:
+            call = self.model.complete.remote(request)  # raises BackPressureError when the queue is full
+            try:
+                return await call
+            except RayActorError as exc:
+                if not retries:
+                    raise
+                retries -= 1
+                log.warning("replica lost while serving request %s (%s); sending it again",
+                            request.request_id, exc.__class__.__name__)
+            except asyncio.CancelledError:
+                cancel_quietly(call)
+                raise
+
     async def _open_stream(self, request: GenerationRequest):
-        items = None
-        try:
-            items = self.model.options(stream=True).stream.remote(request)
-            first = await items.__anext__()
-        except Exception as exc:
-            if items is not None:
-                cancel_quietly(items)
-            error = translate_handle_error(exc)
-            self.metrics.count_request(request.task_id, True, error.status)
-            raise error from None
+        for attempt in range(REPLICA_LOST_RETRIES + 1):
+            items = None
+            try:
+                items = self.model.options(stream=True).stream.remote(request)
+                first = await items.__anext__()
+                break
+            except Exception as exc:
+                if items is not None:
+                    cancel_quietly(items)
+                if isinstance(exc, RayActorError) and attempt < REPLICA_LOST_RETRIES:
+                    log.warning("replica lost before streaming request %s; sending it again", request.request_id)
+                    continue
+                error = translate_handle_error(exc)
+                self.metrics.count_request(request.task_id, True, error.status)
+                raise error from None
         if isinstance(first, Refusal):
             self._refused(request.task_id, first)
         self.metrics.count_request(request.task_id, True, 200)
