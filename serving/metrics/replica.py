@@ -1,6 +1,7 @@
 """The Prometheus metrics of a model replica, names prefixed `lamp_`.
 
-Each process keeps its own `CollectorRegistry`; hub.py gathers the registries of all replicas so the ingress `/metrics` shows every replica (see there why). Values that already
+Each process keeps its own `CollectorRegistry`; hub.py gathers the registries of all replicas so
+the ingress `/metrics` shows every replica (see there why). Values that already
 exist elsewhere (prompt-cache counters, registered adapters, memory) are read when collected
 instead of being mirrored into extra metric objects.
 """
@@ -108,8 +109,8 @@ class ModelMetrics:
             "lamp_prefill_seconds_saved_total", "Prefill seconds pooling saved: tokens saved x this replica's fitted "
             "marginal seconds per token, for requests whose prefill ran their soft prompt", registry=r)
         self.kv_cache_bytes_saved = Counter(
-            "lamp_kv_cache_bytes_saved_total", "KV-cache bytes the unpooled prompts would have held in addition: tokens "
-            "saved x bytes per position (all layers), summed over requests", registry=r)
+            "lamp_kv_cache_bytes_saved_total", "KV-cache bytes the unpooled prompts would have held in addition: "
+            "tokens saved x bytes per position (all layers), summed over requests", registry=r)
         self.prefill_forwards = Counter("lamp_prefill_forwards_total",
                                         "Prefill forward passes (a step's newcomers, grouped by length)", registry=r)
         self.prefill_padding = Counter("lamp_prefill_padding_tokens_total",

@@ -136,6 +136,24 @@ def test_cli_train_then_eval(tmp_path, capsys):
     assert rows[1]["mean_input_tokens"] > rows[0]["mean_input_tokens"] > rows[2]["mean_input_tokens"]
 
 
+def test_cli_eval_warns_when_an_adapter_was_trained_on_other_numerics(backbone, tmp_path, capsys):
+    from serving.cli import main
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS[:2]), encoding="utf-8")
+    prompt = backbone.model.get_input_embeddings().weight[:3].detach().clone()
+    for name, trained_on in (("other", "bfloat16/nf4"), ("same", "float32/none")):
+        meta = AdapterMeta(task="tiny", extra={"trained_on": trained_on})
+        save_adapter(SoftPromptAdapter(meta, prompt), tmp_path / f"{name}.safetensors")
+    assert main(["eval", "--adapter", str(tmp_path / "other.safetensors"),
+                 "--adapter", str(tmp_path / "same.safetensors"), "--data", str(data), "--dtype", "float32", "--quantization", "none", "--device", "cpu",
+                 "--no-progress"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: other: trained on a bfloat16/nf4 backbone but served on float32/none; soft "
+                        "prompts are tuned to the backbone's exact numerics and can lose accuracy (retrain with "
+                        "lamp train --dtype float32 --quantization none)"]
+
+
 def test_cli_reports_bad_data_by_line(tmp_path, capsys):
     from serving.cli import main
 
