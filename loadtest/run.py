@@ -38,6 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompts", default=str(REPO_ROOT / "prompts"), help="bundled adapters for a started server")
     p.add_argument("--serve-args", default="", help="extra `lamp serve` options for a started server, e.g. "
                                                     "\"--threads 1 --max-batch-size 8\"")
+    p.add_argument("--json", help="also write the summary, with the command, revision, machine and load, here")
     p.add_argument("locust_args", nargs="*", help="extra Locust arguments, after --")
     args = p.parse_args(argv)
     if args.users < 1 or args.spawn_rate <= 0 or args.max_requests < 1:
@@ -56,13 +57,19 @@ def locust_command(args, host: str, out: Path) -> list[str]:
     ]
 
 
-def summarize(out: Path) -> tuple[str, int, int]:
-    """A short table from Locust's stats CSV; returns (text, requests, failures)."""
+def stats_rows(out: Path) -> list[dict]:
     path = out / f"{REPORT_PREFIX}_stats.csv"
     if not path.is_file():
-        return f"no stats written ({path} missing)", 0, 0
+        return []
     with path.open(newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
+        return list(csv.DictReader(handle))
+
+
+def summarize(out: Path) -> tuple[str, int, int]:
+    """A short table from Locust's stats CSV; returns (text, requests, failures)."""
+    rows = stats_rows(out)
+    if not rows:
+        return f"no stats written ({out / (REPORT_PREFIX + '_stats.csv')} missing)", 0, 0
     lines = [f"{'endpoint':<44} {'requests':>8} {'failures':>8} {'median ms':>9} {'p95 ms':>8} {'req/s':>6}"]
     total = failures = 0
     for row in rows:
@@ -84,12 +91,32 @@ def run_locust(args, host: str, env: dict[str, str]) -> int:
     print(f"\nload test summary ({args.users} users, {args.run_time}, at most {args.max_requests} requests) "
           f"against {host}:\n{text}\nreports: {out / (REPORT_PREFIX + '_stats.csv')}, "
           f"{out / (REPORT_PREFIX + '.html')}", flush=True)
+    if args.json:
+        write_summary(args, host, code)
     if code == 0 and total == 0:
         print("no request was sent", file=sys.stderr)
         return 2
     if code not in (0, 1):
         return 2
     return 1 if failures or code else 0
+
+
+def write_summary(args, host: str, code: int) -> None:
+    """Locust's per-endpoint numbers as JSON, with where and how they were measured."""
+    from lamp_runtime.bench.report import write_json
+    from lamp_runtime.bench.workload import machine_context
+
+    fields = {"Request Count": "requests", "Failure Count": "failures", "Median Response Time": "median_ms",
+              "Average Response Time": "mean_ms", "Min Response Time": "min_ms", "Max Response Time": "max_ms",
+              "95%": "p95_ms", "Requests/s": "requests_per_s"}
+    endpoints = [{"endpoint": f"{row['Type']} {row['Name']}".strip(),
+                  **{key: float(row[name]) for name, key in fields.items() if row.get(name) not in (None, "", "N/A")}}
+                 for row in stats_rows(Path(args.out))]
+    command = " ".join(["python -m loadtest.run", *sys.argv[1:]]) if sys.argv[1:] else "python -m loadtest.run"
+    write_json(args.json, {"bench": "loadtest", "command": command, "context": machine_context(),
+                           "server": "started by the run" if not args.host else host,
+                           "serve_args": args.serve_args, "users": args.users, "run_time": args.run_time,
+                           "max_requests": args.max_requests, "locust_exit_code": code, "endpoints": endpoints})
 
 
 def main(argv=None) -> int:

@@ -9,6 +9,7 @@ ids of their own; the replica-failure test leaves the server healthy again befor
 
 from __future__ import annotations
 
+import os
 import secrets
 import shutil
 import tempfile
@@ -16,6 +17,8 @@ import tempfile
 import pytest
 
 from lamp_runtime.adapters import save_adapter
+from lamp_runtime.bench.report import write_json
+from lamp_runtime.bench.workload import machine_context
 
 from ..server_process import ServerProcess
 
@@ -28,6 +31,26 @@ MAX_INPUT_TOKENS = 128
 MAX_REQUEST_BYTES = 32 * 1024
 MAX_UPLOAD_BYTES = 1024 * 1024
 BUNDLED_TASKS = ("lamp2", "lamp3", "plain")
+# docs/reliability.md's numbers: `LAMP_RELIABILITY_REPORT=docs/bench/reliability.json .venv/bin/python
+# -m pytest tests/reliability` writes what each fault test measured there (see `measured`).
+REPORT_ENV = "LAMP_RELIABILITY_REPORT"
+_MEASURED: dict[str, dict] = {}
+
+
+def measured(name: str, **values) -> None:
+    """Print one `RELIABILITY <name>: k=v ...` line and keep the values for the JSON report."""
+    print(f"\nRELIABILITY {name}: " + " ".join(f"{k}={v}" for k, v in values.items()))
+    _MEASURED[name] = values
+
+
+@pytest.fixture(scope="package", autouse=True)
+def reliability_report():
+    context = machine_context()  # the load average before the package ran
+    yield
+    if os.environ.get(REPORT_ENV) and _MEASURED:
+        write_json(os.environ[REPORT_ENV], {
+            "command": f"{REPORT_ENV}={os.environ[REPORT_ENV]} .venv/bin/python -m pytest tests/reliability",
+            "machine": context, "load_average_at_end": machine_context()["load_average"], "measured": _MEASURED})
 
 
 @pytest.fixture(scope="package")

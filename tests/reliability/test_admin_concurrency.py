@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from ..conftest import lamp_from_prompt, vocab_prompt
-from .conftest import REPLICAS
+from .conftest import REPLICAS, measured
 from .traffic import Load, adapter_bytes, attempt, reference_texts, registered_per_replica
 
 pytestmark = pytest.mark.slow
@@ -157,9 +157,9 @@ def test_parallel_admin_calls_under_traffic_stay_consistent(server, admin, clien
             assert all(n.startswith("v") and n.endswith(".safetensors") for n in names), names
         else:
             assert not folder.exists()
-    print(f"\nRELIABILITY admin-churn: admin_calls={len(log)} puts={len(puts)} "
-          f"deletes_200={sum(op.kind == 'delete' and op.status == 200 for op in log)} "
-          f"generations={len(load.attempts)} (200={sum(a.status == 200 for a in load.attempts)}, "
-          f"404={sum(a.status == 404 for a in load.attempts)}) wrong_answers=0")
+    measured("admin-churn", admin_calls=len(log), puts=len(puts),
+             deletes_200=sum(op.kind == "delete" and op.status == 200 for op in log),
+             generations=len(load.attempts), generations_200=sum(a.status == 200 for a in load.attempts),
+             generations_404=sum(a.status == 404 for a in load.attempts), wrong_answers=0)
     for task_id in current:
         admin.delete(f"/admin/adapters/{task_id}").raise_for_status()

@@ -19,6 +19,8 @@ from lamp_runtime.engine.decoder import DecoderEngine
 from lamp_runtime.prompts.prepared import prepare
 from lamp_runtime.requests import GenerationRequest, SamplingParams
 
+from .conftest import measured
+
 ADAPTERS = 10_000
 PROMPT_TOKENS, RANK = 16, 4
 CACHE_BYTES = 8 * 1024 * 1024
@@ -92,7 +94,8 @@ def test_ten_thousand_adapters_keep_memory_bounded(backbone, one_torch_thread):
         f"serving all tasks grew RSS by {(served - registered) / MiB:.0f} MiB"
     per_adapter = (registered - start) / ADAPTERS
     assert per_adapter <= 2 * host_bytes + 4096, f"{per_adapter:.0f} bytes per registered adapter"
-    print(f"\nRELIABILITY memory: adapters={ADAPTERS} registry_growth={(registered - start) / MiB:.1f}MiB "
-          f"({per_adapter:.0f} B/adapter, factors {host_bytes} B) serving_growth={(served - registered) / MiB:.1f}MiB "
-          f"cache={stats.bytes / MiB:.1f}/{CACHE_BYTES / MiB:.0f}MiB entries={stats.entries} "
-          f"evictions={stats.evictions} unbounded_would_be={unbounded / MiB:.0f}MiB")
+    measured("memory", adapters=ADAPTERS, registry_growth_mib=round((registered - start) / MiB, 1),
+             bytes_per_adapter=round(per_adapter), factor_bytes=host_bytes,
+             serving_growth_mib=round((served - registered) / MiB, 1), cache_mib=round(stats.bytes / MiB, 1),
+             cache_budget_mib=round(CACHE_BYTES / MiB), cache_entries=stats.entries, evictions=stats.evictions,
+             unbounded_would_be_mib=round(unbounded / MiB))

@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from ..conftest import lamp_from_prompt, vocab_prompt
-from .conftest import BUNDLED_TASKS, REPLICAS
+from .conftest import BUNDLED_TASKS, REPLICAS, measured
 from .traffic import Load, adapter_bytes, attempt, reference_texts, upload
 
 pytestmark = pytest.mark.slow
@@ -125,11 +125,10 @@ def test_replica_killed_under_load_is_replaced_and_nothing_is_lost(server, admin
     assert len(model_replica_processes(server)) == REPLICAS
 
     window = [a for a in load.attempts if a.finished >= killed_at and a.started <= recovered_at]
-    print(f"\nRELIABILITY replica-kill: attempts={len(load.attempts)} served={load.served} "
-          f"failed_attempts={len(failures)} (in-band={sum(a.in_band for a in failures)}) "
-          f"attempts_in_window={len(window)} lost={len(load.lost)} "
-          f"recovery_s={recovered_at - killed_at:.1f} "
-          f"failure_window_s={max((a.finished for a in failures), default=killed_at) - killed_at:.1f} "
-          f"workers={LOAD_WORKERS}")
+    measured("replica-kill", attempts=len(load.attempts), served=load.served, failed_attempts=len(failures),
+             failed_in_band=sum(a.in_band for a in failures), attempts_in_window=len(window), lost=len(load.lost),
+             recovery_s=round(recovered_at - killed_at, 1),
+             failure_window_s=round(max((a.finished for a in failures), default=killed_at) - killed_at, 1),
+             workers=LOAD_WORKERS)
     for task_id in (*uploaded, *late):
         admin.delete(f"/admin/adapters/{task_id}").raise_for_status()

@@ -17,7 +17,7 @@ import pytest
 from serving.http.auth import AdminAuth
 from serving.http.errors import ServingError
 
-from .conftest import ADMIN_TOKEN, MAX_BATCH_SIZE, MAX_QUEUE, REPLICAS
+from .conftest import ADMIN_TOKEN, MAX_BATCH_SIZE, MAX_QUEUE, REPLICAS, measured
 from .hostile_files import lamp_file
 from .traffic import REQUEST_TIMEOUT_S
 
@@ -94,7 +94,7 @@ def test_admin_token_never_appears_in_logs_metrics_or_answers(server, admin, ray
     assert mentions_admin > 0, "the searched logs do not show the admin calls: wrong log location?"
     assert not leaks, f"admin token found in {leaks}"
     assert all(ADMIN_TOKEN not in a.text for a in answers)
-    print(f"\nRELIABILITY token-search: files={scanned} with_admin_calls={mentions_admin} leaks=0")
+    measured("token-search", files=scanned, with_admin_calls=mentions_admin, leaks=0)
 
 
 async def flood(url: str, n: int) -> list[tuple[int, str | None, str]]:
@@ -127,5 +127,5 @@ def test_overload_is_refused_with_503_and_retry_after_and_the_server_recovers(se
             assert '"error"' not in body, body  # accepted streams finish normally
     reply = client.post("/generate", json={"task_id": "plain", "input": "Hello", "max_new_tokens": 2})
     assert reply.status_code == 200, reply.text
-    print(f"\nRELIABILITY overload: requests={len(answers)} capacity={capacity} "
-          f"refused_503={sum(s == 503 for s, _, _ in answers)}")
+    measured("overload", requests=len(answers), capacity=capacity,
+             refused_503=sum(s == 503 for s, _, _ in answers))

@@ -15,6 +15,7 @@ from lamp_runtime.adapters import AdapterMeta, SoftPromptAdapter, save_adapter
 
 from ..conftest import lamp_from_prompt, vocab_prompt
 from ..server_process import ServerProcess
+from .conftest import measured
 from .traffic import adapter_bytes, upload
 
 pytestmark = pytest.mark.slow
@@ -114,5 +115,5 @@ def test_sigkill_mid_upload_then_restart_loses_nothing(backbone, task_adapters, 
         with httpx.Client(base_url=second.url, timeout=60, headers={"Authorization": f"Bearer {TOKEN}"}) as admin:
             again = upload(admin, "news", adapter_bytes(big_next_version))
         assert again.status_code == 201 and again.json()["version"] == 3, again.text
-    print(f"\nRELIABILITY restart: adapters={len(tasks)} identical_outputs={len(tasks)} "
-          f"killed_upload={outcome[0]!r:.60} restart_to_healthy_s={restart_s:.1f}")
+    measured("restart", adapters=len(tasks), identical_outputs=len(tasks), killed_upload=repr(outcome[0])[:60],
+             restart_to_healthy_s=round(restart_s, 1))

@@ -49,7 +49,8 @@ def test_short_headless_load_test_against_a_started_server(tmp_path):
     out = tmp_path / "out"
     done = subprocess.run(
         [sys.executable, "-m", "loadtest.run", "--users", "3", "--spawn-rate", "3", "--run-time", "180s",
-         "--max-requests", "5", "--out", str(out), "--", "--lamp-max-new-tokens", "4", "--lamp-admin-interval", "1"],
+         "--max-requests", "5", "--out", str(out), "--json", str(tmp_path / "summary.json"),
+         "--", "--lamp-max-new-tokens", "4", "--lamp-admin-interval", "1"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -65,4 +66,9 @@ def test_short_headless_load_test_against_a_started_server(tmp_path):
     assert 5 - 3 <= sum(int(r["Request Count"]) for r in inference) <= 5 + 3
     assert int(rows["/admin/adapters/[own]"]["Request Count"]) >= 1  # adapters were replaced during the run
     assert (out / f"{REPORT_PREFIX}.html").stat().st_size > 0
+    summary = json.loads((tmp_path / "summary.json").read_text())  # what docs/benchmarks.md cites
+    assert summary["command"].startswith("python -m loadtest.run --users 3") and summary["context"]["git"]
+    by_endpoint = {e["endpoint"]: e for e in summary["endpoints"]}
+    assert by_endpoint["Aggregated"]["requests"] == int(rows["Aggregated"]["Request Count"])
+    assert by_endpoint["Aggregated"]["failures"] == 0
     assert "LAMP_ADMIN_TOKEN" not in done.stdout and "Bearer" not in done.stdout + done.stderr
