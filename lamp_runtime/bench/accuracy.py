@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 from ..adapters import load_adapter
 from ..backbone.hf import load_backbone
@@ -24,9 +23,7 @@ from ..tasks.format import answer_matches, format_input
 from ..tasks.synthetic import TASKS
 from ..training.evaluate import answer_budget
 from .report import write_json
-from .workload import machine_context
-
-PROMPTS = Path(__file__).resolve().parents[2] / "prompts"
+from .workload import BUNDLED_PROMPTS, machine_context
 
 
 def answers(engine, task: str, rows: list[dict]) -> list[list[int]]:
@@ -52,9 +49,9 @@ def main() -> None:
         backbone = load_backbone(BackboneOptions(dtype=dtype, quantization=quantization, device="cpu"))
         engine = engine_for(backbone)
         for task in sorted(TASKS):
-            rows = [json.loads(line) for line in (PROMPTS / "data" / task / "eval.jsonl").read_text().splitlines()]
+            rows = [json.loads(line) for line in (BUNDLED_PROMPTS / "data" / task / "eval.jsonl").read_text().splitlines()]
             rows = rows[:args.rows]
-            engine.registry.register(task, load_adapter(PROMPTS / f"{task}.safetensors", backbone.hidden_size))
+            engine.registry.register(task, load_adapter(BUNDLED_PROMPTS / f"{task}.safetensors", backbone.hidden_size))
             started = time.perf_counter()
             results = answers(engine, task, rows)
             labels = TASKS[task].labels

@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import json
 import statistics
+import sys
 import time
 
 import torch
@@ -184,7 +185,8 @@ def main() -> None:
               f"{ratios['ttft_p50_ms'].median:>8.2f}x")
     if args.out:
         with open(args.out, "w", encoding="utf-8") as handle:
-            json.dump({"settings": vars(args), "context": context, "summaries": summaries, "vllm_prefix_cache": prefix,
+            json.dump({"command": "python -m lamp_runtime.bench.engines " + " ".join(sys.argv[1:]),
+                       "settings": vars(args), "context": context, "summaries": summaries, "vllm_prefix_cache": prefix,
                        "samples": {f"{k}/{c}": v for (k, c), v in samples.items()}}, handle, indent=2)
         print(f"wrote {args.out}")
 

@@ -17,7 +17,6 @@ import argparse
 import json
 import statistics
 import time
-from pathlib import Path
 
 from lamp_runtime.adapters import load_adapter
 from lamp_runtime.backbone.hf import load_backbone
@@ -29,14 +28,16 @@ from lamp_runtime.requests import GenerationRequest, SamplingParams
 from lamp_runtime.tasks.format import format_input
 from lamp_runtime.tasks.synthetic import zero_shot_prompt
 
-PROMPTS = Path(__file__).resolve().parent.parent / "prompts"
+from .report import write_json
+from .workload import BUNDLED_PROMPTS, machine_context
+
 TASKS = ("sentiment", "topic", "extract", "support_triage")
 ONE_BATCH = 10**9
 
 
 def requests(short: int, with_long: bool) -> list[GenerationRequest]:
     params = SamplingParams(max_new_tokens=1)
-    rows = {t: [json.loads(line) for line in (PROMPTS / "data" / t / "eval.jsonl").read_text().splitlines()]
+    rows = {t: [json.loads(line) for line in (BUNDLED_PROMPTS / "data" / t / "eval.jsonl").read_text().splitlines()]
             for t in TASKS}
     long_input = zero_shot_prompt("support_triage", rows["support_triage"][0]["input"])
     batch = [GenerationRequest(long_input, None, params)] if with_long else []
@@ -69,7 +70,7 @@ def main() -> None:
     for name, cost in (("grouped", EngineConfig().prefill_forward_cost_tokens), ("one batch", ONE_BATCH)):
         engine = engine_for(backbone, config=EngineConfig(max_batch_size=args.short + 1, prefill_forward_cost_tokens=cost))
         for task in TASKS:
-            engine.registry.register(task, load_adapter(PROMPTS / f"{task}.safetensors", backbone.hidden_size))
+            engine.registry.register(task, load_adapter(BUNDLED_PROMPTS / f"{task}.safetensors", backbone.hidden_size))
         engines[name] = engine
     batch = requests(args.short, not args.no_long)
     for engine in engines.values():  # warm-up (prompt cache, allocator)
@@ -93,7 +94,10 @@ def main() -> None:
     print(f"grouped / one batch time: median {statistics.median(ratios):.2f} "
           f"(rounds {min(ratios):.2f}..{max(ratios):.2f})")
     if args.out:
-        Path(args.out).write_text(json.dumps({"rows": rows, "ratios": ratios}, indent=2) + "\n")
+        command = (f"python -m lamp_runtime.bench.prefill --short {args.short}{' --no-long' if args.no_long else ''} "
+                   f"--repeats {args.repeats} --out {args.out}")
+        write_json(args.out, {"bench": "prefill", "command": command, "context": machine_context(backbone),
+                              "rows": rows, "ratios": ratios})
 
 
 if __name__ == "__main__":

@@ -28,16 +28,15 @@ from ..backbone.options import BackboneOptions
 from ..prompts.prepared import assemble_embeddings, prepare
 from ..tasks.format import format_input
 from .report import format_table, write_json
-from .workload import machine_context, task_inputs
+from .workload import BUNDLED_PROMPTS, machine_context, task_inputs
 
-PROMPTS = Path(__file__).resolve().parents[2] / "prompts"
 INPUTS_PER_TASK = 3
 
 
 def prompts(backbone) -> list[tuple[str, torch.Tensor]]:
     """(name, [positions, hidden] float32 embeddings) for every bundled adapter and input."""
     out = []
-    for path in sorted(PROMPTS.glob("*.safetensors")):
+    for path in sorted(BUNDLED_PROMPTS.glob("*.safetensors")):
         adapter = load_adapter(path, backbone.hidden_size)
         prepared = prepare(adapter)
         for i, text in enumerate(task_inputs(path.stem, INPUTS_PER_TASK)):

@@ -21,6 +21,9 @@ from ..adapters import AdapterMeta, LampAdapter
 from ..errors import require_at_least
 from ..tasks.synthetic import get_task
 
+# The bundled adapters and their data (the repository's prompts/ folder).
+BUNDLED_PROMPTS = Path(__file__).resolve().parents[2] / "prompts"
+
 
 @dataclass(frozen=True)
 class GenerationBenchConfig:

@@ -222,8 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     load = (load_at_start, os.getloadavg()[0])
     table = render_table(all_results, budget, wall, "the 2-core CPU (fp32)", load)
     print(table)
-    summary = {"budget": budget.__dict__, "wall_seconds": round(wall, 1), "load_average": load,
-               "tasks": all_results}
+    summary = {"command": "make prompts (python -m lamp_runtime.training.reproduce)", "budget": budget.__dict__,
+               "wall_seconds": round(wall, 1), "load_average": load, "tasks": all_results}
     (work_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     if not args.no_bundle:
         (prompts_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
