@@ -31,22 +31,16 @@ class EngineCollector:
 
     def collect(self):
         stats = self.engine.cache.stats()
-        for name, value, doc in (("hits", stats.hits, "Prompt cache lookups served from the cache"),
-                                 ("misses", stats.misses, "Prompt cache lookups that built the prompt"),
-                                 ("evictions", stats.evictions, "Prompts evicted from the cache")):
-            family = CounterMetricFamily(f"lamp_prompt_cache_{name}", doc)
-            family.add_metric([], value)
-            yield family
+        yield from _cache_counters("lamp_prompt_cache", stats, ("Prompt cache lookups served from the cache",
+                                                                "Prompt cache lookups that built the prompt",
+                                                                "Prompts evicted from the cache"))
         yield _gauge("lamp_prompt_cache_bytes", "Device bytes held by cached prompts", stats.bytes)
         kv = self.engine.prompt_kv_stats()
         if kv is not None:
             unit = "prompt tokens" if self.engine.kind == "vllm" else "requests"  # vLLM's prefix cache is per block
-            for name, value, doc in (("hits", kv.hits, f"Soft-prompt keys/values reused ({unit})"),
-                                     ("misses", kv.misses, f"Soft-prompt keys/values computed ({unit})"),
-                                     ("evictions", kv.evictions, "Prompt-KV entries evicted")):
-                family = CounterMetricFamily(f"lamp_prompt_kv_cache_{name}", doc)
-                family.add_metric([], value)
-                yield family
+            yield from _cache_counters("lamp_prompt_kv_cache", kv, (f"Soft-prompt keys/values reused ({unit})",
+                                                                    f"Soft-prompt keys/values computed ({unit})",
+                                                                    "Prompt-KV entries evicted"))
             yield _gauge("lamp_prompt_kv_cache_bytes", "Bytes held by cached soft-prompt keys/values", kv.bytes)
         kv_bytes = self.engine.kv_cache_bytes()
         if kv_bytes is not None:
@@ -65,6 +59,14 @@ class EngineCollector:
                          torch.cuda.memory_allocated(device))
             yield _gauge("lamp_cuda_memory_reserved_bytes", "CUDA memory reserved by the caching allocator",
                          torch.cuda.memory_reserved(device))
+
+
+def _cache_counters(prefix: str, stats, docs: tuple[str, str, str]):
+    """`<prefix>_{hits,misses,evictions}` counters of a cache's stats."""
+    for name, doc in zip(("hits", "misses", "evictions"), docs):
+        family = CounterMetricFamily(f"{prefix}_{name}", doc)
+        family.add_metric([], getattr(stats, name))
+        yield family
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
