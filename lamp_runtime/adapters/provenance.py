@@ -1,9 +1,9 @@
 """Which backbone numerics an adapter was tuned on, and a warning when it is served on others.
 
 A soft prompt is tuned to the exact function the frozen backbone computes, so serving it on other
-numerics can cost accuracy. Measured on the bundled tasks (prompts/README.md): prompts tuned on the
-float32 backbone kept their accuracy on bfloat16 and lost a little on int8, but on nf4 extract fell
-from 0.86 to 0.00; the same recipe trained on the nf4 backbone scored 0.84 there.
+numerics can cost accuracy. Measured on the bundled tasks (prompts/README.md,
+docs/bench/accuracy-quantized.json): prompts tuned on the float32 backbone kept their accuracy on
+bfloat16 and lost a little on int8, but on nf4 extract fell from 0.86 to 0.00.
 """
 
 from __future__ import annotations
