@@ -18,14 +18,9 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from ..backbone.hf import kv_bytes_per_token
+
 log = logging.getLogger(__name__)
-
-
-def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
-    layers = config.num_hidden_layers
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
 def kv_cache_bytes(config, dtype: torch.dtype, tokens: int) -> int:

@@ -17,11 +17,12 @@ import time
 from dataclasses import dataclass
 
 from ..adapters import AdapterMeta
+from ..backbone.hf import kv_bytes_per_token
 from ..engine.base import EngineConfig
 from ..engine.build import engine_for
 from ..prompts.math import pooled_length
 from ..requests import GenerationRequest, SamplingParams
-from .memory import kv_bytes_per_token, peak_memory_bytes
+from .memory import peak_memory_bytes
 from .stats import interleaved, safe_ratio, summarize, summarize_samples
 from .stepping import run_stepped
 from .workload import (
