@@ -131,11 +131,12 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """One token's log-probability and its most likely alternatives ((text, id, logprob), best first)."""
+    """One token's log-probability and its most likely alternatives ((text, id, logprob), best first).
+    `logprob` is None for an input's first token when nothing precedes it (no soft prompt)."""
 
     token_id: int
     token: str
-    logprob: float
+    logprob: float | None
     top: tuple[tuple[str, int, float], ...] = ()
 
 
@@ -162,15 +163,14 @@ class GenerationResult:
     replica: str | None = None  # which serving replica produced it (set by the serving layer)
     index: int = 0  # which of the request's n samples
     logprobs: list[TokenLogprob] | None = None  # one per generated token, when asked for
-    # One per input token when asked for; None for a first token nothing precedes (no soft prompt).
-    prompt_logprobs: list[TokenLogprob | None] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None  # one per input token, when asked for
 
     @classmethod
     def of(cls, request: GenerationRequest, entry, *, text: str, finish_reason: str, token_ids: list[int],
            input_tokens: int, queue_ms: float, prefill_ms: float, decode_ms: float, ttft_ms: float,
            total_ms: float, soft_prompt_tokens_computed: int | None = None, index: int = 0,
            logprobs: list[TokenLogprob] | None = None,
-           prompt_logprobs: list[TokenLogprob | None] | None = None) -> "GenerationResult":
+           prompt_logprobs: list[TokenLogprob] | None = None) -> "GenerationResult":
         """A request's result; `entry` is the AdapterEntry it resolved (None: no task), from which
         the adapter version and the soft-prompt token counts are taken the same way by every engine;
         `soft_prompt_tokens_computed` defaults to the whole pooled prompt."""

@@ -31,16 +31,17 @@ def token_logprobs(logits: torch.Tensor, targets: list[int], k: int, tokenizer) 
 
 
 def prompt_logprobs(logits: torch.Tensor, soft_tokens: int, input_ids: list[int], k: int,
-                    tokenizer) -> list[TokenLogprob | None]:
+                    tokenizer) -> list[TokenLogprob]:
     """Log-probabilities of the input tokens, from `logits` [soft + len(input), vocab] of a forward
     over [soft prompt ; input]: position p predicts the token at p + 1. The first input token is
-    predicted by the soft prompt's last position; with no soft prompt nothing precedes it (None,
-    as OpenAI's echo answers)."""
+    predicted by the soft prompt's last position; with no soft prompt nothing precedes it (its
+    logprob is None, as OpenAI's echo answers)."""
     if not input_ids:
         return []
     first = soft_tokens - 1  # the position predicting input token 0
     if first < 0:
-        return [None] + token_logprobs(logits[: len(input_ids) - 1], input_ids[1:], k, tokenizer)
+        head = TokenLogprob(input_ids[0], _text(tokenizer, input_ids[0]), None)
+        return [head] + token_logprobs(logits[: len(input_ids) - 1], input_ids[1:], k, tokenizer)
     return token_logprobs(logits[first: first + len(input_ids)], input_ids, k, tokenizer)
 
 

@@ -48,7 +48,7 @@ class Sequence:
         self.prompt_reused = False  # its soft prompt's keys/values came from the prompt-KV cache
         self.logprobs: list[TokenLogprob] | None = [] if self.params.logprobs is not None else None
         self.logprobs_emitted = 0
-        self.prompt_logprobs: list[TokenLogprob | None] | None = None
+        self.prompt_logprobs: list[TokenLogprob] | None = None
 
     @property
     def width(self) -> int:

@@ -51,11 +51,11 @@ def test_input_logprobs_with_zero_new_tokens_equal_a_direct_forward(engine, back
     assert result.completion_tokens == 0 and result.text == "" and result.finish_reason == "length"
     assert len(result.prompt_logprobs) == len(input_ids)
     if soft == 0:  # nothing precedes the first token
-        assert result.prompt_logprobs[0] is None
+        assert result.prompt_logprobs[0].logprob is None and result.prompt_logprobs[0].token_id == input_ids[0]
     for i, lp in enumerate(result.prompt_logprobs):
-        if lp is None:
-            continue
         assert lp.token_id == input_ids[i]
+        if lp.logprob is None:
+            continue
         assert abs(lp.logprob - float(reference[soft + i - 1, input_ids[i]])) < TOLERANCE
         assert len(lp.top) == 2
 
