@@ -110,6 +110,7 @@ class GenerationRequest:
 
     A chat request carries `messages` instead (and `input` is empty): the engine turns them into
     input text with `chat_format` (None = the task's own setting, else the backbone's template).
+    A request may also carry the input as token ids (`input_ids`, as OpenAI prompts may).
     """
 
     input: str
@@ -118,13 +119,16 @@ class GenerationRequest:
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     messages: tuple[ChatMessage, ...] | None = None
     chat_format: str | None = None
+    input_ids: tuple[int, ...] | None = None
 
     def __post_init__(self):
-        if self.messages is not None:
-            if not self.messages:
-                raise RequestError("messages must hold at least one message")
-            if self.input:
-                raise RequestError("a request carries either input text or chat messages, not both")
+        if self.messages is not None and not self.messages:
+            raise RequestError("messages must hold at least one message")
+        if sum(x is not None and x != "" for x in (self.input or None, self.messages, self.input_ids)) > 1:
+            raise RequestError("a request carries one of input text, chat messages or input token ids")
+        if self.input_ids is not None and any(isinstance(t, bool) or not isinstance(t, int) or t < 0
+                                              for t in self.input_ids):
+            raise RequestError("input token ids must be integers >= 0")
         if self.chat_format is not None and self.chat_format not in CHAT_FORMATS:
             raise RequestError(f"chat_format must be one of {list(CHAT_FORMATS)}, got {self.chat_format!r}")
 

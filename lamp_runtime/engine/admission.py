@@ -20,7 +20,10 @@ def resolve_request(request: GenerationRequest, registry: AdapterRegistry, token
     `config` is the engine's EngineConfig (limits); `context_tokens` the longest sequence the
     engine can hold (`context_name` says which limit that is in the error message).
     """
-    if request.messages is None:  # before the task: a too-long input is 413 whatever it names
+    if request.input_ids is not None:
+        input_ids = _check_length(_known_ids(request.input_ids, tokenizer), config)
+        entry = _entry(request, registry)
+    elif request.messages is None:  # before the task: a too-long input is 413 whatever it names
         input_ids = _check_length(tokenizer(request.input)["input_ids"], config)
         entry = _entry(request, registry)
     else:  # the task may choose how its messages are rendered; the template's special tokens are in the text
@@ -49,3 +52,11 @@ def _check_length(input_ids: list[int], config) -> list[int]:
     if len(input_ids) > config.max_input_tokens:
         raise InputTooLongError(f"input is {len(input_ids)} tokens, over the limit of {config.max_input_tokens}")
     return input_ids
+
+
+def _known_ids(token_ids, tokenizer) -> list[int]:
+    vocab = len(tokenizer)
+    unknown = [t for t in token_ids if t >= vocab]
+    if unknown:
+        raise RequestError(f"token ids {unknown[:5]} are outside the vocabulary of {vocab}")
+    return list(token_ids)

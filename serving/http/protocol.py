@@ -154,7 +154,7 @@ class CompletionRequest(SamplingFields):
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(min_length=1, max_length=64)
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]  # text, or token ids (as harnesses send)
     max_tokens: int = Field(16, ge=0)
     temperature: float = Field(1.0, ge=0, le=100)
     stream: bool = False
@@ -186,27 +186,38 @@ class CompletionRequest(SamplingFields):
     @field_validator("prompt")
     @classmethod
     def _prompt_list(cls, value):
-        if isinstance(value, list) and not 1 <= len(value) <= 32:
-            raise ValueError(f"prompt must be a string or a list of 1..32 strings, got a list of {len(value)}")
-        for text in [value] if isinstance(value, str) else value:
-            unicode_text(text)
+        prompts = _as_prompts(value)
+        if not 1 <= len(prompts) <= MAX_PROMPTS:
+            raise ValueError(f"prompt must be a string, a list of token ids, or a list of 1..{MAX_PROMPTS} of "
+                             f"either, got {len(prompts)} prompts")
+        for prompt in prompts:
+            if isinstance(prompt, str):
+                unicode_text(prompt)
+            elif not prompt:
+                raise ValueError("a prompt of token ids must hold at least one id")
         return value
 
     @property
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+    def prompts(self) -> list[str | list[int]]:
+        return _as_prompts(self.prompt)
 
     def to_engine(self) -> list[GenerationRequest]:
         """One engine request per prompt (each for n samples); raises RequestError for values only
         SamplingParams checks. The prompt is scored when echoed with logprobs, or to allow max_tokens 0."""
-        scored = self.echo and (self.logprobs is not None or self.max_tokens == 0)
+        prompts = self.prompts
+        # scored: echoed with logprobs; to allow max_tokens 0; or echoed token ids (the scores carry the text)
+        tokens = any(not isinstance(p, str) for p in prompts)
+        scored = self.echo and (self.logprobs is not None or self.max_tokens == 0 or tokens)
         prompt_logprobs = (self.logprobs or 0) if scored else None
         params = self.sampling_params(self.max_tokens, logprobs=self.logprobs, prompt_logprobs=prompt_logprobs,
                                       n=self.n)
-        return [GenerationRequest(prompt, self.model, params) for prompt in self.prompts]
+        return [GenerationRequest(p, self.model, params) if isinstance(p, str)
+                else GenerationRequest("", self.model, params, input_ids=tuple(p)) for p in prompts]
 
-    def choice(self, index: int, prompt: str, result: GenerationResult) -> "CompletionChoice":
+    def choice(self, index: int, prompt: str | list[int], result: GenerationResult) -> "CompletionChoice":
         """The choice for one sample of `prompt`; `index` counts choices across prompts and samples."""
+        if isinstance(prompt, list) and self.echo:  # token ids: their text is in the scores
+            prompt = "".join(entry.token for entry in result.prompt_logprobs or [])
         text = prompt + result.text if self.echo else result.text
         logprobs = None
         if self.logprobs is not None:
@@ -214,6 +225,16 @@ class CompletionRequest(SamplingFields):
             logprobs = CompletionLogprobs.of(entries + (result.logprobs or []))
         return CompletionChoice(index=index, text=text, logprobs=logprobs,
                                 finish_reason=openai_finish(result.finish_reason))
+
+
+MAX_PROMPTS = 32
+
+
+def _as_prompts(value) -> list[str | list[int]]:
+    """OpenAI's prompt forms as a list of prompts: a string, a list of token ids, or a list of either."""
+    if isinstance(value, str) or (value and isinstance(value[0], int)):
+        return [value]
+    return list(value)
 
 
 def completion_id() -> str:
