@@ -124,8 +124,11 @@ class GenerationRequest:
     def __post_init__(self):
         if self.messages is not None and not self.messages:
             raise RequestError("messages must hold at least one message")
-        if sum(x is not None and x != "" for x in (self.input or None, self.messages, self.input_ids)) > 1:
-            raise RequestError("a request carries one of input text, chat messages or input token ids")
+        given = [name for name, value in (("input text", self.input), ("chat messages", self.messages),
+                                          ("input token ids", self.input_ids)) if value]
+        if len(given) > 1:
+            raise RequestError(f"a request carries one of input text, chat messages or input token ids, "
+                               f"got {' and '.join(given)}")
         if self.input_ids is not None and any(isinstance(t, bool) or not isinstance(t, int) or t < 0
                                               for t in self.input_ids):
             raise RequestError("input token ids must be integers >= 0")

@@ -59,7 +59,8 @@ class Sequence:
         """Sample `index` of this request, prefilled together with this one (same context, own draws)."""
         child = Sequence(self.request, self.input_ids, self.entry, generator, self.tokenizer, self.eos_ids, index)
         child.submitted_at, child.admitted_at = self.submitted_at, self.admitted_at
-        child.prefill_seconds, child.prompt_reused = self.prefill_seconds, self.prompt_reused
+        # It computed no position of its own: its soft prompt's keys/values are the parent's copy.
+        child.prefill_seconds, child.prompt_reused = self.prefill_seconds, True
         child.prompt_logprobs = self.prompt_logprobs
         return child
 

@@ -99,7 +99,7 @@ def test_request_options_are_checked(engine):
         SamplingParams(n=0)
     with pytest.raises(RequestError, match="n=9 samples need as many batch rows"):
         engine.submit(GenerationRequest("x", "plain", SamplingParams(n=9, temperature=1)))
-    with pytest.raises(RequestError, match="either input text or chat messages"):
+    with pytest.raises(RequestError, match="got input text and chat messages"):
         GenerationRequest("x", "plain", messages=(ChatMessage("user", "hi"),))
 
 
