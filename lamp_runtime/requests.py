@@ -169,7 +169,8 @@ class GenerationResult:
     total_ms: float
     replica: str | None = None  # which serving replica produced it (set by the serving layer)
     index: int = 0  # which of the request's n samples
-    logprobs: list[TokenLogprob] | None = None  # one per generated token, when asked for
+    # One per generated token when asked for, plus the EOS that ended it (as OpenAI reports it).
+    logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob] | None = None  # one per input token, when asked for
 
     @classmethod

@@ -81,12 +81,15 @@ class Sequence:
         self.last_token = token_id
         if self.params.max_new_tokens == 0:  # scoring only: the prefill gave the prompt logprobs
             self.finish_reason = FINISH_LENGTH
-        elif token_id in self.eos_ids and not self.params.ignore_eos:
+            return self._emit()
+        if self.logprobs is not None and logprob is not None:
+            # EOS included, as OpenAI and vLLM report it: harnesses read the last entry as the
+            # generated one (echo + max_tokens 1), so a completion that ends at once still has one.
+            self.logprobs.append(logprob)
+        if token_id in self.eos_ids and not self.params.ignore_eos:
             self.finish_reason = FINISH_STOP
         else:
             self.generated.append(token_id)
-            if self.logprobs is not None and logprob is not None:
-                self.logprobs.append(logprob)
             self.text = self.tokenizer.decode(self.generated, skip_special_tokens=True)
             cut = self._stop_index()
             if cut is not None:

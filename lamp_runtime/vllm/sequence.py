@@ -93,10 +93,7 @@ class VllmSequence:
         stop_reason = completion.stop_reason
         if (reason == FINISH_STOP and not isinstance(stop_reason, str) and self.token_ids
                 and self.token_ids[-1] in self.eos_ids):
-            self.token_ids.pop()
-            if self.logprobs:
-                self.logprobs.pop()
-                logprobs = logprobs[:-1] if logprobs else logprobs
+            self.token_ids.pop()  # its logprob stays: OpenAI and vLLM report the EOS entry
         return self._finish(reason, completion.text, logprobs)
 
     def abort(self) -> StepOutput:

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lamp_runtime.engine.sequence import Sequence
 from lamp_runtime.errors import RequestError, UnsupportedRequestError
 from lamp_runtime.prompts.prepared import assemble_embeddings, prepare
-from lamp_runtime.requests import ChatMessage, GenerationRequest, SamplingParams
+from lamp_runtime.requests import ChatMessage, GenerationRequest, SamplingParams, TokenLogprob
 
 TOLERANCE = 1e-4
 
@@ -29,15 +30,30 @@ def test_generated_token_logprobs_equal_a_direct_forward(engine, backbone, task_
     (result,) = engine.generate([request])
     input_ids = backbone.tokenizer(request.input)["input_ids"]
     reference = reference_logprobs(backbone, task_adapters.get(task), input_ids + result.token_ids)
+    if result.finish_reason == "stop":
+        assert result.logprobs[-1].token_id in engine.backbone.eos_token_ids()
     soft = result.soft_prompt_tokens
-    assert len(result.logprobs) == result.completion_tokens == 6
-    for k, (token, lp) in enumerate(zip(result.token_ids, result.logprobs)):
+    ended_by_eos = result.finish_reason == "stop"
+    assert len(result.logprobs) == result.completion_tokens + ended_by_eos  # the EOS entry too
+    tokens = result.token_ids + ([result.logprobs[-1].token_id] if ended_by_eos else [])
+    for k, (token, lp) in enumerate(zip(tokens, result.logprobs)):
         row = reference[soft + len(input_ids) - 1 + k]
         assert lp.token_id == token and lp.token == backbone.tokenizer.decode([token])
         assert abs(lp.logprob - float(row[token])) < TOLERANCE
         values, ids = row.topk(5)
         assert [t[1] for t in lp.top] == ids.tolist()  # greedy: the chosen token is the best
         assert max(abs(a[2] - b) for a, b in zip(lp.top, values.tolist())) < TOLERANCE
+
+
+def test_a_completion_ended_by_eos_reports_the_eos_entry(backbone):
+    """What `echo` + `max_tokens: 1` harnesses read as the generated entry, even when it is EOS."""
+    eos = min(backbone.eos_token_ids())
+    request = GenerationRequest("Paris is", None, SamplingParams(max_new_tokens=1, logprobs=0))
+    seq = Sequence(request, [1, 2], None, None, backbone.tokenizer, {eos})
+    entry = TokenLogprob(eos, backbone.tokenizer.decode([eos]), -0.25)
+    out = seq.accept(eos, entry)
+    assert out.result.finish_reason == "stop" and out.result.completion_tokens == 0 and out.result.text == ""
+    assert out.result.logprobs == [entry] and out.logprobs == [entry]
 
 
 @pytest.mark.parametrize("task", ["lamp3", None])
