@@ -41,6 +41,11 @@ class InputTooLongError(RequestError):
     """The input has more tokens than the engine accepts (HTTP 413: it is about size)."""
 
 
+class UnsupportedRequestError(RequestError):
+    """A valid option this engine or backbone cannot honour (prompt logprobs on vLLM, a chat
+    request to a backbone without a chat template): HTTP 400, naming the option."""
+
+
 class QueueFullError(RuntimeError):
     """Too many requests are waiting; try again later."""
 

@@ -1,8 +1,9 @@
-"""Ingress side of inference: `/generate` and OpenAI `/v1/completions` over the model deployment.
+"""Ingress side of inference: `/generate` and OpenAI `/v1/completions` over the model deployment
+(OpenAI chat completions: chat_completions.py, over the same calls).
 
 Each HTTP request converts itself into `GenerationRequest`s (one per prompt for a list of OpenAI
 prompts, issued together so they join the same batch), and each becomes one call on the model
-deployment handle, which answers with a `GenerationResult` or a `Refusal`. Streams use a
+deployment handle, which answers with the `GenerationResult`s of its n samples or a `Refusal`. Streams use a
 streaming handle call; the first item is awaited before the response starts, so a refused request
 gets a proper status code instead of a 200 stream that carries an error.
 """
@@ -22,6 +23,7 @@ from lamp_runtime.errors import RequestError
 from lamp_runtime.requests import GenerationRequest, GenerationResult, StepOutput
 
 from .http.errors import REPLICA_HEADER, RETRY_AFTER_S, Refusal, ServingError
+from .http.logprobs import CompletionLogprobs
 from .http.protocol import (
     CompletionChoice,
     CompletionRequest,
@@ -31,6 +33,7 @@ from .http.protocol import (
     GenerateResponse,
     GenerateStreamEvent,
     completion_id,
+    openai_finish,
 )
 from .metrics.ingress import IngressMetrics
 
@@ -79,18 +82,18 @@ class GenerationService:
     # ---- /generate --------------------------------------------------------------------------------
 
     async def generate(self, request: GenerateRequest):
-        engine_request = self._to_engine(request.task_id, request.to_engine)
+        engine_request = self.to_engine(request.task_id, request.to_engine)
         if request.stream:
-            first, items = await self._open_stream(engine_request)
+            first, items = await self.open_stream(engine_request)
             return StreamingResponse(self._generate_events(request.task_id, first, items),
                                      media_type="text/event-stream", headers=SSE_HEADERS)
-        result = await self._complete(engine_request)
+        (result,) = await self.complete(engine_request)
         return JSONResponse(GenerateResponse.from_result(result).model_dump(), headers={REPLICA_HEADER: result.replica})
 
     async def _generate_events(self, task_id: str, first: StepOutput, items) -> AsyncIterator[str]:
-        async for item in self._relay(first, items):
+        async for item in self.relay(first, items):
             if isinstance(item, Refusal):
-                yield sse({"error": _public(item)})
+                yield sse({"error": public(item)})
                 return
             if item.result is None:
                 yield sse(GenerateStreamEvent(task_id=task_id, delta=item.delta).model_dump(exclude_none=True))
@@ -104,40 +107,45 @@ class GenerationService:
     # ---- /v1/completions --------------------------------------------------------------------------
 
     async def completions(self, request: CompletionRequest):
-        engine_requests = self._to_engine(request.model, request.to_engine)
+        engine_requests = self.to_engine(request.model, request.to_engine)
         if request.stream:
             if len(engine_requests) != 1:
                 self.metrics.count_request(request.model, True, 422)
                 raise ServingError(422, f"stream=true supports a single prompt, got {len(engine_requests)}")
-            first, items = await self._open_stream(engine_requests[0])
+            first, items = await self.open_stream(engine_requests[0])
             return StreamingResponse(self._completion_chunks(request, first, items),
                                      media_type="text/event-stream", headers=SSE_HEADERS)
-        results = await self._complete_many(request.model, engine_requests)
-        choices = [CompletionChoice(index=i, text=r.text, finish_reason=_openai_finish(r.finish_reason))
-                   for i, r in enumerate(results)]
+        per_prompt = await self.complete_many(request.model, engine_requests)
+        choices = [request.choice(p * request.n + r.index, prompt, r)
+                   for p, (prompt, results) in enumerate(zip(request.prompts, per_prompt)) for r in results]
+        results = [r for results in per_prompt for r in results]
         body = CompletionResponse(id=completion_id(), model=request.model, choices=choices,
                                   usage=CompletionUsage.of(results))
-        return JSONResponse(body.model_dump(), headers={REPLICA_HEADER: ",".join(r.replica for r in results)})
+        return JSONResponse(body.model_dump(), headers={REPLICA_HEADER: replicas_of(results)})
 
     async def _completion_chunks(self, request: CompletionRequest, first: StepOutput, items) -> AsyncIterator[str]:
         chunk_id = completion_id()
         header = CompletionResponse(id=chunk_id, model=request.model, choices=[]).model_dump(
             exclude={"choices", "usage"})
-        async for item in self._relay(first, items):
+        results = []
+        async for item in self.relay(first, items):
             if isinstance(item, Refusal):
-                yield sse({"error": _public(item)})
+                yield sse({"error": public(item)})
                 return
             result = item.result
-            finish = _openai_finish(result.finish_reason) if result else None
-            choice = CompletionChoice(index=0, text=item.delta, finish_reason=finish).model_dump()
-            yield sse({**header, "choices": [choice]})
-            if result and request.stream_options and request.stream_options.include_usage:
-                yield sse({**header, "choices": [], "usage": CompletionUsage.of([result]).model_dump()})
+            logprobs = CompletionLogprobs.of(item.logprobs) if request.logprobs is not None else None
+            choice = CompletionChoice(index=item.index, text=item.delta, logprobs=logprobs,
+                                      finish_reason=openai_finish(result.finish_reason) if result else None)
+            yield sse({**header, "choices": [choice.model_dump()]})
+            if result is not None:
+                results.append(result)
+        if request.stream_options and request.stream_options.include_usage:
+            yield sse({**header, "choices": [], "usage": CompletionUsage.of(results).model_dump()})
         yield sse("[DONE]")
 
     # ---- calls on the model deployment ------------------------------------------------------------
 
-    def _to_engine(self, task_id: str, convert):
+    def to_engine(self, task_id: str, convert):
         """The request's engine form; a value only SamplingParams checks is a 422 here, at the ingress."""
         try:
             return convert()
@@ -145,10 +153,11 @@ class GenerationService:
             self.metrics.count_request(task_id, False, 422)
             raise ServingError(422, f"invalid request: {exc}") from None
 
-    async def _complete(self, request: GenerationRequest) -> GenerationResult:
-        return (await self._complete_many(request.task_id, [request]))[0]
+    async def complete(self, request: GenerationRequest) -> list[GenerationResult]:
+        """The results of the request's n samples."""
+        return (await self.complete_many(request.task_id, [request]))[0]
 
-    async def _complete_many(self, task_id: str, requests: list[GenerationRequest]) -> list[GenerationResult]:
+    async def complete_many(self, task_id: str, requests: list[GenerationRequest]) -> list[list[GenerationResult]]:
         calls = [asyncio.ensure_future(self._call(request)) for request in requests]
         try:
             replies = await asyncio.gather(*calls)
@@ -164,7 +173,7 @@ class GenerationService:
         self.metrics.count_request(task_id, True, 200)
         return replies
 
-    async def _call(self, request: GenerationRequest) -> GenerationResult | Refusal:
+    async def _call(self, request: GenerationRequest) -> list[GenerationResult] | Refusal:
         """One call on the model deployment, re-sent if its replica dies before answering."""
         retries = REPLICA_LOST_RETRIES
         while True:
@@ -181,7 +190,7 @@ class GenerationService:
                 cancel_quietly(call)
                 raise
 
-    async def _open_stream(self, request: GenerationRequest):
+    async def open_stream(self, request: GenerationRequest):
         for attempt in range(REPLICA_LOST_RETRIES + 1):
             items = None
             try:
@@ -207,7 +216,7 @@ class GenerationService:
         raise ServingError.from_refusal(refusal)
 
     @staticmethod
-    async def _relay(first: StepOutput, items) -> AsyncIterator[StepOutput | Refusal]:
+    async def relay(first: StepOutput, items) -> AsyncIterator[StepOutput | Refusal]:
         """The stream's items, first included; a replica lost mid-stream becomes an in-band refusal."""
         finished = False
         try:
@@ -224,10 +233,11 @@ class GenerationService:
                 cancel_quietly(items)
 
 
-def _public(refusal: Refusal) -> dict:
+def public(refusal: Refusal) -> dict:
     """An in-band stream error, in the same shape as an error response body."""
     return {"message": refusal.message, "code": refusal.status}
 
 
-def _openai_finish(reason: str) -> str | None:
-    return reason if reason in ("stop", "length") else None
+def replicas_of(results: list[GenerationResult]) -> str:
+    """The replicas that answered, for the response header (once each, in order)."""
+    return ",".join(dict.fromkeys(r.replica for r in results if r.replica))

@@ -107,17 +107,17 @@ class LampModel:
 
     # ---- requests -------------------------------------------------------------------------------
 
-    async def complete(self, request: GenerationRequest) -> GenerationResult | Refusal:
-        """One whole generation: its result, or the refusal the client gets."""
+    async def complete(self, request: GenerationRequest) -> list[GenerationResult] | Refusal:
+        """One whole generation: the results of its n samples, or the refusal the client gets."""
         try:
             await self._admit(request)
-            result = await self.runner.complete(request)
+            results = await self.runner.complete_all(request)
         except Exception as exc:
             return self._refusal(exc)
-        return dataclasses.replace(result, replica=self.replica_id)
+        return [dataclasses.replace(result, replica=self.replica_id) for result in results]
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StepOutput | Refusal]:
-        """Yields a `StepOutput` per step with new text (the last one carries the result).
+        """Yields a `StepOutput` per step with new text (the last of each of the n samples carries its result).
 
         The first item is a `Refusal` instead when the request is refused: the submission only
         happens when the first output is awaited, so the ingress learns the outcome (and can pick
@@ -130,12 +130,15 @@ class LampModel:
         except Exception as exc:
             yield self._refusal(exc)
             return
+        remaining = request.params.n  # the stream ends when each of its samples has finished
         try:
             while True:
                 if out.finished:
                     yield dataclasses.replace(out, result=dataclasses.replace(out.result, replica=self.replica_id))
-                    return
-                if out.delta:
+                    remaining -= 1
+                    if not remaining:
+                        return
+                elif out.delta or out.logprobs:
                     yield out
                 out = await outputs.__anext__()
         except Exception as exc:  # the engine loop failed mid-stream: tell the client, in-band

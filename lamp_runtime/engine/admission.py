@@ -9,6 +9,7 @@ from __future__ import annotations
 from ..adapters.registry import AdapterEntry, AdapterRegistry
 from ..errors import InputTooLongError, RequestError
 from ..requests import GenerationRequest
+from .chat import render_chat
 
 
 def resolve_request(request: GenerationRequest, registry: AdapterRegistry, tokenizer, config,
@@ -19,10 +20,16 @@ def resolve_request(request: GenerationRequest, registry: AdapterRegistry, token
     `config` is the engine's EngineConfig (limits); `context_tokens` the longest sequence the
     engine can hold (`context_name` says which limit that is in the error message).
     """
-    input_ids = tokenizer(request.input)["input_ids"]
-    if len(input_ids) > config.max_input_tokens:  # before the task: a too-long input is 413 whatever it names
-        raise InputTooLongError(f"input is {len(input_ids)} tokens, over the limit of {config.max_input_tokens}")
-    entry = registry.get(request.task_id) if request.task_id is not None else None
+    if request.input_ids is not None:
+        input_ids = _check_length(_known_ids(request.input_ids, tokenizer), config)
+        entry = _entry(request, registry)
+    elif request.messages is None:  # before the task: a too-long input is 413 whatever it names
+        input_ids = _check_length(tokenizer(request.input)["input_ids"], config)
+        entry = _entry(request, registry)
+    else:  # the task may choose how its messages are rendered; the template's special tokens are in the text
+        entry = _entry(request, registry)
+        text = render_chat(request, entry, tokenizer)
+        input_ids = _check_length(tokenizer(text, add_special_tokens=False)["input_ids"], config)
     if not input_ids and entry is None:
         raise RequestError("input is empty and no task was given: nothing to condition on")
     params = request.params
@@ -35,3 +42,21 @@ def resolve_request(request: GenerationRequest, registry: AdapterRegistry, token
             f"exceeds {context_name} of {context_tokens} tokens"
         )
     return entry, input_ids
+
+
+def _entry(request: GenerationRequest, registry: AdapterRegistry) -> AdapterEntry | None:
+    return registry.get(request.task_id) if request.task_id is not None else None
+
+
+def _check_length(input_ids: list[int], config) -> list[int]:
+    if len(input_ids) > config.max_input_tokens:
+        raise InputTooLongError(f"input is {len(input_ids)} tokens, over the limit of {config.max_input_tokens}")
+    return input_ids
+
+
+def _known_ids(token_ids, tokenizer) -> list[int]:
+    vocab = len(tokenizer)
+    unknown = [t for t in token_ids if t >= vocab]
+    if unknown:
+        raise RequestError(f"token ids {unknown[:5]} are outside the vocabulary of {vocab}")
+    return list(token_ids)

@@ -161,11 +161,18 @@ class EngineRunner(abc.ABC):
         """Stop the engine loop; requests still in flight end with EngineStoppedError."""
 
     async def complete(self, request: GenerationRequest) -> GenerationResult:
-        """Non-streaming convenience: the final result only."""
+        """Non-streaming convenience: the final result only (the first sample's, with n > 1)."""
+        return (await self.complete_all(request))[0]
+
+    async def complete_all(self, request: GenerationRequest) -> list[GenerationResult]:
+        """Non-streaming: the results of the request's n samples, in sample order."""
+        results: dict[int, GenerationResult] = {}
         async for out in self.generate(request):
             if out.result is not None:
-                return out.result
-        raise EngineStoppedError("stream ended without a result")
+                results[out.result.index] = out.result
+        if len(results) < request.params.n:
+            raise EngineStoppedError("stream ended without a result")
+        return [results[i] for i in sorted(results)]
 
     def check_admission(self) -> None:
         """Refuse at once when the engine is down or its queue is full (before any work)."""

@@ -24,8 +24,10 @@ from ..prompts.prepared import assemble_embeddings, offset_inputs, prepare
 from ..requests import StepOutput
 from .base import StepStats
 from .llama import LlamaModel, Segment
+from .logprobs import prompt_logprobs
 from .prefill_groups import prefill_groups
 from .prompt_kv import PromptKV, PromptKVCache
+from .sampling import make_generator
 from .sequence import Sequence
 from .step_engine import StepEngine
 
@@ -48,8 +50,16 @@ class _Row:
     def start(self) -> int:
         return self.prefix.tokens if self.prefix is not None else 0
 
+    @property
+    def scores_input(self) -> bool:
+        """Whether the row wants its input's log-probabilities: it runs whole (soft prompt included)."""
+        return self.seq.params.prompt_logprobs is not None
+
 
 class DecoderEngine(StepEngine):
+    supports_prompt_logprobs = True
+    shares_prefill = True  # a request's n samples fork from one prefill (KV slot copies)
+
     def __init__(self, backbone, *args, **kwargs):
         if backbone.is_encoder_decoder:
             raise ValueError("encoder-decoder backbone: use Seq2SeqEngine (build_engine chooses it)")
@@ -96,7 +106,7 @@ class DecoderEngine(StepEngine):
             segments += [self._prefill_segment(group, slot) for slot, group in groups]
             if not segments:
                 return []
-            logits = self.model.forward_segments(segments, self.kv)
+            logits = self._score_inputs(self.model.forward_segments(segments, self.kv), groups, decoding)
         finally:
             for row in rows:
                 if row.prefix is not None:
@@ -108,9 +118,10 @@ class DecoderEngine(StepEngine):
         placed = [row for _, group in groups for row in group]  # in slot order, as the segments stacked them
         self._running.extend(row.seq for row in placed)
         self._lengths.extend(row.start + row.embeds.shape[0] for row in placed)
+        logits = self._fork(torch.cat(logits))
         stats.batch_size = len(self._running)
         stats.distinct_tasks = len({s.request.task_id for s in self._running})
-        outputs, keep = self._sample(self._running, torch.cat(logits))
+        outputs, keep = self._sample(self._running, logits)
         self._retire([i for i in range(len(self._running)) if i not in set(keep)])
         return outputs
 
@@ -121,7 +132,9 @@ class DecoderEngine(StepEngine):
             return _Row(seq, None, inputs)
         adapter = seq.entry.adapter
         seq.prepared = self.cache.acquire(seq.entry.cache_key, lambda: prepare(adapter))
-        if self.prompt_kv is None or not seq.input_ids:  # no input: the prompt's last position gives the token
+        if self.prompt_kv is None or not seq.input_ids or seq.params.prompt_logprobs is not None:
+            # no input: the prompt's last position gives the token; scoring the input: its first
+            # token's log-probability comes from the prompt's last position
             return _Row(seq, None, assemble_embeddings(seq.prepared, inputs))
         key = seq.entry.cache_key
         hit = key in self.prompt_kv
@@ -148,7 +161,10 @@ class DecoderEngine(StepEngine):
         if not rows:
             return []
         lengths = [row.embeds.shape[0] for row in rows]
-        groups = [[rows[i] for i in g] for g in prefill_groups(lengths, self.config.prefill_forward_cost_tokens)]
+        shared = [i for i, row in enumerate(rows) if not row.scores_input]
+        groups = [[rows[shared[i]] for i in g]
+                  for g in prefill_groups([lengths[i] for i in shared], self.config.prefill_forward_cost_tokens)]
+        groups += [[row] for row in rows if row.scores_input]  # all positions' logits: a segment each
         stats.prefill_tokens += sum(lengths)
         stats.prefill_forwards += len(groups)
         stats.prefill_padding += sum(max(r.embeds.shape[0] for r in g) * len(g) - sum(r.embeds.shape[0] for r in g)
@@ -174,7 +190,44 @@ class DecoderEngine(StepEngine):
         starts = torch.tensor([row.start for row in rows], device=device)
         positions = starts[:, None] + torch.arange(width, device=device)[None, :]
         last = torch.tensor([row.embeds.shape[0] - 1 for row in rows], device=device)
-        return Segment(embeds, positions, slot_start, last)
+        return Segment(embeds, positions, slot_start, last, full=rows[0].scores_input)
+
+    def _score_inputs(self, logits: list[torch.Tensor], groups, decoding: int) -> list[torch.Tensor]:
+        """Record the input log-probabilities of the rows that asked (their segments returned every
+        position's logits) and keep each such row's last position for sampling."""
+        first = 1 if decoding else 0  # the decode rows' segment comes before the prefill groups
+        for k, (_, group) in enumerate(groups):
+            row = group[0]
+            if row.scores_input:
+                every = logits[first + k][0]  # [positions, vocab]
+                seq = row.seq
+                seq.prompt_logprobs = prompt_logprobs(every, seq.soft_prompt_tokens, seq.input_ids,
+                                                      seq.params.prompt_logprobs, seq.tokenizer)
+                logits[first + k] = every[row.embeds.shape[0] - 1][None]
+        return logits
+
+    def _fork(self, logits: torch.Tensor) -> torch.Tensor:
+        """Add the n - 1 sibling samples of the rows just prefilled: each gets a copy of its
+        parent's KV slot and the same first-token logits, and draws with its own generator, so the
+        request's context is computed once (lamp_prefill_tokens_total counts it once)."""
+        forking = [i for i, seq in enumerate(self._running) if seq.forks]
+        if not forking:
+            return logits
+        self._reserve(len(self._running) + sum(self._running[i].forks for i in forking), max(self._lengths))
+        extra = []
+        for i in forking:
+            parent = self._running[i]
+            for index in range(1, parent.forks + 1):
+                child = parent.fork(index, make_generator(parent.params, self.backbone.device, index))
+                if parent.entry is not None:
+                    child.prepared = self.cache.acquire(parent.entry.cache_key, lambda: prepare(parent.entry.adapter))
+                slot = len(self._running)
+                self.kv.move(i, slot, self._lengths[i])
+                self._running.append(child)
+                self._lengths.append(self._lengths[i])
+                extra.append(i)
+            parent.forks = 0
+        return torch.cat([logits, logits[extra]])
 
     def _decode_segment(self) -> Segment:
         """The running rows' last tokens, at the position after each row's (slots 0..B-1)."""

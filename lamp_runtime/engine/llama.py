@@ -182,7 +182,7 @@ class LlamaModel:
     @torch.inference_mode()
     def forward_segments(self, segments: list["Segment"], kv: KVSlots) -> list[torch.Tensor]:
         """Run every segment's rows through the model in one pass over the weights; return each
-        segment's logits [R, vocab] at its rows' `last` positions.
+        segment's logits [R, vocab] at its rows' `last` positions (a `full` segment's: [R, N, vocab]).
 
         A segment is R rows of N tokens at `positions` [R, N] in slots slot_start..+R (a step's
         decode rows are one segment with N = 1, each group of newcomers another), so a step that
@@ -217,21 +217,25 @@ class LlamaModel:
             gate_up = layer.gate_up((w2 * (x * rsqrt(x.pow(2).mean(-1, keepdim=True) + e2))).to(layer.dtypes[2]))
             x = x + layer.down((silu(gate_up[:, :layer.intermediate]) * gate_up[:, layer.intermediate:])
                                .to(layer.dtypes[3])).float()
-        hidden = torch.cat([x[part.tokens].view(part.rows, part.n, self.hidden)[part.row_index, part.last]
+        hidden = torch.cat([x[part.tokens] if part.full else
+                            x[part.tokens].view(part.rows, part.n, self.hidden)[part.row_index, part.last]
                             for part in parts])
         logits = self.head(_rms(hidden, *self.final_norm).to(_input_dtype(self.head))).float()
-        return list(logits.split([part.rows for part in parts]))
+        out = logits.split([part.rows * part.n if part.full else part.rows for part in parts])
+        return [o.view(part.rows, part.n, -1) if part.full else o for part, o in zip(parts, out)]
 
 
 @dataclass(frozen=True)
 class Segment:
     """Rows of one forward that share a shape: embeds [R, N, d] at positions [R, N] in slots
-    slot_start..+R; the logits come from position `last[r]` of each row."""
+    slot_start..+R; the logits come from position `last[r]` of each row ([R, vocab]), or with
+    `full` from every position ([R, N, vocab]: the input's own log-probabilities, `echo`)."""
 
     embeds: torch.Tensor
     positions: torch.Tensor
     slot_start: int
     last: torch.Tensor
+    full: bool = False
 
 
 class _SegmentPlan:
@@ -241,7 +245,7 @@ class _SegmentPlan:
     def __init__(self, segment: Segment, model: LlamaModel, kv: KVSlots):
         self.model, self.slot_start = model, segment.slot_start
         self.rows, self.n = segment.embeds.shape[:2]
-        self.last, device = segment.last, model.device
+        self.last, self.full, device = segment.last, segment.full, model.device
         self.row_index = torch.arange(self.rows, device=device)
         self.length = int(segment.positions.max()) + 1
         self.x = segment.embeds.float().reshape(self.rows * self.n, model.hidden)

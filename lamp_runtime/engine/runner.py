@@ -71,6 +71,7 @@ class AsyncEngine(EngineRunner):
                 self._streams.pop(request.request_id, None)
             raise
         self._wakeup.set()
+        remaining = request.params.n  # the stream ends once each of the n samples has finished
         finished = False
         try:
             while not finished:
@@ -79,7 +80,8 @@ class AsyncEngine(EngineRunner):
                     raise out
                 if isinstance(out, BaseException):
                     raise EngineStoppedError(f"engine loop failed: {out!r}")
-                finished = out.finished
+                remaining -= out.finished
+                finished = remaining == 0
                 yield out
         finally:
             with self._streams_lock:

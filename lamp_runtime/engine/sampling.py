@@ -11,14 +11,16 @@ import torch
 from ..requests import SamplingParams
 
 
-def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
+def make_generator(params: SamplingParams, device: torch.device, index: int = 0) -> torch.Generator | None:
+    """The generator sample `index` of the request draws with (None when greedy)."""
     if params.greedy:
         return None
     generator = torch.Generator(device=device)
-    if params.seed is None:
+    seed = params.sample_seed(index)
+    if seed is None:
         generator.seed()
     else:
-        generator.manual_seed(params.seed)
+        generator.manual_seed(seed)
     return generator
 
 

@@ -9,7 +9,15 @@ import torch
 
 from ..adapters.registry import AdapterEntry
 from ..prompts.prepared import PreparedPrompt
-from ..requests import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, GenerationResult, StepOutput, elapsed_ms
+from ..requests import (
+    FINISH_ABORT,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    GenerationResult,
+    StepOutput,
+    TokenLogprob,
+    elapsed_ms,
+)
 
 if TYPE_CHECKING:
     from ..requests import GenerationRequest
@@ -17,8 +25,11 @@ if TYPE_CHECKING:
 
 class Sequence:
     def __init__(self, request: GenerationRequest, input_ids: list[int], entry: AdapterEntry | None,
-                 generator: torch.Generator | None, tokenizer, eos_ids: set[int]):
+                 generator: torch.Generator | None, tokenizer, eos_ids: set[int], index: int = 0):
         self.request = request
+        self.index = index  # which of the request's n samples
+        # Samples still to be forked from this one once its prefill ran (engines that share it).
+        self.forks = 0
         self.params = request.params
         self.input_ids = input_ids
         self.entry = entry
@@ -35,6 +46,23 @@ class Sequence:
         self.admitted_at = self.first_token_at = self.finished_at = None
         self.prefill_seconds = 0.0
         self.prompt_reused = False  # its soft prompt's keys/values came from the prompt-KV cache
+        self.logprobs: list[TokenLogprob] | None = [] if self.params.logprobs is not None else None
+        self.logprobs_emitted = 0
+        self.prompt_logprobs: list[TokenLogprob] | None = None
+
+    @property
+    def width(self) -> int:
+        """Batch rows this sequence will hold once prefilled (itself and its forks)."""
+        return 1 + self.forks
+
+    def fork(self, index: int, generator: torch.Generator | None) -> "Sequence":
+        """Sample `index` of this request, prefilled together with this one (same context, own draws)."""
+        child = Sequence(self.request, self.input_ids, self.entry, generator, self.tokenizer, self.eos_ids, index)
+        child.submitted_at, child.admitted_at = self.submitted_at, self.admitted_at
+        # It computed no position of its own: its soft prompt's keys/values are the parent's copy.
+        child.prefill_seconds, child.prompt_reused = self.prefill_seconds, True
+        child.prompt_logprobs = self.prompt_logprobs
+        return child
 
     @property
     def soft_prompt_tokens(self) -> int:
@@ -45,11 +73,19 @@ class Sequence:
         """Tokens in the model's context so far (soft prompt + input + generated)."""
         return self.soft_prompt_tokens + len(self.input_ids) + len(self.generated)
 
-    def accept(self, token_id: int) -> StepOutput:
-        """Record a sampled token; decide whether the request is finished; return what to stream."""
+    def accept(self, token_id: int, logprob: TokenLogprob | None = None) -> StepOutput:
+        """Record a sampled token (and its log-probability, when asked for); decide whether the
+        request is finished; return what to stream."""
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
         self.last_token = token_id
+        if self.params.max_new_tokens == 0:  # scoring only: the prefill gave the prompt logprobs
+            self.finish_reason = FINISH_LENGTH
+            return self._emit()
+        if self.logprobs is not None and logprob is not None:
+            # EOS included, as OpenAI and vLLM report it: harnesses read the last entry as the
+            # generated one (echo + max_tokens 1), so a completion that ends at once still has one.
+            self.logprobs.append(logprob)
         if token_id in self.eos_ids and not self.params.ignore_eos:
             self.finish_reason = FINISH_STOP
         else:
@@ -87,11 +123,14 @@ class Sequence:
     def _emit(self) -> StepOutput:
         end = len(self.text) if self.finish_reason else self._safe_to_stream()
         delta, self.emitted = self.text[self.emitted:end], end
+        logprobs = None
+        if self.logprobs is not None:
+            logprobs, self.logprobs_emitted = self.logprobs[self.logprobs_emitted:], len(self.logprobs)
         result = None
         if self.finish_reason:
             self.finished_at = time.perf_counter()
             result = self._result()
-        return StepOutput(self.request.request_id, delta, result)
+        return StepOutput(self.request.request_id, delta, result, self.index, logprobs)
 
     def _result(self) -> GenerationResult:
         admitted = self.admitted_at or self.finished_at
@@ -104,4 +143,5 @@ class Sequence:
             ttft_ms=elapsed_ms(self.submitted_at, self.first_token_at),
             total_ms=elapsed_ms(self.submitted_at, self.finished_at),
             soft_prompt_tokens_computed=0 if self.prompt_reused else self.soft_prompt_tokens,
+            index=self.index, logprobs=self.logprobs, prompt_logprobs=self.prompt_logprobs,
         )

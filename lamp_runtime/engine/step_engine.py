@@ -16,11 +16,13 @@ import torch
 
 from ..adapters.registry import AdapterRegistry
 from ..backbone.hf import kv_bytes_per_token
+from ..errors import RequestError, UnsupportedRequestError
 from ..prompts.cache import PromptCache
 from ..prompts.prepared import assemble_embeddings, prepare
 from ..requests import GenerationRequest, GenerationResult, StepOutput
 from .admission import resolve_request
 from .base import EngineConfig, StepStats
+from .logprobs import token_logprobs
 from .sampling import make_generator, next_token
 from .sequence import Sequence
 
@@ -30,6 +32,10 @@ class StepEngine(abc.ABC):
     synchronously through `generate()`)."""
 
     kind = "hf"
+    # Whether the engine computes the input tokens' log-probabilities (`echo`), and whether the n
+    # samples of a request share one prefill (forked after it) rather than each running its own.
+    supports_prompt_logprobs = False
+    shares_prefill = False
 
     def __init__(self, backbone, registry: AdapterRegistry | None = None, config: EngineConfig | None = None,
                  cache: PromptCache | None = None):
@@ -49,13 +55,27 @@ class StepEngine(abc.ABC):
 
     def submit(self, request: GenerationRequest) -> str:
         """Validate, tokenize and resolve the task's current adapter version; queue the request."""
+        params = request.params
+        if params.prompt_logprobs is not None and not self.supports_prompt_logprobs:
+            raise UnsupportedRequestError(f"prompt logprobs (echo) are not computed by the {self.kind} engine "
+                                          "for this backbone; the llama-template decoder engine computes them")
+        if params.n > self.config.max_batch_size:
+            raise RequestError(f"n={params.n} samples need as many batch rows; max_batch_size is "
+                               f"{self.config.max_batch_size}")
         entry, input_ids = resolve_request(request, self.registry, self.backbone.tokenizer, self.config,
                                            self.backbone.max_positions)
-        generator = make_generator(request.params, self.backbone.device)
-        sequence = Sequence(request, input_ids, entry, generator, self.backbone.tokenizer, self._eos_ids)
+        if self.shares_prefill:  # one sequence now; its n - 1 siblings fork from it after its prefill
+            sequences = [self._sequence(request, input_ids, entry, 0)]
+            sequences[0].forks = params.n - 1
+        else:
+            sequences = [self._sequence(request, input_ids, entry, i) for i in range(params.n)]
         with self._lock:
-            self._waiting.append(sequence)
+            self._waiting.extend(sequences)
         return request.request_id
+
+    def _sequence(self, request: GenerationRequest, input_ids: list[int], entry, index: int) -> Sequence:
+        generator = make_generator(request.params, self.backbone.device, index)
+        return Sequence(request, input_ids, entry, generator, self.backbone.tokenizer, self._eos_ids, index)
 
     def abort(self, request_id: str) -> None:
         with self._lock:
@@ -148,7 +168,11 @@ class StepEngine(abc.ABC):
     def _admit(self) -> list[Sequence]:
         with self._lock:
             room = self.config.max_batch_size - self.num_running
-            return [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+            admitted = []
+            while self._waiting and self._waiting[0].width <= room:  # a request's n samples join together
+                room -= self._waiting[0].width
+                admitted.append(self._waiting.popleft())
+            return admitted
 
     def _embed(self, seq: Sequence) -> torch.Tensor:
         """[soft prompt ; input embeddings (+ EPT offset on the first tokens)], pinning the prompt."""
@@ -176,7 +200,10 @@ class StepEngine(abc.ABC):
         greedy = logits.argmax(-1).tolist()  # one op for the batch; sampled rows draw their own below
         for i, seq in enumerate(sequences):
             token = greedy[i] if seq.params.greedy else next_token(logits[i], seq.params, seq.generator)
-            outputs.append(seq.accept(token))
+            logprob = None
+            if seq.params.logprobs is not None:
+                logprob = token_logprobs(logits[i:i + 1], [token], seq.params.logprobs, seq.tokenizer)[0]
+            outputs.append(seq.accept(token, logprob))
             if seq.finish_reason is None:
                 keep.append(i)
         return outputs, keep

@@ -38,7 +38,7 @@ from ..adapters.registry import AdapterEntry, AdapterRegistry
 from ..backbone.hf import kv_bytes_per_token
 from ..engine.admission import resolve_request
 from ..engine.base import EngineConfig, StepStats
-from ..errors import EngineStoppedError, RequestError
+from ..errors import EngineStoppedError, RequestError, UnsupportedRequestError
 from ..prompts.cache import CacheStats, PromptCache
 from ..prompts.prepared import assemble_embeddings, prepare
 from ..requests import GenerationRequest, GenerationResult, SamplingParams, StepOutput
@@ -258,6 +258,9 @@ class VllmEngine:
         """
         if self._closed:
             raise EngineStoppedError("vLLM engine is shut down")
+        unsupported = unsupported_by_vllm(request.params)
+        if unsupported:
+            raise UnsupportedRequestError(unsupported)
         entry, input_ids = resolve_request(request, self.registry, self.backbone.tokenizer, self.config,
                                            self.max_model_len, "the vLLM engine's max_model_len")
         embeds = self._embed(entry, input_ids)
@@ -312,7 +315,7 @@ class VllmEngine:
             # The HF engine stops on every EOS id of the generation config, the model config and the
             # tokenizer; passing the same set keeps both engines' outputs identical.
             stop_token_ids=[] if params.ignore_eos else sorted(self.backbone.eos_ids),
-            skip_special_tokens=True, output_kind=RequestOutputKind.DELTA,
+            skip_special_tokens=True, output_kind=RequestOutputKind.DELTA, logprobs=params.logprobs,
         )
 
     # ---- the loop thread ----------------------------------------------------------------------
@@ -411,3 +414,13 @@ class VllmEngine:
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout)
+
+
+def unsupported_by_vllm(params: SamplingParams) -> str | None:
+    """What this engine refuses by name: vLLM computes no prompt logprobs for prompt embeddings,
+    and a request's n samples are not forked here (send n requests, or use the HF engine)."""
+    if params.prompt_logprobs is not None:
+        return "prompt logprobs (echo) are not available with the vLLM engine (prompt embeddings have none)"
+    if params.n > 1:
+        return f"n={params.n}: the vLLM engine serves one sample per request"
+    return None

@@ -13,7 +13,15 @@ import time
 from typing import TYPE_CHECKING
 
 from ..adapters.registry import AdapterEntry
-from ..requests import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, GenerationResult, StepOutput, elapsed_ms
+from ..requests import (
+    FINISH_ABORT,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    GenerationResult,
+    StepOutput,
+    TokenLogprob,
+    elapsed_ms,
+)
 
 if TYPE_CHECKING:
     from ..requests import GenerationRequest
@@ -40,6 +48,7 @@ class VllmSequence:
         self.finish_reason: str | None = None
         self.metrics = None  # vLLM's RequestStateStats (engine-core timestamps), when it sends them
         self.cached_tokens = 0  # prompt positions vLLM's prefix cache supplied
+        self.logprobs: list[TokenLogprob] | None = [] if request.params.logprobs is not None else None
 
     @property
     def request_id(self) -> str:
@@ -64,13 +73,17 @@ class VllmSequence:
         if completion.token_ids and self.first_token_at is None:
             self.first_token_at = time.monotonic()
         self.token_ids.extend(completion.token_ids)
+        logprobs = None
+        if self.logprobs is not None:
+            logprobs = vllm_logprobs(completion.token_ids, completion.logprobs, self.request.params.logprobs)
+            self.logprobs.extend(logprobs)
         self.text += completion.text
         if output.metrics is not None:
             self.metrics = output.metrics
         if output.num_cached_tokens:
             self.cached_tokens = output.num_cached_tokens
         if not output.finished:
-            return StepOutput(self.request_id, completion.text)
+            return StepOutput(self.request_id, completion.text, logprobs=logprobs)
         reason = FINISH_REASONS.get(str(completion.finish_reason))
         if reason is None:
             raise VllmRequestFailed(f"vLLM ended request {self.request_id} with finish reason "
@@ -80,16 +93,16 @@ class VllmSequence:
         stop_reason = completion.stop_reason
         if (reason == FINISH_STOP and not isinstance(stop_reason, str) and self.token_ids
                 and self.token_ids[-1] in self.eos_ids):
-            self.token_ids.pop()
-        return self._finish(reason, completion.text)
+            self.token_ids.pop()  # its logprob stays: OpenAI and vLLM report the EOS entry
+        return self._finish(reason, completion.text, logprobs)
 
     def abort(self) -> StepOutput:
         return self._finish(FINISH_ABORT, "")
 
-    def _finish(self, reason: str, delta: str) -> StepOutput:
+    def _finish(self, reason: str, delta: str, logprobs=None) -> StepOutput:
         self.finish_reason = reason
         self.finished_at = time.monotonic()
-        return StepOutput(self.request_id, delta, self._result())
+        return StepOutput(self.request_id, delta, self._result(), logprobs=logprobs)
 
     def _result(self) -> GenerationResult:
         metrics = self.metrics
@@ -105,4 +118,18 @@ class VllmSequence:
             total_ms=elapsed_ms(self.submitted_at, self.finished_at),
             # the soft prompt comes first, so cached positions are its own up to its length
             soft_prompt_tokens_computed=self.soft_prompt_tokens - min(self.cached_tokens, self.soft_prompt_tokens),
+            logprobs=self.logprobs,
         )
+
+
+def vllm_logprobs(token_ids, entries, k: int) -> list[TokenLogprob]:
+    """vLLM's per-token {token id: Logprob(logprob, rank, decoded_token)} maps (the sampled token
+    and the top k) in our shape. vLLM reports raw logprobs by default, as the HF engines do."""
+    out = []
+    for token_id, candidates in zip(token_ids, entries or []):
+        chosen = candidates[token_id]
+        top = sorted((c.rank, c.decoded_token or "", tid, c.logprob) for tid, c in candidates.items()
+                     if c.rank is not None and c.rank <= k)
+        out.append(TokenLogprob(token_id, chosen.decoded_token or "", chosen.logprob,
+                                tuple((text, tid, lp) for _, text, tid, lp in top)))
+    return out

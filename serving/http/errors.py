@@ -20,6 +20,7 @@ from lamp_runtime.errors import (
     RequestError,
     UnknownTaskError,
     UnservableTaskError,
+    UnsupportedRequestError,
 )
 
 RETRY_AFTER_S = 1
@@ -30,9 +31,10 @@ _TYPES = {
     422: "invalid_request", 500: "internal_error", 503: "overloaded",
 }
 
-# Most specific first: InputTooLongError is a RequestError.
+# Most specific first: InputTooLongError and UnsupportedRequestError are RequestErrors.
 _STATUS_OF = ((UnknownTaskError, 404), (UnservableTaskError, 409), (InputTooLongError, 413),
-              (RequestError, 422), (AdapterError, 422), (QueueFullError, 503), (EngineStoppedError, 503))
+              (UnsupportedRequestError, 400), (RequestError, 422), (AdapterError, 422), (QueueFullError, 503),
+              (EngineStoppedError, 503))
 
 
 @dataclass(frozen=True)

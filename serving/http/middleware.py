@@ -8,7 +8,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .errors import ServingError, error_response
 
-GENERATION_PATHS = ("/generate", "/v1/completions")
+GENERATION_PATHS = ("/generate", "/v1/completions", "/v1/chat/completions")
 UPLOAD_PREFIX = "/admin/adapters/"
 
 

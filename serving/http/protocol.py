@@ -5,7 +5,7 @@ built from its `GenerationResult` (`from_result`): nothing else crosses to or fr
 
 - `/generate`: our own API, strict (unknown fields are errors, so a typo is not silently ignored).
 - `/v1/completions`, `/v1/models`: the OpenAI shapes, lenient about fields the official client may
-  send, but refusing options we cannot honour (n > 1, echo, logprobs, suffix, best_of) by name.
+  send, but refusing options we cannot honour (suffix, best_of) by name. Chat completions: chat.py.
 - admin: what the adapter store reports.
 """
 
@@ -15,11 +15,20 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from lamp_runtime.requests import MAX_STOP_STRINGS, MAX_TEMPERATURE, GenerationRequest, GenerationResult, SamplingParams
+from lamp_runtime.requests import (
+    MAX_LOGPROBS,
+    MAX_SAMPLES,
+    MAX_STOP_STRINGS,
+    MAX_TEMPERATURE,
+    GenerationRequest,
+    GenerationResult,
+    SamplingParams,
+)
 
 from ..store.base import StoredAdapter
+from .logprobs import CompletionLogprobs
 
 
 def unicode_text(value: str) -> str:
@@ -50,9 +59,10 @@ class SamplingFields(BaseModel):
             return []
         return [value] if isinstance(value, str) else value
 
-    def sampling_params(self, max_new_tokens: int) -> SamplingParams:
+    def sampling_params(self, max_new_tokens: int, **more) -> SamplingParams:
+        """`more`: the endpoint's own options (logprobs, prompt_logprobs, n)."""
         return SamplingParams(max_new_tokens=max_new_tokens, temperature=self.temperature, top_p=self.top_p,
-                              top_k=self.top_k, stop=tuple(self.stop), seed=self.seed)
+                              top_k=self.top_k, stop=tuple(self.stop), seed=self.seed, **more)
 
 
 class GenerateRequest(SamplingFields):
@@ -127,33 +137,36 @@ class StreamOptions(BaseModel):
 
 # Completion options we do not implement: (is this value refused?, the message).
 UNSUPPORTED = {
-    "n": (lambda v: v != 1, "only n=1 is supported, got {value}"),
-    "best_of": (lambda v: v not in (None, 1), "best_of is not supported, got {value}"),
-    "echo": (bool, "echo is not supported"),
-    "logprobs": (lambda v: v is not None, "logprobs are not supported"),
+    "best_of": (lambda v: v not in (None, 1), "best_of is not supported, got {value}; use n"),
     "suffix": (bool, "suffix is not supported"),
 }
 
 
 class CompletionRequest(SamplingFields):
-    """OpenAI `POST /v1/completions`; `model` is the task id. OpenAI defaults: max_tokens 16, temperature 1."""
+    """OpenAI `POST /v1/completions`; `model` is the task id. OpenAI defaults: max_tokens 16, temperature 1.
+
+    `logprobs: k` returns each generated token's log-probability and its k best alternatives
+    (k <= 20); with `echo` the prompt comes back before the completion, and with `logprobs` its
+    tokens' log-probabilities too; `max_tokens: 0` with `echo` scores the prompt only (how
+    evaluation harnesses compute a continuation's likelihood).
+    """
 
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(min_length=1, max_length=64)
-    prompt: str | list[str]
-    max_tokens: int = Field(16, ge=1)
+    prompt: str | list[str] | list[int] | list[list[int]]  # text, or token ids (as harnesses send)
+    max_tokens: int = Field(16, ge=0)
     temperature: float = Field(1.0, ge=0, le=100)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_SAMPLES)
     best_of: int | None = None
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     suffix: str | None = None
     user: str | None = None
 
-    @field_validator("n", "best_of", "echo", "logprobs", "suffix")
+    @field_validator("best_of", "suffix")
     @classmethod
     def _unsupported(cls, value, info):
         """Options we cannot honour are refused by name rather than silently ignored."""
@@ -162,33 +175,80 @@ class CompletionRequest(SamplingFields):
             raise ValueError(message.format(value=value))
         return value
 
+    @model_validator(mode="after")
+    def _echo_rules(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 generates nothing: only with echo (to score the prompt)")
+        if self.echo and self.stream:
+            raise ValueError("echo is not supported with stream; send stream=false")
+        return self
+
     @field_validator("prompt")
     @classmethod
     def _prompt_list(cls, value):
-        if isinstance(value, list) and not 1 <= len(value) <= 32:
-            raise ValueError(f"prompt must be a string or a list of 1..32 strings, got a list of {len(value)}")
-        for text in [value] if isinstance(value, str) else value:
-            unicode_text(text)
+        prompts = _as_prompts(value)
+        if not 1 <= len(prompts) <= MAX_PROMPTS:
+            raise ValueError(f"prompt must be a string, a list of token ids, or a list of 1..{MAX_PROMPTS} of "
+                             f"either, got {len(prompts)} prompts")
+        for prompt in prompts:
+            if isinstance(prompt, str):
+                unicode_text(prompt)
+            elif not prompt:
+                raise ValueError("a prompt of token ids must hold at least one id")
         return value
 
     @property
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+    def prompts(self) -> list[str | list[int]]:
+        return _as_prompts(self.prompt)
 
     def to_engine(self) -> list[GenerationRequest]:
-        """One engine request per prompt; raises RequestError for values only SamplingParams checks."""
-        params = self.sampling_params(self.max_tokens)
-        return [GenerationRequest(prompt, self.model, params) for prompt in self.prompts]
+        """One engine request per prompt (each for n samples); raises RequestError for values only
+        SamplingParams checks. The prompt is scored when echoed with logprobs, or to allow max_tokens 0."""
+        prompts = self.prompts
+        # scored: echoed with logprobs; to allow max_tokens 0; or echoed token ids (the scores carry the text)
+        tokens = any(not isinstance(p, str) for p in prompts)
+        scored = self.echo and (self.logprobs is not None or self.max_tokens == 0 or tokens)
+        prompt_logprobs = (self.logprobs or 0) if scored else None
+        params = self.sampling_params(self.max_tokens, logprobs=self.logprobs, prompt_logprobs=prompt_logprobs,
+                                      n=self.n)
+        return [GenerationRequest(p, self.model, params) if isinstance(p, str)
+                else GenerationRequest("", self.model, params, input_ids=tuple(p)) for p in prompts]
+
+    def choice(self, index: int, prompt: str | list[int], result: GenerationResult) -> "CompletionChoice":
+        """The choice for one sample of `prompt`; `index` counts choices across prompts and samples."""
+        if isinstance(prompt, list) and self.echo:  # token ids: their text is in the scores
+            prompt = "".join(entry.token for entry in result.prompt_logprobs or [])
+        text = prompt + result.text if self.echo else result.text
+        logprobs = None
+        if self.logprobs is not None:
+            entries = (result.prompt_logprobs or []) if self.echo else []
+            logprobs = CompletionLogprobs.of(entries + (result.logprobs or []))
+        return CompletionChoice(index=index, text=text, logprobs=logprobs,
+                                finish_reason=openai_finish(result.finish_reason))
+
+
+MAX_PROMPTS = 32
+
+
+def _as_prompts(value) -> list[str | list[int]]:
+    """OpenAI's prompt forms as a list of prompts: a string, a list of token ids, or a list of either."""
+    if isinstance(value, str) or (value and isinstance(value[0], int)):
+        return [value]
+    return list(value)
 
 
 def completion_id() -> str:
     return f"cmpl-{uuid.uuid4().hex}"
 
 
+def openai_finish(reason: str) -> str | None:
+    return reason if reason in ("stop", "length") else None
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
 
 
@@ -199,7 +259,8 @@ class CompletionUsage(BaseModel):
 
     @classmethod
     def of(cls, results: list[GenerationResult]) -> "CompletionUsage":
-        prompt = sum(r.input_tokens for r in results)
+        """Every sample's completion tokens; each prompt's tokens once (its n samples share them)."""
+        prompt = sum(r.input_tokens for r in results if r.index == 0)
         completion = sum(r.completion_tokens for r in results)
         return cls(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 

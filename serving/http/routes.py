@@ -2,8 +2,8 @@
 
 The ingress holds no model: it validates requests, enforces body-size limits, checks the admin
 token, talks to the adapter store for admin calls, and forwards generation to the model deployment.
-Routes stay thin: generation lives in serving/generation.py, admin in serving/admin.py, uploads in
-uploads.py, limits and error handlers in middleware.py.
+Routes stay thin: generation lives in serving/generation.py (chat: chat_completions.py), admin in
+serving/admin.py, uploads in uploads.py, limits and error handlers in middleware.py.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from ray import serve
 
 from ..admin import AdapterAdmin
+from ..chat_completions import ChatCompletions
 from ..config import ServeSettings
 from ..generation import GenerationService
 from ..metrics.hub import MetricsPublisher, render
@@ -28,6 +29,7 @@ from ..status import StatusBoard, current_sums
 from ..store import open_store
 from . import middleware
 from .auth import TOKEN_ENV, AdminAuth
+from .chat import ChatCompletionRequest
 from .errors import ServingError, error_response
 from .protocol import AdapterList, CompletionRequest, GenerateRequest, HealthResponse, ModelCard, ModelList
 from .uploads import read_upload
@@ -59,6 +61,7 @@ class LampIngress:
         self.admin = AdapterAdmin(open_store(settings.store_location),
                                   AdapterLimits(max_file_bytes=settings.max_upload_bytes))
         self.generation = GenerationService(model, self.metrics)
+        self.chat = ChatCompletions(self.generation, settings.max_new_tokens)
         self.publisher = MetricsPublisher(hub, self.metrics.registry)
         self.publisher.start()
         self.board = StatusBoard()
@@ -75,6 +78,10 @@ class LampIngress:
     @app.post("/v1/completions")
     async def completions(self, request: CompletionRequest):
         return await self.generation.completions(request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: ChatCompletionRequest):
+        return await self.chat.create(request)
 
     @app.get("/v1/models")
     async def models(self) -> ModelList:

@@ -80,3 +80,43 @@ def test_each_bundled_task_answers_like_the_engine(server, engine_answers, backb
     correct = {task: sum(answer_matches(text, row["target"], TASKS[task].labels)
                          for (t, row), text in zip(CASES, texts) if t == task) for task in MAX_NEW_TOKENS}
     print("correct of", ROWS_PER_TASK, "per task:", correct)
+
+
+HARNESS_ROWS = 6
+
+
+def test_lm_eval_harness_scores_through_completions_like_a_direct_computation(server, backbone):
+    """lm-evaluation-harness's `local-completions` model type, as people run it, on the repo's
+    support_triage tasks (evals/tasks): its generations equal the engine's greedy answers, and its
+    log-likelihoods (context + label as token ids with echo) equal a direct forward."""
+    import torch
+
+    from evals.harness import TASK, lm_eval_runs, run_lm_eval
+    from lamp_runtime.backbone.checkpoint import backbone_folder
+    from lamp_runtime.backbone.options import BackboneOptions
+    from lamp_runtime.prompts.prepared import assemble_embeddings, prepare
+
+    outcome = run_lm_eval(lm_eval_runs(server.url, backbone_folder(BackboneOptions())[0])["completions"],
+                          HARNESS_ROWS)
+    generations, choices = outcome["samples"]["lamp_triage_gen"], outcome["samples"]["lamp_triage_mc"]
+    assert len(generations) == len(choices) == HARNESS_ROWS
+    adapter = load_adapter(PROMPTS / f"{TASK}.safetensors", backbone.hidden_size)
+    engine = DecoderEngine(backbone)
+    engine.registry.register(TASK, adapter)
+    expected = engine.generate([GenerationRequest(s["arguments"]["gen_args_0"]["arg_0"], TASK,
+                                                  SamplingParams(max_new_tokens=4, stop=("\n",)))
+                                for s in generations])
+    assert [s["resps"][0][0] for s in generations] == [r.text for r in expected]
+
+    sample = choices[0]  # each label's log-likelihood after the context, from a direct forward
+    context = sample["arguments"]["gen_args_0"]["arg_0"]
+    context_ids = backbone.tokenizer(context)["input_ids"]
+    for k, label in enumerate(["billing", "shipping", "technical", "account", "other"]):
+        label_ids = backbone.tokenizer(" " + label)["input_ids"]
+        ids = context_ids + label_ids
+        embeds = assemble_embeddings(prepare(adapter), backbone.embed(torch.tensor(ids)))
+        with torch.inference_mode():
+            logp = torch.log_softmax(backbone.model(inputs_embeds=embeds[None].float()).logits[0].float(), -1)
+        start = adapter.pooled_tokens + len(context_ids) - 1
+        direct = sum(float(logp[start + j, t]) for j, t in enumerate(label_ids))
+        assert abs(sample["resps"][k][0][0] - direct) < 1e-3, label

@@ -60,10 +60,12 @@ def test_invalid_generate_request_is_422_naming_the_field(client, body, named):
     assert named in message(response)
 
 
-def test_malformed_json_and_unsupported_openai_options_are_422(client):
+def test_malformed_json_and_unsupported_or_invalid_openai_options_are_422(client):
     response = client.post("/generate", content=b"{not json", headers={"content-type": "application/json"})
     assert response.status_code == 422 and "JSON" in message(response)
-    for extra, named in (({"n": 2}, "n=1"), ({"echo": True}, "echo"), ({"logprobs": 3}, "logprobs"),
+    for extra, named in (({"best_of": 2}, "best_of"), ({"suffix": "x"}, "suffix"), ({"n": 17}, "n"),
+                         ({"logprobs": 21}, "logprobs"), ({"max_tokens": 0}, "only with echo"),
+                         ({"echo": True, "stream": True}, "echo is not supported with stream"),
                          ({"prompt": ["a", "b"], "stream": True}, "single prompt")):
         response = client.post("/v1/completions", json={"model": "plain", "prompt": "x", **extra})
         assert response.status_code == 422, (extra, response.text)
