@@ -131,7 +131,7 @@ def import_bundled(store: AdapterStore, prompts_dir: Path | None, hidden_size: i
     for bundled in discover_bundled(prompts_dir):
         try:
             sha = bundled.sha256(limits)
-            if store.read_index().bundled.get(bundled.task_id) == sha:
+            if store.bundled_sha(bundled.task_id) == sha:
                 continue
             adapter = load_adapter(bundled.path, hidden_size, limits)
             stored = store_adapter(store, bundled.task_id, adapter, hidden_size, limits,

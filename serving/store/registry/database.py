@@ -1,0 +1,267 @@
+"""The registry database: every task's current version and its change sequence, in SQL.
+
+Writes are serialised on the one state row (SQLite: `BEGIN IMMEDIATE`; PostgreSQL: the row lock
+`SELECT ... FOR UPDATE` takes), so change numbers are handed out, and committed, in order: a reader
+that has seen change n never later finds a change numbered below n. Each write is a handful of
+single-row statements on primary keys, O(1) in the number of tasks; reads take no lock (SQLite in
+WAL mode, PostgreSQL MVCC).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from sqlalchemy import create_engine, event, func, insert, select, update
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from ..base import AdapterPage, ChangeSet, StoredAdapter, StoreError, StoreIndex
+from .tables import SCHEMA_VERSION, STATE_ROW, adapters, metadata, state
+
+log = logging.getLogger(__name__)
+
+BUSY_TIMEOUT_MS = 30_000  # how long an SQLite writer waits for another's transaction
+RECORD_FIELDS = ("task_id", "version", "kind", "prompt_tokens", "pooled_tokens", "bytes", "sha256", "created_at",
+                 "source", "pool")
+
+
+def redacted(url: str) -> str:
+    """The URL without its password, for logs and errors."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL at all: say so without echoing it
+        return "<unparseable registry URL>"
+
+
+def _stored(row) -> StoredAdapter:
+    return StoredAdapter(**{name: getattr(row, name) for name in RECORD_FIELDS})
+
+
+def _sqlite_engine(url: str) -> Engine:
+    engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
+
+    @event.listens_for(engine, "connect")
+    def connect(dbapi_connection, _record):
+        dbapi_connection.isolation_level = None  # we issue BEGIN ourselves (below)
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the writer, nor it them
+        cursor.execute("PRAGMA synchronous=FULL")  # a commit that returned survives a power cut
+        cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def begin(connection):
+        # A writer takes the write lock when it begins, not at its first write: two writers that
+        # both read first would otherwise deadlock on the upgrade (SQLITE_BUSY without waiting).
+        write = connection.get_execution_options().get("lamp_write", False)
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+    return engine
+
+
+class RegistryDatabase:
+    def __init__(self, url: str):
+        self.url = url
+        self.name = redacted(url)
+        try:
+            self.engine = _sqlite_engine(url) if url.startswith("sqlite") else create_engine(url, pool_pre_ping=True)
+            self.dialect = self.engine.dialect.name
+            metadata.create_all(self.engine)  # CREATE ... IF NOT EXISTS: concurrent starts are fine
+            with self._write() as conn:
+                row = conn.execute(select(state).where(state.c.id == STATE_ROW)).first()
+                if row is None:
+                    conn.execute(insert(state).values(id=STATE_ROW, seq=0, current=0, schema_version=SCHEMA_VERSION))
+                elif row.schema_version > SCHEMA_VERSION:
+                    raise StoreError(f"adapter registry {self.name} has schema version {row.schema_version}; this "
+                                     f"lamp-serve knows up to {SCHEMA_VERSION}: upgrade lamp-serve")
+        except SQLAlchemyError as exc:
+            raise StoreError(f"cannot open the adapter registry {self.name}: {exc.__class__.__name__}: "
+                             f"{str(exc).splitlines()[0]}") from None
+
+    def __repr__(self) -> str:
+        return f"RegistryDatabase({self.name!r})"
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # ---- transactions ----------------------------------------------------------------------------
+
+    def _write(self):
+        """A write transaction holding the writers' lock (the state row) from its first statement."""
+        return _Transaction(self, write=True)
+
+    def _read(self):
+        return _Transaction(self, write=False)
+
+    @staticmethod
+    def _lock_state(conn: Connection):
+        return conn.execute(select(state).where(state.c.id == STATE_ROW).with_for_update()).one()
+
+    # ---- reading ---------------------------------------------------------------------------------
+
+    def current_seq(self) -> int:
+        with self._read() as conn:
+            return conn.execute(select(state.c.seq).where(state.c.id == STATE_ROW)).scalar_one()
+
+    def get(self, task_id: str) -> StoredAdapter | None:
+        with self._read() as conn:
+            row = conn.execute(select(adapters).where(adapters.c.task_id == task_id)).first()
+        return _stored(row) if row is not None and row.version is not None else None
+
+    def bundled_sha(self, task_id: str) -> str | None:
+        with self._read() as conn:
+            return conn.execute(select(adapters.c.bundled_sha).where(adapters.c.task_id == task_id)).scalar()
+
+    def last_versions(self) -> dict[str, int]:
+        with self._read() as conn:
+            return dict(conn.execute(select(adapters.c.task_id, adapters.c.last_version)).all())
+
+    def count(self) -> int:
+        with self._read() as conn:
+            return conn.execute(select(state.c.current).where(state.c.id == STATE_ROW)).scalar_one()
+
+    def page(self, limit: int, after: str | None = None) -> AdapterPage:
+        """Up to `limit` current tasks after `after` in id order: one range scan of the primary key."""
+        query = select(adapters).where(adapters.c.version.is_not(None))
+        if after is not None:
+            query = query.where(adapters.c.task_id > after)
+        with self._read() as conn:
+            rows = conn.execute(query.order_by(adapters.c.task_id).limit(limit + 1)).all()
+            total = conn.execute(select(state.c.current).where(state.c.id == STATE_ROW)).scalar_one()
+        return AdapterPage([_stored(r) for r in rows[:limit]], total, len(rows) > limit)
+
+    def changes_since(self, seq: int | None) -> ChangeSet:
+        """Rows changed after change `seq` (None: every current row), read in one snapshot.
+
+        O(changes): the rows come from the index on `seq`. A task changed twice since is one row."""
+        with self._read() as conn:
+            now = conn.execute(select(state.c.seq).where(state.c.id == STATE_ROW)).scalar_one()
+            query = select(adapters)
+            if seq is None:
+                query = query.where(adapters.c.version.is_not(None))
+            else:
+                query = query.where(adapters.c.seq > seq).order_by(adapters.c.seq)
+            rows = conn.execute(query).all()
+        current = [_stored(r) for r in rows if r.version is not None]
+        removed = [r.task_id for r in rows if r.version is None]
+        return ChangeSet(now, current, removed, complete=seq is None)
+
+    # ---- writing ---------------------------------------------------------------------------------
+
+    def reserve_version(self, task_id: str, at_least: int = 0) -> int:
+        """The next version number of `task_id`, committed before its file is written, so no two
+        writers (nor a writer after a crash) ever use one number twice."""
+        with self._write() as conn:
+            self._lock_state(conn)
+            last = conn.execute(select(adapters.c.last_version).where(adapters.c.task_id == task_id)).scalar()
+            version = max(last or 0, at_least) + 1
+            if last is None:
+                conn.execute(insert(adapters).values(task_id=task_id, version=None, last_version=version, seq=0))
+            else:
+                conn.execute(update(adapters).where(adapters.c.task_id == task_id).values(last_version=version))
+            return version
+
+    def make_current(self, stored: StoredAdapter, bundled_sha: str | None = None) -> bool:
+        """Make `stored` (its file already stored and verified) the current version: one transaction.
+
+        False, changing nothing, when a later version is already current (two uploads raced: the
+        later version number wins, as if this one had committed first) or when `bundled_sha` was
+        already imported for the task (another replica imported the same bundled file meanwhile)."""
+        with self._write() as conn:
+            lock = self._lock_state(conn)
+            row = conn.execute(select(adapters).where(adapters.c.task_id == stored.task_id)).first()
+            if row is None:
+                raise StoreError(f"adapter registry {self.name}: version {stored.version} of {stored.task_id!r} "
+                                 "was never reserved")
+            if bundled_sha is not None and row.bundled_sha == bundled_sha:
+                return False
+            if row.version is not None and row.version >= stored.version:
+                return False
+            seq = lock.seq + 1
+            values = {name: getattr(stored, name) for name in RECORD_FIELDS if name != "task_id"}
+            if bundled_sha is not None:
+                values["bundled_sha"] = bundled_sha
+            conn.execute(update(adapters).where(adapters.c.task_id == stored.task_id)
+                         .values(**values, last_version=max(row.last_version, stored.version), seq=seq))
+            conn.execute(update(state).where(state.c.id == STATE_ROW)
+                         .values(seq=seq, current=lock.current + (row.version is None)))
+            return True
+
+    def delete(self, task_id: str) -> StoredAdapter | None:
+        """Stop serving `task_id`; the row stays (version NULL) with its version counter."""
+        with self._write() as conn:
+            lock = self._lock_state(conn)
+            row = conn.execute(select(adapters).where(adapters.c.task_id == task_id)).first()
+            if row is None or row.version is None:
+                return None
+            seq = lock.seq + 1
+            conn.execute(update(adapters).where(adapters.c.task_id == task_id).values(version=None, seq=seq))
+            conn.execute(update(state).where(state.c.id == STATE_ROW).values(seq=seq, current=lock.current - 1))
+            return _stored(row)
+
+    def import_index(self, index: StoreIndex, reserved: dict[str, int], label: str) -> bool:
+        """Import an `index.json` store once (False: this registry already holds an import, or
+        tasks of its own). `reserved`: version numbers taken by files the index never named."""
+        with self._write() as conn:
+            lock = self._lock_state(conn)
+            if lock.imported_index is not None or conn.execute(select(func.count()).select_from(adapters)).scalar():
+                return False
+            seq = lock.seq
+            rows = []
+            for task_id in sorted(set(index.tasks) | set(index.last_versions) | set(reserved) | set(index.bundled)):
+                stored = index.tasks.get(task_id)
+                last = max(index.last_versions.get(task_id, 0), reserved.get(task_id, 0),
+                           stored.version if stored else 0)
+                row = {"task_id": task_id, "last_version": last, "bundled_sha": index.bundled.get(task_id),
+                       "seq": 0, **dict.fromkeys(RECORD_FIELDS[1:])}
+                if stored is not None:
+                    seq += 1
+                    row.update({name: getattr(stored, name) for name in RECORD_FIELDS[1:]}, seq=seq)
+                rows.append(row)
+            if rows:
+                conn.execute(insert(adapters), rows)
+            conn.execute(update(state).where(state.c.id == STATE_ROW)
+                         .values(seq=seq, current=len(index.tasks), imported_index=label[:200]))
+            return True
+
+
+class _Transaction:
+    """`with` block: a connection in one transaction, committed on success; SQL errors become StoreError."""
+
+    def __init__(self, db: RegistryDatabase, write: bool):
+        self.db = db
+        self.write = write
+
+    def __enter__(self) -> Connection:
+        self.started = time.perf_counter()
+        try:
+            self.conn = self.db.engine.connect()
+            if self.write:
+                self.conn = self.conn.execution_options(lamp_write=True)
+            self.conn.begin()
+        except SQLAlchemyError as exc:
+            raise self._error(exc) from None
+        return self.conn
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if exc_type is None:
+                self.conn.commit()
+            else:
+                self.conn.rollback()
+        except SQLAlchemyError as error:
+            if exc_type is None:
+                raise self._error(error) from None
+        finally:
+            self.conn.close()
+        if isinstance(exc, SQLAlchemyError):
+            raise self._error(exc) from None
+        return False
+
+    def _error(self, exc: SQLAlchemyError) -> StoreError:
+        action = "write" if self.write else "read"
+        return StoreError(f"adapter registry {self.db.name}: {action} failed: {exc.__class__.__name__}: "
+                          f"{str(exc).splitlines()[0]}")
