@@ -56,7 +56,7 @@ class LampIngress:
         self.model = model
         self.hub = hub
         self.auth = AdminAuth(os.environ.get(TOKEN_ENV))
-        self.admin = AdapterAdmin(open_store(settings.store_location),
+        self.admin = AdapterAdmin(open_store(settings.store_location, settings.registry),
                                   AdapterLimits(max_file_bytes=settings.max_upload_bytes))
         self.generation = GenerationService(model, self.metrics)
         self.publisher = MetricsPublisher(hub, self.metrics.registry)
