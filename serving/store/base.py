@@ -112,6 +112,17 @@ class StoreIndex:
 
 
 @dataclass(frozen=True)
+class NewAdapter:
+    """One adapter of `AdapterStore.put_many`: what `put` takes."""
+
+    task_id: str
+    write_file: Callable[[Path], None]
+    facts: AdapterFacts
+    verify: Callable[[Path], None] | None = None
+    source: str = "upload"
+
+
+@dataclass(frozen=True)
 class ChangeSet:
     """What changed in the store after a replica's cursor (`AdapterStore.changes_since`)."""
 
@@ -158,6 +169,17 @@ class AdapterStore(abc.ABC):
         if it is not what was meant, in which case nothing changes. With `bundled_sha`, the write is
         skipped (None returned) when that bundled source was already imported for this task.
         """
+
+    def put_many(self, items: list[NewAdapter]) -> list[StoredAdapter | Exception]:
+        """`put` for each (a registry store does it with one commit); each adapter is stored whole or
+        not at all, and its result is its `StoredAdapter` or the exception it raised."""
+        results: list[StoredAdapter | Exception] = []
+        for item in items:
+            try:
+                results.append(self.put(item.task_id, item.write_file, item.facts, item.source, item.verify))
+            except Exception as exc:  # reported per adapter by the caller
+                results.append(exc)
+        return results
 
     @abc.abstractmethod
     def delete(self, task_id: str) -> StoredAdapter | None:

@@ -1,10 +1,12 @@
 """Keep one replica's in-memory registry equal to the persistent store.
 
 Each model replica calls `refresh_if_changed()` on every request (one single-row read of the
-registry's change number, or one `stat` of an index file, when nothing changed) and every ~200 ms in the background. So once an admin call has returned, any
-request on any replica already sees the new state, and idle replicas also drop deleted adapters
-from memory promptly. A version is loaded (and hash-checked) once; requests already running keep
-the `AdapterEntry` they resolved, so they finish on the version they started with.
+registry's change number, or one `stat` of an index file, when nothing changed) and every ~200 ms
+in the background. So once an admin call has returned, any request on any replica already sees the
+new state, and idle replicas also drop deleted adapters from memory promptly. A registry store
+hands over only the rows changed after the last change number the replica applied. A version is
+loaded (and hash-checked) once; requests already running keep the `AdapterEntry` they resolved, so
+they finish on the version they started with.
 """
 
 from __future__ import annotations

@@ -13,7 +13,6 @@ completes the write. The points cover every state a crash can leave on disk:
 - `prune`: the new index is in place; older versions not yet pruned
 
 With REGISTRY_URL the writer is the registry store (serving/store/registry/) instead, at REGISTRY_POINTS:
-- `reserved`: the version number is committed, nothing written yet
 - `adapter-partial`, `adapter-rename`: as above
 - `row-uncommitted`: the row making the version current is written, its transaction not committed
 - `prune`: committed; older versions not yet pruned
@@ -27,7 +26,7 @@ import time
 from pathlib import Path
 
 POINTS = ("adapter-partial", "adapter-rename", "index-partial", "index-rename", "prune")
-REGISTRY_POINTS = ("reserved", "adapter-partial", "adapter-rename", "row-uncommitted", "prune")
+REGISTRY_POINTS = ("adapter-partial", "adapter-rename", "row-uncommitted", "prune")
 
 
 def pause(point: str) -> None:
@@ -45,7 +44,7 @@ def registry_main(store_dir: str, task_id: str, adapter_file: str, point: str, r
 
     data = Path(adapter_file).read_bytes()
     adapter = load_adapter(adapter_file, hidden_size=576)
-    real_replace, real_reserve = os.replace, database.RegistryDatabase.reserve_version
+    real_replace = os.replace
     real_exit, real_prune = database._Transaction.__exit__, LocalVersionFiles.prune
 
     def replace(src, dst):
@@ -61,12 +60,6 @@ def registry_main(store_dir: str, task_id: str, adapter_file: str, point: str, r
                 os.fsync(f.fileno())
                 pause(point)
             f.write(data)
-
-    def reserve(self, *args, **kwargs):
-        version = real_reserve(self, *args, **kwargs)
-        if point == "reserved":
-            pause(point)
-        return version
 
     def exit_(self, exc_type, exc, tb):
         if point == "row-uncommitted" and self.write and exc_type is None and making_current:
@@ -88,7 +81,6 @@ def registry_main(store_dir: str, task_id: str, adapter_file: str, point: str, r
 
     store = open_store(store_dir, registry_url)
     os.replace = replace
-    database.RegistryDatabase.reserve_version = reserve
     database.RegistryDatabase.make_current = make_current
     database._Transaction.__exit__ = exit_
     LocalVersionFiles.prune = prune

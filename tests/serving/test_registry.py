@@ -71,7 +71,7 @@ def test_a_failed_or_unverifiable_write_changes_nothing(store):
         store.put("t", lambda p: p.write_bytes(b"\0" * 64), facts=None, verify=lambda p: load_adapter(p, HIDDEN))
     assert store.get("t") == first and store.change_key() == seq
     assert sorted(p.name for p in (store.files.root / "t").iterdir()) == ["v1.safetensors"]
-    assert put(store, "t").version == 4  # the failed attempts' numbers are never reused
+    assert put(store, "t").version == 2  # nothing of the failed attempts was left behind
 
 
 def test_reserved_names_and_invalid_ids_never_reach_the_store(store):
@@ -138,13 +138,11 @@ def test_concurrent_writers_from_separate_handles_never_collide(tmp_path, regist
 
 
 def test_an_older_racing_version_never_replaces_a_newer_one(store):
-    put(store, "t")
-    old = store.db.reserve_version("t")
-    newer = put(store, "t")
-    assert newer.version == old + 1
     from dataclasses import replace
 
-    assert store.db.make_current(replace(newer, version=old)) is False
+    older = put(store, "t")
+    newer = put(store, "t")  # committed first, though its upload started later
+    assert store.db.make_current(replace(older, created_at=newer.created_at + 1)) is False
     assert store.get("t").version == newer.version
 
 
@@ -216,3 +214,17 @@ def test_a_store_written_as_index_json_is_imported_on_first_start(tmp_path, regi
 
     again = open_store(folder, registry_url)  # a second start imports nothing again
     assert again.get("a").version == 5 and again.page(10).total == 3
+
+
+def test_many_adapters_are_stored_with_one_commit_each_whole_or_not_at_all(store):
+    from serving.store.files import store_adapters
+
+    bad = SoftPromptAdapter(AdapterMeta(), torch.randn(4, HIDDEN + 1))  # fails verification
+    outcomes = store_adapters(store, [("a", soft(4, 1)), ("x/y", soft(4, 2)), ("b", bad), ("a", soft(4, 3)),
+                                      ("c", soft(4, 4))], HIDDEN, LIMITS)
+    assert [o.version if not isinstance(o, Exception) else type(o).__name__ for o in outcomes] == \
+        [1, "AdapterError", "AdapterError", 2, 1]
+    assert store.change_key() == 3 and store.page(10).total == 2  # a v1 and v2, c: three changes, two tasks
+    assert store.get("a").version == 2 and store.get("b") is None
+    torch.testing.assert_close(load_adapter(store.path_of(store.get("a")), HIDDEN).prompt, soft(4, 3).prompt)
+    assert not (store.files.root / "b").exists() or list((store.files.root / "b").iterdir()) == []

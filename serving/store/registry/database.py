@@ -151,18 +151,10 @@ class RegistryDatabase:
 
     # ---- writing ---------------------------------------------------------------------------------
 
-    def reserve_version(self, task_id: str, at_least: int = 0) -> int:
-        """The next version number of `task_id`, committed before its file is written, so no two
-        writers (nor a writer after a crash) ever use one number twice."""
-        with self._write() as conn:
-            self._lock_state(conn)
-            last = conn.execute(select(adapters.c.last_version).where(adapters.c.task_id == task_id)).scalar()
-            version = max(last or 0, at_least) + 1
-            if last is None:
-                conn.execute(insert(adapters).values(task_id=task_id, version=None, last_version=version, seq=0))
-            else:
-                conn.execute(update(adapters).where(adapters.c.task_id == task_id).values(last_version=version))
-            return version
+    def last_version(self, task_id: str) -> int:
+        """The last version number `task_id` ever had (0: never registered)."""
+        with self._read() as conn:
+            return conn.execute(select(adapters.c.last_version).where(adapters.c.task_id == task_id)).scalar() or 0
 
     def make_current(self, stored: StoredAdapter, bundled_sha: str | None = None) -> bool:
         """Make `stored` (its file already stored and verified) the current version: one transaction.
@@ -170,25 +162,36 @@ class RegistryDatabase:
         False, changing nothing, when a later version is already current (two uploads raced: the
         later version number wins, as if this one had committed first) or when `bundled_sha` was
         already imported for the task (another replica imported the same bundled file meanwhile)."""
+        return self.make_current_many([stored], [bundled_sha])[0]
+
+    def make_current_many(self, versions: list[StoredAdapter], bundled_shas: list[str | None] | None = None
+                          ) -> list[bool]:
+        """`make_current` for many versions in one transaction (a batch registration): one commit."""
+        bundled_shas = bundled_shas or [None] * len(versions)
+        done = []
         with self._write() as conn:
             lock = self._lock_state(conn)
-            row = conn.execute(select(adapters).where(adapters.c.task_id == stored.task_id)).first()
-            if row is None:
-                raise StoreError(f"adapter registry {self.name}: version {stored.version} of {stored.task_id!r} "
-                                 "was never reserved")
-            if bundled_sha is not None and row.bundled_sha == bundled_sha:
-                return False
-            if row.version is not None and row.version >= stored.version:
-                return False
-            seq = lock.seq + 1
-            values = {name: getattr(stored, name) for name in RECORD_FIELDS if name != "task_id"}
-            if bundled_sha is not None:
-                values["bundled_sha"] = bundled_sha
-            conn.execute(update(adapters).where(adapters.c.task_id == stored.task_id)
-                         .values(**values, last_version=max(row.last_version, stored.version), seq=seq))
-            conn.execute(update(state).where(state.c.id == STATE_ROW)
-                         .values(seq=seq, current=lock.current + (row.version is None)))
-            return True
+            seq, current = lock.seq, lock.current
+            for stored, bundled_sha in zip(versions, bundled_shas):
+                row = conn.execute(select(adapters).where(adapters.c.task_id == stored.task_id)).first()
+                if row is not None and (bundled_sha is not None and row.bundled_sha == bundled_sha
+                                        or row.version is not None and row.version >= stored.version):
+                    done.append(False)
+                    continue
+                seq += 1
+                values = {name: getattr(stored, name) for name in RECORD_FIELDS if name != "task_id"}
+                if bundled_sha is not None:
+                    values["bundled_sha"] = bundled_sha
+                if row is None:
+                    conn.execute(insert(adapters).values(task_id=stored.task_id, **values,
+                                                         last_version=stored.version, seq=seq))
+                else:
+                    conn.execute(update(adapters).where(adapters.c.task_id == stored.task_id)
+                                 .values(**values, last_version=max(row.last_version, stored.version), seq=seq))
+                current += row is None or row.version is None
+                done.append(True)
+            conn.execute(update(state).where(state.c.id == STATE_ROW).values(seq=seq, current=current))
+        return done
 
     def delete(self, task_id: str) -> StoredAdapter | None:
         """Stop serving `task_id`; the row stays (version NULL) with its version counter."""

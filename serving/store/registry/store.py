@@ -1,13 +1,14 @@
 """The registry store: version files in a folder or object store, metadata in the registry database.
 
-`put` in four steps, each safe to die after:
-1. reserve the next version number (committed: no other writer, and no writer after a crash, reuses it);
-2. write the file to a temporary name, verify it, and rename it into place (object stores: one
-   conditional PUT); nothing names it yet;
-3. one transaction makes the row current and hands out the next change number;
-4. prune files older than the previous version (a replica may still be opening it).
-A crash before 3 leaves the previous version current and at most an orphan file; after 3 the new
-version is current and complete. Every step but 2 is O(1) SQL on primary keys.
+`put` in three steps, each safe to die after:
+1. take the next version number, after the registry's counter and after any file of the task (a
+   crashed writer's orphan keeps its number); write the file to a temporary name, verify it and
+   rename it into place (object stores: one conditional PUT, which fails if another node took the
+   number first: then the next one); nothing names the file yet;
+2. one transaction makes the row current and hands out the next change number;
+3. prune files older than the previous version (a replica may still be opening it).
+A crash before 2 leaves the previous version current and at most an orphan file; after 2 the new
+version is current and complete. The SQL is O(1): single rows by primary key.
 """
 
 from __future__ import annotations
@@ -17,13 +18,22 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ..base import KEEP_VERSIONS, AdapterFacts, AdapterPage, AdapterStore, ChangeSet, StoredAdapter, StoreError
+from ..base import (
+    KEEP_VERSIONS,
+    AdapterFacts,
+    AdapterPage,
+    AdapterStore,
+    ChangeSet,
+    NewAdapter,
+    StoredAdapter,
+    StoreError,
+)
 from .database import RegistryDatabase
-from .versions import VersionFiles, VersionTaken
+from .versions import NewVersion, VersionFiles, VersionTaken
 
 log = logging.getLogger(__name__)
 
-RESERVE_ATTEMPTS = 20
+VERSION_ATTEMPTS = 20
 
 
 class RegistryAdapterStore(AdapterStore):
@@ -72,27 +82,69 @@ class RegistryAdapterStore(AdapterStore):
         with self.files.writers_lock():
             if bundled_sha is not None and self.db.bundled_sha(task_id) == bundled_sha:
                 return None
-            version = self.db.reserve_version(task_id)
-            for _ in range(RESERVE_ATTEMPTS):
+            version = self._next_version(task_id)
+            for _ in range(VERSION_ATTEMPTS):
                 try:
                     size, sha = self.files.write(task_id, version, write_file, verify)
                     break
-                except VersionTaken:  # an orphan of a writer that died before step 1 existed
-                    version = self.db.reserve_version(task_id, at_least=version)
+                except VersionTaken:  # another node's writer stored this number first
+                    version += 1
             else:
                 raise StoreError(f"adapter store {self.files.location}: no free version number for {task_id}")
             stored = StoredAdapter(task_id, version, facts.kind, facts.prompt_tokens, facts.pooled_tokens, size, sha,
                                    time.time(), source, facts.pool)
-            if not self.db.make_current(stored, bundled_sha):
-                if bundled_sha is not None:
-                    self.files.prune(task_id, keep_from=self._keep_from(task_id))
-                    return None
-                log.info("adapter %s v%d was superseded by a later upload before it became current",
-                         task_id, version)
-                return stored
-            self.files.prune(task_id, keep_from=version - KEEP_VERSIONS + 1)
+            made_current = self.db.make_current(stored, bundled_sha)
+            self._after_commit(stored, made_current)
+        if bundled_sha is not None and not made_current:
+            return None
         log.info("stored adapter %s v%d (%s, %d bytes)", task_id, version, facts.kind, size)
         return stored
+
+    def put_many(self, items: list[NewAdapter]) -> list[StoredAdapter | Exception]:
+        """Many uploads: every file written and verified (two file-system syncs in all on a local
+        folder), then one transaction makes each one that was stored current. Each adapter is
+        stored whole or not at all; its result is its `StoredAdapter` or the exception it raised."""
+        results: list[StoredAdapter | Exception | None] = [None] * len(items)
+        with self.files.writers_lock():
+            pending: list[tuple[int, NewVersion, NewAdapter]] = []
+            seen: dict[str, int] = {}
+            for i, item in enumerate(items):
+                try:
+                    self.check_task_id(item.task_id)
+                except Exception as exc:  # reported per adapter
+                    results[i] = exc
+                    continue
+                version = seen.get(item.task_id) or self._next_version(item.task_id)
+                seen[item.task_id] = version + 1
+                pending.append((i, NewVersion(item.task_id, version, item.write_file, item.verify), item))
+            written = self.files.write_many([new for _, new, _ in pending])
+            stored_ok: list[tuple[int, StoredAdapter]] = []
+            for (i, new, item), outcome in zip(pending, written):
+                if isinstance(outcome, Exception):
+                    results[i] = outcome
+                    continue
+                size, sha = outcome
+                facts = item.facts
+                stored_ok.append((i, StoredAdapter(new.task_id, new.version, facts.kind, facts.prompt_tokens,
+                                                   facts.pooled_tokens, size, sha, time.time(), item.source,
+                                                   facts.pool)))
+            made = self.db.make_current_many([s for _, s in stored_ok])
+            for (i, stored), made_current in zip(stored_ok, made):
+                self._after_commit(stored, made_current)
+                results[i] = stored
+        log.info("stored %d of %d adapters in one batch", len(stored_ok), len(items))
+        return results
+
+    def _next_version(self, task_id: str) -> int:
+        """After the registry's counter and any file a crashed writer left (its number stays taken)."""
+        return max(self.db.last_version(task_id), self.files.max_version(task_id)) + 1
+
+    def _after_commit(self, stored: StoredAdapter, made_current: bool) -> None:
+        if made_current:
+            self.files.prune(stored.task_id, keep_from=stored.version - KEEP_VERSIONS + 1)
+        else:
+            log.info("adapter %s v%d was not made current (a later version or the same bundled file is)",
+                     stored.task_id, stored.version)
 
     def delete(self, task_id: str) -> StoredAdapter | None:
         self.check_task_id(task_id)
@@ -103,10 +155,6 @@ class RegistryAdapterStore(AdapterStore):
             self.files.remove_task(task_id)
         log.info("deleted adapter %s (was v%d)", task_id, stored.version)
         return stored
-
-    def _keep_from(self, task_id: str) -> int:
-        current = self.db.get(task_id)
-        return current.version - KEEP_VERSIONS + 1 if current else 1
 
     # ---- migration -------------------------------------------------------------------------------
 
