@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 
-from sqlalchemy import create_engine, event, func, insert, select, update
+from sqlalchemy import bindparam, create_engine, event, func, insert, select, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -21,6 +21,7 @@ from .tables import SCHEMA_VERSION, STATE_ROW, adapters, metadata, state
 
 log = logging.getLogger(__name__)
 
+CHUNK = 500  # task ids per IN (...) query: under SQLite's and PostgreSQL's parameter limits
 BUSY_TIMEOUT_MS = 30_000  # how long an SQLite writer waits for another's transaction
 RECORD_FIELDS = ("task_id", "version", "kind", "prompt_tokens", "pooled_tokens", "bytes", "sha256", "created_at",
                  "source", "pool")
@@ -166,32 +167,55 @@ class RegistryDatabase:
 
     def make_current_many(self, versions: list[StoredAdapter], bundled_shas: list[str | None] | None = None
                           ) -> list[bool]:
-        """`make_current` for many versions in one transaction (a batch registration): one commit."""
+        """`make_current` for many versions in one transaction (a batch registration): one commit,
+        the rows read with one query per chunk and new ones inserted with one executemany."""
         bundled_shas = bundled_shas or [None] * len(versions)
         done = []
         with self._write() as conn:
             lock = self._lock_state(conn)
             seq, current = lock.seq, lock.current
+            rows = self._rows(conn, {stored.task_id for stored in versions})
+            inserts, updates = {}, {}
             for stored, bundled_sha in zip(versions, bundled_shas):
-                row = conn.execute(select(adapters).where(adapters.c.task_id == stored.task_id)).first()
-                if row is not None and (bundled_sha is not None and row.bundled_sha == bundled_sha
-                                        or row.version is not None and row.version >= stored.version):
+                row = rows.get(stored.task_id)
+                if row is not None and (bundled_sha is not None and row["bundled_sha"] == bundled_sha
+                                        or row["version"] is not None and row["version"] >= stored.version):
                     done.append(False)
                     continue
                 seq += 1
-                values = {name: getattr(stored, name) for name in RECORD_FIELDS if name != "task_id"}
-                if bundled_sha is not None:
-                    values["bundled_sha"] = bundled_sha
-                if row is None:
-                    conn.execute(insert(adapters).values(task_id=stored.task_id, **values,
-                                                         last_version=stored.version, seq=seq))
-                else:
-                    conn.execute(update(adapters).where(adapters.c.task_id == stored.task_id)
-                                 .values(**values, last_version=max(row.last_version, stored.version), seq=seq))
-                current += row is None or row.version is None
+                current += row is None or row["version"] is None
+                values = {name: getattr(stored, name) for name in RECORD_FIELDS}
+                values.update(seq=seq, last_version=max(row["last_version"] if row else 0, stored.version),
+                              bundled_sha=bundled_sha if bundled_sha is not None else
+                              (row["bundled_sha"] if row else None))
+                (updates if stored.task_id in updates or row is not None and stored.task_id not in inserts
+                 else inserts)[stored.task_id] = values
+                rows[stored.task_id] = values
                 done.append(True)
+            if inserts:
+                conn.execute(insert(adapters), list(inserts.values()))
+            if updates:
+                conn.execute(update(adapters).where(adapters.c.task_id == bindparam("key"))
+                             .values({name: bindparam(name) for name in (*RECORD_FIELDS[1:], "seq", "last_version",
+                                                                          "bundled_sha")}),
+                             [{**v, "key": k} for k, v in updates.items()])
             conn.execute(update(state).where(state.c.id == STATE_ROW).values(seq=seq, current=current))
         return done
+
+    @staticmethod
+    def _rows(conn: Connection, task_ids: set[str]) -> dict[str, dict]:
+        found = {}
+        ordered = sorted(task_ids)
+        for start in range(0, len(ordered), CHUNK):
+            chunk = ordered[start:start + CHUNK]
+            for row in conn.execute(select(adapters).where(adapters.c.task_id.in_(chunk))).mappings():
+                found[row["task_id"]] = dict(row)
+        return found
+
+    def last_versions_of(self, task_ids: list[str]) -> dict[str, int]:
+        """The last version numbers of these tasks (absent: never registered), one query per chunk."""
+        with self._read() as conn:
+            return {task_id: row["last_version"] for task_id, row in self._rows(conn, set(task_ids)).items()}
 
     def delete(self, task_id: str) -> StoredAdapter | None:
         """Stop serving `task_id`; the row stays (version NULL) with its version counter."""

@@ -107,15 +107,15 @@ class RegistryAdapterStore(AdapterStore):
         results: list[StoredAdapter | Exception | None] = [None] * len(items)
         with self.files.writers_lock():
             pending: list[tuple[int, NewVersion, NewAdapter]] = []
-            seen: dict[str, int] = {}
+            seen = self.db.last_versions_of([item.task_id for item in items])
             for i, item in enumerate(items):
                 try:
                     self.check_task_id(item.task_id)
                 except Exception as exc:  # reported per adapter
                     results[i] = exc
                     continue
-                version = seen.get(item.task_id) or self._next_version(item.task_id)
-                seen[item.task_id] = version + 1
+                version = max(seen.get(item.task_id, 0), self.files.max_version(item.task_id)) + 1
+                seen[item.task_id] = version
                 pending.append((i, NewVersion(item.task_id, version, item.write_file, item.verify), item))
             written = self.files.write_many([new for _, new, _ in pending])
             stored_ok: list[tuple[int, StoredAdapter]] = []
