@@ -34,7 +34,7 @@ def run_registry_command(args) -> int:
     config = RegistryBenchConfig(registry=args.registry, tasks=tuple(args.tasks), batch=args.batch,
                                  samples=args.samples, requests=args.requests, length=args.length, rank=args.rank,
                                  store=args.store, seed=args.seed)
-    report = run_registry_bench(config)
+    report = run_registry_bench(config, on_progress=lambda partial: write_json(args.out, partial))
     path = write_json(args.out, report)
     print(format_table(report["rows"], TABLE_COLUMNS))
     print(f"wrote {path}")

@@ -174,7 +174,9 @@ def _sync_cost(store, config: RegistryBenchConfig, files: list[bytes], samples: 
     return times
 
 
-def run_registry_bench(config: RegistryBenchConfig) -> dict:
+def run_registry_bench(config: RegistryBenchConfig, on_progress=None) -> dict:
+    """The report; `on_progress(report)` gets it after each task count too (`complete` False), so
+    a long run that is stopped still leaves what it measured."""
     from lamp_runtime.bench.workload import machine_context
 
     from ..store import open_store
@@ -185,6 +187,10 @@ def run_registry_bench(config: RegistryBenchConfig) -> dict:
     registry = None if config.registry == "sqlite" else config.registry
     context = machine_context()
     rows = []
+    backend = "sqlite" if registry is None else "postgresql"
+    report = {"bench": "registry", "config": asdict(config), "backend": backend, "machine": context,
+              "command": " ".join(["lamp", *sys.argv[1:]]), "adapter_bytes": len(files[0]), "complete": False,
+              "rows": rows}
     server = _Server(folder / "store", registry, folder / "serve.log")
     try:
         store = open_store(folder / "store", registry)
@@ -202,18 +208,17 @@ def run_registry_bench(config: RegistryBenchConfig) -> dict:
                     print(f"registered {registered}/{config.tasks[-1]}", file=sys.stderr, flush=True)
                 batch_seconds += window_s
                 rows.append(_measure(client, server, store, config, files, rng, target, window_s / max(window_n, 1)))
+                report.update(load_after=os.getloadavg(), elapsed_s=round(time.perf_counter() - began, 1),
+                              batch_registration_s=round(batch_seconds, 1))
                 print(rows[-1], file=sys.stderr, flush=True)
-            total_s = time.perf_counter() - began
+                if on_progress is not None:
+                    on_progress(report)
     finally:
         server.stop()
         if not config.store:
             shutil.rmtree(folder, ignore_errors=True)
-    backend = "sqlite" if registry is None else "postgresql"
-    return {"bench": "registry", "config": asdict(config), "backend": backend, "machine": context,
-            "command": " ".join(["lamp", *sys.argv[1:]]),
-            "load_after": os.getloadavg(), "adapter_bytes": len(files[0]),
-            "total_registration_s": round(total_s, 1), "batch_registration_s": round(batch_seconds, 1),
-            "rows": rows}
+    report["complete"] = True
+    return report
 
 
 def _measure(client, server, store, config, files, rng, tasks: int, batch_s_per_adapter: float) -> dict:
