@@ -96,14 +96,14 @@ class _Server:
         if registry:
             command += ["--registry", registry]
         env = {**os.environ, "LAMP_ADMIN_TOKEN": TOKEN, "RAY_USAGE_STATS_ENABLED": "0"}
+        self.log = log
         with open(log, "ab") as out:
             self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env,
                                             start_new_session=True)
-        self.log = log
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"lamp serve exited during start-up; see {log}")
+                raise RuntimeError(f"lamp serve exited during start-up:\n{self.log_tail()}")
             try:
                 if httpx.get(f"{self.url}/healthz", timeout=5).status_code == 200:
                     return
@@ -111,7 +111,10 @@ class _Server:
                 pass
             time.sleep(0.5)
         self.stop()
-        raise RuntimeError(f"lamp serve not healthy within {START_TIMEOUT_S:.0f} s; see {log}")
+        raise RuntimeError(f"lamp serve not healthy within {START_TIMEOUT_S:.0f} s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
     def rss_bytes(self) -> int:
         """Resident memory of the server and every process it started (Ray's too)."""
@@ -184,6 +187,7 @@ def run_registry_bench(config: RegistryBenchConfig, on_progress=None) -> dict:
     rng = random.Random(config.seed)
     files = _adapter_files(config)
     folder = Path(config.store) if config.store else Path(tempfile.mkdtemp(prefix="lamp-bench-registry-"))
+    folder.mkdir(parents=True, exist_ok=True)
     registry = None if config.registry == "sqlite" else config.registry
     context = machine_context()
     rows = []
