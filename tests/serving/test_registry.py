@@ -228,3 +228,28 @@ def test_many_adapters_are_stored_with_one_commit_each_whole_or_not_at_all(store
     assert store.get("a").version == 2 and store.get("b") is None
     torch.testing.assert_close(load_adapter(store.path_of(store.get("a")), HIDDEN).prompt, soft(4, 3).prompt)
     assert not (store.files.root / "b").exists() or list((store.files.root / "b").iterdir()) == []
+
+
+def test_servers_starting_at_once_create_the_schema_once(tmp_path, registry_url):
+    """The ingress and every replica open the registry at the same moment on a fresh database."""
+    from serving.store.registry import check_registry_url
+    from serving.store.registry.database import RegistryDatabase
+
+    url = check_registry_url(registry_url)
+    opened, errors = [], []
+
+    def open_one():
+        try:
+            opened.append(RegistryDatabase(url))
+        except Exception as exc:  # collected: an assert in a thread would be lost
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_one) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(opened) == 6
+    assert {db.current_seq() for db in opened} == {0}
+    for db in opened:
+        db.close()

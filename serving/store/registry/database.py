@@ -14,13 +14,14 @@ import time
 
 from sqlalchemy import bindparam, create_engine, event, func, insert, select, update
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, ProgrammingError, SQLAlchemyError
 
 from ..base import AdapterPage, ChangeSet, StoredAdapter, StoreError, StoreIndex
 from .tables import SCHEMA_VERSION, STATE_ROW, adapters, metadata, state
 
 log = logging.getLogger(__name__)
 
+CREATE_ATTEMPTS = 5
 CHUNK = 500  # task ids per IN (...) query: under SQLite's and PostgreSQL's parameter limits
 BUSY_TIMEOUT_MS = 30_000  # how long an SQLite writer waits for another's transaction
 RECORD_FIELDS = ("task_id", "version", "kind", "prompt_tokens", "pooled_tokens", "bytes", "sha256", "created_at",
@@ -48,9 +49,9 @@ def _sqlite_engine(url: str) -> Engine:
     def connect(dbapi_connection, _record):
         dbapi_connection.isolation_level = None  # we issue BEGIN ourselves (below)
         cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")  # first: the switch to WAL may wait too
         cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the writer, nor it them
         cursor.execute("PRAGMA synchronous=FULL")  # a commit that returned survives a power cut
-        cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         cursor.close()
 
     @event.listens_for(engine, "begin")
@@ -70,17 +71,32 @@ class RegistryDatabase:
         try:
             self.engine = _sqlite_engine(url) if url.startswith("sqlite") else create_engine(url, pool_pre_ping=True)
             self.dialect = self.engine.dialect.name
-            metadata.create_all(self.engine)  # CREATE ... IF NOT EXISTS: concurrent starts are fine
-            with self._write() as conn:
-                row = conn.execute(select(state).where(state.c.id == STATE_ROW)).first()
-                if row is None:
-                    conn.execute(insert(state).values(id=STATE_ROW, seq=0, current=0, schema_version=SCHEMA_VERSION))
-                elif row.schema_version > SCHEMA_VERSION:
-                    raise StoreError(f"adapter registry {self.name} has schema version {row.schema_version}; this "
-                                     f"lamp-serve knows up to {SCHEMA_VERSION}: upgrade lamp-serve")
+            self._create_schema()
         except SQLAlchemyError as exc:
             raise StoreError(f"cannot open the adapter registry {self.name}: {exc.__class__.__name__}: "
                              f"{str(exc).splitlines()[0]}") from None
+
+    def _create_schema(self) -> None:
+        """Tables and the state row, once. The ingress and every replica start at the same time:
+        the one that loses a race to create them (a duplicate table or row) finds them on retry."""
+        for attempt in range(CREATE_ATTEMPTS):
+            try:
+                # In one write transaction (SQLite: BEGIN IMMEDIATE, waiting its turn): a deferred one that
+                # read first could not upgrade to a write while another process creates the tables.
+                with self.engine.connect().execution_options(lamp_write=True) as conn, conn.begin():
+                    metadata.create_all(conn)
+                    row = conn.execute(select(state).where(state.c.id == STATE_ROW)).first()
+                    if row is None:
+                        conn.execute(insert(state).values(id=STATE_ROW, seq=0, current=0,
+                                                          schema_version=SCHEMA_VERSION))
+                    elif row.schema_version > SCHEMA_VERSION:
+                        raise StoreError(f"adapter registry {self.name} has schema version {row.schema_version}; "
+                                         f"this lamp-serve knows up to {SCHEMA_VERSION}: upgrade lamp-serve")
+                return
+            except (IntegrityError, ProgrammingError):
+                if attempt == CREATE_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
 
     def __repr__(self) -> str:
         return f"RegistryDatabase({self.name!r})"
