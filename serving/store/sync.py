@@ -11,6 +11,7 @@ they finish on the version they started with.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -25,6 +26,20 @@ from .base import AdapterStore, StoreError
 from .files import load_stored
 
 log = logging.getLogger(__name__)
+
+# Loading an adapter allocates temporaries (the file's bytes, the checks' full prompt: 230 KB for
+# l=100 on d=576) between long-lived small tensors, and glibc keeps the freed heap: a replica that
+# loaded 27,000 LAMP adapters on its sync thread held 7.6 GB, 1.0 GB after malloc_trim (measured
+# with the `lamp bench registry` store). So the heap is trimmed after every this many loads.
+TRIM_AFTER_LOADS = 1024
+
+
+def _return_free_heap() -> None:
+    """Give freed heap back to the OS (glibc's malloc_trim; nothing elsewhere)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 @dataclass
@@ -60,6 +75,7 @@ class StoreSync:
         self._lock = threading.Lock()
         self._seen_key: object = ()  # () = never read; None = no index file yet
         self._cursor = None  # the last change applied (None: load everything)
+        self._loads_since_trim = 0
         self._failed: set[tuple[str, int]] = set()  # versions that failed to load: not retried
         # Tasks in the store that this replica cannot serve at all (no earlier version loaded),
         # with the reason, so a request for one is told why instead of "unknown task".
@@ -128,6 +144,10 @@ class StoreSync:
                       f"v{current.version} keeps serving" if current else "the task is not served", exc)
             return
         self.unservable.pop(stored.task_id, None)
+        self._loads_since_trim += 1
+        if self._loads_since_trim >= TRIM_AFTER_LOADS:  # also within one large sync (a replica's start)
+            self._loads_since_trim = 0
+            _return_free_heap()
         if self.backbone_options is not None and (warning := serving_mismatch(adapter, self.backbone_options)):
             log.warning("adapter %s v%d: %s", stored.task_id, stored.version, warning)
         if current is not None:
