@@ -137,6 +137,18 @@ class _Server:
                 self.process.wait(10)
 
 
+def _start_server(store: Path, registry: str | None, log: Path, attempts: int = 3) -> _Server:
+    """Ray gives a node 30 s to register (hard-coded); on a loaded machine a start can miss it."""
+    for attempt in range(attempts):
+        try:
+            return _Server(store, registry, log)
+        except RuntimeError as exc:
+            if attempt == attempts - 1 or "timed out during startup" not in str(exc):
+                raise
+            print("lamp serve start failed (Ray node start-up timed out), retrying", file=sys.stderr, flush=True)
+    raise AssertionError("unreachable")
+
+
 def _register_batch(client: httpx.Client, start: int, count: int, files: list[bytes]) -> float:
     parts = [(f"adapter.task-{i:06d}", ("a.safetensors", files[i % len(files)])) for i in range(start, start + count)]
     began = time.perf_counter()
@@ -195,7 +207,7 @@ def run_registry_bench(config: RegistryBenchConfig, on_progress=None) -> dict:
     report = {"bench": "registry", "config": asdict(config), "backend": backend, "machine": context,
               "command": " ".join(["lamp", *sys.argv[1:]]), "adapter_bytes": len(files[0]), "complete": False,
               "rows": rows}
-    server = _Server(folder / "store", registry, folder / "serve.log")
+    server = _start_server(folder / "store", registry, folder / "serve.log")
     try:
         store = open_store(folder / "store", registry)
         headers = {"Authorization": f"Bearer {TOKEN}"}
