@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 
-import pytest
 import torch
 from sqlalchemy import event
 
