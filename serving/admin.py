@@ -12,7 +12,8 @@ from lamp_runtime.errors import AdapterError
 
 from .http.errors import ServingError
 from .store import AdapterStore, StoredAdapter, StoreError
-from .store.files import adapter_from_upload, parse_pool_field, store_adapter
+from .store.base import AdapterPage
+from .store.files import adapter_from_upload, parse_pool_field, store_adapter, store_adapters
 
 log = logging.getLogger(__name__)
 
@@ -27,20 +28,62 @@ class AdapterAdmin:
 
         Blocking (parses tensors, fsyncs): the ingress runs it in a worker thread.
         """
+        adapter = self._validated(task_id, files, pool, hidden_size)
+        try:
+            return store_adapter(self.store, task_id, adapter, hidden_size, self.limits)
+        except AdapterError as exc:
+            raise ServingError(422, f"adapter for task {task_id!r} rejected: {exc}") from None
+        except (StoreError, OSError) as exc:
+            raise self._write_failed(task_id, exc) from None
+
+    def register_batch(self, batch: dict[str, tuple[dict[str, bytes], str | None]],
+                       hidden_size: int) -> list[dict]:
+        """Each adapter of a batch validated as `register` would, then all that passed stored with
+        one commit: each whole or not at all. One result per task, in the order sent:
+        {"task_id", "status" (201 or what a single PUT would answer), "adapter" | "error"}."""
+        results: dict[str, dict] = {}
+        valid = []
+        for task_id, (files, pool) in batch.items():
+            try:
+                valid.append((task_id, self._validated(task_id, files, pool, hidden_size)))
+            except ServingError as exc:
+                results[task_id] = {"task_id": task_id, "status": exc.status, "error": exc.message}
+        try:
+            outcomes = store_adapters(self.store, valid, hidden_size, self.limits)
+        except (StoreError, OSError) as exc:  # the commit itself failed: none of these is stored
+            outcomes = [exc] * len(valid)
+        for (task_id, _), outcome in zip(valid, outcomes):
+            if isinstance(outcome, AdapterError):
+                error = ServingError(422, f"adapter for task {task_id!r} rejected: {outcome}")
+            elif isinstance(outcome, Exception):
+                error = self._write_failed(task_id, outcome)
+            else:
+                results[task_id] = {"task_id": task_id, "status": 201, "adapter": outcome.to_json()}
+                continue
+            results[task_id] = {"task_id": task_id, "status": error.status, "error": error.message}
+        return [results[task_id] for task_id in batch]
+
+    def _validated(self, task_id: str, files: dict[str, bytes], pool: str | None, hidden_size: int):
         size = sum(len(data) for data in files.values())
         if size > self.limits.max_file_bytes:
             raise ServingError(413, f"adapter upload is {size} bytes, over the limit of "
                                     f"{self.limits.max_file_bytes} bytes")
         try:
             validate_task_id(task_id)
-            adapter = adapter_from_upload(files.get("adapter"), files.get("adapter_config"),
-                                          files.get("adapter_model"), parse_pool_field(pool), hidden_size, self.limits)
-            return store_adapter(self.store, task_id, adapter, hidden_size, self.limits)
+            self.store.check_task_id(task_id)
+            return adapter_from_upload(files.get("adapter"), files.get("adapter_config"),
+                                       files.get("adapter_model"), parse_pool_field(pool), hidden_size, self.limits)
         except AdapterError as exc:
             raise ServingError(422, f"adapter for task {task_id!r} rejected: {exc}") from None
-        except (StoreError, OSError) as exc:
-            log.error("adapter store write failed for %s: %s", task_id, exc)
-            raise ServingError(500, f"adapter store write failed, previous version unchanged: {exc}") from None
+
+    @staticmethod
+    def _write_failed(task_id: str, exc: Exception) -> ServingError:
+        log.error("adapter store write failed for %s: %s", task_id, exc)
+        return ServingError(500, f"adapter store write failed, previous version unchanged: {exc}")
+
+    def page(self, limit: int, after: str | None) -> AdapterPage:
+        """One page of the task list (a registry reads only that page, and the count it keeps)."""
+        return self._read(lambda: self.store.page(limit, after))
 
     def get(self, task_id: str) -> StoredAdapter:
         stored = self._read(lambda: self.store.get(task_id))

@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "lamp_runtime.generate_cli",
     "serving.serve_command",
     "lamp_runtime.bench.cli",
+    "serving.bench.cli",  # adds `lamp bench registry` to the parser lamp_runtime.bench.cli made
 )
 
 

@@ -35,6 +35,7 @@ class ServeSettings:
     address: str | None = None  # join this Ray cluster instead of starting a local one
     num_cpus: int | None = None  # logical CPUs of the local Ray cluster (default: all)
     store: str | None = None  # adapter store directory or fsspec URL (default: user data dir / adapters)
+    registry: str | None = None  # registry database URL (default: SQLite inside a local store's folder)
     prompts: str | None = "prompts"  # bundled adapters registered at start; missing folder = none
     backbone: str | None = None  # local HF folder or .gguf (default: the embedded SmolLM2)
     dtype: str = "auto"
@@ -86,6 +87,10 @@ class ServeSettings:
         _check_choice(self, "log_level", LOG_LEVELS)
         if not self.host:
             raise ValueError("host must not be empty")
+        if self.registry is not None:
+            from .store.registry import check_registry_url
+
+            check_registry_url(self.registry)
 
     @property
     def store_dir(self) -> Path:

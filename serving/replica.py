@@ -90,7 +90,7 @@ class LampModel:
         # Adapter loads (tensor checks) run on this one thread, single-threaded like the loading.
         self._store_thread = ThreadPoolExecutor(1, thread_name_prefix="store-poll",
                                                 initializer=torch.set_num_threads, initargs=(1,))
-        store = open_store(settings.store_location)
+        store = open_store(settings.store_location, settings.registry)
         import_bundled(store, settings.prompts_dir, self.backbone.hidden_size, self.limits)
         self.sync = StoreSync(store, self.engine.registry, self.engine, self.backbone.hidden_size, self.limits,
                               self.backbone.options)

@@ -38,6 +38,8 @@ def register(subparsers) -> None:
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray cluster (default: all cores)")
     p.add_argument("--store", help="adapter store: a directory or an fsspec URL such as s3://bucket/prefix "
                                      "(default: user data dir / lamp-serve / adapters)")
+    p.add_argument("--registry", help="adapter registry database: postgresql://USER:PASSWORD@HOST/DB for a "
+                                      "cluster, or sqlite:///PATH (default: SQLite inside a local --store)")
     p.add_argument("--prompts", help="folder of bundled adapters registered at start (default: prompts; '' = none)")
     add_backbone_arguments(p)
     # None = "not given", so values from --config are not overridden by flag defaults.
@@ -69,8 +71,8 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-SETTING_FLAGS = ("host", "port", "address", "num_cpus", "store", "prompts", "backbone", "dtype", "quantization",
-                 "device", "replicas", "replica_cpus", "threads", "max_batch_size", "batch_wait_ms",
+SETTING_FLAGS = ("host", "port", "address", "num_cpus", "store", "registry", "prompts", "backbone", "dtype",
+                 "quantization", "device", "replicas", "replica_cpus", "threads", "max_batch_size", "batch_wait_ms",
                  "prefill_forward_cost_tokens", "max_queue", "max_input_tokens", "max_new_tokens", "prompt_cache_mb",
                  "prompt_kv_cache_mb", "max_request_bytes", "max_upload_bytes",
                  "serve_log_level", "engine", "vllm_kv_cache_mb", "vllm_max_model_len",

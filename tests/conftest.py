@@ -98,3 +98,23 @@ def client(server):
 def admin(server):
     with httpx.Client(base_url=server.url, timeout=120, headers=server.admin_headers()) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One throwaway PostgreSQL server for the session (tests/local_postgres.py); skips where none is installed."""
+    from .local_postgres import local_postgres
+
+    with local_postgres() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def registry_url(request, tmp_path):
+    """A fresh, empty registry database: SQLite in the test's folder, or a new PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'registry.sqlite3'}"
+    from .local_postgres import fresh_database
+
+    server = request.getfixturevalue("postgres_server")
+    return fresh_database(server, f"t{abs(hash(request.node.nodeid)) % 10**12}")

@@ -10,6 +10,7 @@ from .errors import ServingError, error_response
 
 GENERATION_PATHS = ("/generate", "/v1/completions", "/v1/chat/completions")
 UPLOAD_PREFIX = "/admin/adapters/"
+BATCH_PATH = "/admin/adapters"  # POST: a batch registration, bounded like one upload
 
 
 class BodyLimitMiddleware:
@@ -29,7 +30,8 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         request_limit, upload_limit = scope["app"].state.body_limits
-        is_upload = scope["method"] == "PUT" and scope["path"].startswith(UPLOAD_PREFIX)
+        is_upload = ((scope["method"] == "PUT" and scope["path"].startswith(UPLOAD_PREFIX))
+                     or (scope["method"] == "POST" and scope["path"] == BATCH_PATH))
         limit = upload_limit + self.MULTIPART_OVERHEAD if is_upload else request_limit
         what = "adapter upload" if is_upload else "request body"
         declared = dict(scope["headers"]).get(b"content-length")

@@ -281,7 +281,22 @@ class ModelCard(BaseModel):
     owned_by: str = "lamp-serve"
 
 
-class ModelList(BaseModel):
+class PageFields(BaseModel):
+    """A cursor page (serving/http/paging.py): pass `last_id` as `after` while `has_more`."""
+
+    has_more: bool = False
+    first_id: str | None = None
+    last_id: str | None = None
+    total: int | None = None  # tasks in all, on every page
+
+    @classmethod
+    def of(cls, page, **fields):
+        ids = [a.task_id for a in page.adapters]
+        return cls(has_more=page.has_more, first_id=ids[0] if ids else None, last_id=ids[-1] if ids else None,
+                   total=page.total, **fields)
+
+
+class ModelList(PageFields):
     object: Literal["list"] = "list"
     data: list[ModelCard]
 
@@ -289,8 +304,21 @@ class ModelList(BaseModel):
 # ---- admin ---------------------------------------------------------------------------------------
 
 
-class AdapterList(BaseModel):
+class AdapterList(PageFields):
     adapters: list[StoredAdapter]
+
+
+class BatchResult(BaseModel):
+    task_id: str
+    status: int  # 201, or the status a single PUT of this adapter would have had
+    adapter: StoredAdapter | None = None
+    error: str | None = None
+
+
+class BatchResponse(BaseModel):
+    registered: int
+    failed: int
+    results: list[BatchResult]
 
 
 class HealthResponse(BaseModel):

@@ -13,7 +13,7 @@ import logging
 import os
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from ray import serve
@@ -31,8 +31,17 @@ from . import middleware
 from .auth import TOKEN_ENV, AdminAuth
 from .chat import ChatCompletionRequest
 from .errors import ServingError, error_response
-from .protocol import AdapterList, CompletionRequest, GenerateRequest, HealthResponse, ModelCard, ModelList
-from .uploads import read_upload
+from .paging import page_query
+from .protocol import (
+    AdapterList,
+    BatchResponse,
+    CompletionRequest,
+    GenerateRequest,
+    HealthResponse,
+    ModelCard,
+    ModelList,
+)
+from .uploads import read_batch_upload, read_upload
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +67,7 @@ class LampIngress:
         self.model = model
         self.hub = hub
         self.auth = AdminAuth(os.environ.get(TOKEN_ENV))
-        self.admin = AdapterAdmin(open_store(settings.store_location),
+        self.admin = AdapterAdmin(open_store(settings.store_location, settings.registry),
                                   AdapterLimits(max_file_bytes=settings.max_upload_bytes))
         self.generation = GenerationService(model, self.metrics)
         self.chat = ChatCompletions(self.generation, settings.max_new_tokens)
@@ -84,9 +93,9 @@ class LampIngress:
         return await self.chat.create(request)
 
     @app.get("/v1/models")
-    async def models(self) -> ModelList:
-        adapters = await asyncio.to_thread(self.admin.list)
-        return ModelList(data=[ModelCard(id=a.task_id, created=int(a.created_at)) for a in adapters])
+    async def models(self, page: tuple = Depends(page_query)) -> ModelList:
+        found = await asyncio.to_thread(self.admin.page, *page)
+        return ModelList.of(found, data=[ModelCard(id=a.task_id, created=int(a.created_at)) for a in found.adapters])
 
     # ---- operations -------------------------------------------------------------------------------
 
@@ -146,11 +155,21 @@ class LampIngress:
         stored = await asyncio.to_thread(self.admin.register, task_id, files, pool, hidden_size)
         return JSONResponse(stored.to_json(), status_code=201)
 
-    @app.get("/admin/adapters")
-    async def list_adapters(self, request: Request):
+    @app.post("/admin/adapters")
+    async def register_batch(self, request: Request) -> BatchResponse:
+        """Many adapters in one request (`adapter.<task id>` fields); each stored whole or not at all."""
         self.auth.check(request.headers.get("authorization"))
-        adapters = await asyncio.to_thread(self.admin.list)
-        return AdapterList(adapters=adapters)
+        batch = await read_batch_upload(request)
+        hidden_size = await self._backbone_hidden_size()
+        results = await asyncio.to_thread(self.admin.register_batch, batch, hidden_size)
+        registered = sum(r["status"] == 201 for r in results)
+        return BatchResponse(registered=registered, failed=len(results) - registered, results=results)
+
+    @app.get("/admin/adapters")
+    async def list_adapters(self, request: Request, page: tuple = Depends(page_query)):
+        self.auth.check(request.headers.get("authorization"))
+        found = await asyncio.to_thread(self.admin.page, *page)
+        return AdapterList.of(found, adapters=found.adapters)
 
     @app.get("/admin/adapters/{task_id:path}")
     async def get_adapter(self, task_id: str, request: Request):

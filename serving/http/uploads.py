@@ -49,3 +49,48 @@ async def read_upload(request: Request) -> tuple[dict[str, bytes], str | None]:
         return files, pool
     finally:
         await form.close()
+
+
+MAX_BATCH_ADAPTERS = 1000  # adapters in one batch registration (each still bounded on its own)
+
+
+async def read_batch_upload(request: Request) -> dict[str, tuple[dict[str, bytes], str | None]]:
+    """A batch registration: the same fields as one upload, each named `<field>.<task id>`
+    (`adapter.sentiment`, `adapter_config.qa` + `adapter_model.qa`, `pool.qa`); by task id, in the
+    order sent: {task: (files by field, pool)}."""
+    content_type = request.headers.get("content-type", "")
+    if not content_type.startswith("multipart/form-data"):
+        raise ServingError(422, "a batch registration must be multipart/form-data with file fields named "
+                                f"'adapter.<task id>' (got content type {content_type or 'none'!r})")
+    try:
+        form = await request.form(max_files=MAX_BATCH_ADAPTERS * 2, max_fields=MAX_BATCH_ADAPTERS * 3,
+                                  max_part_size=MAX_TEXT_PART_BYTES)
+    except StarletteHTTPException as exc:
+        if exc.status_code == 413:
+            raise
+        raise ServingError(422, f"malformed multipart batch: {exc.detail}") from None
+    try:
+        batch: dict[str, tuple[dict[str, bytes], str | None]] = {}
+        for key, value in form.multi_items():
+            field, _, task_id = key.partition(".")
+            if field not in (*UPLOAD_FILE_FIELDS, *UPLOAD_FORM_FIELDS) or not task_id:
+                raise ServingError(422, f"unexpected form field {key[:80]!r}: name each part '<field>.<task id>' "
+                                        f"with field one of {[*UPLOAD_FILE_FIELDS, *UPLOAD_FORM_FIELDS]}")
+            files, pool = batch.setdefault(task_id, ({}, None))
+            if field in files or (field == "pool" and pool is not None):
+                raise ServingError(422, f"form field {key[:80]!r} was sent more than once")
+            if field == "pool":
+                if not isinstance(value, str):
+                    raise ServingError(422, f"form field {key[:80]!r} must be a text value, not a file")
+                batch[task_id] = (files, value)
+            elif not isinstance(value, UploadFile):
+                raise ServingError(422, f"form field {key[:80]!r} must be a file upload, not a text value")
+            else:
+                files[field] = await value.read()
+        if len(batch) > MAX_BATCH_ADAPTERS:
+            raise ServingError(413, f"a batch holds at most {MAX_BATCH_ADAPTERS} adapters, got {len(batch)}")
+        if not batch:
+            raise ServingError(422, "the batch is empty: send file fields named 'adapter.<task id>'")
+        return batch
+    finally:
+        await form.close()

@@ -20,6 +20,10 @@ from lamp_runtime.errors import AdapterError
 
 INDEX_NAME = "index.json"
 LOCK_NAME = ".lock"
+REGISTRY_NAME = "registry.sqlite3"  # the embedded registry database of a local store (registry/)
+# Names of the store's own files, which a task's folder must never take.
+RESERVED_NAMES = frozenset({INDEX_NAME, LOCK_NAME, REGISTRY_NAME, *(f"{REGISTRY_NAME}-{s}" for s in ("wal", "shm",
+                                                                                                   "journal"))})
 INDEX_FORMAT = 1
 # Versions kept per task: the current one and the one before it, so a replica that read the
 # previous index a moment ago can still open the file it names.
@@ -107,6 +111,40 @@ class StoreIndex:
             raise StoreError(f"adapter index {source} is damaged ({exc!r}); fix or remove it") from None
 
 
+@dataclass(frozen=True)
+class NewAdapter:
+    """One adapter of `AdapterStore.put_many`: what `put` takes."""
+
+    task_id: str
+    write_file: Callable[[Path], None]
+    facts: AdapterFacts
+    verify: Callable[[Path], None] | None = None
+    source: str = "upload"
+
+
+@dataclass(frozen=True)
+class ChangeSet:
+    """What changed in the store after a replica's cursor (`AdapterStore.changes_since`)."""
+
+    cursor: object  # pass it back to get only the later changes
+    current: list[StoredAdapter]  # tasks whose current version is new to the caller
+    removed: list[str]  # tasks deleted since the cursor
+    complete: bool  # `current` lists every task: anything else the caller holds is gone
+
+
+@dataclass(frozen=True)
+class AdapterPage:
+    """One page of the task list, in task-id order, and how many tasks there are in all."""
+
+    adapters: list[StoredAdapter]
+    total: int
+    has_more: bool
+
+    @property
+    def last_id(self) -> str | None:
+        return self.adapters[-1].task_id if self.adapters else None
+
+
 class AdapterStore(abc.ABC):
     """What the admin API, the replicas' sync and the bundled import need of a store."""
 
@@ -132,6 +170,17 @@ class AdapterStore(abc.ABC):
         skipped (None returned) when that bundled source was already imported for this task.
         """
 
+    def put_many(self, items: list[NewAdapter]) -> list[StoredAdapter | Exception]:
+        """`put` for each (a registry store does it with one commit); each adapter is stored whole or
+        not at all, and its result is its `StoredAdapter` or the exception it raised."""
+        results: list[StoredAdapter | Exception] = []
+        for item in items:
+            try:
+                results.append(self.put(item.task_id, item.write_file, item.facts, item.source, item.verify))
+            except Exception as exc:  # reported per adapter by the caller
+                results.append(exc)
+        return results
+
     @abc.abstractmethod
     def delete(self, task_id: str) -> StoredAdapter | None:
         """Remove `task_id`; its version counter is kept. None if it was not stored."""
@@ -139,8 +188,25 @@ class AdapterStore(abc.ABC):
     def list(self) -> list[StoredAdapter]:
         return sorted(self.read_index().tasks.values(), key=lambda a: a.task_id)
 
+    def page(self, limit: int, after: str | None = None) -> AdapterPage:
+        """Up to `limit` tasks whose id sorts after `after`. A registry answers from an index;
+        here, from the whole index file."""
+        tasks = self.list()
+        later = [a for a in tasks if after is None or a.task_id > after]
+        return AdapterPage(later[:limit], len(tasks), len(later) > limit)
+
+    def changes_since(self, cursor) -> ChangeSet:
+        """The changes after `cursor` (None: everything). An index file has no change log, so this
+        is the whole index, under the key it was read at."""
+        key = self.change_key()
+        return ChangeSet(key, list(self.read_index().tasks.values()), [], complete=True)
+
     def get(self, task_id: str) -> StoredAdapter | None:
         return self.read_index().tasks.get(task_id)
+
+    def bundled_sha(self, task_id: str) -> str | None:
+        """The sha256 of the bundled file last imported as `task_id` (None: never imported)."""
+        return self.read_index().bundled.get(task_id)
 
     @staticmethod
     def sha256_of(path: Path) -> str:
@@ -157,5 +223,5 @@ class AdapterStore(abc.ABC):
         named `index.json` would make the index unwritable (or, in a store without an index yet, turn
         it into a folder, so that no later read or write of the store could succeed)."""
         validate_task_id(task_id)
-        if task_id in (INDEX_NAME, LOCK_NAME):
+        if task_id in RESERVED_NAMES:
             raise AdapterError(f"task id {task_id!r} is reserved by the adapter store; choose another name")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from lamp_runtime.adapters import (
@@ -28,7 +29,7 @@ from lamp_runtime.adapters.registry import is_valid_task_id
 from lamp_runtime.adapters.safetensors_io import read_limited
 from lamp_runtime.errors import AdapterError
 
-from .base import AdapterFacts, AdapterStore, StoredAdapter
+from .base import AdapterFacts, AdapterStore, NewAdapter, StoredAdapter
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,19 @@ def store_adapter(store: AdapterStore, task_id: str, adapter: PromptAdapter, hid
     """Write a validated adapter as the next version of `task_id` (see AdapterStore.put)."""
     return store.put(task_id, lambda path: save_adapter(adapter, path), facts_of(adapter), source=source,
                      verify=lambda path: load_adapter(path, hidden_size, limits), bundled_sha=bundled_sha)
+
+
+def store_adapters(store: AdapterStore, adapters: list[tuple[str, PromptAdapter]], hidden_size: int,
+                   limits: AdapterLimits) -> list[StoredAdapter | Exception]:
+    """Write many validated adapters (a batch registration; see AdapterStore.put_many)."""
+    items = [NewAdapter(task_id, partial(save_adapter, adapter), facts_of(adapter),
+                        verify=partial(_verify, hidden_size=hidden_size, limits=limits))
+             for task_id, adapter in adapters]
+    return store.put_many(items)
+
+
+def _verify(path: Path, hidden_size: int, limits: AdapterLimits) -> None:
+    load_adapter(path, hidden_size, limits)
 
 
 def load_stored(path: Path, expected_sha256: str, hidden_size: int, limits: AdapterLimits) -> PromptAdapter:
@@ -131,7 +145,7 @@ def import_bundled(store: AdapterStore, prompts_dir: Path | None, hidden_size: i
     for bundled in discover_bundled(prompts_dir):
         try:
             sha = bundled.sha256(limits)
-            if store.read_index().bundled.get(bundled.task_id) == sha:
+            if store.bundled_sha(bundled.task_id) == sha:
                 continue
             adapter = load_adapter(bundled.path, hidden_size, limits)
             stored = store_adapter(store, bundled.task_id, adapter, hidden_size, limits,

@@ -10,7 +10,6 @@ it reports (never a half-updated one), and afterwards the store, both replicas a
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import time
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import httpx
 import pytest
 
 from ..conftest import lamp_from_prompt, vocab_prompt
+from ..store_state import registry_state
 from .conftest import REPLICAS, measured
 from .traffic import Load, adapter_bytes, attempt, reference_texts, registered_per_replica
 
@@ -131,7 +131,7 @@ def test_parallel_admin_calls_under_traffic_stay_consistent(server, admin, clien
             assert seen == sorted(seen), (worker, task_id, seen)
 
     # Afterwards the store, every replica and /v1/models agree.
-    index = json.loads((server.store / "index.json").read_text())
+    index = registry_state(server.store)
     current = {t: index["tasks"][t]["version"] for t in TASKS if t in index["tasks"]}
     assert "churn-a" in current  # only plans 1 and 2 touch it, and both end with a put
     for task_id in TASKS:

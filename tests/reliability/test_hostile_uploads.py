@@ -10,6 +10,7 @@ import httpx
 import pytest
 import torch
 
+from ..store_state import registry_state, store_files
 from .conftest import MAX_UPLOAD_BYTES, REPLICAS
 from .hostile_files import (
     HIDDEN,
@@ -98,7 +99,7 @@ BAD_TASK_IDS = [
 
 def snapshot(server) -> tuple:
     store = server.store
-    return ((store / "index.json").read_bytes(), sorted(str(p.relative_to(store)) for p in store.rglob("*")),
+    return (registry_state(store), store_files(store),
             sorted(p.name for p in store.parent.iterdir()))
 
 

@@ -4,7 +4,6 @@ outputs; the interrupted upload left the previous version current and nothing ha
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 
@@ -15,6 +14,7 @@ from lamp_runtime.adapters import AdapterMeta, SoftPromptAdapter, save_adapter
 
 from ..conftest import lamp_from_prompt, vocab_prompt
 from ..server_process import ServerProcess
+from ..store_state import registry_state
 from .conftest import measured
 from .traffic import adapter_bytes, upload
 
@@ -102,7 +102,7 @@ def test_sigkill_mid_upload_then_restart_loses_nothing(backbone, task_adapters, 
             uploader.join(60)
     assert outcome and outcome[0] != 201, outcome  # the upload never completed
 
-    index = json.loads((store / "index.json").read_text())  # whole, parseable, still the old state
+    index = registry_state(store)  # still the old state: the killed upload committed nothing
     assert {t: e["version"] for t, e in index["tasks"].items()} == {t: a["version"] for t, a in before_list.items()}
 
     started = time.monotonic()

@@ -25,7 +25,7 @@ from serving.store.files import facts_of, load_stored
 from serving.store.local import LocalAdapterStore
 from serving.store.sync import StoreSync
 
-from .crashing_writer import POINTS
+from .crashing_writer import POINTS, REGISTRY_POINTS
 from .hostile_files import HIDDEN
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -47,10 +47,11 @@ def put_file(store: LocalAdapterStore, task_id: str, source: Path):
                      verify=lambda path: load_adapter(path, HIDDEN, LIMITS))
 
 
-def crash_writer_at(store_dir: Path, task_id: str, source: Path, point: str) -> str:
+def crash_writer_at(store_dir: Path, task_id: str, source: Path, point: str, registry_url: str | None = None) -> str:
     """Run the writer until it reports `point`, SIGKILL it there; return its last line."""
     writer = subprocess.Popen([sys.executable, "-m", "tests.reliability.crashing_writer", str(store_dir), task_id,
-                               str(source), point], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
+                               str(source), point, *([registry_url] if registry_url else [])], cwd=REPO_ROOT,
+                              stdout=subprocess.PIPE, text=True)
     deadline = time.monotonic() + PAUSE_TIMEOUT_S
     line = ""
     try:
@@ -117,6 +118,44 @@ def test_the_writer_completes_when_not_killed(tmp_path):
     source = soft_prompt(3, tmp_path)
     assert crash_writer_at(store_dir, "task", source, "none") == "STORED v1"
     assert same_prompt(LocalAdapterStore(store_dir).path_of(LocalAdapterStore(store_dir).get("task")), source)
+
+
+@pytest.mark.parametrize("point", REGISTRY_POINTS)
+def test_sigkill_at_any_point_of_a_registry_write_leaves_old_or_new(tmp_path, registry_url, point):
+    """The same against the registry store (SQLite and PostgreSQL): the row that makes a version
+    current commits only after its file is complete, so a kill anywhere leaves old or new."""
+    from serving.store import open_store
+
+    store_dir = tmp_path / "store"
+    old, new = soft_prompt(1, tmp_path), soft_prompt(2, tmp_path)
+    store = open_store(store_dir, registry_url)
+    put_file(store, "task", old)
+    before = put_file(store, "task", old)
+    seq = store.change_key()
+
+    assert crash_writer_at(store_dir, "task", new, point, registry_url) == f"PAUSED {point}"
+
+    store = open_store(store_dir, registry_url)  # a fresh handle, as a restarted server opens it
+    current = store.get("task")
+    completed = point == "prune"
+    assert current.version == before.version + (1 if completed else 0)
+    assert store.change_key() == seq + (1 if completed else 0)
+    assert same_prompt(store.path_of(current), new if completed else old)
+    load_stored(store.path_of(current), current.sha256, HIDDEN, LIMITS)
+    for path in (store_dir / "task").iterdir():  # every file a reader could open is complete
+        if not path.name.startswith("."):
+            load_adapter(path, HIDDEN, LIMITS)
+
+    # The dead writer's locks are gone (file lock, database transaction), a number it stored is not reused,
+    # and a replica starting now loads exactly the committed state.
+    on_disk = max(int(p.stem[1:]) for p in (store_dir / "task").glob("v*.safetensors"))
+    after = put_file(store, "task", new)
+    assert after.version > max(on_disk, current.version)
+    assert same_prompt(store.path_of(after), new)
+    assert [p.name for p in (store_dir / "task").iterdir() if ".tmp." in p.name] == []
+    registry = AdapterRegistry()
+    StoreSync(store, registry, PromptCache(1 << 20), HIDDEN, LIMITS).refresh()
+    assert registry.get("task").version == after.version
 
 
 @pytest.mark.parametrize("reserved", ["index.json"])

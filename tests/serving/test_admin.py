@@ -12,6 +12,7 @@ from safetensors import safe_open
 from lamp_runtime.adapters import load_adapter, save_adapter
 
 from ..conftest import lamp_from_prompt, vocab_prompt
+from ..store_state import registry_state
 from .conftest import engine_alone, write_peft_folder
 
 pytestmark = pytest.mark.slow
@@ -134,7 +135,7 @@ def test_index_on_disk_is_valid_json_naming_existing_files(admin, server, backbo
     data = adapter_bytes(lamp_from_prompt(vocab_prompt(backbone, 4, seed=51), rank=2, pool=1), tmp_path)
     for _ in range(3):
         assert put(admin, "churn", data).status_code == 201
-    index = json.loads((server.store / "index.json").read_text())
+    index = registry_state(server.store)
     for task_id, entry in index["tasks"].items():
         assert (server.store / task_id / f"v{entry['version']}.safetensors").is_file()
     assert index["last_versions"]["churn"] == 3

@@ -3,7 +3,8 @@
 Three Ray nodes (`ray.cluster_utils.Cluster`): a head with no CPUs (ingress, metrics hub, Serve's
 controller and proxy: all zero-CPU actors) and two workers with one CPU each, so the two model
 replicas (one CPU each) must land on different worker nodes. The store is an `s3://` URL on a moto
-S3 server on 127.0.0.1, which every node reaches like a real bucket.
+S3 server on 127.0.0.1, which every node reaches like a real bucket, and its registry a PostgreSQL
+database (a throwaway server started from Debian's package), as a production cluster would run.
 
 It registers an adapter through the admin API (ingress on the head), checks that both replicas
 serve it and prints the registration-to-visibility time; kills one worker node and checks that the
@@ -84,7 +85,15 @@ def s3_store():
 
 
 @pytest.fixture(scope="module")
-def cluster(s3_store):
+def registry():
+    from ..local_postgres import fresh_database, local_postgres
+
+    with local_postgres() as server:
+        yield fresh_database(server, "cluster")
+
+
+@pytest.fixture(scope="module")
+def cluster(s3_store, registry):
     import ray
     from ray import serve
     from ray.cluster_utils import Cluster
@@ -102,8 +111,8 @@ def cluster(s3_store):
         ray.init(address=sim.address, logging_level="WARNING")
         # One proxy: all "nodes" share this host, so proxies on every node would fight over the port.
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
-        args = {"store": s3_store, "prompts": "", "dtype": "float32", "quantization": "none", "device": "cpu",
-                "replicas": 2, "replica_cpus": 1, "threads": 1, "max_batch_size": 4, "max_queue": 8,
+        args = {"store": s3_store, "registry": registry, "prompts": "", "dtype": "float32", "quantization": "none",
+                "device": "cpu", "replicas": 2, "replica_cpus": 1, "threads": 1, "max_batch_size": 4, "max_queue": 8,
                 "max_new_tokens": 8, "prompt_cache_mb": 16}
         started = time.monotonic()
         serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)

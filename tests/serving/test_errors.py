@@ -14,6 +14,7 @@ import torch
 from lamp_runtime.adapters import AdapterMeta, SoftPromptAdapter, save_adapter
 
 from ..conftest import vocab_prompt
+from ..store_state import registry_state
 from .conftest import MAX_INPUT_TOKENS, MAX_REQUEST_BYTES, MAX_UPLOAD_BYTES, assert_healthy
 
 pytestmark = pytest.mark.slow
@@ -137,7 +138,7 @@ def test_invalid_adapters_are_422_naming_the_problem_and_keep_the_previous_versi
     good = soft_prompt_bytes(vocab_prompt(backbone, 5, seed=71), tmp_path)
     assert admin.put("/admin/adapters/steady", files={"adapter": ("a.safetensors", good)}).status_code == 201
     before = client.post("/generate", json={"task_id": "steady", "input": "Hi", "max_new_tokens": 4}).json()
-    index_before = (server.store / "index.json").read_bytes()
+    index_before = registry_state(server.store)
 
     nan_prompt = vocab_prompt(backbone, 5, seed=72)
     nan_prompt[0, 0] = float("nan")
@@ -167,7 +168,7 @@ def test_invalid_adapters_are_422_naming_the_problem_and_keep_the_previous_versi
     response = admin.put("/admin/adapters/bad%20id!", files={"adapter": ("a.safetensors", good)})
     assert response.status_code == 422 and "invalid task id 'bad id!'" in message(response)
 
-    assert (server.store / "index.json").read_bytes() == index_before  # nothing was written
+    assert registry_state(server.store) == index_before  # nothing was written
     after = client.post("/generate", json={"task_id": "steady", "input": "Hi", "max_new_tokens": 4}).json()
     assert (after["adapter_version"], after["text"]) == (before["adapter_version"], before["text"])
     admin.delete("/admin/adapters/steady").raise_for_status()

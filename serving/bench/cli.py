@@ -1,0 +1,41 @@
+"""`lamp bench registry`: adds itself to `lamp bench` (lamp_runtime/bench/cli.py), which sits on a
+lower layer and so cannot import serving."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    bench = subparsers.choices["bench"]
+    benches = next(a for a in bench._actions if isinstance(a, argparse._SubParsersAction))
+    r = benches.add_parser("registry", help="register many adapters through a real server's admin API: time per "
+                                            "registration at growing task counts, sync cost, server memory")
+    r.add_argument("--registry", default="sqlite",
+                   help="'sqlite' (the default, under the store folder) or a postgresql:// URL")
+    r.add_argument("--tasks", type=int, nargs="+", default=[1000, 10000, 100000],
+                   help="task counts at which single PUTs, the sync and memory are measured")
+    r.add_argument("--batch", type=int, default=500, help="adapters per batch registration request")
+    r.add_argument("--samples", type=int, default=30, help="single PUTs timed at each task count")
+    r.add_argument("--requests", type=int, default=40, help="generations for random tasks at each task count")
+    r.add_argument("--length", type=int, default=100, help="LAMP prompt length l of every adapter")
+    r.add_argument("--rank", type=int, default=8, help="LAMP rank r of every adapter")
+    r.add_argument("--store", help="store folder (default: a new temporary one, removed afterwards)")
+    r.add_argument("--out", required=True, help="write the report JSON here")
+    r.add_argument("--seed", type=int, default=0)
+    r.set_defaults(func=run_registry_command)
+
+
+def run_registry_command(args) -> int:
+    from lamp_runtime.bench.report import format_table, write_json
+
+    from .registry import TABLE_COLUMNS, RegistryBenchConfig, run_registry_bench
+
+    config = RegistryBenchConfig(registry=args.registry, tasks=tuple(args.tasks), batch=args.batch,
+                                 samples=args.samples, requests=args.requests, length=args.length, rank=args.rank,
+                                 store=args.store, seed=args.seed)
+    report = run_registry_bench(config, on_progress=lambda partial: write_json(args.out, partial))
+    path = write_json(args.out, report)
+    print(format_table(report["rows"], TABLE_COLUMNS))
+    print(f"wrote {path}")
+    return 0

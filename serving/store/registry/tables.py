@@ -1,0 +1,47 @@
+"""The registry's SQL schema (SQLAlchemy Core; the same tables on SQLite and PostgreSQL).
+
+One row per task ever registered: its current version (NULL once deleted, so the row keeps the
+task's version counter and its change sequence number), what the file holds, and `seq`, the change
+number of the row's last visible change. One state row holds the last change number handed out and
+the number of current tasks, so a write, a count and "anything new?" are each O(1).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import BigInteger, Column, Float, Index, Integer, MetaData, String, Table
+
+SCHEMA_VERSION = 1
+STATE_ROW = 1
+
+metadata = MetaData()
+
+# Task ids sort byte-wise on both databases (PostgreSQL's default collation follows the locale), so a
+# page cursor means the same thing everywhere.
+TaskId = String(64).with_variant(String(64, collation="C"), "postgresql")
+
+adapters = Table(
+    "lamp_adapters", metadata,
+    Column("task_id", TaskId, primary_key=True),
+    Column("version", Integer, nullable=True),  # the current version; NULL: not served (deleted)
+    Column("last_version", Integer, nullable=False),  # the last version number handed out
+    Column("kind", String(32)),
+    Column("prompt_tokens", Integer),
+    Column("pooled_tokens", Integer),
+    Column("pool", Integer, nullable=True),
+    Column("bytes", BigInteger),
+    Column("sha256", String(64)),
+    Column("created_at", Float),
+    Column("source", String(300)),
+    Column("bundled_sha", String(64), nullable=True),  # sha256 of the bundled source last imported
+    Column("seq", BigInteger, nullable=False, default=0),
+    Index("lamp_adapters_seq", "seq"),
+)
+
+state = Table(
+    "lamp_registry_state", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("seq", BigInteger, nullable=False),
+    Column("current", BigInteger, nullable=False),  # tasks with a current version
+    Column("schema_version", Integer, nullable=False),
+    Column("imported_index", String(200), nullable=True),  # the index.json imported, if any
+)
