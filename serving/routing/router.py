@@ -20,7 +20,7 @@ from typing import Optional
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from .affinity import LoadBound, choose_replica, rank_replicas
-from .stats import ROUTED
+from .stats import count_routed
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class TaskAffinityRouter(RequestRouter):
         if not task_id or not self._replicas:
             return
         preferred = self._ranking(task_id, list(self._replicas.values()))[0]
-        ROUTED.count(replica_id.unique_id, spilled=preferred.replica_id != replica_id)
+        count_routed(replica_id.unique_id, spilled=preferred.replica_id != replica_id)
 
     def _fulfill_next_pending_request(self, replica: RunningReplica, request_metadata=None) -> None:
         """Give `replica` to the very request it was chosen for.
