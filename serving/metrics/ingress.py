@@ -33,12 +33,12 @@ class RoutingCollector:
 class IngressMetrics:
     """What the ingress measures: requests by task and HTTP status, and affinity routing."""
 
-    def __init__(self, task_label_limit: int = 64):
+    def __init__(self, task_label_limit: int = 64, routing_counts: RoutingCounts = ROUTED):
         self.registry = CollectorRegistry()
         self.requests = Counter("lamp_requests_total", "Inference requests by task and HTTP status",
                                 ["task", "status"], registry=self.registry)
         self.registry.register(ProcessCollector())
-        self.registry.register(RoutingCollector())
+        self.registry.register(RoutingCollector(routing_counts))
         self.task_labels = TaskLabels(task_label_limit)
 
     def count_request(self, task_id: str | None, registered: bool, status: int) -> None:

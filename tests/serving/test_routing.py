@@ -130,3 +130,18 @@ def test_routing_setting_defaults_to_affinity_with_several_replicas():
     assert request_router_config("affinity")["request_router_class"] == "serving.routing.router:TaskAffinityRouter"
     with pytest.raises(ValueError, match="routing must be one of"):
         request_router_config("round-robin")
+
+
+def test_routed_counts_render_per_model_replica_and_choice():
+    from prometheus_client import generate_latest
+
+    from serving.metrics.ingress import IngressMetrics
+    from serving.routing.stats import RoutingCounts
+
+    counts = RoutingCounts()
+    for replica, spilled in (("r1", False), ("r1", False), ("r2", True), ("r2", False)):
+        counts.count(replica, spilled)
+    text = generate_latest(IngressMetrics(routing_counts=counts).registry).decode()
+    assert 'lamp_routed_requests_total{choice="preferred",model_replica="r1"} 2.0' in text
+    assert 'lamp_routed_requests_total{choice="spilled",model_replica="r2"} 1.0' in text
+    assert 'lamp_routed_requests_total{choice="preferred",model_replica="r2"} 1.0' in text
