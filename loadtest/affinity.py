@@ -37,8 +37,8 @@ from pathlib import Path
 import httpx
 
 VARIANTS = ("affinity", "random")
-COUNTERS = ("lamp_prompt_cache_hits", "lamp_prompt_cache_misses", "lamp_prompt_kv_cache_hits",
-            "lamp_prompt_kv_cache_misses", "lamp_request_seconds_count")
+COUNTERS = ("lamp_prompt_cache_hits_total", "lamp_prompt_cache_misses_total", "lamp_prompt_kv_cache_hits_total",
+            "lamp_prompt_kv_cache_misses_total", "lamp_request_seconds_count")
 MIB = 1024 * 1024
 START_TIMEOUT_S = 900.0  # 4 replicas of two servers loading on a shared 2-core machine
 INPUTS = ("The weather today is", "Tell me about the river", "My order has not arrived yet",
@@ -178,7 +178,7 @@ def summarize_variant(ttfts: list[float], counts: dict) -> dict:
     replicas = {k: v for k, v in counts.items() if k != "routed"}
 
     def ratio(prefix: str, per: dict) -> float | None:
-        hits, misses = per.get(f"{prefix}_hits", 0.0), per.get(f"{prefix}_misses", 0.0)
+        hits, misses = per.get(f"{prefix}_hits_total", 0.0), per.get(f"{prefix}_misses_total", 0.0)
         return hits / (hits + misses) if hits + misses else None
 
     total = {name: sum(v.get(name, 0.0) for v in replicas.values()) for name in COUNTERS}
