@@ -15,9 +15,13 @@ Calls without a task id (health and info calls) go to the shortest queue.
 from __future__ import annotations
 
 import logging
-from typing import Optional
 
-from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+from ray.serve.request_router import (
+    PendingRequest,
+    ReplicaID,
+    RequestRouter,
+    RunningReplica,
+)
 
 from .affinity import LoadBound, choose_replica, rank_replicas
 from .stats import count_routed
@@ -58,7 +62,7 @@ class TaskAffinityRouter(RequestRouter):
         return known
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
-                              pending_request: Optional[PendingRequest] = None) -> list[list[RunningReplica]]:
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         if not candidate_replicas:
             return []
         if pending_request is not None:

@@ -12,12 +12,11 @@ import httpx
 import pytest
 
 from lamp_runtime.adapters import save_adapter
-
 from serving.routing.affinity import rank_replicas
 
 from ..conftest import lamp_from_prompt, vocab_prompt
-from .conftest import engine_alone
 from ..server_process import ServerProcess
+from .conftest import engine_alone
 
 pytestmark = pytest.mark.slow
 
@@ -131,7 +130,7 @@ def test_each_task_goes_to_its_preferred_replica_and_a_hot_task_spills(two_repli
     time.sleep(1.0)  # the ingress pushes its metrics twice a second
     routed = {(s.labels["model_replica"], s.labels["choice"]): s.value
               for s in metric_samples(server, "lamp_routed_requests_total")}
-    assert set(r for r, _ in routed) == replica_ids
+    assert {r for r, _ in routed} == replica_ids
     assert sum(v for (_, choice), v in routed.items() if choice == "spilled") >= 1
     assert sum(v for (_, choice), v in routed.items() if choice == "preferred") >= len(adapters) * 3
     for task_id in adapters:
