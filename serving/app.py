@@ -15,6 +15,7 @@ from .http.errors import RETRY_AFTER_S
 from .http.routes import LampIngress
 from .metrics.hub import MetricsHub
 from .replica import LampModel
+from .routing import request_router_config
 
 APP_NAME = "lamp"
 # Calls besides generation that a replica must always have room for (health, info, metrics).
@@ -35,7 +36,10 @@ def build_app(args: dict | None = None) -> Application:
     settings = ServeSettings.from_mapping(args or {}, source="Serve application args")
     per_replica = settings.max_batch_size + settings.max_queue
     hub = MetricsHub.bind()
+    routing = request_router_config(settings.routing_in_force)
     model = LampModel.options(
+        # Task affinity (serving/routing/): each replica's prompt caches hold its share of the tasks.
+        **({"request_router_config": routing} if routing else {}),
         num_replicas=settings.replicas,
         ray_actor_options={"num_cpus": replica_cpus(settings)},
         # Enough for a full batch plus the engine's own waiting queue: the engine, not Serve,

@@ -19,6 +19,8 @@ import yaml
 from lamp_runtime.backbone.options import DTYPE_CHOICES, QUANTIZATION_CHOICES
 from lamp_runtime.engine import ENGINE_KINDS
 
+from .routing import ROUTING_CHOICES, effective_routing
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -42,6 +44,7 @@ class ServeSettings:
     quantization: str = "auto"
     device: str = "auto"
     replicas: int = 1
+    routing: str | None = None  # affinity | random (default: affinity with more than one replica)
     replica_cpus: float | None = None  # Ray CPUs reserved per model replica (default: a fair share)
     threads: int | None = None  # torch threads per model replica (default: CPU cores / replicas)
     max_batch_size: int = 16
@@ -78,6 +81,8 @@ class ServeSettings:
         _check_choice(self, "dtype", DTYPE_CHOICES)
         _check_choice(self, "quantization", QUANTIZATION_CHOICES)
         _check_choice(self, "engine", ENGINE_KINDS)
+        if self.routing is not None:
+            _check_choice(self, "routing", ROUTING_CHOICES)
         _check_range(self, "vllm_kv_cache_mb", 1, None)
         if self.vllm_max_model_len is not None:
             _check_range(self, "vllm_max_model_len", 2, None)
@@ -106,6 +111,10 @@ class ServeSettings:
     @property
     def prompts_dir(self) -> Path | None:
         return Path(self.prompts).expanduser() if self.prompts else None
+
+    @property
+    def routing_in_force(self) -> str:
+        return effective_routing(self.routing, self.replicas)
 
     def backbone_options(self):
         from lamp_runtime.backbone.options import BackboneOptions

@@ -173,11 +173,16 @@ class GenerationService:
         self.metrics.count_request(task_id, True, 200)
         return replies
 
+    def _handle(self, request: GenerationRequest, **options):
+        """The model handle for this request: the task id travels as Serve's `session_id`, which the
+        task-affinity router reads (serving/routing/router.py) without deserializing the request."""
+        return self.model.options(session_id=request.task_id, **options)
+
     async def _call(self, request: GenerationRequest) -> list[GenerationResult] | Refusal:
         """One call on the model deployment, re-sent if its replica dies before answering."""
         retries = REPLICA_LOST_RETRIES
         while True:
-            call = self.model.complete.remote(request)  # raises BackPressureError when the queue is full
+            call = self._handle(request).complete.remote(request)  # BackPressureError when the queue is full
             try:
                 return await call
             except RayActorError as exc:
@@ -194,7 +199,7 @@ class GenerationService:
         for attempt in range(REPLICA_LOST_RETRIES + 1):
             items = None
             try:
-                items = self.model.options(stream=True).stream.remote(request)
+                items = self._handle(request, stream=True).stream.remote(request)
                 first = await items.__anext__()
                 break
             except Exception as exc:

@@ -26,6 +26,8 @@ def register(subparsers) -> None:
     from lamp_runtime.backbone.cli_args import add_backbone_arguments
     from lamp_runtime.engine import ENGINE_KINDS
 
+    from .routing import ROUTING_CHOICES
+
     p = subparsers.add_parser(
         "serve", help="serve adapters over HTTP (Ray Serve)",
         description="Serve every registered adapter over one shared backbone. Settings: defaults < "
@@ -45,6 +47,9 @@ def register(subparsers) -> None:
     # None = "not given", so values from --config are not overridden by flag defaults.
     p.set_defaults(backbone=None, dtype=None, quantization=None, device=None)
     p.add_argument("--replicas", type=int, help="model replicas, each holding one backbone (default 1)")
+    p.add_argument("--routing", choices=ROUTING_CHOICES,
+                   help="which replica takes a request: affinity (each task to its preferred replica, spilling "
+                        "when that one is busy) or random (Serve's default); default affinity when replicas > 1")
     p.add_argument("--replica-cpus", type=float, help="Ray CPUs reserved per replica (default: fair share)")
     p.add_argument("--threads", type=int, help="torch threads per replica (default: cores / replicas)")
     p.add_argument("--max-batch-size", type=int, help="requests per engine batch (default 16)")
@@ -72,7 +77,8 @@ def register(subparsers) -> None:
 
 
 SETTING_FLAGS = ("host", "port", "address", "num_cpus", "store", "registry", "prompts", "backbone", "dtype",
-                 "quantization", "device", "replicas", "replica_cpus", "threads", "max_batch_size", "batch_wait_ms",
+                 "quantization", "device", "replicas", "routing", "replica_cpus", "threads", "max_batch_size",
+                 "batch_wait_ms",
                  "prefill_forward_cost_tokens", "max_queue", "max_input_tokens", "max_new_tokens", "prompt_cache_mb",
                  "prompt_kv_cache_mb", "max_request_bytes", "max_upload_bytes",
                  "serve_log_level", "engine", "vllm_kv_cache_mb", "vllm_max_model_len",
@@ -204,7 +210,8 @@ def run(args: argparse.Namespace) -> int:
         health = wait_until_healthy(settings.host, settings.port, READY_TIMEOUT_S, stop)
         if health is not None:
             print(f"lamp serve: ready at http://{settings.host}:{settings.port} in {time.monotonic() - started:.1f} s "
-                  f"(backbone {health['backbone']}, {settings.replicas} replica(s), store {settings.store})",
+                  f"(backbone {health['backbone']}, {settings.replicas} replica(s), {settings.routing_in_force} routing, "
+                  f"store {settings.store})",
                   flush=True)
         while not stop.wait(1.0):
             pass

@@ -112,7 +112,11 @@ def cluster(s3_store, registry):
         # One proxy: all "nodes" share this host, so proxies on every node would fight over the port.
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
         args = {"store": s3_store, "registry": registry, "prompts": "", "dtype": "float32", "quantization": "none",
-                "device": "cpu", "replicas": 2, "replica_cpus": 1, "threads": 1, "max_batch_size": 4, "max_queue": 8,
+                "device": "cpu",
+                # task-affinity routing, as deploy/serve_config.cluster.yaml sets it: the one task's
+                # bursts of 4 spill from its preferred replica, so both replicas (nodes) serve it
+                "routing": "affinity",
+                "replicas": 2, "replica_cpus": 1, "threads": 1, "max_batch_size": 4, "max_queue": 8,
                 "max_new_tokens": 8, "prompt_cache_mb": 16}
         started = time.monotonic()
         serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)

@@ -32,6 +32,7 @@ def test_yaml_then_flags_override_defaults(tmp_path):
     ("max_batch_size: 0\n", "max_batch_size must be an integer >= 1"),
     ("prefill_forward_cost_tokens: -1\n", "prefill_forward_cost_tokens must be an integer >= 0"),
     ("dtype: float8\n", "dtype must be one of"),
+    ("routing: round-robin\n", "routing must be one of affinity, random"),
     ("- port\n", "must contain a mapping"),
     ("port: [1\n", "not valid YAML"),
 ])
@@ -69,6 +70,18 @@ def test_settings_round_trip_through_app_args():
     settings = ServeSettings(port=9000, replicas=2, store="/data/s", batch_wait_ms=1.5)
     assert ServeSettings.from_mapping(settings.to_args()) == settings
     assert isinstance(build_app(settings.to_args()), Application)
+
+
+def test_routing_picks_the_model_deployments_request_router():
+    assert settings_from_args(build_parser().parse_args(["serve", "--replicas", "2"])).routing_in_force == "affinity"
+    args = build_parser().parse_args(["serve", "--replicas", "2", "--routing", "random"])
+    assert settings_from_args(args).routing_in_force == "random"
+    for routing, router in (("affinity", "serving.routing.router:TaskAffinityRouter"),
+                            ("random", "PowerOfTwoChoicesRequestRouter")):
+        app = build_app(ServeSettings(replicas=2, routing=routing).to_args())
+        model = app._bound_deployment.init_args[0]
+        assert model._bound_deployment.name == "LampModel"
+        assert model._bound_deployment._deployment_config.request_router_config.request_router_class.endswith(router)
 
 
 def test_shipped_serve_config_is_valid_for_serve_deploy():

@@ -63,3 +63,9 @@ def test_kuberay_admin_token_comes_from_a_secret_on_every_pod():
             assert "secretKeyRef" in token["valueFrom"] and "value" not in token
     # Not in the Serve config either: `serve status` and the dashboard show it.
     assert "LAMP_ADMIN_TOKEN" not in rayservice()["spec"]["serveConfigV2"]
+
+
+@pytest.mark.parametrize("name", [*SERVE_CONFIGS, "kuberay serveConfigV2"])
+def test_serve_configs_route_by_task_affinity(name):
+    (app,) = serve_configs()[name]["applications"]
+    assert ServeSettings.from_mapping(app["args"], source=name).routing_in_force == "affinity"

@@ -9,6 +9,7 @@ from prometheus_client import generate_latest
 from lamp_runtime.engine.decoder import DecoderEngine
 from serving.metrics.ingress import IngressMetrics
 from serving.metrics.replica import ModelMetrics
+from serving.routing.stats import RoutingCounts
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "docs" / "grafana-lamp.json"
 
@@ -16,7 +17,9 @@ DASHBOARD = Path(__file__).resolve().parents[2] / "docs" / "grafana-lamp.json"
 def exposed_names(backbone) -> set[str]:
     """Sample names of a replica's and the ingress's registries, as /metrics renders them."""
     model = ModelMetrics(DecoderEngine(backbone), registered=lambda: 0)
-    ingress = IngressMetrics()
+    routed = RoutingCounts()
+    routed.count("r1", spilled=True)  # a labelled metric shows up once it has a series
+    ingress = IngressMetrics(routing_counts=routed)
     ingress.count_request("t", True, 200)  # a labelled metric shows up once it has a series
     model.request_seconds.labels("t").observe(0.1)
     model.ttft_seconds.labels("t").observe(0.1)
@@ -37,7 +40,8 @@ def test_every_dashboard_query_uses_an_exposed_lamp_metric(backbone):
                      "lamp_prompt_cache_misses_total", "lamp_prompt_cache_evictions_total", "lamp_prompt_cache_bytes",
                      "lamp_backbone_bytes", "lamp_registered_adapters", "lamp_process_resident_memory_bytes",
                      "lamp_prefill_seconds_sum", "lamp_prefill_seconds_saved_total", "lamp_kv_cache_bytes",
-                     "lamp_kv_cache_bytes_saved_total"):
+                     "lamp_kv_cache_bytes_saved_total", "lamp_routed_requests_total",
+                     "lamp_prompt_kv_cache_hits_total"):
         assert required in used, required
 
 

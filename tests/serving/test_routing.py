@@ -1,0 +1,147 @@
+"""Task-affinity routing, the pure decisions: rendezvous ranking (stable, balanced, moves only a
+leaving or joining replica's share) and the bounded-load choice (a hot task spills, queues stay
+bounded). The router on the real server is tested in test_replicas.py and the reliability tests."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections import Counter, deque
+
+import pytest
+
+from serving.routing import effective_routing, request_router_config
+from serving.routing.affinity import LoadBound, choose_replica, rank_replicas
+
+TASKS = [f"task-{i}" for i in range(400)]
+
+
+def replicas(n: int) -> dict[str, str]:
+    return {f"r{i}": f"replica{i}x7q" for i in range(n)}
+
+
+def preferred(replica_set: dict[str, str]) -> dict[str, str]:
+    return {t: rank_replicas(t, replica_set)[0] for t in TASKS}
+
+
+def test_ranking_is_the_same_in_every_process():
+    code = ("from serving.routing.affinity import rank_replicas;"
+            "print([rank_replicas(f't{i}', {k: k for k in 'abcd'}) for i in range(20)])")
+    outputs = {subprocess.run([sys.executable, "-c", code], env={"PYTHONHASHSEED": seed, "PYTHONPATH": "."},
+                              capture_output=True, text=True, check=True).stdout for seed in ("1", "2")}
+    assert len(outputs) == 1
+    assert outputs.pop().strip() == str([rank_replicas(f"t{i}", {k: k for k in "abcd"}) for i in range(20)])
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_tasks_spread_evenly(n):
+    shares = Counter(preferred(replicas(n)).values())
+    assert len(shares) == n
+    assert max(shares.values()) / min(shares.values()) < 1.35  # 400 tasks: binomial noise only
+
+
+def test_a_leaving_replica_moves_only_its_own_tasks():
+    before = preferred(replicas(4))
+    after = preferred({k: v for k, v in replicas(4).items() if k != "r2"})
+    moved = {t for t in TASKS if before[t] != after[t]}
+    assert moved == {t for t in TASKS if before[t] == "r2"}
+    # each moved task goes to its second choice: the remaining replicas share them
+    assert len(Counter(after[t] for t in moved)) == 3
+
+
+def test_a_joining_replica_takes_about_its_share_and_nothing_else_moves():
+    before = preferred(replicas(3))
+    after = preferred(replicas(4))
+    moved = {t for t in TASKS if before[t] != after[t]}
+    assert all(after[t] == "r3" for t in moved)
+    assert 0.15 < len(moved) / len(TASKS) < 0.35  # about 1/4
+
+
+def test_preferred_replica_takes_the_request_while_queues_are_short_or_even():
+    order = ["a", "b", "c"]
+    bound = LoadBound(load_factor=1.25, min_queue=2)
+    assert choose_replica(order, {"a": 0, "b": 0, "c": 0}, bound) == "a"
+    assert choose_replica(order, {"a": 1, "b": 0, "c": 0}, bound) == "a"  # within min_queue
+    assert choose_replica(order, {"a": 5, "b": 4, "c": 4}, bound) == "a"  # ceil(1.25 * 14/3) = 6
+
+
+def test_an_overloaded_preferred_replica_spills_to_the_next_in_the_tasks_order():
+    bound = LoadBound(load_factor=1.25, min_queue=2)
+    assert choose_replica(["a", "b", "c"], {"a": 6, "b": 0, "c": 0}, bound) == "b"
+    assert choose_replica(["a", "c", "b"], {"a": 6, "b": 0, "c": 0}, bound) == "c"
+    assert choose_replica(["a", "b", "c"], {"a": 6, "b": 5, "c": 0}, bound) == "c"
+
+
+def test_replicas_without_a_known_queue_are_skipped():
+    bound = LoadBound()
+    assert choose_replica(["a", "b"], {"b": 3}, bound) == "b"
+    assert choose_replica(["a", "b"], {}, bound) == "a"
+    with pytest.raises(ValueError, match="no replica"):
+        choose_replica([], {}, bound)
+
+
+@pytest.mark.parametrize("queues", [[0], [3, 0], [9, 9, 0, 1], [0, 0, 0, 50], [7, 7, 7, 7, 7]])
+@pytest.mark.parametrize("factor", [1.0, 1.25, 2.0])
+def test_some_replica_is_always_within_the_bound(queues, factor):
+    bound = LoadBound(load_factor=factor, min_queue=1)
+    assert min(queues) + 1 <= bound.capacity(queues)
+
+
+def simulate_hot_task(bound: LoadBound, ticks: int = 400) -> tuple[list[int], list[int]]:
+    """One task sending 3 requests every 2 ticks to 2 replicas that each finish 1 request per tick:
+    more than one replica can serve. Returns the replicas' final queues and requests taken."""
+    order = rank_replicas("hot", {"a": "a", "b": "b"})
+    queues = {r: deque() for r in order}
+    taken = Counter()
+    for tick in range(ticks):
+        for _ in range(2 if tick % 2 else 1):
+            chosen = choose_replica(order, {r: len(q) for r, q in queues.items()}, bound)
+            queues[chosen].append(tick)
+            taken[chosen] += 1
+        for q in queues.values():
+            if q:
+                q.popleft()
+    return [len(queues[r]) for r in order], [taken[r] for r in order]
+
+
+def test_a_hot_task_spreads_and_no_queue_grows_without_bound():
+    queues, taken = simulate_hot_task(LoadBound(load_factor=1.25, min_queue=2))
+    assert max(queues) <= 3
+    assert taken[0] >= 0.65 * sum(taken)  # the preferred replica runs full (1 of the 1.5 per tick)
+    assert taken[1] >= 0.3 * sum(taken)  # and the overflow goes to the other one
+    # without spilling (an unreachable bound) the preferred replica's queue grows with time
+    queues, taken = simulate_hot_task(LoadBound(load_factor=1.0, min_queue=10_000))
+    assert queues[0] > 150 and taken[1] == 0
+
+
+@pytest.mark.parametrize("kwargs, message", [({"load_factor": 0.9}, "load_factor"), ({"load_factor": True}, "load_factor"),
+                                             ({"min_queue": 0}, "min_queue"), ({"min_queue": 1.5}, "min_queue")])
+def test_load_bound_rejects_bad_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LoadBound(**kwargs)
+
+
+def test_routing_setting_defaults_to_affinity_with_several_replicas():
+    assert effective_routing(None, 1) == "random"
+    assert effective_routing(None, 2) == "affinity"
+    assert effective_routing("random", 4) == "random"
+    assert effective_routing("affinity", 1) == "affinity"
+    assert request_router_config("random") is None
+    assert request_router_config("affinity")["request_router_class"] == "serving.routing.router:TaskAffinityRouter"
+    with pytest.raises(ValueError, match="routing must be one of"):
+        request_router_config("round-robin")
+
+
+def test_routed_counts_render_per_model_replica_and_choice():
+    from prometheus_client import generate_latest
+
+    from serving.metrics.ingress import IngressMetrics
+    from serving.routing.stats import RoutingCounts
+
+    counts = RoutingCounts()
+    for replica, spilled in (("r1", False), ("r1", False), ("r2", True), ("r2", False)):
+        counts.count(replica, spilled)
+    text = generate_latest(IngressMetrics(routing_counts=counts).registry).decode()
+    assert 'lamp_routed_requests_total{choice="preferred",model_replica="r1"} 2.0' in text
+    assert 'lamp_routed_requests_total{choice="spilled",model_replica="r2"} 1.0' in text
+    assert 'lamp_routed_requests_total{choice="preferred",model_replica="r2"} 1.0' in text
