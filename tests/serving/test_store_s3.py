@@ -18,7 +18,7 @@ from lamp_runtime.adapters.registry import AdapterRegistry
 from lamp_runtime.prompts.cache import PromptCache
 from serving.store import open_store
 from serving.store.files import load_stored, store_adapter
-from serving.store.local import LocalAdapterStore
+from serving.store.registry.store import RegistryAdapterStore
 from serving.store.s3 import CHECK_INTERVAL_S, ObjectAdapterStore
 from serving.store.sync import StoreSync
 
@@ -61,10 +61,15 @@ def object_names(bucket: str, prefix: str) -> list[str]:
 
 
 def test_open_store_picks_the_backend_by_location(tmp_path, bucket):
-    assert isinstance(open_store(tmp_path / "a"), LocalAdapterStore)
-    assert isinstance(open_store(f"file://{tmp_path}/b"), LocalAdapterStore)
-    assert open_store(f"file://{tmp_path}/b").root == tmp_path / "b"
+    """A local folder (path or file:// URL) gets the SQLite registry inside it; an object store
+    without a registry keeps its index.json, and with one keeps its files there."""
+    local = open_store(tmp_path / "a")
+    assert isinstance(local, RegistryAdapterStore) and (tmp_path / "a" / "registry.sqlite3").is_file()
+    assert isinstance(open_store(f"file://{tmp_path}/b"), RegistryAdapterStore)
+    assert open_store(f"file://{tmp_path}/b").files.root == tmp_path / "b"
     assert isinstance(open_store(f"s3://{bucket}/x"), ObjectAdapterStore)
+    with_registry = open_store(f"s3://{bucket}/y", f"sqlite:///{tmp_path}/y.sqlite3")
+    assert isinstance(with_registry, RegistryAdapterStore)
 
 
 def test_round_trip_and_immutable_versions(store, bucket):
