@@ -57,6 +57,18 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def write_verified(target: Path, write_file: Callable[[Path], None],
+                   verify: Callable[[Path], None] | None) -> None:
+    """An adapter file written atomically: `write_file` fills a temporary file, `verify` (if any)
+    checks it, and only then is it renamed over `target` (a bad upload never reaches its name)."""
+    def write_and_verify(tmp: Path) -> None:
+        write_file(tmp)
+        if verify is not None:
+            verify(tmp)
+
+    _write_atomically(target, write_and_verify)
+
+
 def _write_atomically(target: Path, write: Callable[[Path], None]) -> None:
     """`write(tmp_path)` fills a temporary file next to `target`; it is fsynced and renamed over it."""
     # Same suffix as the target (readers check it), a leading dot so listings ignore it.
@@ -126,12 +138,7 @@ class LocalAdapterStore(AdapterStore):
             version = max(index.last_versions.get(task_id, 0), self._max_version_on_disk(task_dir)) + 1
             target = task_dir / f"v{version}.safetensors"
 
-            def write_and_verify(tmp: Path) -> None:
-                write_file(tmp)
-                if verify is not None:
-                    verify(tmp)
-
-            _write_atomically(target, write_and_verify)
+            write_verified(target, write_file, verify)
             stored = StoredAdapter(task_id, version, facts.kind, facts.prompt_tokens, facts.pooled_tokens,
                                    target.stat().st_size, self.sha256_of(target), time.time(), source, facts.pool)
             index.tasks[task_id] = stored

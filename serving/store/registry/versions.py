@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..base import AdapterStore, StoredAdapter, StoreError
-from ..local import VERSION_FILE, LocalAdapterStore, _write_atomically
+from ..local import VERSION_FILE, LocalAdapterStore, write_verified
 
 
 def _sync_filesystem(folder: Path) -> None:
@@ -111,13 +111,7 @@ class LocalVersionFiles(VersionFiles):
         task_dir.mkdir(exist_ok=True)
         self.index_store._remove_dead_writers_files(task_dir)
         target = task_dir / f"v{version}.safetensors"
-
-        def write_and_verify(tmp: Path) -> None:
-            write_file(tmp)
-            if verify is not None:
-                verify(tmp)
-
-        _write_atomically(target, write_and_verify)
+        write_verified(target, write_file, verify)
         return target.stat().st_size, AdapterStore.sha256_of(target)
 
     def write_many(self, versions):
