@@ -49,6 +49,17 @@ class IndexConflict(Exception):
     """Another writer replaced the index between our read and our write."""
 
 
+def staged_upload(write_file: Callable[[Path], None], verify: Callable[[Path], None] | None) -> tuple[bytes, str]:
+    """An adapter file's bytes and sha256, written (and verified, if asked) in a local temporary
+    folder first: an object store gets one whole object, and only one that passed the checks."""
+    with tempfile.TemporaryDirectory(prefix="lamp-upload-") as tmp_dir:
+        local = Path(tmp_dir) / "adapter.safetensors"
+        write_file(local)
+        if verify is not None:
+            verify(local)
+        return local.read_bytes(), AdapterStore.sha256_of(local)
+
+
 class ObjectAdapterStore(AdapterStore):
     def __init__(self, url: str, cache_dir: str | os.PathLike | None = None, **storage_options):
         import fsspec
@@ -157,13 +168,7 @@ class ObjectAdapterStore(AdapterStore):
         self.check_task_id(task_id)
         if bundled_sha is not None and self.read_index().bundled.get(task_id) == bundled_sha:
             return None
-        with tempfile.TemporaryDirectory(prefix="lamp-upload-") as tmp_dir:
-            local = Path(tmp_dir) / "adapter.safetensors"
-            write_file(local)
-            if verify is not None:
-                verify(local)
-            data = local.read_bytes()
-            sha = self.sha256_of(local)
+        data, sha = staged_upload(write_file, verify)
         version = self._upload_version(task_id, data)
         stored = StoredAdapter(task_id, version, facts.kind, facts.prompt_tokens, facts.pooled_tokens,
                                len(data), sha, time.time(), source, facts.pool)

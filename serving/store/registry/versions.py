@@ -180,13 +180,9 @@ class ObjectVersionFiles(VersionFiles):
 
     def write(self, task_id, version, write_file, verify):
         objects = self.index_store
-        with tempfile.TemporaryDirectory(prefix="lamp-upload-") as tmp_dir:
-            local = Path(tmp_dir) / "adapter.safetensors"
-            write_file(local)
-            if verify is not None:
-                verify(local)
-            data = local.read_bytes()
-            sha = AdapterStore.sha256_of(local)
+        from ..s3 import staged_upload  # with its backend, like ObjectAdapterStore above
+
+        data, sha = staged_upload(write_file, verify)
         path = f"{objects.root}/{task_id}/v{version}.safetensors"
         try:
             if objects.conditional:
