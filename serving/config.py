@@ -54,6 +54,7 @@ class ServeSettings:
     max_input_tokens: int = 2048
     max_new_tokens: int = 1024
     prompt_cache_mb: int = 256
+    adapter_cache_mb: int = 64  # host memory for the factors of the adapters being served
     prompt_kv_cache_mb: int = 256  # soft-prompt keys/values kept per task version; 0 = off
     max_request_bytes: int = 1024 * 1024  # JSON bodies of the inference API
     max_upload_bytes: int = 64 * 1024 * 1024  # one adapter upload (all its files together)
@@ -66,7 +67,7 @@ class ServeSettings:
     def __post_init__(self):
         _check_range(self, "port", 1, 65535)
         for name in ("replicas", "max_batch_size", "max_queue", "max_input_tokens", "max_new_tokens",
-                     "prompt_cache_mb", "max_request_bytes", "max_upload_bytes"):
+                     "prompt_cache_mb", "adapter_cache_mb", "max_request_bytes", "max_upload_bytes"):
             _check_range(self, name, 1, None)
         _check_range(self, "prefill_forward_cost_tokens", 0, None)
         _check_range(self, "prompt_kv_cache_mb", 0, None)
@@ -127,6 +128,7 @@ class ServeSettings:
 
         return EngineConfig(max_batch_size=self.max_batch_size, max_input_tokens=self.max_input_tokens,
                             max_new_tokens=self.max_new_tokens, prompt_cache_bytes=self.prompt_cache_mb * 1024 * 1024,
+                            adapter_cache_bytes=self.adapter_cache_mb * 1024 * 1024,
                             prompt_kv_cache_bytes=self.prompt_kv_cache_mb * 1024 * 1024,
                             prefill_forward_cost_tokens=self.prefill_forward_cost_tokens)
 

@@ -61,6 +61,9 @@ def register(subparsers) -> None:
     p.add_argument("--max-input-tokens", type=int, help="longest input in tokens; longer is 413 (default 2048)")
     p.add_argument("--max-new-tokens", type=int, help="largest max_new_tokens a request may ask (default 1024)")
     p.add_argument("--prompt-cache-mb", type=int, help="device memory for built prompts (default 256)")
+    p.add_argument("--adapter-cache-mb", type=int,
+                   help="host memory for the factors of the adapters being served; the others stay in the store "
+                        "(default 64)")
     p.add_argument("--prompt-kv-cache-mb", type=int,
                    help="memory for tasks' soft-prompt keys/values, computed once per version (default 256; 0 = off)")
     p.add_argument("--engine", choices=ENGINE_KINDS, help="hf (transformers, default) or vllm (docs/vllm.md)")
@@ -80,7 +83,7 @@ SETTING_FLAGS = ("host", "port", "address", "num_cpus", "store", "registry", "pr
                  "quantization", "device", "replicas", "routing", "replica_cpus", "threads", "max_batch_size",
                  "batch_wait_ms",
                  "prefill_forward_cost_tokens", "max_queue", "max_input_tokens", "max_new_tokens", "prompt_cache_mb",
-                 "prompt_kv_cache_mb", "max_request_bytes", "max_upload_bytes",
+                 "adapter_cache_mb", "prompt_kv_cache_mb", "max_request_bytes", "max_upload_bytes",
                  "serve_log_level", "engine", "vllm_kv_cache_mb", "vllm_max_model_len",
                  "vllm_block_size")
 

@@ -10,24 +10,26 @@ from ..adapters.registry import AdapterEntry, AdapterRegistry
 from ..errors import InputTooLongError, RequestError
 from ..requests import GenerationRequest
 from .chat import render_chat
+from .resident import ResidentAdapters
 
 
 def resolve_request(request: GenerationRequest, registry: AdapterRegistry, tokenizer, config,
                     context_tokens: int, context_name: str = "the backbone's context",
-                    ) -> tuple[AdapterEntry | None, list[int]]:
+                    resident: ResidentAdapters | None = None) -> tuple[AdapterEntry | None, list[int]]:
     """Resolve the task's current adapter version and tokenize the input; refuse what cannot run.
 
     `config` is the engine's EngineConfig (limits); `context_tokens` the longest sequence the
-    engine can hold (`context_name` says which limit that is in the error message).
+    engine can hold (`context_name` says which limit that is in the error message). With `resident`,
+    an adapter registered by reference is loaded there (the returned entry holds its factors).
     """
     if request.input_ids is not None:
         input_ids = _check_length(_known_ids(request.input_ids, tokenizer), config)
-        entry = _entry(request, registry)
+        entry = _entry(request, registry, resident)
     elif request.messages is None:  # before the task: a too-long input is 413 whatever it names
         input_ids = _check_length(tokenizer(request.input)["input_ids"], config)
-        entry = _entry(request, registry)
+        entry = _entry(request, registry, resident)
     else:  # the task may choose how its messages are rendered; the template's special tokens are in the text
-        entry = _entry(request, registry)
+        entry = _entry(request, registry, resident)
         text = render_chat(request, entry, tokenizer)
         input_ids = _check_length(tokenizer(text, add_special_tokens=False)["input_ids"], config)
     if not input_ids and entry is None:
@@ -44,8 +46,12 @@ def resolve_request(request: GenerationRequest, registry: AdapterRegistry, token
     return entry, input_ids
 
 
-def _entry(request: GenerationRequest, registry: AdapterRegistry) -> AdapterEntry | None:
-    return registry.get(request.task_id) if request.task_id is not None else None
+def _entry(request: GenerationRequest, registry: AdapterRegistry,
+           resident: ResidentAdapters | None) -> AdapterEntry | None:
+    if request.task_id is None:
+        return None
+    entry = registry.get(request.task_id)
+    return resident.resolve(entry) if resident is not None else entry
 
 
 def _check_length(input_ids: list[int], config) -> list[int]:

@@ -27,6 +27,7 @@ from ..adapters.registry import AdapterRegistry
 from ..errors import EngineStoppedError, QueueFullError, require_at_least
 from ..prompts.cache import CacheStats, PromptCache
 from ..requests import GenerationRequest, GenerationResult, StepOutput
+from .resident import ResidentAdapters
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,9 @@ class EngineConfig:
     max_input_tokens: int = 2048
     max_new_tokens: int = 1024
     prompt_cache_bytes: int = 256 * 1024 * 1024
+    # Host memory for the factors of adapters registered by reference (adapters/stored.py), loaded
+    # when a request needs them (engine/resident.py).
+    adapter_cache_bytes: int = 64 * 1024 * 1024
     # Keys and values of tasks' soft prompts kept between requests (engine/prompt_kv.py); 0 = off.
     prompt_kv_cache_bytes: int = 256 * 1024 * 1024
     # A prefill forward's fixed cost in padded positions: newcomers whose lengths differ by more
@@ -46,6 +50,7 @@ class EngineConfig:
 
     def __post_init__(self):
         require_at_least(self, 1, "max_batch_size", "max_input_tokens", "max_new_tokens", "prompt_cache_bytes",
+                         "adapter_cache_bytes",
                          prefix="EngineConfig.")
         require_at_least(self, 0, "prompt_kv_cache_bytes", "prefill_forward_cost_tokens", prefix="EngineConfig.")
         require_at_least(self, 1, "threads", prefix="EngineConfig.")
@@ -100,6 +105,7 @@ class Engine(Protocol):
     backbone: BackboneInfo
     registry: AdapterRegistry
     cache: PromptCache
+    resident: ResidentAdapters  # factors of adapters registered by reference, loaded on demand
     config: EngineConfig
     last_step: StepStats
 

@@ -23,6 +23,7 @@ from ..requests import GenerationRequest, GenerationResult, StepOutput
 from .admission import resolve_request
 from .base import EngineConfig, StepStats
 from .logprobs import token_logprobs
+from .resident import ResidentAdapters
 from .sampling import make_generator, next_token
 from .sequence import Sequence
 
@@ -43,6 +44,7 @@ class StepEngine(abc.ABC):
         self.registry = registry if registry is not None else AdapterRegistry()
         self.config = config or EngineConfig()
         self.cache = cache or PromptCache(self.config.prompt_cache_bytes, backbone.device, backbone.dtype)
+        self.resident = ResidentAdapters(self.config.adapter_cache_bytes)
         self._eos_ids = backbone.eos_token_ids()
         self._lock = threading.Lock()
         self._waiting: deque[Sequence] = deque()
@@ -63,7 +65,7 @@ class StepEngine(abc.ABC):
             raise RequestError(f"n={params.n} samples need as many batch rows; max_batch_size is "
                                f"{self.config.max_batch_size}")
         entry, input_ids = resolve_request(request, self.registry, self.backbone.tokenizer, self.config,
-                                           self.backbone.max_positions)
+                                           self.backbone.max_positions, resident=self.resident)
         if self.shares_prefill:  # one sequence now; its n - 1 siblings fork from it after its prefill
             sequences = [self._sequence(request, input_ids, entry, 0)]
             sequences[0].forks = params.n - 1
@@ -85,6 +87,7 @@ class StepEngine(abc.ABC):
         """Forget what was built for an adapter version (it was replaced or deleted); a request
         still running on it keeps it until it finishes."""
         self.cache.discard(cache_key)
+        self.resident.discard(cache_key)
 
     def prompt_kv_stats(self):
         return None

@@ -35,20 +35,21 @@ class CacheStats:
 class _Entry:
     __slots__ = ("value", "nbytes", "pins")
 
-    def __init__(self, value):
+    def __init__(self, value, nbytes: int):
         self.value = value
-        self.nbytes = value.nbytes
+        self.nbytes = nbytes
         self.pins = 0
 
 
 class PinnedLRU:
-    """Values (anything with `nbytes`) by key, least recently used evicted first past `max_bytes`,
-    except the pinned ones: `acquire` pins, `release` unpins."""
+    """Values by key, least recently used evicted first past `max_bytes`, except the pinned ones:
+    `acquire` pins, `release` unpins. A value's size is `size_of(value)` (default: its `nbytes`)."""
 
-    def __init__(self, max_bytes: int):
+    def __init__(self, max_bytes: int, size_of: Callable[[object], int] = lambda value: value.nbytes):
         if max_bytes <= 0:
             raise ValueError(f"max_bytes must be positive, got {max_bytes}")
         self.max_bytes = max_bytes
+        self._size_of = size_of
         self._lock = threading.Lock()
         self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()
         self._stats = CacheStats()
@@ -70,7 +71,7 @@ class PinnedLRU:
                 started = time.perf_counter()
                 value = self._materialize(build())
                 self._stats.build_seconds_total += time.perf_counter() - started
-                entry = _Entry(value)
+                entry = _Entry(value, self._size_of(value))
                 self._entries[key] = entry
                 self._stats.bytes += entry.nbytes
             else:

@@ -38,6 +38,7 @@ from ..adapters.registry import AdapterEntry, AdapterRegistry
 from ..backbone.hf import kv_bytes_per_token
 from ..engine.admission import resolve_request
 from ..engine.base import EngineConfig, StepStats
+from ..engine.resident import ResidentAdapters
 from ..errors import EngineStoppedError, RequestError, UnsupportedRequestError
 from ..prompts.cache import CacheStats, PromptCache
 from ..prompts.prepared import assemble_embeddings, prepare
@@ -148,6 +149,7 @@ class VllmEngine:
         self.options = options or VllmOptions()
         # Prompts are built on the host: vLLM serializes prompt embeddings to its engine process.
         self.cache = cache or PromptCache(self.config.prompt_cache_bytes, "cpu", backbone.dtype)
+        self.resident = ResidentAdapters(self.config.adapter_cache_bytes)
         self.max_model_len = self.options.max_model_len or backbone.max_positions
         if self.max_model_len > backbone.max_positions:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the backbone's context of "
@@ -247,6 +249,7 @@ class VllmEngine:
         """Forget an adapter version's built prompt (vLLM's prefix cache holds blocks by their
         embedding bytes, so it can never serve a stale version's)."""
         self.cache.discard(cache_key)
+        self.resident.discard(cache_key)
 
     # ---- submission (any thread) --------------------------------------------------------------
 
@@ -262,7 +265,7 @@ class VllmEngine:
         if unsupported:
             raise UnsupportedRequestError(unsupported)
         entry, input_ids = resolve_request(request, self.registry, self.backbone.tokenizer, self.config,
-                                           self.max_model_len, "the vLLM engine's max_model_len")
+                                           self.max_model_len, "the vLLM engine's max_model_len", self.resident)
         embeds = self._embed(entry, input_ids)
         check_prompt_embeds(embeds, hidden_size=self.backbone.hidden_size, dtype=self.backbone.dtype,
                             max_model_len=self.max_model_len, max_new_tokens=request.params.max_new_tokens,

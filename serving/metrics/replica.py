@@ -35,6 +35,12 @@ class EngineCollector:
                                                                 "Prompt cache lookups that built the prompt",
                                                                 "Prompts evicted from the cache"))
         yield _gauge("lamp_prompt_cache_bytes", "Device bytes held by cached prompts", stats.bytes)
+        resident = self.engine.resident.stats()
+        yield from _cache_counters("lamp_adapter_cache", resident, (
+            "Requests whose adapter's factors were in memory", "Adapter factors read from the store for a request",
+            "Adapter factors dropped from memory"))
+        yield _gauge("lamp_adapter_cache_bytes", "Host bytes of adapter factors held for the tasks being served",
+                     resident.bytes)
         kv = self.engine.prompt_kv_stats()
         if kv is not None:
             unit = "prompt tokens" if self.engine.kind == "vllm" else "requests"  # vLLM's prefix cache is per block

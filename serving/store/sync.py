@@ -5,8 +5,11 @@ registry's change number, or one `stat` of an index file, when nothing changed) 
 in the background. So once an admin call has returned, any request on any replica already sees the
 new state, and idle replicas also drop deleted adapters from memory promptly. A registry store
 hands over only the rows changed after the last change number the replica applied. A version is
-loaded (and hash-checked) once; requests already running keep the `AdapterEntry` they resolved, so
-they finish on the version they started with.
+read and checked (hash, shapes against this backbone, values) once here, then registered by
+reference (`StoredAdapterRef`: a few hundred bytes, not its factors): the engine loads the factors
+of the tasks it serves into its bounded resident cache, so a replica's memory does not grow with
+the number of tasks. Requests already running keep the `AdapterEntry` they resolved, so they finish
+on the version they started with.
 """
 
 from __future__ import annotations
@@ -15,11 +18,13 @@ import ctypes
 import logging
 import threading
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol
 
-from lamp_runtime.adapters import AdapterLimits
+from lamp_runtime.adapters import AdapterLimits, PromptAdapter
 from lamp_runtime.adapters.provenance import serving_mismatch
 from lamp_runtime.adapters.registry import AdapterRegistry
+from lamp_runtime.adapters.stored import StoredAdapterRef
 from lamp_runtime.errors import AdapterError, UnknownTaskError
 
 from .base import AdapterStore, StoreError
@@ -133,8 +138,9 @@ class StoreSync:
         if (stored.task_id, stored.version) in self._failed:
             return
         try:
-            adapter = load_stored(self.store.path_of(stored), stored.sha256, self.hidden_size, self.limits)
-            self.registry.register(stored.task_id, adapter, stored.version)
+            adapter = self._read(stored)
+            self.registry.register(stored.task_id, StoredAdapterRef.of(adapter, partial(self._read, stored)),
+                                   stored.version)
         except (AdapterError, OSError) as exc:
             self._failed.add((stored.task_id, stored.version))
             report.failed.append(f"{stored.task_id} v{stored.version}")
@@ -153,6 +159,10 @@ class StoreSync:
         if current is not None:
             self.built.discard(current.cache_key)  # pinned by running requests? then LRU takes it later
         report.loaded.append(f"{stored.task_id} v{stored.version}")
+
+    def _read(self, stored) -> PromptAdapter:
+        """The version's adapter from its file, hash-checked and validated against this backbone."""
+        return load_stored(self.store.path_of(stored), stored.sha256, self.hidden_size, self.limits)
 
     def _remove(self, task_id: str, report: SyncReport) -> None:
         try:

@@ -165,7 +165,7 @@ def test_a_replica_loads_everything_once_then_only_changes(store):
     store.delete("t2")
     report = sync.refresh_if_changed()
     assert report.loaded == ["t1 v2"] and report.removed == ["t2"]
-    torch.testing.assert_close(sync.registry.get("t1").adapter.prompt, soft(4, 9).prompt)
+    torch.testing.assert_close(sync.registry.get("t1").adapter.load().prompt, soft(4, 9).prompt)
     with pytest.raises(UnknownTaskError):
         sync.registry.get("t2")
     assert len(sync.registry) == 4

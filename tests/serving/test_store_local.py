@@ -169,7 +169,7 @@ def test_sync_loads_replaces_and_removes(store, sync):
     report = sync.refresh()
     assert sorted(report.loaded) == ["a v1", "b v1"]
     entry_a = sync.registry.get("a")
-    sync.built.acquire(entry_a.cache_key, entry_a.adapter.build_prompt)
+    sync.built.acquire(entry_a.cache_key, entry_a.adapter.load().build_prompt)
     sync.built.release(entry_a.cache_key)
     assert sync.refresh_if_changed() is None  # nothing changed: only a stat
 
@@ -181,7 +181,7 @@ def test_sync_loads_replaces_and_removes(store, sync):
     assert entry_a.cache_key not in sync.built  # the old version's prompt is dropped
     with pytest.raises(UnknownTaskError):
         sync.registry.get("b")
-    torch.testing.assert_close(sync.registry.get("a").adapter.prompt, soft(4, 9).prompt)
+    torch.testing.assert_close(sync.registry.get("a").adapter.load().prompt, soft(4, 9).prompt)
 
 
 def test_sync_keeps_the_previous_version_when_a_file_is_bad(store, sync, caplog):

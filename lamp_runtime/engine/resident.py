@@ -1,0 +1,41 @@
+"""Host copies of stored adapters' factors for the tasks being served, bounded by bytes.
+
+A serving replica's registry holds a `StoredAdapterRef` per task (adapters/stored.py), not the
+factors. A request resolves its task's entry here: the factors are read from the store on a miss
+(~1 ms for a LAMP adapter on d=576: read, hash, checks) and kept, least recently used evicted
+first. So the memory a replica spends on adapters is this budget plus its prompt caches', whatever
+the number of registered tasks. The request keeps the loaded adapter it resolved (in its
+`AdapterEntry`), so an eviction never affects a request in flight.
+"""
+
+from __future__ import annotations
+
+from ..adapters.registry import AdapterEntry
+from ..adapters.stored import StoredAdapterRef
+from ..errors import AdapterError, UnservableTaskError
+from ..prompts.cache import CacheStats, PinnedLRU
+
+
+class ResidentAdapters:
+    def __init__(self, max_bytes: int):
+        self._loaded = PinnedLRU(max_bytes, size_of=lambda adapter: adapter.host_bytes)
+
+    def resolve(self, entry: AdapterEntry | None) -> AdapterEntry | None:
+        """`entry` with its adapter's factors in memory (entries registered with them pass as they are).
+
+        A stored file that cannot be read back (deleted, damaged since it was registered) makes the
+        task unservable, with the reason, rather than failing the engine step that needed it."""
+        if entry is None or not isinstance(entry.adapter, StoredAdapterRef):
+            return entry
+        try:
+            adapter = self._loaded.acquire(entry.cache_key, entry.adapter.load)
+        except (AdapterError, OSError) as exc:
+            raise UnservableTaskError(entry.task_id, f"v{entry.version} cannot be read from the store: {exc}") from None
+        self._loaded.release(entry.cache_key)
+        return AdapterEntry(entry.task_id, entry.version, adapter)
+
+    def discard(self, cache_key) -> None:
+        self._loaded.discard(cache_key)
+
+    def stats(self) -> CacheStats:
+        return self._loaded.stats()
