@@ -9,6 +9,7 @@ behind (ServerProcess.stop checks every descendant).
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -28,6 +29,11 @@ pytestmark = pytest.mark.slow
 ADMIN_TOKEN = "vllm-admin-token"
 NEW_TOKENS = 8
 START_TIMEOUT_S = 600.0  # Ray, then vLLM's engine processes, on 2 shared cores
+# vLLM 0.32 retitles its engine-core process with setproctitle (vllm/v1/engine/core.py,
+# run_engine_core): the cmdline becomes "VLLM::EngineCore" and the kernel's 15-character process
+# name (psutil's name()) "VLLM::EngineCor".
+ENGINE_CORE_TITLE = "VLLM::EngineCore"
+ENGINE_CORE_WAIT_S = 30.0
 CASES = [("plain", "The capital of France is"), ("lamp2", "Write a haiku about the sea:"), ("lamp3", "1, 2, 3,"),
          ("lamp2", "The best way to learn is"), ("plain", "Water boils at"), ("lamp3", "Once upon a time")]
 
@@ -62,10 +68,36 @@ def generate(server, task_id: str, text: str, **extra) -> dict:
     return response.json()
 
 
+def process_table(pid: int) -> list[tuple[int, int, str, str]]:
+    """(pid, parent pid, name, cmdline) of every live descendant of `pid`. Ray starts and ends
+    processes all the time, so one that exits while it is being read is left out, not an error."""
+    rows = []
+    for proc in psutil.Process(pid).children(recursive=True):
+        try:
+            rows.append((proc.pid, proc.ppid(), proc.name(), " ".join(proc.cmdline())))
+        except psutil.Error:
+            continue
+    return rows
+
+
+def is_engine_core(name: str, cmdline: str) -> bool:
+    return ENGINE_CORE_TITLE in cmdline or name == ENGINE_CORE_TITLE[:15]
+
+
 def test_the_server_runs_vllm_engine_processes(server):
-    names = [" ".join(p.cmdline()) for p in psutil.Process(server.process.pid).children(recursive=True)
-             if p.is_running()]
-    assert any("VLLM::EngineCore" in n for n in names), names
+    """After a request was answered, the engine-core process runs under the server (raylet -> model
+    replica -> engine core). Looked for over a few seconds: Serve may be replacing a replica (health
+    check, Ray's memory monitor), whose new engine core is spawned only once its backbone loaded."""
+    generate(server, *CASES[0])  # answered by a replica whose vLLM engine runs
+    deadline = time.monotonic() + ENGINE_CORE_WAIT_S
+    table = process_table(server.process.pid)
+    while not any(is_engine_core(name, cmdline) for _, _, name, cmdline in table) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        table = process_table(server.process.pid)
+    listing = "\n".join(f"{pid} (parent {ppid}) {name!r}: {cmdline[:160]}" for pid, ppid, name, cmdline in table)
+    assert any(is_engine_core(name, cmdline) for _, _, name, cmdline in table), (
+        f"no {ENGINE_CORE_TITLE} process under the server {server.process.pid} after {ENGINE_CORE_WAIT_S:.0f} s:\n"
+        f"{listing}\n--- server log ---\n{server.log_tail()}")
 
 
 def test_concurrent_mixed_task_requests_match_the_hf_engine(server, backbone, task_adapters):
