@@ -73,10 +73,22 @@ class ServerProcess:
         return env
 
     def start(self, timeout: float = START_TIMEOUT_S) -> "ServerProcess":
+        """Launch the server (unless `launch` already did) and wait until `/healthz` answers 200."""
+        if self.process is None:
+            self.launch()
+        return self.wait_until_healthy(timeout)
+
+    def launch(self) -> "ServerProcess":
+        """Start the server process and return at once. Most of a start-up is Ray and the replicas
+        starting in other processes, so a test can compute its references meanwhile; it then enters
+        `with server:` (or calls `start`), which waits for health. Whoever launches must stop or kill."""
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(self.command(), cwd=REPO_ROOT, env=self.environment(), stdout=log,
                                         stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
+        return self
+
+    def wait_until_healthy(self, timeout: float = START_TIMEOUT_S) -> "ServerProcess":
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self._remember_descendants()

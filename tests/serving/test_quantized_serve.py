@@ -46,25 +46,34 @@ def reference(quantized, adapter, text: str) -> str:
     return quantized.tokenizer.decode(out[0], skip_special_tokens=True)
 
 
-@pytest.mark.parametrize("quantization", ["nf4", "int8"])
-def test_quantized_server_answers_like_generate_on_the_same_model(quantization, backbone, task_adapters,
-                                                                  tmp_path):
+def quantized_reference(quantization: str, backbone, adapters: dict, cases: list[tuple[str, str]]):
+    """Each case's greedy text from transformers on an in-process quantized backbone, and that
+    backbone's weight bytes; also checks that it really is bitsandbytes-quantized."""
     quantized = load_backbone(BackboneOptions(dtype="float32", quantization=quantization, device="cpu"))
     assert assert_bitsandbytes_linears(quantized.model, quantization) == 30 * 7  # q k v o gate up down
     assert quantized.weights_bytes < 0.6 * backbone.weights_bytes
+    return [reference(quantized, adapters[task], text) for task, text in cases], quantized.weights_bytes
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+def test_quantized_server_answers_like_generate_on_the_same_model(quantization, backbone, task_adapters,
+                                                                  tmp_path):
     prompts = tmp_path / "prompts"
     prompts.mkdir()
     for task, adapter in task_adapters.items():
         save_adapter(adapter, prompts / f"{task}.safetensors")
-    cases = [(task, text) for text in INPUTS for task in task_adapters]
-    expected = [reference(quantized, task_adapters[task], text) for task, text in cases]
-    weights_bytes = quantized.weights_bytes
-    del quantized
-
     alone = ["--max-batch-size", "1", "--prompt-kv-cache-mb", "0"]  # int8: see the module docstring
     server = ServerProcess(store=tmp_path / "store", prompts=prompts, log_path=tmp_path / "serve.log",
                            extra_args=["--quantization", quantization,
                                        *(alone if quantization == "int8" else ["--max-batch-size", "8"])])
+    server.launch()  # Ray and the server's own quantized backbone start while the reference is computed here
+    try:
+        cases = [(task, text) for text in INPUTS for task in task_adapters]
+        expected, weights_bytes = quantized_reference(quantization, backbone, task_adapters, cases)
+    except BaseException:
+        server.kill()
+        raise
+
     with server, httpx.Client(base_url=server.url, timeout=300) as client:
         def generate(case):
             task, text = case

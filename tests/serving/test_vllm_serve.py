@@ -9,6 +9,7 @@ behind (ServerProcess.stop checks every descendant).
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -28,12 +29,19 @@ pytestmark = pytest.mark.slow
 ADMIN_TOKEN = "vllm-admin-token"
 NEW_TOKENS = 8
 START_TIMEOUT_S = 600.0  # Ray, then vLLM's engine processes, on 2 shared cores
+# vLLM 0.32 retitles its engine-core process with setproctitle (vllm/v1/engine/core.py,
+# run_engine_core): the cmdline becomes "VLLM::EngineCore" and the kernel's 15-character process
+# name (psutil's name()) "VLLM::EngineCor".
+ENGINE_CORE_TITLE = "VLLM::EngineCore"
+ENGINE_CORE_WAIT_S = 30.0
+UPLOAD_TEXT = "The weather today is"
 CASES = [("plain", "The capital of France is"), ("lamp2", "Write a haiku about the sea:"), ("lamp3", "1, 2, 3,"),
          ("lamp2", "The best way to learn is"), ("plain", "Water boils at"), ("lamp3", "Once upon a time")]
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, task_adapters):
+def launched_server(tmp_path_factory, task_adapters):
+    """The vLLM server, launched but not yet waited for (see `server`)."""
     prompts = tmp_path_factory.mktemp("prompts")
     for task_id, adapter in task_adapters.items():
         save_adapter(adapter, prompts / f"{task_id}.safetensors")
@@ -43,11 +51,32 @@ def server(tmp_path_factory, task_adapters):
         extra_args=["--engine", "vllm", "--vllm-kv-cache-mb", "128", "--vllm-max-model-len", "1024",
                     "--max-batch-size", "8", "--max-new-tokens", "64", "--max-input-tokens", "512"],
     )
-    process.start(timeout=START_TIMEOUT_S)
+    process.launch()
     try:
         yield process
     finally:
         process.stop()
+
+
+@pytest.fixture(scope="module")
+def uploaded_versions(backbone):
+    """Versions 1 and 2 of the adapter the admin test uploads."""
+    return {"v1": lamp_from_prompt(vocab_prompt(backbone, 12, seed=31), rank=6, pool=2),
+            "v2": lamp_from_prompt(vocab_prompt(backbone, 9, seed=32), rank=5, pool=1)}
+
+
+@pytest.fixture(scope="module")
+def hf_texts(launched_server, backbone, task_adapters, uploaded_versions) -> dict[tuple[str, str], str]:
+    """The HF engine's greedy text of every (task, input) the tests send, computed while the server
+    starts (its start-up is mostly other processes: Ray, then vLLM's)."""
+    cases = [*CASES, *((version, UPLOAD_TEXT) for version in uploaded_versions)]
+    texts = engine_alone(backbone, {**task_adapters, **uploaded_versions}, cases, NEW_TOKENS)
+    return dict(zip(cases, texts))
+
+
+@pytest.fixture(scope="module")
+def server(launched_server, hf_texts):
+    return launched_server.start(timeout=START_TIMEOUT_S)
 
 
 def sse_events(response: httpx.Response) -> list:
@@ -62,36 +91,61 @@ def generate(server, task_id: str, text: str, **extra) -> dict:
     return response.json()
 
 
+def process_table(pid: int) -> list[tuple[int, int, str, str]]:
+    """(pid, parent pid, name, cmdline) of every live descendant of `pid`. Ray starts and ends
+    processes all the time, so one that exits while it is being read is left out, not an error."""
+    rows = []
+    for proc in psutil.Process(pid).children(recursive=True):
+        try:
+            rows.append((proc.pid, proc.ppid(), proc.name(), " ".join(proc.cmdline())))
+        except psutil.Error:
+            continue
+    return rows
+
+
+def is_engine_core(name: str, cmdline: str) -> bool:
+    return ENGINE_CORE_TITLE in cmdline or name == ENGINE_CORE_TITLE[:15]
+
+
 def test_the_server_runs_vllm_engine_processes(server):
-    names = [" ".join(p.cmdline()) for p in psutil.Process(server.process.pid).children(recursive=True)
-             if p.is_running()]
-    assert any("VLLM::EngineCore" in n for n in names), names
+    """After a request was answered, the engine-core process runs under the server (raylet -> model
+    replica -> engine core). Looked for over a few seconds: Serve may be replacing a replica (health
+    check, Ray's memory monitor), whose new engine core is spawned only once its backbone loaded."""
+    generate(server, *CASES[0])  # answered by a replica whose vLLM engine runs
+    deadline = time.monotonic() + ENGINE_CORE_WAIT_S
+    table = process_table(server.process.pid)
+    while not any(is_engine_core(name, cmdline) for _, _, name, cmdline in table) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        table = process_table(server.process.pid)
+    listing = "\n".join(f"{pid} (parent {ppid}) {name!r}: {cmdline[:160]}" for pid, ppid, name, cmdline in table)
+    assert any(is_engine_core(name, cmdline) for _, _, name, cmdline in table), (
+        f"no {ENGINE_CORE_TITLE} process under the server {server.process.pid} after {ENGINE_CORE_WAIT_S:.0f} s:\n"
+        f"{listing}\n--- server log ---\n{server.log_tail()}")
 
 
-def test_concurrent_mixed_task_requests_match_the_hf_engine(server, backbone, task_adapters):
-    reference = engine_alone(backbone, task_adapters, CASES, NEW_TOKENS)
+def test_concurrent_mixed_task_requests_match_the_hf_engine(server, hf_texts):
+    reference = [hf_texts[case] for case in CASES]
     with ThreadPoolExecutor(len(CASES)) as pool:
         bodies = list(pool.map(lambda case: generate(server, *case), CASES))
     assert [b["text"] for b in bodies] == reference
     assert [b["task_id"] for b in bodies] == [task for task, _ in CASES]
 
 
-def test_streaming_over_vllm(server, backbone, task_adapters):
+def test_streaming_over_vllm(server, hf_texts):
     task, text = CASES[1]
     with httpx.stream("POST", f"{server.url}/generate", timeout=300,
                       json={"task_id": task, "input": text, "max_new_tokens": NEW_TOKENS, "stream": True}) as response:
         assert response.status_code == 200
         events = sse_events(response)
     assert len(events) >= 2 and events[-1]["finish_reason"] == "length"
-    assert "".join(e["delta"] for e in events) == engine_alone(backbone, task_adapters, [CASES[1]], NEW_TOKENS)[0]
+    assert "".join(e["delta"] for e in events) == hf_texts[CASES[1]]
 
 
-def test_admin_upload_replace_delete_take_effect_at_once(server, backbone, tmp_path):
+def test_admin_upload_replace_delete_take_effect_at_once(server, uploaded_versions, hf_texts, tmp_path):
     admin = httpx.Client(base_url=server.url, timeout=300, headers=server.admin_headers())
-    first = lamp_from_prompt(vocab_prompt(backbone, 12, seed=31), rank=6, pool=2)
-    second = lamp_from_prompt(vocab_prompt(backbone, 9, seed=32), rank=5, pool=1)
-    text = "The weather today is"
-    expected = engine_alone(backbone, {"v1": first, "v2": second}, [("v1", text), ("v2", text)], NEW_TOKENS)
+    first, second = uploaded_versions["v1"], uploaded_versions["v2"]
+    text = UPLOAD_TEXT
+    expected = [hf_texts[("v1", text)], hf_texts[("v2", text)]]
 
     def upload(adapter, name):
         data = save_adapter(adapter, tmp_path / name).read_bytes()
