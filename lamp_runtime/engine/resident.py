@@ -20,12 +20,12 @@ class ResidentAdapters:
     def __init__(self, max_bytes: int):
         self._loaded = PinnedLRU(max_bytes, size_of=lambda adapter: adapter.host_bytes)
 
-    def resolve(self, entry: AdapterEntry | None) -> AdapterEntry | None:
+    def resolve(self, entry: AdapterEntry) -> AdapterEntry:
         """`entry` with its adapter's factors in memory (entries registered with them pass as they are).
 
         A stored file that cannot be read back (deleted, damaged since it was registered) makes the
         task unservable, with the reason, rather than failing the engine step that needed it."""
-        if entry is None or not isinstance(entry.adapter, StoredAdapterRef):
+        if not isinstance(entry.adapter, StoredAdapterRef):
             return entry
         try:
             adapter = self._loaded.acquire(entry.cache_key, entry.adapter.load)
