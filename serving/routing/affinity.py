@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -82,3 +82,33 @@ def choose_replica(order: Sequence[K], queue_lens: Mapping[K, int], bound: LoadB
         if queue_lens[replica] + 1 <= capacity:
             return replica
     return min(known, key=lambda r: queue_lens[r])  # unreachable for load_factor >= 1; kept total
+
+
+# A probe with Serve's backoff index 2 waits up to 0.4 s (its default first deadline is 0.1 s,
+# doubled per index): on two busy cores a replica in the middle of a forward pass misses 0.1 s.
+CONFIRM_BACKOFF_INDEX = 2
+
+
+async def choose_replica_confirmed(order: Sequence[K], cached: Mapping[K, int],
+                                   probe: Callable[[list[K], int], Awaitable[Mapping[K, int]]],
+                                   bound: LoadBound) -> K:
+    """`choose_replica` on the cached queue lengths, probing replicas without one; a request that
+    would leave its preferred replica is decided again on freshly probed lengths first.
+
+    Why: a router's cached length is its own count (up on send, down on completion) corrected by
+    what a replica reports when it accepts a request, and that report includes other routers'
+    requests (each handle in the ingress has its own router) whose completions this router never
+    sees. So after a burst a cached length can stay high until the entry expires (10 s), and a
+    quiet task would spill for nothing: a prompt-cache miss on another replica. A spill is the costly
+    decision, so it is taken on fresh numbers; keeping the preferred replica never waits on a probe.
+    `probe(replicas, backoff_index)` returns the lengths of the replicas that answered in time.
+    """
+    queue_lens = dict(cached)
+    missing = [r for r in order if r not in queue_lens]
+    if missing:
+        queue_lens.update(await probe(missing, 0))
+    chosen = choose_replica(order, queue_lens, bound)
+    if order and chosen is order[0]:
+        return chosen
+    queue_lens.update(await probe(list(order), CONFIRM_BACKOFF_INDEX))
+    return choose_replica(order, queue_lens, bound)

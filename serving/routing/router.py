@@ -6,8 +6,9 @@ task id as the handle's `session_id` (serving/generation.py), so routing reads
 `pending_request.metadata.session_id` and never touches the request body.
 
 Per request: rank the replicas for the task (rendezvous hashing), read their queue lengths from
-Serve's queue-length cache (probing those without a fresh entry), and offer the first replica within
-the load bound, then the rest of the task's ranking, as one-replica ranks: Serve's own selection
+Serve's queue-length cache (probing those without a fresh entry; a spill is confirmed by a fresh
+probe, see `choose_replica_confirmed`), and offer the first replica within the load bound, then the
+rest of the task's ranking, as one-replica ranks: Serve's own selection
 still skips a replica whose queue is full (max_ongoing_requests) and backs off when all are.
 Calls without a task id (health and info calls) go to the shortest queue.
 """
@@ -23,7 +24,7 @@ from ray.serve.request_router import (
     RunningReplica,
 )
 
-from .affinity import LoadBound, choose_replica, rank_replicas
+from .affinity import LoadBound, choose_replica_confirmed, rank_replicas
 from .stats import count_routed
 
 log = logging.getLogger(__name__)
@@ -46,20 +47,15 @@ class TaskAffinityRouter(RequestRouter):
     def _ranking(self, task_id: str, replicas: list[RunningReplica]) -> list[RunningReplica]:
         return rank_replicas(task_id, {r: r.replica_id.unique_id for r in replicas})
 
-    async def _queue_lens(self, replicas: list[RunningReplica]) -> dict[RunningReplica, int]:
-        known, unknown = {}, []
-        for replica in replicas:
-            queue_len = self._replica_queue_len_cache.get(replica.replica_id) \
-                if self._use_replica_queue_len_cache else None
-            if queue_len is None:
-                unknown.append(replica)
-            else:
-                known[replica] = queue_len
-        if unknown:
-            for replica, queue_len in await self._probe_queue_lens(unknown, 0):
-                if queue_len is not None:
-                    known[replica] = queue_len
-        return known
+    def _cached_queue_lens(self, replicas: list[RunningReplica]) -> dict[RunningReplica, int]:
+        if not self._use_replica_queue_len_cache:
+            return {}
+        cached = {r: self._replica_queue_len_cache.get(r.replica_id) for r in replicas}
+        return {r: n for r, n in cached.items() if n is not None}
+
+    async def _probe(self, replicas: list[RunningReplica], backoff_index: int) -> dict[RunningReplica, int]:
+        """Fresh queue lengths (Serve caches them); a replica that does not answer in time is left out."""
+        return {r: n for r, n in await self._probe_queue_lens(replicas, backoff_index) if n is not None}
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
@@ -72,7 +68,7 @@ class TaskAffinityRouter(RequestRouter):
         if not task_id:
             return [list(candidate_replicas)]
         order = self._ranking(task_id, candidate_replicas)
-        chosen = choose_replica(order, await self._queue_lens(order), self._bound)
+        chosen = await choose_replica_confirmed(order, self._cached_queue_lens(order), self._probe, self._bound)
         return [[chosen]] + [[r] for r in order if r is not chosen]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:

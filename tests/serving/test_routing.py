@@ -11,7 +11,13 @@ from collections import Counter, deque
 import pytest
 
 from serving.routing import effective_routing, request_router_config
-from serving.routing.affinity import LoadBound, choose_replica, rank_replicas
+from serving.routing.affinity import (
+    CONFIRM_BACKOFF_INDEX,
+    LoadBound,
+    choose_replica,
+    choose_replica_confirmed,
+    rank_replicas,
+)
 
 TASKS = [f"task-{i}" for i in range(400)]
 
@@ -85,6 +91,50 @@ def test_replicas_without_a_known_queue_are_skipped():
 def test_some_replica_is_always_within_the_bound(queues, factor):
     bound = LoadBound(load_factor=factor, min_queue=1)
     assert min(queues) + 1 <= bound.capacity(queues)
+
+
+class Replicas:
+    """Queue lengths as the replicas would answer a probe (None: no answer in time); records each probe."""
+
+    def __init__(self, **queues):
+        self.queues, self.probes = queues, []
+
+    async def probe(self, replicas, backoff_index):
+        self.probes.append((list(replicas), backoff_index))
+        return {r: self.queues[r] for r in replicas if self.queues[r] is not None}
+
+
+def confirmed(order, cached, replicas: Replicas, bound=LoadBound()):
+    import asyncio
+
+    return asyncio.run(choose_replica_confirmed(order, cached, replicas.probe, bound))
+
+
+def test_a_stale_long_cached_queue_does_not_make_a_quiet_task_spill():
+    # the cache still holds a burst's length; the preferred replica is idle by now
+    replicas = Replicas(a=0, b=0)
+    assert confirmed(["a", "b"], {"a": 7, "b": 1}, replicas) == "a"
+    assert replicas.probes == [(["a", "b"], CONFIRM_BACKOFF_INDEX)]
+
+
+def test_a_spill_that_fresh_lengths_confirm_goes_ahead():
+    replicas = Replicas(a=6, b=0)
+    assert confirmed(["a", "b"], {"a": 6, "b": 0}, replicas) == "b"
+
+
+def test_keeping_the_preferred_replica_never_waits_on_a_probe():
+    replicas = Replicas(a=9, b=0)  # its real queue does not matter: the cache says it is within the bound
+    assert confirmed(["a", "b"], {"a": 1, "b": 0}, replicas) == "a"
+    assert replicas.probes == []
+
+
+def test_replicas_missing_from_the_cache_are_probed_and_a_slow_preferred_one_gets_a_longer_deadline():
+    replicas = Replicas(a=0, b=0)
+    assert confirmed(["a", "b"], {}, replicas) == "a"
+    assert replicas.probes == [(["a", "b"], 0)]
+    slow = Replicas(a=None, b=0)  # never answers: the spill stands, after one longer probe
+    assert confirmed(["a", "b"], {}, slow) == "b"
+    assert slow.probes == [(["a", "b"], 0), (["a", "b"], CONFIRM_BACKOFF_INDEX)]
 
 
 def simulate_hot_task(bound: LoadBound, ticks: int = 400) -> tuple[list[int], list[int]]:
