@@ -144,12 +144,16 @@ def test_restart_keeps_adapters_and_admin_is_off_without_a_token(two_replicas, s
     stored = upload(two_replicas, "keeper", adapter, tmp_path).json()
     before = httpx.post(f"{two_replicas.url}/generate", timeout=120,
                         json={"task_id": "keeper", "input": TEXT, "max_new_tokens": 6}).json()
+    # every task the store holds, not only this test's: one an earlier test left (had it failed half
+    # way) must not fail this one, and a restart keeps all of them
+    tasks = [m["id"] for m in httpx.get(f"{two_replicas.url}/v1/models").json()["data"]]
+    assert "keeper" in tasks
     two_replicas.stop()  # SIGTERM; raises if any Ray process outlives the server
 
     restarted = ServerProcess(store=store, replicas=1, admin_token=None,
                               log_path=tmp_path_factory.mktemp("logs") / "restart.log")
     with restarted:
-        assert [m["id"] for m in httpx.get(f"{restarted.url}/v1/models").json()["data"]] == ["keeper"]
+        assert [m["id"] for m in httpx.get(f"{restarted.url}/v1/models").json()["data"]] == tasks
         after = httpx.post(f"{restarted.url}/generate", timeout=120,
                            json={"task_id": "keeper", "input": TEXT, "max_new_tokens": 6}).json()
         assert (after["adapter_version"], after["text"]) == (stored["version"], before["text"])
