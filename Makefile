@@ -44,7 +44,7 @@ serve: setup
 	$(VENV)/bin/lamp serve --port $(PORT)
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=40
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
