@@ -13,9 +13,7 @@ Output goes to `log_path`; `log_tail()` is attached to start-up failures.
 from __future__ import annotations
 
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,30 +23,11 @@ from pathlib import Path
 import httpx
 import psutil
 
+from serving.ports import free_port
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 60.0
-
-
-# Below the kernel's ephemeral range (32768-60999 on Linux) and above Ray's worker ports
-# (10002-19999): a port the kernel handed out with bind(0) and we closed could be handed out again
-# to one of the many sockets Ray opens while the server starts (CI saw Serve's proxy fail with
-# "Address already in use" on such a port); this range is only ever taken by an explicit choice.
-PORT_RANGE = (20000, 32000)
-_ports = random.Random()  # its own generator: a test that seeds `random` must not fix our choice
-
-
-def free_port() -> int:
-    """A port nothing listens on now, from PORT_RANGE."""
-    for _ in range(200):
-        port = _ports.randint(*PORT_RANGE)
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {PORT_RANGE} after 200 tries")
 
 
 class ServerProcess:

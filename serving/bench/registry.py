@@ -16,7 +16,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,8 @@ from pathlib import Path
 
 import httpx
 import psutil
+
+from ..ports import free_port
 
 TOKEN = "bench-registry-token"
 START_TIMEOUT_S = 300.0
@@ -80,15 +81,9 @@ def _adapter_files(config: RegistryBenchConfig, count: int = 16) -> list[bytes]:
     return files
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class _Server:
     def __init__(self, store: Path, registry: str | None, log: Path):
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         command = [sys.executable, "-m", "serving.cli", "serve", "--port", str(self.port), "--store", str(store),
                    "--prompts", "", "--replicas", "1", "--num-cpus", "2", "--dtype", "float32",

@@ -31,9 +31,9 @@ from lamp_runtime.adapters import AdapterMeta, SoftPromptAdapter, save_adapter
 from lamp_runtime.bench.report import write_json
 from lamp_runtime.bench.workload import machine_context
 from serving.http.errors import REPLICA_HEADER
+from serving.ports import free_port
 
 from ..local_s3 import local_s3
-from ..server_process import free_port
 
 pytestmark = pytest.mark.slow
 
