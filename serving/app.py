@@ -36,7 +36,8 @@ def build_app(args: dict | None = None) -> Application:
     settings = ServeSettings.from_mapping(args or {}, source="Serve application args")
     per_replica = settings.max_batch_size + settings.max_queue
     hub = MetricsHub.bind()
-    routing = request_router_config(settings.routing_in_force)
+    routing = request_router_config(settings.routing_in_force, settings.affinity_load_factor,
+                                    settings.affinity_min_queue)
     model = LampModel.options(
         # Task affinity (serving/routing/): each replica's prompt caches hold its share of the tasks.
         **({"request_router_config": routing} if routing else {}),

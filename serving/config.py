@@ -20,6 +20,7 @@ from lamp_runtime.backbone.options import DTYPE_CHOICES, QUANTIZATION_CHOICES
 from lamp_runtime.engine import ENGINE_KINDS
 
 from .routing import ROUTING_CHOICES, effective_routing
+from .routing.affinity import LoadBound
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -45,6 +46,8 @@ class ServeSettings:
     device: str = "auto"
     replicas: int = 1
     routing: str | None = None  # affinity | random (default: affinity with more than one replica)
+    affinity_load_factor: float = 1.25  # affinity: a replica's queue may reach this multiple of the mean
+    affinity_min_queue: int = 2  # affinity: below this queue a replica always takes its tasks' requests
     replica_cpus: float | None = None  # Ray CPUs reserved per model replica (default: a fair share)
     threads: int | None = None  # torch threads per model replica (default: CPU cores / replicas)
     max_batch_size: int = 16
@@ -84,6 +87,10 @@ class ServeSettings:
         _check_choice(self, "engine", ENGINE_KINDS)
         if self.routing is not None:
             _check_choice(self, "routing", ROUTING_CHOICES)
+        try:
+            LoadBound(load_factor=self.affinity_load_factor, min_queue=self.affinity_min_queue)
+        except ValueError as exc:  # "load_factor must be ...": name the setting as the user wrote it
+            raise ValueError(f"affinity_{exc}") from None
         _check_range(self, "vllm_kv_cache_mb", 1, None)
         if self.vllm_max_model_len is not None:
             _check_range(self, "vllm_max_model_len", 2, None)

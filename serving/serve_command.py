@@ -50,6 +50,12 @@ def register(subparsers) -> None:
     p.add_argument("--routing", choices=ROUTING_CHOICES,
                    help="which replica takes a request: affinity (each task to its preferred replica, spilling "
                         "when that one is busy) or random (Serve's default); default affinity when replicas > 1")
+    p.add_argument("--affinity-load-factor", type=float,
+                   help="affinity routing: a task's request leaves its preferred replica when that one's queue "
+                        "would pass this multiple of the mean queue (default 1.25)")
+    p.add_argument("--affinity-min-queue", type=int,
+                   help="affinity routing: a replica with a shorter queue always takes its tasks' requests "
+                        "(default 2)")
     p.add_argument("--replica-cpus", type=float, help="Ray CPUs reserved per replica (default: fair share)")
     p.add_argument("--threads", type=int, help="torch threads per replica (default: cores / replicas)")
     p.add_argument("--max-batch-size", type=int, help="requests per engine batch (default 16)")
@@ -80,7 +86,8 @@ def register(subparsers) -> None:
 
 
 SETTING_FLAGS = ("host", "port", "address", "num_cpus", "store", "registry", "prompts", "backbone", "dtype",
-                 "quantization", "device", "replicas", "routing", "replica_cpus", "threads", "max_batch_size",
+                 "quantization", "device", "replicas", "routing", "affinity_load_factor",
+                 "affinity_min_queue", "replica_cpus", "threads", "max_batch_size",
                  "batch_wait_ms",
                  "prefill_forward_cost_tokens", "max_queue", "max_input_tokens", "max_new_tokens", "prompt_cache_mb",
                  "adapter_cache_mb", "prompt_kv_cache_mb", "max_request_bytes", "max_upload_bytes",

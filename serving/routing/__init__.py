@@ -18,10 +18,14 @@ def effective_routing(routing: str | None, replicas: int) -> str:
     return "affinity" if replicas > 1 else "random"
 
 
-def request_router_config(routing: str) -> dict | None:
-    """The model deployment's `request_router_config` option (None: Serve's default router)."""
+def request_router_config(routing: str, load_factor: float | None = None, min_queue: int | None = None
+                          ) -> dict | None:
+    """The model deployment's `request_router_config` option (None: Serve's default router);
+    `load_factor` / `min_queue` set the affinity router's load bound (affinity.LoadBound)."""
     if routing == "affinity":
-        return {"request_router_class": AFFINITY_ROUTER}
+        bound = {name: value for name, value in (("load_factor", load_factor), ("min_queue", min_queue))
+                 if value is not None}
+        return {"request_router_class": AFFINITY_ROUTER, **({"request_router_kwargs": bound} if bound else {})}
     if routing == "random":
         return None
     raise ValueError(f"routing must be one of {', '.join(ROUTING_CHOICES)}; got {routing!r}")

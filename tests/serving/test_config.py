@@ -84,6 +84,18 @@ def test_routing_picks_the_model_deployments_request_router():
         assert model._bound_deployment._deployment_config.request_router_config.request_router_class.endswith(router)
 
 
+def test_the_affinity_load_bound_reaches_the_router_and_is_checked():
+    args = build_parser().parse_args(["serve", "--replicas", "2", "--affinity-load-factor", "2",
+                                      "--affinity-min-queue", "4"])
+    app = build_app(settings_from_args(args).to_args())
+    config = app._bound_deployment.init_args[0]._bound_deployment._deployment_config.request_router_config
+    assert config.request_router_kwargs == {"load_factor": 2.0, "min_queue": 4}
+    with pytest.raises(ValueError, match=r"affinity_load_factor must be a number in \[1, 100\], got 0.5"):
+        ServeSettings(affinity_load_factor=0.5)
+    with pytest.raises(ValueError, match="affinity_min_queue must be an integer >= 1, got 0"):
+        ServeSettings(affinity_min_queue=0)
+
+
 def test_shipped_serve_config_is_valid_for_serve_deploy():
     config = yaml.safe_load((REPO / "serving" / "serve_config.yaml").read_text())
     schema = ServeDeploySchema.model_validate(config)

@@ -178,6 +178,8 @@ def test_routing_setting_defaults_to_affinity_with_several_replicas():
     assert effective_routing("affinity", 1) == "affinity"
     assert request_router_config("random") is None
     assert request_router_config("affinity")["request_router_class"] == "serving.routing.router:TaskAffinityRouter"
+    assert "request_router_kwargs" not in request_router_config("affinity")  # the router's own defaults
+    assert request_router_config("affinity", 2.0, 3)["request_router_kwargs"] == {"load_factor": 2.0, "min_queue": 3}
     with pytest.raises(ValueError, match="routing must be one of"):
         request_router_config("round-robin")
 
