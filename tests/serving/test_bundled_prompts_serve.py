@@ -3,7 +3,8 @@
 Lists the four bundled tasks at `/v1/models` and answers held-out rows of each over HTTP, mixed in
 one burst; every answer equals what the in-process engine gives with the same file. (How often the
 answers are right is measured on 100 rows per task by `make prompts`, see prompts/README.md; here
-they are only printed.)
+they are only printed.) The server runs as `make serve` starts it, without LAMP_ADMIN_TOKEN: its admin
+API is off and says how to turn it on.
 """
 
 from __future__ import annotations
@@ -61,6 +62,15 @@ def test_bundled_tasks_are_listed(server):
     models = httpx.get(f"{server.url}/v1/models", timeout=60).json()
     assert sorted(m["id"] for m in models["data"]) == sorted(p.stem for p in Path(PROMPTS).glob("*.safetensors"))
     assert set(MAX_NEW_TOKENS) <= {m["id"] for m in models["data"]}
+
+
+def test_admin_is_off_without_a_token_and_says_how_to_turn_it_on(server):
+    for headers in ({}, {"Authorization": "Bearer some-guess"}):
+        refused = httpx.get(f"{server.url}/admin/adapters", headers=headers, timeout=60)
+        assert refused.status_code == 403
+        assert "set LAMP_ADMIN_TOKEN" in refused.json()["error"]["message"]
+    assert httpx.delete(f"{server.url}/admin/adapters/sentiment", timeout=60).status_code == 403
+    assert "sentiment" in {m["id"] for m in httpx.get(f"{server.url}/v1/models", timeout=60).json()["data"]}
 
 
 def test_each_bundled_task_answers_like_the_engine(server, engine_answers, backbone):

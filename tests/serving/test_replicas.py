@@ -1,7 +1,8 @@
 """Two model replicas over one store, routed by task affinity (the default with two replicas): an
 admin change serves on every replica at once; each task goes to its preferred replica and a hot
-task's burst spills to the other, with the same greedy answers everywhere; a restart keeps the
-adapters; SIGTERM leaves no process behind; without LAMP_ADMIN_TOKEN admin is off."""
+task's burst spills to the other, with the same greedy answers everywhere; SIGTERM leaves no process
+behind (the fixture's stop checks). A restart keeping every adapter is tests/reliability/test_server_restart.py;
+admin being off without LAMP_ADMIN_TOKEN is test_bundled_prompts_serve.py (a server started without one)."""
 
 from __future__ import annotations
 
@@ -136,29 +137,3 @@ def test_each_task_goes_to_its_preferred_replica_and_a_hot_task_spills(two_repli
     for task_id in adapters:
         assert httpx.delete(f"{server.url}/admin/adapters/{task_id}",
                             headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
-
-
-def test_restart_keeps_adapters_and_admin_is_off_without_a_token(two_replicas, store, backbone, tmp_path,
-                                                                  tmp_path_factory):
-    adapter = lamp_from_prompt(vocab_prompt(backbone, 6, seed=93), rank=3, pool=1)
-    stored = upload(two_replicas, "keeper", adapter, tmp_path).json()
-    before = httpx.post(f"{two_replicas.url}/generate", timeout=120,
-                        json={"task_id": "keeper", "input": TEXT, "max_new_tokens": 6}).json()
-    # every task the store holds, not only this test's: one an earlier test left (had it failed half
-    # way) must not fail this one, and a restart keeps all of them
-    tasks = [m["id"] for m in httpx.get(f"{two_replicas.url}/v1/models").json()["data"]]
-    assert "keeper" in tasks
-    two_replicas.stop()  # SIGTERM; raises if any Ray process outlives the server
-
-    restarted = ServerProcess(store=store, replicas=1, admin_token=None,
-                              log_path=tmp_path_factory.mktemp("logs") / "restart.log")
-    with restarted:
-        assert [m["id"] for m in httpx.get(f"{restarted.url}/v1/models").json()["data"]] == tasks
-        after = httpx.post(f"{restarted.url}/generate", timeout=120,
-                           json={"task_id": "keeper", "input": TEXT, "max_new_tokens": 6}).json()
-        assert (after["adapter_version"], after["text"]) == (stored["version"], before["text"])
-
-        refused = httpx.get(f"{restarted.url}/admin/adapters", headers={"Authorization": f"Bearer {TOKEN}"})
-        assert refused.status_code == 403
-        assert "set LAMP_ADMIN_TOKEN" in refused.json()["error"]["message"]
-        assert httpx.delete(f"{restarted.url}/admin/adapters/keeper").status_code == 403
