@@ -46,8 +46,8 @@ class ServeSettings:
     device: str = "auto"
     replicas: int = 1
     routing: str | None = None  # affinity | random (default: affinity with more than one replica)
-    affinity_load_factor: float = 1.25  # affinity: a replica's queue may reach this multiple of the mean
-    affinity_min_queue: int = 2  # affinity: below this queue a replica always takes its tasks' requests
+    affinity_load_factor: float = 1.5  # affinity: a replica's queue may reach this multiple of the mean
+    affinity_min_queue: int = 4  # affinity: below this queue a replica always takes its tasks' requests
     replica_cpus: float | None = None  # Ray CPUs reserved per model replica (default: a fair share)
     threads: int | None = None  # torch threads per model replica (default: CPU cores / replicas)
     max_batch_size: int = 16

@@ -52,10 +52,10 @@ def register(subparsers) -> None:
                         "when that one is busy) or random (Serve's default); default affinity when replicas > 1")
     p.add_argument("--affinity-load-factor", type=float,
                    help="affinity routing: a task's request leaves its preferred replica when that one's queue "
-                        "would pass this multiple of the mean queue (default 1.25)")
+                        "would pass this multiple of the mean queue (default 1.5)")
     p.add_argument("--affinity-min-queue", type=int,
                    help="affinity routing: a replica with a shorter queue always takes its tasks' requests "
-                        "(default 2)")
+                        "(default 4)")
     p.add_argument("--replica-cpus", type=float, help="Ray CPUs reserved per replica (default: fair share)")
     p.add_argument("--threads", type=int, help="torch threads per replica (default: cores / replicas)")
     p.add_argument("--max-batch-size", type=int, help="requests per engine batch (default 16)")

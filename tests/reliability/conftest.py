@@ -70,7 +70,10 @@ def server(tmp_path_factory, task_adapters, ray_tmpdir):
         store=tmp_path_factory.mktemp("rel-store") / "store", prompts=prompts, replicas=REPLICAS,
         admin_token=ADMIN_TOKEN, env={"RAY_TMPDIR": ray_tmpdir},
         log_path=tmp_path_factory.mktemp("rel-logs") / "serve.log",
-        extra_args=["--max-batch-size", str(MAX_BATCH_SIZE), "--max-queue", str(MAX_QUEUE),
+        # A tight affinity bound (the defaults let a replica queue 4 before spilling): the replica
+        # tests reach a given replica with small bursts of one task.
+        extra_args=["--affinity-load-factor", "1.25", "--affinity-min-queue", "2",
+                    "--max-batch-size", str(MAX_BATCH_SIZE), "--max-queue", str(MAX_QUEUE),
                     "--max-new-tokens", str(MAX_NEW_TOKENS), "--max-input-tokens", str(MAX_INPUT_TOKENS),
                     "--max-request-bytes", str(MAX_REQUEST_BYTES), "--max-upload-bytes", str(MAX_UPLOAD_BYTES)],
     )

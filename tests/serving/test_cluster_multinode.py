@@ -113,9 +113,10 @@ def cluster(s3_store, registry):
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
         args = {"store": s3_store, "registry": registry, "prompts": "", "dtype": "float32", "quantization": "none",
                 "device": "cpu",
-                # task-affinity routing, as deploy/serve_config.cluster.yaml sets it: the one task's
-                # bursts of 4 spill from its preferred replica, so both replicas (nodes) serve it
-                "routing": "affinity",
+                # task-affinity routing, as deploy/serve_config.cluster.yaml sets it, with a tight load
+                # bound (the defaults let a replica queue 4 before spilling): the one task's bursts of 4
+                # spill from its preferred replica, so both replicas (nodes) serve it
+                "routing": "affinity", "affinity_load_factor": 1.25, "affinity_min_queue": 2,
                 "replicas": 2, "replica_cpus": 1, "threads": 1, "max_batch_size": 4, "max_queue": 8,
                 "max_new_tokens": 8, "prompt_cache_mb": 16}
         started = time.monotonic()

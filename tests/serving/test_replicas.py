@@ -33,8 +33,11 @@ def store(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def two_replicas(store, tmp_path_factory):
+    # A tight load bound (the defaults let a replica queue 4 before spilling), so a burst of ROUNDS
+    # requests of one task spills to the other replica.
     server = ServerProcess(store=store, replicas=2, admin_token=TOKEN,
-                           log_path=tmp_path_factory.mktemp("logs") / "serve.log")
+                           log_path=tmp_path_factory.mktemp("logs") / "serve.log",
+                           extra_args=["--affinity-load-factor", "1.25", "--affinity-min-queue", "2"])
     with server:
         yield server
 

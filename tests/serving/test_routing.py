@@ -159,6 +159,8 @@ def test_a_hot_task_spreads_and_no_queue_grows_without_bound():
     assert max(queues) <= 3
     assert taken[0] >= 0.65 * sum(taken)  # the preferred replica runs full (1 of the 1.5 per tick)
     assert taken[1] >= 0.3 * sum(taken)  # and the overflow goes to the other one
+    queues, taken = simulate_hot_task(LoadBound())  # the defaults: a longer queue before it spills, still bounded
+    assert max(queues) <= 4 and taken[1] >= 0.3 * sum(taken)
     # without spilling (an unreachable bound) the preferred replica's queue grows with time
     queues, taken = simulate_hot_task(LoadBound(load_factor=1.0, min_queue=10_000))
     assert queues[0] > 150 and taken[1] == 0
