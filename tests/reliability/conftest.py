@@ -31,6 +31,13 @@ MAX_INPUT_TOKENS = 128
 MAX_REQUEST_BYTES = 32 * 1024
 MAX_UPLOAD_BYTES = 1024 * 1024
 BUNDLED_TASKS = ("lamp2", "lamp3", "plain")
+# Bursts of concurrent calls of one task that spill from its preferred replica under this server's
+# tight affinity bound, so a test reaches every replica (15 bursts of each, this server, quiet
+# machine): generations in bursts of 8 reached both replicas in 14-15 (bursts of 4: 10-11); a 404
+# takes a millisecond and hardly queues, so 404 bursts of 4 did in 1, of 8 in 8, of 24 in 15 (a few
+# calls of those refused with 503: more than batch + queue were in flight at once).
+GENERATION_BURST = 2 * MAX_BATCH_SIZE
+NOT_FOUND_BURST = 3 * MAX_QUEUE
 # docs/reliability.md's numbers: `LAMP_RELIABILITY_REPORT=docs/bench/reliability.json .venv/bin/python
 # -m pytest tests/reliability` writes what each fault test measured there (see `measured`).
 REPORT_ENV = "LAMP_RELIABILITY_REPORT"

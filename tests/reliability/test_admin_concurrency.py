@@ -19,8 +19,8 @@ import pytest
 
 from ..conftest import lamp_from_prompt, vocab_prompt
 from ..store_state import registry_state
-from .conftest import REPLICAS, measured
-from .traffic import Load, adapter_bytes, attempt, reference_texts, registered_per_replica
+from .conftest import GENERATION_BURST, NOT_FOUND_BURST, REPLICAS, measured
+from .traffic import Load, adapter_bytes, bursts_until, reference_texts, registered_per_replica
 
 pytestmark = pytest.mark.slow
 
@@ -84,14 +84,8 @@ async def churn(server, files: list[bytes]) -> tuple[list[AdminOp], Load]:
     return log, load
 
 
-async def answers_of_every_replica(url: str, task_id: str) -> list:
-    async with httpx.AsyncClient(base_url=url, timeout=90) as client:
-        answers = []
-        for _ in range(10):
-            answers += await asyncio.gather(*(attempt(client, -1, task_id, "generate") for _ in range(2 * REPLICAS)))
-            if len({a.replica for a in answers}) >= REPLICAS:
-                break
-        return answers
+def every_replica_answered(answers) -> bool:
+    return len({a.replica for a in answers}) >= REPLICAS
 
 
 def test_parallel_admin_calls_under_traffic_stay_consistent(server, admin, client, backbone):
@@ -135,7 +129,8 @@ def test_parallel_admin_calls_under_traffic_stay_consistent(server, admin, clien
     current = {t: index["tasks"][t]["version"] for t in TASKS if t in index["tasks"]}
     assert "churn-a" in current  # only plans 1 and 2 touch it, and both end with a put
     for task_id in TASKS:
-        answers = asyncio.run(answers_of_every_replica(server.url, task_id))
+        burst = GENERATION_BURST if task_id in current else NOT_FOUND_BURST
+        answers = asyncio.run(bursts_until(server.url, task_id, every_replica_answered, burst))
         assert len({a.replica for a in answers}) == REPLICAS
         if task_id in current:
             expected = references[content_of[(task_id, current[task_id])]]

@@ -1,8 +1,8 @@
 """Memory with 10,000 registered adapters: the registry holds each adapter's small factors (linear
 in the number of adapters, by design), while the built prompts live in the byte-bounded LRU cache,
 and each task's prompt keys/values in the byte-bounded prompt-KV cache, so serving every one of the
-10,000 tasks grows the process by at most the two budgets, not by 10,000 prompts. Measured as RSS of this process (after returning freed heap to the OS), not as a
-timing."""
+10,000 tasks grows the process by at most the two budgets, not by 10,000 prompts. Measured as RSS
+of this process (after returning freed heap to the OS), not as a timing."""
 
 from __future__ import annotations
 

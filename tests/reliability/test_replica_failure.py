@@ -14,8 +14,8 @@ import psutil
 import pytest
 
 from ..conftest import lamp_from_prompt, vocab_prompt
-from .conftest import BUNDLED_TASKS, REPLICAS, measured
-from .traffic import Load, adapter_bytes, attempt, reference_texts, upload
+from .conftest import BUNDLED_TASKS, GENERATION_BURST, REPLICAS, measured
+from .traffic import Load, adapter_bytes, bursts_until, reference_texts, upload
 
 pytestmark = pytest.mark.slow
 
@@ -45,17 +45,15 @@ async def wait_for(condition, what: str, timeout: float = STEP_TIMEOUT_S) -> flo
     return time.monotonic()
 
 
-async def served_by(url: str, tasks: list[str], replica: str, max_bursts: int = 10) -> dict:
+async def served_by(url: str, tasks: list[str], replica: str) -> dict:
     """For each task, bursts of concurrent /generate calls until `replica` answers it; that answer."""
+    def hits(answers):
+        return [a for a in answers if a.replica == replica and a.status == 200]
+
     found = {}
-    async with httpx.AsyncClient(base_url=url, timeout=90) as client:
-        for task_id in tasks:
-            for _ in range(max_bursts):
-                burst = await asyncio.gather(*(attempt(client, -1, task_id, "generate") for _ in range(2 * REPLICAS)))
-                hits = [a for a in burst if a.replica == replica and a.status == 200]
-                if hits:
-                    found[task_id] = hits[0]
-                    break
+    for task_id in tasks:
+        if answered := hits(await bursts_until(url, task_id, hits, GENERATION_BURST)):
+            found[task_id] = answered[0]
     return found
 
 

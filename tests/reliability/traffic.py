@@ -97,6 +97,23 @@ async def attempt(client: httpx.AsyncClient, worker: int, task_id: str, endpoint
     return record
 
 
+async def bursts_until(url: str, task_id: str, enough, size: int, max_bursts: int = 10) -> list[Attempt]:
+    """Bursts of `size` concurrent /generate calls of `task_id` until `enough(answers)` holds or
+    `max_bursts` ran (a burst spills from the task's preferred replica: see GENERATION_BURST).
+
+    Returns every answer except the ingress's overload refusals (503 with Retry-After, answered by
+    no replica), which a burst larger than one replica's batch + queue may draw by design.
+    """
+    answers: list[Attempt] = []
+    async with httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT_S) as client:
+        for _ in range(max_bursts):
+            burst = await asyncio.gather(*(attempt(client, -1, task_id, "generate") for _ in range(size)))
+            answers += [a for a in burst if not (a.status == 503 and a.retry_after and a.replica is None)]
+            if enough(answers):
+                break
+    return answers
+
+
 def _fill(record: Attempt, r: httpx.Response, parse) -> None:
     record.status = r.status_code
     record.replica = r.headers.get("x-lamp-replica")
