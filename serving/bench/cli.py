@@ -1,5 +1,6 @@
-"""`lamp bench registry`: adds itself to `lamp bench` (lamp_runtime/bench/cli.py), which sits on a
-lower layer and so cannot import serving."""
+"""`lamp bench registry` and `lamp bench savings` (the benches that need a real server) add
+themselves to `lamp bench` (lamp_runtime/bench/cli.py), which sits on a lower layer and so cannot
+import serving."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ def register(subparsers) -> None:
     r.add_argument("--out", required=True, help="write the report JSON here")
     r.add_argument("--seed", type=int, default=0)
     r.set_defaults(func=run_registry_command)
+    register_savings(benches)
 
 
 def run_registry_command(args) -> int:
@@ -37,5 +39,34 @@ def run_registry_command(args) -> int:
     report = run_registry_bench(config, on_progress=lambda partial: write_json(args.out, partial))
     path = write_json(args.out, report)
     print(format_table(report["rows"], TABLE_COLUMNS))
+    print(f"wrote {path}")
+    return 0
+
+
+def register_savings(benches) -> None:
+    s = benches.add_parser("savings", help="prefill time pooling saves as /metrics estimates it vs the measured "
+                                           "difference, with a real server (pool 1 vs pool p, interleaved)")
+    s.add_argument("--length", type=int, default=200, help="LAMP prompt length l")
+    s.add_argument("--pool", type=int, default=10, help="pool block p of the pooled version")
+    s.add_argument("--rank", type=int, default=8, help="LAMP rank r")
+    s.add_argument("--rounds", type=int, default=30, help="measured requests per version, interleaved")
+    s.add_argument("--warmup", type=int, default=8, help="requests per version before measuring (>= 8)")
+    s.add_argument("--out", required=True, help="write the report JSON here")
+    s.add_argument("--seed", type=int, default=41)
+    s.set_defaults(func=run_savings_command)
+
+
+def run_savings_command(args) -> int:
+    from lamp_runtime.bench.report import write_json
+
+    from .savings import SavingsBenchConfig, run_savings_bench
+
+    config = SavingsBenchConfig(length=args.length, pool=args.pool, rank=args.rank, rounds=args.rounds,
+                                warmup=args.warmup, seed=args.seed)
+    report = run_savings_bench(config)
+    path = write_json(args.out, report)
+    print(f"tokens saved/request {report['tokens_saved_per_request']:.0f}, KV bytes saved/request "
+          f"{report['kv_bytes_saved_per_request']:.0f}; prefill saved: estimated {report['estimated_saved_ms']} ms, "
+          f"measured {report['measured_saved_ms']} ms (estimate/measured {report['estimate_over_measured']})")
     print(f"wrote {path}")
     return 0

@@ -15,8 +15,6 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,12 +22,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import httpx
-import psutil
 
-from ..ports import free_port
+from .server import start_server
 
-TOKEN = "bench-registry-token"
-START_TIMEOUT_S = 300.0
 TABLE_COLUMNS = (
     ("tasks", "tasks", "d"), ("batch_ms_per_adapter", "batch ms/adapter", ".2f"),
     ("put_p50_ms", "PUT p50 ms", ".1f"), ("put_p99_ms", "PUT p99 ms", ".1f"),
@@ -79,69 +74,6 @@ def _adapter_files(config: RegistryBenchConfig, count: int = 16) -> list[bytes]:
                                   torch.randn(config.rank, 576, generator=g) * 0.01)
             files.append(save_adapter(adapter, Path(tmp) / f"{i}.safetensors").read_bytes())
     return files
-
-
-class _Server:
-    def __init__(self, store: Path, registry: str | None, log: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "serving.cli", "serve", "--port", str(self.port), "--store", str(store),
-                   "--prompts", "", "--replicas", "1", "--num-cpus", "2", "--dtype", "float32",
-                   "--quantization", "none", "--device", "cpu", "--max-upload-bytes", str(64 << 20)]
-        if registry:
-            command += ["--registry", registry]
-        env = {**os.environ, "LAMP_ADMIN_TOKEN": TOKEN, "RAY_USAGE_STATS_ENABLED": "0"}
-        self.log = log
-        with open(log, "ab") as out:
-            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                            start_new_session=True)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"lamp serve exited during start-up:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"lamp serve not healthy within {START_TIMEOUT_S:.0f} s:\n{self.log_tail()}")
-
-    def log_tail(self, lines: int = 30) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-
-    def rss_bytes(self) -> int:
-        """Resident memory of the server and every process it started (Ray's too)."""
-        total = 0
-        root = psutil.Process(self.process.pid)
-        for proc in [root, *root.children(recursive=True)]:
-            try:
-                total += proc.memory_info().rss
-            except psutil.NoSuchProcess:
-                pass
-        return total
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(10)
-
-
-def _start_server(store: Path, registry: str | None, log: Path, attempts: int = 3) -> _Server:
-    """Ray gives a node 30 s to register (hard-coded); on a loaded machine a start can miss it."""
-    for attempt in range(attempts):
-        try:
-            return _Server(store, registry, log)
-        except RuntimeError as exc:
-            if attempt == attempts - 1 or "timed out during startup" not in str(exc):
-                raise
-            print("lamp serve start failed (Ray node start-up timed out), retrying", file=sys.stderr, flush=True)
-    raise AssertionError("unreachable")
 
 
 def _register_batch(client: httpx.Client, start: int, count: int, files: list[bytes]) -> float:
@@ -202,11 +134,11 @@ def run_registry_bench(config: RegistryBenchConfig, on_progress=None) -> dict:
     report = {"bench": "registry", "config": asdict(config), "backend": backend, "machine": context,
               "command": " ".join(["lamp", *sys.argv[1:]]), "adapter_bytes": len(files[0]), "complete": False,
               "rows": rows}
-    server = _start_server(folder / "store", registry, folder / "serve.log")
+    server = start_server(folder / "store", folder / "serve.log", [
+        "--max-upload-bytes", str(64 << 20), *(["--registry", registry] if registry else [])])
     try:
         store = open_store(folder / "store", registry)
-        headers = {"Authorization": f"Bearer {TOKEN}"}
-        with httpx.Client(base_url=server.url, headers=headers, timeout=600) as client:
+        with httpx.Client(base_url=server.url, headers=server.admin_headers, timeout=600) as client:
             registered, batch_seconds = 0, 0.0
             began = time.perf_counter()
             for target in config.tasks:
