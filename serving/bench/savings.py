@@ -32,6 +32,9 @@ COUNTERS = ("lamp_soft_prompt_tokens_saved_total", "lamp_kv_cache_bytes_saved_to
             "lamp_prefill_seconds_saved_total", "lamp_prefill_tokens_total", "lamp_prefill_seconds_count")
 SETTLE_TIMEOUT_S = 30.0
 SETTLE_POLL_S = 0.6  # replicas push their metrics every 0.5 s
+# What `measure_savings` assumes of the server: every prefill runs its soft prompt (no prompt-KV
+# cache) and each step is one request's (batch 1).
+SERVER_ARGS = ("--prompt-kv-cache-mb", "0", "--max-batch-size", "1")
 
 
 @dataclass(frozen=True)
@@ -109,8 +112,8 @@ def measure_savings(client: httpx.Client, admin_headers: dict, files: dict[str, 
                     warmup: int, prefills_before: int = 0) -> dict:
     """Register `files` (unpooled version first), warm up, then `rounds` interleaved requests of each.
 
-    `client` talks to a server whose prompt-KV cache is off and that served `prefills_before`
-    prefills so far. Returns the per-request savings and both versions' prefill times.
+    `client` talks to a server started with `SERVER_ARGS` that served `prefills_before` prefills
+    so far. Returns the per-request savings and both versions' prefill times.
     """
     for task, data in files.items():
         client.put(f"/admin/adapters/{task}", headers=admin_headers,
@@ -157,8 +160,7 @@ def run_savings_bench(config: SavingsBenchConfig) -> dict:
     files = savings_adapters(load_embedding_table(folder, torch.float32).weight, config)
     work = Path(tempfile.mkdtemp(prefix="lamp-bench-savings-"))
     context = machine_context()
-    server = start_server(work / "store", work / "serve.log",
-                          ["--prompt-kv-cache-mb", "0", "--max-batch-size", "1"])
+    server = start_server(work / "store", work / "serve.log", list(SERVER_ARGS))
     try:
         with httpx.Client(base_url=server.url, timeout=120) as client:
             result = measure_savings(client, server.admin_headers, files, config.rounds, config.warmup)

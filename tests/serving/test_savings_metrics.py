@@ -10,7 +10,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from serving.bench.savings import SavingsBenchConfig, measure_savings, savings_adapters, task_names
+from serving.bench.savings import SERVER_ARGS, SavingsBenchConfig, measure_savings, savings_adapters, task_names
 
 from ..server_process import ServerProcess
 from .test_api import metric_samples
@@ -25,7 +25,7 @@ CONFIG = SavingsBenchConfig(length=200, pool=10, rank=8, rounds=8, warmup=8)
 def server(tmp_path_factory):
     process = ServerProcess(store=tmp_path_factory.mktemp("store"), admin_token=ADMIN_TOKEN,
                             log_path=tmp_path_factory.mktemp("logs") / "serve.log",
-                            extra_args=["--prompt-kv-cache-mb", "0", "--max-batch-size", "1"])
+                            extra_args=SERVER_ARGS)
     with process:
         yield process
 
