@@ -89,8 +89,8 @@ def edges(graph, source_prefix: str, target_prefix: str) -> list[str]:
 
 def test_the_graph_is_read(graph):
     """Guards the checks below against vacuous success: known edges are found."""
-    assert "lamp_runtime.prompts.cache" in graph["lamp_runtime.engine.step_engine"]
-    assert "lamp_runtime.engine.kv_batch" in graph["lamp_runtime.engine.generic_decoder"]  # `from . import kv_batch`
+    assert "lamp_runtime.prompts.cache" in graph["lamp_runtime.hf.step_engine"]
+    assert "lamp_runtime.hf.kv_batch" in graph["lamp_runtime.hf.generic_decoder"]  # `from . import kv_batch`
     assert "lamp_runtime.vllm.engine" in graph["lamp_runtime.engine.build"]  # deferred import
     assert "serving.store" in graph["serving.config"]
 
@@ -109,15 +109,15 @@ def test_the_runtime_never_imports_serving(graph):
 
 
 @pytest.mark.parametrize("engine, other", [
-    ("lamp_runtime.vllm", "lamp_runtime.engine.decoder"), ("lamp_runtime.vllm", "lamp_runtime.engine.seq2seq"),
-    ("lamp_runtime.vllm", "lamp_runtime.engine.step_engine"), ("lamp_runtime.vllm", "lamp_runtime.engine.runner"),
-    ("lamp_runtime.vllm", "lamp_runtime.engine.generic_decoder"), ("lamp_runtime.vllm", "lamp_runtime.engine.llama"),
-    ("lamp_runtime.engine.decoder", "lamp_runtime.vllm"), ("lamp_runtime.engine.seq2seq", "lamp_runtime.vllm"),
-    ("lamp_runtime.engine.generic_decoder", "lamp_runtime.vllm"),
-    ("lamp_runtime.engine.decoder", "lamp_runtime.engine.seq2seq"),
-    ("lamp_runtime.engine.seq2seq", "lamp_runtime.engine.decoder"),
-    ("lamp_runtime.engine.decoder", "lamp_runtime.engine.generic_decoder"),
-    ("lamp_runtime.engine.generic_decoder", "lamp_runtime.engine.decoder"),
+    ("lamp_runtime.vllm", "lamp_runtime.hf.decoder"), ("lamp_runtime.vllm", "lamp_runtime.hf.seq2seq"),
+    ("lamp_runtime.vllm", "lamp_runtime.hf.step_engine"), ("lamp_runtime.vllm", "lamp_runtime.engine.runner"),
+    ("lamp_runtime.vllm", "lamp_runtime.hf.generic_decoder"), ("lamp_runtime.vllm", "lamp_runtime.hf.llama"),
+    ("lamp_runtime.hf.decoder", "lamp_runtime.vllm"), ("lamp_runtime.hf.seq2seq", "lamp_runtime.vllm"),
+    ("lamp_runtime.hf.generic_decoder", "lamp_runtime.vllm"),
+    ("lamp_runtime.hf.decoder", "lamp_runtime.hf.seq2seq"),
+    ("lamp_runtime.hf.seq2seq", "lamp_runtime.hf.decoder"),
+    ("lamp_runtime.hf.decoder", "lamp_runtime.hf.generic_decoder"),
+    ("lamp_runtime.hf.generic_decoder", "lamp_runtime.hf.decoder"),
 ])
 def test_engines_never_import_each_other(graph, engine, other):
     """Only engine/build.py knows every engine; the others share only the contract (engine/base.py)."""

@@ -39,7 +39,7 @@ class EngineConfig:
     # Host memory for the factors of adapters registered by reference (adapters/stored.py), loaded
     # when a request needs them (engine/resident.py).
     adapter_cache_bytes: int = 64 * 1024 * 1024
-    # Keys and values of tasks' soft prompts kept between requests (engine/prompt_kv.py); 0 = off.
+    # Keys and values of tasks' soft prompts kept between requests (hf/prompt_kv.py); 0 = off.
     prompt_kv_cache_bytes: int = 256 * 1024 * 1024
     # A prefill forward's fixed cost in padded positions: newcomers whose lengths differ by more
     # than this (per row) are prefilled in separate forwards (see prefill_groups.py).

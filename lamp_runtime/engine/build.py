@@ -43,16 +43,16 @@ def engine_for(backbone, registry=None, config: EngineConfig | None = None, cach
     """The transformers engine that fits a loaded backbone: encoder-decoder (T5), a Llama-template
     decoder (slot KV cache + prompt-KV cache), or any other decoder (transformers' own forward)."""
     if backbone.is_encoder_decoder:
-        from .seq2seq import Seq2SeqEngine
+        from ..hf.seq2seq import Seq2SeqEngine
 
         return Seq2SeqEngine(backbone, registry, config, cache)
-    from .llama import supports
+    from ..hf.llama import supports
 
     if supports(backbone.model):
-        from .decoder import DecoderEngine
+        from ..hf.decoder import DecoderEngine
 
         return DecoderEngine(backbone, registry, config, cache)
-    from .generic_decoder import GenericDecoderEngine
+    from ..hf.generic_decoder import GenericDecoderEngine
 
     return GenericDecoderEngine(backbone, registry, config, cache)
 

@@ -29,7 +29,7 @@ import torch
 from ..errors import EngineStoppedError
 from ..requests import GenerationRequest, GenerationResult, StepOutput
 from .base import EngineRunner, StepStats
-from .step_engine import StepEngine
+from ..hf.step_engine import StepEngine
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from lamp_runtime.adapters import AdapterMeta, EptAdapter, LampAdapter, SoftProm
 from lamp_runtime.backbone.hf import load_backbone
 from lamp_runtime.backbone.options import BackboneOptions
 from lamp_runtime.engine.build import engine_for
-from lamp_runtime.engine.seq2seq import Seq2SeqEngine
+from lamp_runtime.hf.seq2seq import Seq2SeqEngine
 from lamp_runtime.prompts.prepared import prepare
 from lamp_runtime.requests import GenerationRequest, SamplingParams
 

@@ -18,7 +18,7 @@ import torch
 
 from lamp_runtime.adapters import AdapterMeta, EptAdapter, SoftPromptAdapter
 from lamp_runtime.engine.base import EngineConfig
-from lamp_runtime.engine.decoder import DecoderEngine
+from lamp_runtime.hf.decoder import DecoderEngine
 from lamp_runtime.errors import AdapterError, QueueFullError, RequestError, UnknownTaskError
 from lamp_runtime.prompts.prepared import assemble_embeddings, prepare
 from lamp_runtime.requests import GenerationRequest, SamplingParams

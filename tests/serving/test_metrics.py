@@ -7,7 +7,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
 from lamp_runtime.engine.base import StepStats
-from lamp_runtime.engine.decoder import DecoderEngine
+from lamp_runtime.hf.decoder import DecoderEngine
 from lamp_runtime.requests import GenerationRequest, SamplingParams
 from serving.metrics.hub import render, snapshot
 from serving.metrics.ingress import IngressMetrics
