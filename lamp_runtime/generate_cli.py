@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 
 
@@ -31,7 +32,8 @@ def chat_input(tokenizer, text: str) -> str:
 def run(args) -> int:
     from .adapters import load_adapter
     from .backbone.cli_args import backbone_options
-    from .engine.build import build_engine
+    from .engine.streams import complete
+    from .engines import build_engine
     from .requests import GenerationRequest, SamplingParams
 
     text = sys.stdin.read() if args.input == "-" else args.input
@@ -44,7 +46,9 @@ def run(args) -> int:
         task_id = "cli"
     if args.chat:
         text = chat_input(engine.backbone.tokenizer, text)
-    # Stepped on this (main) thread: one request needs no async runner.
-    result = engine.generate([GenerationRequest(text, task_id, params)])[0]
+    try:
+        result = asyncio.run(complete(engine, GenerationRequest(text, task_id, params)))
+    finally:
+        engine.shutdown()
     sys.stdout.write(result.text + "\n")
     return 0

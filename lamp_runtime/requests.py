@@ -167,7 +167,6 @@ class GenerationResult:
     decode_ms: float
     ttft_ms: float
     total_ms: float
-    replica: str | None = None  # which serving replica produced it (set by the serving layer)
     index: int = 0  # which of the request's n samples
     # One per generated token when asked for, plus the EOS that ended it (as OpenAI reports it).
     logprobs: list[TokenLogprob] | None = None

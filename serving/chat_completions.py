@@ -39,10 +39,11 @@ class ChatCompletions:
             first, items = await self.generation.open_stream(engine_request)
             return StreamingResponse(self._chunks(request, first, items), media_type="text/event-stream",
                                      headers=SSE_HEADERS)
-        results = await self.generation.complete(engine_request)
+        answer = await self.generation.complete(engine_request)
+        results = answer.results
         body = ChatCompletionResponse(id=chat_completion_id(), model=request.model,
                                       choices=[request.choice(r) for r in results], usage=CompletionUsage.of(results))
-        return JSONResponse(body.model_dump(), headers={REPLICA_HEADER: replicas_of(results)})
+        return JSONResponse(body.model_dump(), headers={REPLICA_HEADER: replicas_of([answer])})
 
     async def _chunks(self, request: ChatCompletionRequest, first: StepOutput, items) -> AsyncIterator[str]:
         """OpenAI's chunk sequence: per sample a first chunk with the role, content deltas, a last

@@ -3,7 +3,7 @@
 
 Each HTTP request converts itself into `GenerationRequest`s (one per prompt for a list of OpenAI
 prompts, issued together so they join the same batch), and each becomes one call on the model
-deployment handle, which answers with the `GenerationResult`s of its n samples or a `Refusal`. Streams use a
+deployment handle, which answers with `ReplicaResults` (its n samples' results and the replica) or a `Refusal`. Streams use a
 streaming handle call; the first item is awaited before the response starts, so a refused request
 gets a proper status code instead of a 200 stream that carries an error.
 """
@@ -20,7 +20,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from lamp_runtime.errors import RequestError
-from lamp_runtime.requests import GenerationRequest, GenerationResult, StepOutput
+from lamp_runtime.requests import GenerationRequest, StepOutput
 
 from .http.errors import REPLICA_HEADER, RETRY_AFTER_S, Refusal, ServingError
 from .http.logprobs import CompletionLogprobs
@@ -36,6 +36,7 @@ from .http.protocol import (
     openai_finish,
 )
 from .metrics.ingress import IngressMetrics
+from .replica import ReplicaResults
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +88,9 @@ class GenerationService:
             first, items = await self.open_stream(engine_request)
             return StreamingResponse(self._generate_events(request.task_id, first, items),
                                      media_type="text/event-stream", headers=SSE_HEADERS)
-        (result,) = await self.complete(engine_request)
-        return JSONResponse(GenerateResponse.from_result(result).model_dump(), headers={REPLICA_HEADER: result.replica})
+        answer = await self.complete(engine_request)
+        (result,) = answer.results
+        return JSONResponse(GenerateResponse.from_result(result).model_dump(), headers={REPLICA_HEADER: answer.replica})
 
     async def _generate_events(self, task_id: str, first: StepOutput, items) -> AsyncIterator[str]:
         async for item in self.relay(first, items):
@@ -117,11 +119,11 @@ class GenerationService:
                                      media_type="text/event-stream", headers=SSE_HEADERS)
         per_prompt = await self.complete_many(request.model, engine_requests)
         choices = [request.choice(p * request.n + r.index, prompt, r)
-                   for p, (prompt, results) in enumerate(zip(request.prompts, per_prompt)) for r in results]
-        results = [r for results in per_prompt for r in results]
+                   for p, (prompt, answer) in enumerate(zip(request.prompts, per_prompt)) for r in answer.results]
+        results = [r for answer in per_prompt for r in answer.results]
         body = CompletionResponse(id=completion_id(), model=request.model, choices=choices,
                                   usage=CompletionUsage.of(results))
-        return JSONResponse(body.model_dump(), headers={REPLICA_HEADER: replicas_of(results)})
+        return JSONResponse(body.model_dump(), headers={REPLICA_HEADER: replicas_of(per_prompt)})
 
     async def _completion_chunks(self, request: CompletionRequest, first: StepOutput, items) -> AsyncIterator[str]:
         chunk_id = completion_id()
@@ -153,11 +155,11 @@ class GenerationService:
             self.metrics.count_request(task_id, False, 422)
             raise ServingError(422, f"invalid request: {exc}") from None
 
-    async def complete(self, request: GenerationRequest) -> list[GenerationResult]:
-        """The results of the request's n samples."""
+    async def complete(self, request: GenerationRequest) -> ReplicaResults:
+        """The results of the request's n samples, and the replica that produced them."""
         return (await self.complete_many(request.task_id, [request]))[0]
 
-    async def complete_many(self, task_id: str, requests: list[GenerationRequest]) -> list[list[GenerationResult]]:
+    async def complete_many(self, task_id: str, requests: list[GenerationRequest]) -> list[ReplicaResults]:
         calls = [asyncio.ensure_future(self._call(request)) for request in requests]
         try:
             replies = await asyncio.gather(*calls)
@@ -178,7 +180,7 @@ class GenerationService:
         task-affinity router reads (serving/routing/router.py) without deserializing the request."""
         return self.model.options(session_id=request.task_id, **options)
 
-    async def _call(self, request: GenerationRequest) -> list[GenerationResult] | Refusal:
+    async def _call(self, request: GenerationRequest) -> ReplicaResults | Refusal:
         """One call on the model deployment, re-sent if its replica dies before answering."""
         retries = REPLICA_LOST_RETRIES
         while True:
@@ -243,6 +245,6 @@ def public(refusal: Refusal) -> dict:
     return {"message": refusal.message, "code": refusal.status}
 
 
-def replicas_of(results: list[GenerationResult]) -> str:
+def replicas_of(answers: list[ReplicaResults]) -> str:
     """The replicas that answered, for the response header (once each, in order)."""
-    return ",".join(dict.fromkeys(r.replica for r in results if r.replica))
+    return ",".join(dict.fromkeys(a.replica for a in answers if a.replica))

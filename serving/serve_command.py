@@ -24,7 +24,7 @@ READY_TIMEOUT_S = 120.0
 
 def register(subparsers) -> None:
     from lamp_runtime.backbone.cli_args import add_backbone_arguments
-    from lamp_runtime.engine import ENGINE_KINDS
+    from lamp_runtime.engines import ENGINE_KINDS
 
     from .routing import ROUTING_CHOICES
 

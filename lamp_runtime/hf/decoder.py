@@ -57,6 +57,7 @@ class _Row:
 
 
 class DecoderEngine(StepEngine):
+    core_name = "llama_template_decoder"
     supports_prompt_logprobs = True
     shares_prefill = True  # a request's n samples fork from one prefill (KV slot copies)
 

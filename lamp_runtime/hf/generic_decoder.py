@@ -24,6 +24,8 @@ from .step_engine import StepEngine
 
 
 class GenericDecoderEngine(StepEngine):
+    core_name = "generic_decoder"
+
     def __init__(self, backbone, *args, **kwargs):
         if backbone.is_encoder_decoder:
             raise ValueError("encoder-decoder backbone: use Seq2SeqEngine (build_engine chooses it)")

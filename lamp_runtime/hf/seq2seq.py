@@ -41,6 +41,8 @@ class _Cohort:
 
 
 class Seq2SeqEngine(StepEngine):
+    core_name = "seq2seq"
+
     def __init__(self, backbone, *args, **kwargs):
         if not backbone.is_encoder_decoder:
             raise ValueError("Seq2SeqEngine needs an encoder-decoder backbone; use DecoderEngine")

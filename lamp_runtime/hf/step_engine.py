@@ -1,5 +1,7 @@
-"""What the two transformers engines (decoder-only and T5) share: the waiting queue, aborts,
-admission, prompt assembly and pinning, padding and sampling, and the synchronous step loop.
+"""What the transformers step cores (decoder-only, generic decoder and T5) share: the waiting
+queue, aborts, admission, prompt assembly and pinning, padding and sampling, and the synchronous
+step. A core is a step core of engine/step_loop.py: `HfEngine` (engine.py) drives it on the loop
+thread; tests, benches and training drive it synchronously through `generate()`.
 
 Subclasses keep their own running state and say how a step runs the model (`_run_model`, or the
 `_prefill` and `_decode` it calls by default), how running rows are aborted and which are running.
@@ -21,7 +23,7 @@ from ..prompts.cache import PromptCache
 from ..prompts.prepared import assemble_embeddings, prepare
 from ..requests import GenerationRequest, GenerationResult, StepOutput
 from ..engine.admission import resolve_request
-from ..engine.base import EngineConfig, StepStats
+from ..engine.base import EngineConfig, EngineStats, StepStats, device_memory
 from ..engine.logprobs import token_logprobs
 from ..engine.resident import ResidentAdapters
 from ..engine.sampling import make_generator, next_token
@@ -29,10 +31,11 @@ from ..engine.request_state import RequestState
 
 
 class StepEngine(abc.ABC):
-    """A transformers engine driven one `step()` at a time (by AsyncEngine's loop thread, or
+    """A transformers step core, driven one `step()` at a time (by HfEngine's loop thread, or
     synchronously through `generate()`)."""
 
     kind = "hf"
+    core_name: str  # which transformers core: shown in EngineStats.settings
     # Whether the engine computes the input tokens' log-probabilities (`echo`), and whether the n
     # samples of a request share one prefill (forked after it) rather than each running its own.
     supports_prompt_logprobs = False
@@ -91,6 +94,19 @@ class StepEngine(abc.ABC):
 
     def prompt_kv_stats(self):
         return None
+
+    def stats(self) -> EngineStats:
+        allocated, reserved = device_memory(self.backbone.device)
+        return EngineStats(
+            kind=self.kind, waiting=self.num_waiting, running=self.num_running, prompt_cache=self.cache.stats(),
+            adapter_cache=self.resident.stats(), prompt_kv=self.prompt_kv_stats(), prompt_kv_unit="requests",
+            kv_cache_bytes=self.kv_cache_bytes(), backbone_bytes=self.backbone.weights_bytes,
+            device=str(self.backbone.device), cuda_allocated_bytes=allocated, cuda_reserved_bytes=reserved,
+            settings={"core": self.core_name, "threads": str(self.threads)})
+
+    def on_loop_start(self) -> None:
+        """The loop thread's torch intra-op pool (see engine/step_loop.py for why only there)."""
+        torch.set_num_threads(self.threads)
 
     def kv_cache_bytes(self) -> int | None:
         # a running row's last sampled token is the next step's input: not in the cache yet

@@ -13,7 +13,7 @@ import torch
 from lamp_runtime.adapters import AdapterMeta, LampAdapter, save_adapter
 from lamp_runtime.backbone.hf import load_backbone
 from lamp_runtime.backbone.options import BackboneOptions
-from lamp_runtime.engine.build import engine_for
+from lamp_runtime.hf.engine import engine_for
 from lamp_runtime.hf.seq2seq import Seq2SeqEngine
 from lamp_runtime.requests import GenerationRequest, SamplingParams
 
