@@ -11,11 +11,11 @@ import ray
 from ray.serve import Application
 
 from .config import ServeSettings
-from .http.errors import RETRY_AFTER_S
-from .http.routes import LampIngress
+from .ingress import LampIngress
 from .metrics.hub import MetricsHub
 from .replica import LampModel
 from .routing import request_router_config
+from .transport import RETRY_AFTER_S
 
 APP_NAME = "lamp"
 # Calls besides generation that a replica must always have room for (health, info, metrics).

@@ -6,6 +6,9 @@ prompts, issued together so they join the same batch), and each becomes one call
 deployment handle, which answers with the `GenerationResult`s of its n samples or a `Refusal`. Streams use a
 streaming handle call; the first item is awaited before the response starts, so a refused request
 gets a proper status code instead of a 200 stream that carries an error.
+
+The answer is typed: a `Reply` (a JSON body and the replicas that answered) or an `EventStream`
+(server-sent events); only the router (serving/ingress.py) turns them into HTTP responses.
 """
 
 from __future__ import annotations
@@ -14,15 +17,15 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
-from fastapi.responses import JSONResponse, StreamingResponse
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from lamp_runtime.errors import RequestError
 from lamp_runtime.requests import GenerationRequest, GenerationResult, StepOutput
 
-from .http.errors import REPLICA_HEADER, RETRY_AFTER_S, Refusal, ServingError
+from .http.errors import REPLICA_HEADER, ServingError
 from .http.logprobs import CompletionLogprobs
 from .http.protocol import (
     CompletionChoice,
@@ -36,14 +39,29 @@ from .http.protocol import (
     openai_finish,
 )
 from .metrics.ingress import IngressMetrics
+from .transport import RETRY_AFTER_S, Refusal
 
 log = logging.getLogger(__name__)
 
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # A request whose replica died before answering (its node was lost, the process was killed) is
 # sent again, to whichever replica the handle picks: generation has no side effects, and a greedy
 # or seeded request answers the same anywhere. A stream is retried only before its first item.
 REPLICA_LOST_RETRIES = 2
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A whole answer: its JSON body and the replicas that answered (a response header)."""
+
+    body: dict
+    replicas: str | None = None
+
+
+@dataclass(frozen=True)
+class EventStream:
+    """A streamed answer: server-sent events, the first item already received."""
+
+    events: AsyncIterator[str]
 
 
 def sse(data: dict | str) -> str:
@@ -81,14 +99,13 @@ class GenerationService:
 
     # ---- /generate --------------------------------------------------------------------------------
 
-    async def generate(self, request: GenerateRequest):
+    async def generate(self, request: GenerateRequest) -> Reply | EventStream:
         engine_request = self.to_engine(request.task_id, request.to_engine)
         if request.stream:
             first, items = await self.open_stream(engine_request)
-            return StreamingResponse(self._generate_events(request.task_id, first, items),
-                                     media_type="text/event-stream", headers=SSE_HEADERS)
+            return EventStream(self._generate_events(request.task_id, first, items))
         (result,) = await self.complete(engine_request)
-        return JSONResponse(GenerateResponse.from_result(result).model_dump(), headers={REPLICA_HEADER: result.replica})
+        return Reply(GenerateResponse.from_result(result).model_dump(), result.replica)
 
     async def _generate_events(self, task_id: str, first: StepOutput, items) -> AsyncIterator[str]:
         async for item in self.relay(first, items):
@@ -106,22 +123,21 @@ class GenerationService:
 
     # ---- /v1/completions --------------------------------------------------------------------------
 
-    async def completions(self, request: CompletionRequest):
+    async def completions(self, request: CompletionRequest) -> Reply | EventStream:
         engine_requests = self.to_engine(request.model, request.to_engine)
         if request.stream:
             if len(engine_requests) != 1:
                 self.metrics.count_request(request.model, True, 422)
                 raise ServingError(422, f"stream=true supports a single prompt, got {len(engine_requests)}")
             first, items = await self.open_stream(engine_requests[0])
-            return StreamingResponse(self._completion_chunks(request, first, items),
-                                     media_type="text/event-stream", headers=SSE_HEADERS)
+            return EventStream(self._completion_chunks(request, first, items))
         per_prompt = await self.complete_many(request.model, engine_requests)
         choices = [request.choice(p * request.n + r.index, prompt, r)
                    for p, (prompt, results) in enumerate(zip(request.prompts, per_prompt)) for r in results]
         results = [r for results in per_prompt for r in results]
         body = CompletionResponse(id=completion_id(), model=request.model, choices=choices,
                                   usage=CompletionUsage.of(results))
-        return JSONResponse(body.model_dump(), headers={REPLICA_HEADER: replicas_of(results)})
+        return Reply(body.model_dump(), replicas_of(results))
 
     async def _completion_chunks(self, request: CompletionRequest, first: StepOutput, items) -> AsyncIterator[str]:
         chunk_id = completion_id()
@@ -218,7 +234,7 @@ class GenerationService:
 
     def _refused(self, task_id: str, refusal: Refusal):
         self.metrics.count_request(task_id, refusal.status != 404, refusal.status)
-        raise ServingError.from_refusal(refusal)
+        raise refused(refusal)
 
     @staticmethod
     async def relay(first: StepOutput, items) -> AsyncIterator[StepOutput | Refusal]:
@@ -236,6 +252,14 @@ class GenerationService:
         finally:
             if not finished:  # the client went away: stop generating for it
                 cancel_quietly(items)
+
+
+def refused(refusal: Refusal) -> ServingError:
+    """The HTTP error for a replica's refusal; says which replica answered (header), like successes do."""
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if refusal.status == 503 else {}
+    if refusal.replica:
+        headers[REPLICA_HEADER] = refusal.replica
+    return ServingError(refusal.status, refusal.message, headers)
 
 
 def public(refusal: Refusal) -> dict:

@@ -28,7 +28,7 @@ from lamp_runtime.errors import UnservableTaskError
 from lamp_runtime.requests import GenerationRequest, GenerationResult, StepOutput
 
 from .config import ServeSettings
-from .http.errors import Refusal, refusal_for
+from .transport import Refusal, refusal_for
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class LampModel:
 
         from .metrics.hub import MetricsPublisher
         from .metrics.replica import ModelMetrics
-        from .store import open_store
+        from .store.registry import open_store
         from .store.files import import_bundled
         from .store.sync import StoreSync
 

@@ -6,7 +6,7 @@ import sys
 
 
 def register(subparsers) -> None:
-    from .backbone.cli_args import add_backbone_arguments
+    from ..backbone.cli_args import add_backbone_arguments
 
     p = subparsers.add_parser("generate", help="generate one completion with an adapter")
     p.add_argument("--adapter", help="LAMP / soft-prompt .safetensors file or PEFT prompt-tuning folder")
@@ -29,10 +29,10 @@ def chat_input(tokenizer, text: str) -> str:
 
 
 def run(args) -> int:
-    from .adapters import load_adapter
-    from .backbone.cli_args import backbone_options
-    from .engine.build import build_engine
-    from .requests import GenerationRequest, SamplingParams
+    from ..adapters import load_adapter
+    from ..backbone.cli_args import backbone_options
+    from ..engine.build import build_engine
+    from ..requests import GenerationRequest, SamplingParams
 
     text = sys.stdin.read() if args.input == "-" else args.input
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
