@@ -1,9 +1,11 @@
-"""The adapter store's contract and the records both backends (local.py, s3.py) keep.
+"""The adapter store's contract and the records every backend keeps: the registry (registry/, the
+default: metadata in SQL) and the index.json stores (local.py, s3.py).
 
-Layout (the same on a local disk and on an object store): `<task>/v<N>.safetensors`, one file per
-adapter version, written once and never modified, and one small `index.json` naming the current
-version of each task. A version becomes current only once its file is stored and verified, so a
-failed or bad upload, or a crash at any point, leaves the previous version serving.
+Files (the same on a local disk and on an object store): `<task>/v<N>.safetensors`, one file per
+adapter version, written once and never modified, with its sha256 recorded. The current version of
+each task is a registry row (or, in an index.json store, an entry of that one small file). A version
+becomes current only once its file is stored and verified, so a failed or bad upload, or a crash at
+any point, leaves the previous version serving.
 """
 
 from __future__ import annotations
