@@ -33,7 +33,13 @@ def replica_cpus(settings: ServeSettings) -> float:
 
 
 def build_app(args: dict | None = None) -> Application:
-    settings = ServeSettings.from_mapping(args or {}, source="Serve application args")
+    """The application from Serve's `args` (a YAML config's, or `serve run`'s)."""
+    return application(ServeSettings.from_mapping(args or {}, source="Serve application args"))
+
+
+def application(settings: ServeSettings) -> Application:
+    """The application for settings already read (`lamp serve`); they reach the deployments as
+    they are, not as a mapping to read again."""
     per_replica = settings.max_batch_size + settings.max_queue
     hub = MetricsHub.bind()
     routing = request_router_config(settings.routing_in_force, settings.affinity_load_factor,
@@ -58,4 +64,4 @@ def build_app(args: dict | None = None) -> Application:
         max_queued_requests=capacity,
         backpressure_config={"status_code": 503, "retry_after_s": RETRY_AFTER_S},
     )
-    return ingress.bind(model, hub, settings.to_args())
+    return ingress.bind(model, hub, settings)

@@ -127,7 +127,7 @@ class GenerationService:
         engine_requests = self.to_engine(request.model, request.to_engine)
         if request.stream:
             if len(engine_requests) != 1:
-                self.metrics.count_request(request.model, True, 422)
+                self._count_invalid(request.model)
                 raise ServingError(422, f"stream=true supports a single prompt, got {len(engine_requests)}")
             first, items = await self.open_stream(engine_requests[0])
             return EventStream(self._completion_chunks(request, first, items))
@@ -166,7 +166,7 @@ class GenerationService:
         try:
             return convert()
         except RequestError as exc:
-            self.metrics.count_request(task_id, False, 422)
+            self._count_invalid(task_id)
             raise ServingError(422, f"invalid request: {exc}") from None
 
     async def complete(self, request: GenerationRequest) -> list[GenerationResult]:
@@ -181,12 +181,12 @@ class GenerationService:
             for call in calls:
                 call.cancel()
             error = translate_handle_error(exc)
-            self.metrics.count_request(task_id, True, error.status)
+            self._count(task_id, error.status)
             raise error from None
         refusals = [r for r in replies if isinstance(r, Refusal)]
         if refusals:
             self._refused(task_id, refusals[0])
-        self.metrics.count_request(task_id, True, 200)
+        self._count(task_id, 200)
         return replies
 
     def _handle(self, request: GenerationRequest, **options):
@@ -225,15 +225,25 @@ class GenerationService:
                     log.warning("replica lost before streaming request %s; sending it again", request.request_id)
                     continue
                 error = translate_handle_error(exc)
-                self.metrics.count_request(request.task_id, True, error.status)
+                self._count(request.task_id, error.status)
                 raise error from None
         if isinstance(first, Refusal):
             self._refused(request.task_id, first)
-        self.metrics.count_request(request.task_id, True, 200)
+        self._count(request.task_id, 200)
         return first, items
 
+    def _count(self, task_id: str, status: int) -> None:
+        """A request the model deployment took (answered, refused, or the call failed): its task
+        keeps its own metric label unless a replica did not know it (404)."""
+        self.metrics.count_request(task_id, status != 404, status)
+
+    def _count_invalid(self, task_id: str) -> None:
+        """A request refused here (422) before any replica saw it: an id nobody checked takes none
+        of the bounded task labels."""
+        self.metrics.count_request(task_id, False, 422)
+
     def _refused(self, task_id: str, refusal: Refusal):
-        self.metrics.count_request(task_id, refusal.status != 404, refusal.status)
+        self._count(task_id, refusal.status)
         raise refused(refusal)
 
     @staticmethod

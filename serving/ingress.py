@@ -51,6 +51,15 @@ METRICS_TIMEOUT_S = 5.0
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 STATUS_PAGE = (Path(__file__).parent / "http" / "status_page.html").read_text(encoding="utf-8")
 
+
+def http_response(answer: Reply | EventStream) -> Response:
+    """The HTTP response for a typed answer. Above the deployment class: `@serve.ingress` pickles the
+    routes while the class is being defined, with the module's globals that exist by then."""
+    if isinstance(answer, EventStream):
+        return StreamingResponse(answer.events, media_type="text/event-stream", headers=SSE_HEADERS)
+    return JSONResponse(answer.body, headers=None if answer.replicas is None else {REPLICA_HEADER: answer.replicas})
+
+
 app = FastAPI(title="lamp-serve", summary="Many tuned soft prompts over one shared backbone")
 middleware.install(app, (ServeSettings.max_request_bytes, ServeSettings.max_upload_bytes))
 
@@ -59,10 +68,9 @@ middleware.install(app, (ServeSettings.max_request_bytes, ServeSettings.max_uplo
                   graceful_shutdown_timeout_s=10.0)
 @serve.ingress(app)
 class LampIngress:
-    def __init__(self, model, hub, settings_args: dict):
+    def __init__(self, model, hub, settings: ServeSettings):
         from lamp_runtime.adapters import AdapterLimits
 
-        settings = ServeSettings.from_mapping(settings_args)
         app.state.body_limits = (settings.max_request_bytes, settings.max_upload_bytes)
         self.metrics = IngressMetrics()
         app.state.ingress_metrics = self.metrics
@@ -193,9 +201,3 @@ class LampIngress:
                                    {"Retry-After": "1"}) from None
             self._hidden_size = info.hidden_size
         return self._hidden_size
-
-
-def http_response(answer: Reply | EventStream) -> Response:
-    if isinstance(answer, EventStream):
-        return StreamingResponse(answer.events, media_type="text/event-stream", headers=SSE_HEADERS)
-    return JSONResponse(answer.body, headers=None if answer.replicas is None else {REPLICA_HEADER: answer.replicas})

@@ -207,16 +207,20 @@ class ObjectAdapterStore(AdapterStore):
         log.info("deleted adapter %s (was v%d) from %s", task_id, removed[0].version, self.url)
         return removed[0]
 
+    def put_new(self, path: str, data: bytes) -> None:
+        """Write an object that must not exist yet: FileExistsError when it does, on a backend with
+        conditional writes; elsewhere a plain write (one admin writer at a time, as warned at open)."""
+        if self.conditional:
+            self.fs.pipe_file(path, data, IfNoneMatch="*")
+        else:
+            self.fs.pipe_file(path, data)
+
     def _upload_version(self, task_id: str, data: bytes) -> int:
         index = self.read_index()
         taken = max([index.last_versions.get(task_id, 0), *self._version_objects(task_id)], default=0)
         for version in range(taken + 1, taken + 1 + CAS_ATTEMPTS):
-            path = f"{self.root}/{task_id}/v{version}.safetensors"
             try:
-                if self.conditional:
-                    self.fs.pipe_file(path, data, IfNoneMatch="*")
-                else:
-                    self.fs.pipe_file(path, data)
+                self.put_new(f"{self.root}/{task_id}/v{version}.safetensors", data)
                 return version
             except FileExistsError:  # another writer took this number first
                 continue

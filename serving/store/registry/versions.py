@@ -183,12 +183,8 @@ class ObjectVersionFiles(VersionFiles):
         from ..s3 import staged_upload  # with its backend, like ObjectAdapterStore above
 
         data, sha = staged_upload(write_file, verify)
-        path = f"{objects.root}/{task_id}/v{version}.safetensors"
         try:
-            if objects.conditional:
-                objects.fs.pipe_file(path, data, IfNoneMatch="*")
-            else:
-                objects.fs.pipe_file(path, data)
+            objects.put_new(f"{objects.root}/{task_id}/v{version}.safetensors", data)
         except FileExistsError:
             raise VersionTaken() from None
         except OSError as exc:
