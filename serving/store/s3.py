@@ -34,7 +34,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .base import INDEX_NAME, KEEP_VERSIONS, AdapterFacts, AdapterStore, StoredAdapter, StoreError, StoreIndex
+from .base import (
+    INDEX_NAME,
+    KEEP_VERSIONS,
+    AdapterFacts,
+    AdapterStore,
+    IndexFileStore,
+    StoredAdapter,
+    StoreError,
+    StoreIndex,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +69,7 @@ def staged_upload(write_file: Callable[[Path], None], verify: Callable[[Path], N
         return local.read_bytes(), AdapterStore.sha256_of(local)
 
 
-class ObjectAdapterStore(AdapterStore):
+class ObjectAdapterStore(IndexFileStore):
     def __init__(self, url: str, cache_dir: str | os.PathLike | None = None, **storage_options):
         import fsspec
 

@@ -116,7 +116,7 @@ class LocalVersionFiles(VersionFiles):
 
     def write_many(self, versions):
         """Every file to a temporary name, one file-system sync, the renames, one more sync: two
-        syncs for the batch instead of two fsyncs per file (each ~5 ms here), equally durable."""
+        syncs for the batch instead of two fsyncs per file (a sync waits for the disk), equally durable."""
         results: list = []
         staged: list[tuple[Path, Path]] = []
         cleaned: set[Path] = set()
