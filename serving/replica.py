@@ -3,14 +3,14 @@
 Serve's `@serve.batch` and model multiplexing group requests by model id, i.e. by task, which is
 exactly what we must not do: a LAMP adapter is only a few prepended embeddings, so requests of any
 mix of tasks share one forward pass. Each replica therefore runs our own engine (one continuous
-batch; lamp_runtime/engines.py builds it) and lets Serve deliver many concurrent requests to it (`max_ongoing_requests` is sized for a full batch
+batch; lamp_runtime/engines/ builds it) and lets Serve deliver many concurrent requests to it (`max_ongoing_requests` is sized for a full batch
 plus the waiting queue; see serving/app.py).
 
 Requests and replies cross Ray as the runtime's own dataclasses (lamp_runtime/requests.py): a
 `GenerationRequest` in, `StepOutput`s / `ReplicaResults` (the `GenerationResult`s and which
 replica produced them) out. The replica uses only the engine contract: `submit` through the
 streams adapter, `stats()` and observers for metrics, `healthy`, `discard`, `shutdown`. Errors a client can cause are
-returned as a `Refusal` (serving/http/errors.py) rather than raised, so the ingress gets the status
+returned as a `Refusal` (serving/transport.py) rather than raised, so the ingress gets the status
 and the message instead of a remote traceback, and nothing a client sends can take the replica down.
 """
 
@@ -28,23 +28,14 @@ from ray import serve
 
 from lamp_runtime.engine.streams import complete_all, generate
 from lamp_runtime.errors import UnservableTaskError
-from lamp_runtime.requests import GenerationRequest, GenerationResult, StepOutput
+from lamp_runtime.requests import GenerationRequest, StepOutput
 
 from .config import ServeSettings
-from .http.errors import Refusal, refusal_for
+from .transport import Refusal, ReplicaResults, refusal_for
 
 log = logging.getLogger(__name__)
 
 STORE_POLL_S = 0.2
-
-
-@dataclass(frozen=True)
-class ReplicaResults:
-    """A whole generation's answer: its n samples' results, and the replica that produced them
-    (the ingress names it in the x-lamp-replica header)."""
-
-    results: list[GenerationResult]
-    replica: str
 
 
 @dataclass(frozen=True)
@@ -73,7 +64,7 @@ class ReplicaInfo:
     max_constructor_retry_count=2,  # a backbone that fails to load will not load on the 20th try
 )
 class LampModel:
-    def __init__(self, settings_args: dict, hub):
+    def __init__(self, settings: ServeSettings, hub):
         import torch
 
         from lamp_runtime.adapters import AdapterLimits
@@ -81,11 +72,10 @@ class LampModel:
 
         from .metrics.hub import MetricsPublisher
         from .metrics.replica import ModelMetrics
-        from .store import open_store
+        from .store.registry import open_store
         from .store.files import import_bundled
         from .store.sync import StoreSync
 
-        settings = ServeSettings.from_mapping(settings_args)
         self.settings = settings
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         # Ray sets OMP_NUM_THREADS from the replica's logical CPUs (1 for fractions); the cores

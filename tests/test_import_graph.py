@@ -2,7 +2,7 @@
 
 Every `import` statement of lamp_runtime/ and serving/ counts, deferred ones inside functions too
 (they still tie the modules together). Layers, top to bottom: serving -> the engine builder
-(lamp_runtime/engines.py) -> engines (lamp_runtime/hf/, vllm/; each over the contract and shared
+(lamp_runtime/engines/) -> engines (lamp_runtime/hf/, vllm/; each over the contract and shared
 parts of lamp_runtime/engine/) -> prompts and backbone -> adapter formats; `errors`, `requests`
 and the pure tensor math of `prompts.math` are leaves every layer may use.
 """

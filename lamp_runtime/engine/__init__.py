@@ -9,5 +9,5 @@
   logprobs.py, chat.py, resident.py (adapter factors loaded on demand)
 
 The engines are packages of their own (lamp_runtime/hf/, lamp_runtime/vllm/), built by
-lamp_runtime/engines.py; they import this package and never each other.
+lamp_runtime/engines/; they import this package and never each other.
 """

@@ -167,7 +167,7 @@ class Engine(abc.ABC):
     Subclasses call `super().__init__()` and report through `_report_step` / `_report_finish`.
     """
 
-    kind: str  # "hf", "vllm", ...: the `--engine` name it is built by (lamp_runtime/engines.py)
+    kind: str  # "hf", "vllm", ...: the `--engine` name it is built by (lamp_runtime/engines/)
     backbone: BackboneInfo
     registry: AdapterRegistry
     config: EngineConfig

@@ -15,12 +15,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch-free at import: `lamp --help` and the serving config read ENGINE_KINDS
-    from .backbone.options import BackboneOptions
-    from .engine.base import Engine, EngineConfig, EngineObserver
+    from ..backbone.options import BackboneOptions
+    from ..engine.base import Engine, EngineConfig, EngineObserver
 
 
 def _build_hf(backbone_options: BackboneOptions | None, config: EngineConfig | None, vllm_options) -> Engine:
-    from .hf.engine import HfEngine
+    from ..hf.engine import HfEngine
 
     if vllm_options is not None:
         raise ValueError("vLLM options were given for the hf engine")
@@ -28,8 +28,8 @@ def _build_hf(backbone_options: BackboneOptions | None, config: EngineConfig | N
 
 
 def _build_vllm(backbone_options: BackboneOptions | None, config: EngineConfig | None, vllm_options) -> Engine:
-    from .vllm.backbone import load_vllm_backbone
-    from .vllm.engine import VllmEngine
+    from ..vllm.backbone import load_vllm_backbone
+    from ..vllm.engine import VllmEngine
 
     return VllmEngine(load_vllm_backbone(backbone_options), config=config, options=vllm_options)
 
