@@ -1,0 +1,73 @@
+"""`make gpu-check` cannot rot where no GPU is lent: its dry run (the same runner, the CUDA tests
+and the benchmark on the CPU with tiny shapes) passes here, and the pieces it relies on work."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from lamp_runtime.bench.gpu_check import DEFAULT_OUT, ROOT, unpack_missing_wheels
+
+
+@pytest.mark.slow
+def test_the_dry_run_passes_and_writes_both_reports(tmp_path):
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "lamp_runtime.bench.gpu_check", "--device", "cpu", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    report = json.loads((out / "gpu-check.json").read_text())
+    assert report["status"] == "passed" and report["dry_run"] is True and report["device"] == "cpu"
+    assert report["host"]["source_digest"] and "--device cpu" in report["command"]
+    tests = report["parts"]["cuda_tests"]
+    assert tests["status"] == "passed" and tests["counts"]["failed"] == tests["counts"]["error"] == 0
+    outcomes = {t["test"].split("::")[-1]: t["outcome"] for t in tests["tests"]}
+    assert len(outcomes) >= 8 and set(outcomes.values()) <= {"passed", "skipped"}
+    assert outcomes["test_prompt_kv_cold_warm_and_concurrent"] == "passed"
+    assert outcomes["test_t5_bf16_mixed_batch_is_greedy_under_the_float32_reference"] == "passed"
+    bench = json.loads((out / "gpu-7b.json").read_text())
+    assert bench["weights"].startswith("RANDOM") and bench["shape"] == "tiny" and bench["context"]["dry_run"]
+    assert [row["batch"] for row in bench["decode"]] == [1, 16, 64]
+    assert all(row["tokens_per_s_median"] > 0 for row in bench["decode"])
+    prefill = {row["pool"]: row for row in bench["prefill"]}
+    assert (prefill[1]["soft_prompt_tokens"], prefill[1]["warm_tokens_reused"]) == (100, 100)
+    assert (prefill[10]["soft_prompt_tokens"], prefill[10]["warm_tokens_reused"]) == (10, 10)
+    per_token = bench["kv_bytes_per_token"]
+    assert bench["prompt_kv_bytes_per_task"]["p1"]["bytes"] == 100 * per_token
+    assert bench["prompt_kv_bytes_per_task"]["p10"]["bytes"] == 10 * per_token
+
+
+def test_a_dry_run_refuses_to_write_where_gpu_results_live():
+    done = subprocess.run([sys.executable, "-m", "lamp_runtime.bench.gpu_check", "--device", "cpu", "--out",
+                           DEFAULT_OUT], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "not a GPU result" in done.stderr
+
+
+def test_the_cuda_tests_skip_here_saying_why():
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/cuda"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "no CUDA device here" in done.stdout and " passed" not in done.stdout
+
+
+def _wheel(folder: Path, name: str, version: str) -> Path:
+    path = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr(f"{name}/__init__.py", "VALUE = 1\n")
+        archive.writestr(f"{name}-{version}.dist-info/METADATA", f"Name: {name}\nVersion: {version}\n")
+    return path
+
+
+def test_only_wheels_the_host_lacks_are_unpacked(tmp_path):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _wheel(wheels, "lamp_absent_pkg", "1.0")
+    _wheel(wheels, "torch", "0.0.1")  # present here: the host's own stays in use
+    found = unpack_missing_wheels(wheels, tmp_path / "site")
+    assert found["unpacked"] == ["lamp_absent_pkg 1.0"] and found["host_already_had"][0].startswith("torch ")
+    assert (tmp_path / "site" / "lamp_absent_pkg" / "__init__.py").is_file()
+    assert not (tmp_path / "site" / "torch").exists()
