@@ -69,8 +69,8 @@ screenshot: setup
 # The GPU check (README, "On a CUDA host"; lamp_runtime/bench/gpu_check.py): the CUDA tests and a
 # Llama-2-7B-shaped random-weight benchmark. `gpu-check` runs ON the GPU host with its own python3:
 # no venv, no network; it unpacks what that host lacks of the wheels in .gpu-wheels/ (carried with
-# the working tree), and writes gpu-check.json + gpu-7b.json to $$GPU_CHECK_OUT, else $$OUT, else
-# docs/bench/. `gpu-check-dry` runs the same check here on the CPU with tiny shapes (to a temp
+# the working tree), and writes gpu-check.json + gpu-7b.json to $GPU_CHECK_OUT, else $OUT, else
+# docs/bench/; GPU_CHECK_REVISION=<commit> records the revision where the host copy has no .git. `gpu-check-dry` runs the same check here on the CPU with tiny shapes (to a temp
 # folder unless OUT is set: a CPU run is not a GPU result); tests/runtime/test_gpu_check.py runs it.
 GPU_PYTHON ?= python3
 GPU_WHEELS := .gpu-wheels

@@ -71,7 +71,10 @@ def source_digest() -> str:
 
 def host_facts(device: str) -> dict:
     facts = machine_context()
-    facts.update(source_digest=source_digest(), torch_cuda=torch.version.cuda,
+    # A host given the working tree without .git cannot name its revision: the caller can
+    # (`make gpu-check GPU_CHECK_REVISION=$(git rev-parse --short HEAD)` composed where git is).
+    facts.update(source_digest=source_digest(), revision_given=os.environ.get("GPU_CHECK_REVISION") or None,
+                 torch_cuda=torch.version.cuda,
                  cudnn=torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None)
     for package in ("transformers", "peft", "safetensors", "tokenizers", "bitsandbytes", "accelerate", "pytest"):
         try:

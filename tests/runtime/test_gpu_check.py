@@ -71,3 +71,28 @@ def test_only_wheels_the_host_lacks_are_unpacked(tmp_path):
     assert found["unpacked"] == ["lamp_absent_pkg 1.0"] and found["host_already_had"][0].startswith("torch ")
     assert (tmp_path / "site" / "lamp_absent_pkg" / "__init__.py").is_file()
     assert not (tmp_path / "site" / "torch").exists()
+
+
+def test_the_in_process_tokenizer_and_random_backbone():
+    """What replaces the hub on the GPU host: a tokenizer of exactly the model's vocabulary that
+    round-trips any text, and a random model built where it is asked, wrapped as a Backbone."""
+    import torch
+
+    from lamp_runtime.backbone.hf import in_memory_backbone
+    from lamp_runtime.backbone.random_models import TINY_LLAMA, byte_level_tokenizer, random_llama
+
+    tokenizer = byte_level_tokenizer(32000)
+    text = "Grüße, world! 1 + 1 = 2\n\tdone"
+    assert len(tokenizer) == 32000 and tokenizer.decode(tokenizer(text)["input_ids"]) == text
+    assert len(tokenizer(text)["input_ids"]) < len(text.encode())  # pairs merge
+    small = byte_level_tokenizer(TINY_LLAMA["vocab_size"])
+    first = random_llama(TINY_LLAMA, small, "cpu", torch.bfloat16, seed=3)
+    again = random_llama(TINY_LLAMA, small, "cpu", torch.bfloat16, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(first.parameters(), again.parameters()))
+    backbone = in_memory_backbone(first, small, "tiny-random")
+    assert (backbone.options.dtype, backbone.options.device, backbone.options.quantization) == ("bfloat16", "cpu", "none")
+    buffers = sum(b.numel() * b.element_size() for b in first.buffers())  # the float32 rotary frequencies
+    assert backbone.weights_bytes == 2 * sum(p.numel() for p in first.parameters()) + buffers
+    assert first.model.rotary_emb.inv_freq.dtype == torch.float32  # as from_pretrained keeps it
+    with pytest.raises(ValueError, match="vocab_size must be"):
+        byte_level_tokenizer(100)
