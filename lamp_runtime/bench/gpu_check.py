@@ -133,12 +133,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help=f"output folder (default: $GPU_CHECK_OUT, $OUT, then {DEFAULT_OUT}; "
                                                     "a CPU dry run never writes there)")
     parser.add_argument("--wheels", default=".gpu-wheels", help="folder of carried wheels (`make gpu-wheels`)")
-    parser.add_argument("--tests-timeout", type=float, default=180)
-    parser.add_argument("--bench-timeout", type=float, default=270)
+    # On a GPU host the two parts fit ~8 minutes (a device command may run 10); a CPU dry run on
+    # a shared 2-core machine needs longer, and still fits pytest's 900 s per test.
+    parser.add_argument("--tests-timeout", type=float, default=None, help="seconds (180 on cuda, 480 on cpu)")
+    parser.add_argument("--bench-timeout", type=float, default=None, help="seconds (270 on cuda, 300 on cpu)")
     parser.add_argument("--new-tokens", type=int, default=None, help="decode tokens per request (64 on cuda, 8 on cpu)")
     args = parser.parse_args(argv)
     on_cuda = args.device.startswith("cuda")
     shape = args.shape or ("7b" if on_cuda else "tiny")
+    tests_timeout = args.tests_timeout or (180 if on_cuda else 480)
+    bench_timeout = args.bench_timeout or (270 if on_cuda else 300)
     out = Path(args.out or os.environ.get("GPU_CHECK_OUT") or os.environ.get("OUT") or
                (DEFAULT_OUT if on_cuda else tempfile.mkdtemp(prefix="lamp-gpu-check-dry-")))
     if not on_cuda and (ROOT / DEFAULT_OUT).resolve() == (ROOT / out).resolve():
@@ -149,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="lamp-gpu-check-"))
     wheels = (ROOT / args.wheels) if not Path(args.wheels).is_absolute() else Path(args.wheels)
     carried = unpack_missing_wheels(wheels, scratch / "site") if wheels.is_dir() else {"folder": None}
+    sys.path.append(str(scratch / "site"))  # so the versions reported are those the children import
     env = {**os.environ, "LAMP_CHECK_DEVICE": args.device, "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), str(scratch / "site"), os.environ.get("PYTHONPATH")) if p)}
     report = {
@@ -161,13 +166,13 @@ def main(argv: list[str] | None = None) -> int:
     tests = run_part("cuda tests", [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "tests/cuda", "-p",
                                     "no:cacheprovider", "-o", "addopts=-ra", "-o", "junit_family=xunit1",
                                     f"--junitxml={junit}"],
-                     env, args.tests_timeout)
+                     env, tests_timeout)
     report["parts"]["cuda_tests"] = {**tests, **junit_results(junit)}
     bench_json = scratch / "gpu-7b.json"
     new_tokens = args.new_tokens or (64 if on_cuda else 8)
     bench = run_part("7B-shaped benchmark", [sys.executable, "-m", "lamp_runtime.bench.gpu_bench", "--device",
                                             args.device, "--shape", shape, "--new-tokens", str(new_tokens),
-                                            "--json", str(bench_json)], env, args.bench_timeout)
+                                            "--json", str(bench_json)], env, bench_timeout)
     result = json.loads(bench_json.read_text()) if bench_json.is_file() else None
     report["parts"]["bench"] = {**bench, "result_file": "gpu-7b.json" if result else None}
     report["seconds"] = round(time.perf_counter() - started, 1)

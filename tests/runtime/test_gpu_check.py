@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from lamp_runtime.bench.gpu_check import DEFAULT_OUT, ROOT, unpack_missing_wheels
+from lamp_runtime.bench.gpu_check import DEFAULT_OUT, ROOT, main, unpack_missing_wheels
 
 
 @pytest.mark.slow
 def test_the_dry_run_passes_and_writes_both_reports(tmp_path):
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, "-m", "lamp_runtime.bench.gpu_check", "--device", "cpu", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+                          cwd=ROOT, capture_output=True, text=True, timeout=850)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     report = json.loads((out / "gpu-check.json").read_text())
     assert report["status"] == "passed" and report["dry_run"] is True and report["device"] == "cpu"
@@ -41,12 +41,25 @@ def test_the_dry_run_passes_and_writes_both_reports(tmp_path):
     assert bench["prompt_kv_bytes_per_task"]["p10"]["bytes"] == 10 * per_token
 
 
-def test_a_dry_run_refuses_to_write_where_gpu_results_live():
+@pytest.mark.slow
+def test_a_part_out_of_time_is_recorded_and_the_next_part_still_runs(tmp_path):
     done = subprocess.run([sys.executable, "-m", "lamp_runtime.bench.gpu_check", "--device", "cpu", "--out",
-                           DEFAULT_OUT], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2 and "not a GPU result" in done.stderr
+                           str(tmp_path), "--tests-timeout", "1", "--bench-timeout", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu-check.json").read_text())
+    assert report["status"] == "failed"
+    assert [part["status"] for part in report["parts"].values()] == ["timed out", "timed out"]
+    assert not (tmp_path / "gpu-7b.json").exists()
 
 
+def test_a_dry_run_refuses_to_write_where_gpu_results_live(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--device", "cpu", "--out", DEFAULT_OUT])
+    assert exit_info.value.code == 2 and "not a GPU result" in capsys.readouterr().err
+
+
+@pytest.mark.slow
 def test_the_cuda_tests_skip_here_saying_why():
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/cuda"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
