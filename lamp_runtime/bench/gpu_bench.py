@@ -199,7 +199,8 @@ def run(shape: str, device: str, batches: list[int], new_tokens: int, rounds: in
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lamp_runtime.bench.gpu_bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lamp_runtime.bench.gpu_bench",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="7b")
     parser.add_argument("--batches", default="1,16,64", help="decode batch sizes, comma-separated")
@@ -216,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"decode batch {row['batch']:>3}: {row['tokens_per_s_median']:.1f} tok/s "
               f"(step {row['step_ms_median']:.1f} ms, KV {row['kv_allocated_bytes'] / 2**20:.0f} MiB)")
     for row in result["prefill"]:
-        print(f"prefill p={row['pool']:>2} ({row['soft_prompt_tokens']} prompt tokens): cold {row['cold_ms_median']:.1f} ms, "
+        print(f"prefill p={row['pool']:>2} ({row['soft_prompt_tokens']} prompt tokens): "
+              f"cold {row['cold_ms_median']:.1f} ms, "
               f"warm {row['warm_ms_median']:.1f} ms, uncached {row['uncached_ms_median']:.1f} ms")
     return 0
 

@@ -127,11 +127,12 @@ def junit_results(path: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lamp_runtime.bench.gpu_check", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lamp_runtime.bench.gpu_check",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", help="cuda on a GPU host; cpu for the dry run")
     parser.add_argument("--shape", default=None, help="benchmark shape: 7b (default on cuda) or tiny (default on cpu)")
-    parser.add_argument("--out", default=None, help=f"output folder (default: $GPU_CHECK_OUT, $OUT, then {DEFAULT_OUT}; "
-                                                    "a CPU dry run never writes there)")
+    parser.add_argument("--out", default=None, help="output folder (default: $GPU_CHECK_OUT, $OUT, then "
+                                                    f"{DEFAULT_OUT}; a CPU dry run never writes there)")
     parser.add_argument("--wheels", default=".gpu-wheels", help="folder of carried wheels (`make gpu-wheels`)")
     # On a GPU host the two parts fit ~8 minutes (a device command may run 10); a CPU dry run on
     # a shared 2-core machine needs longer, and still fits pytest's 900 s per test.
@@ -154,12 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     wheels = (ROOT / args.wheels) if not Path(args.wheels).is_absolute() else Path(args.wheels)
     carried = unpack_missing_wheels(wheels, scratch / "site") if wheels.is_dir() else {"folder": None}
     sys.path.append(str(scratch / "site"))  # so the versions reported are those the children import
+    paths = (str(ROOT), str(scratch / "site"), os.environ.get("PYTHONPATH"))
     env = {**os.environ, "LAMP_CHECK_DEVICE": args.device, "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), str(scratch / "site"), os.environ.get("PYTHONPATH")) if p)}
+           "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
     report = {
         "what": "make gpu-check: the CUDA tests and a Llama-2-7B-shaped benchmark with RANDOM weights",
-        "dry_run": not on_cuda, "device": args.device, "command": shlex.join([sys.executable, "-m", __spec__.name,
-                                                                              *(argv if argv is not None else sys.argv[1:])]),
+        "dry_run": not on_cuda, "device": args.device,
+        "command": shlex.join([sys.executable, "-m", __spec__.name, *(argv if argv is not None else sys.argv[1:])]),
         "host": host_facts(args.device), "carried_wheels": carried, "parts": {},
     }
     junit = scratch / "cuda-tests.xml"

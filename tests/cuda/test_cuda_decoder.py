@@ -122,9 +122,8 @@ def test_prompt_kv_cold_warm_and_concurrent(llama_bf16, llama_fp32, llama_adapte
 
 def test_a_warm_prefill_runs_only_the_input(llama_bf16, llama_adapters):
     on = engine(llama_bf16, llama_adapters)
-    make = lambda: GenerationRequest("Write a haiku about the sea:", "long", SamplingParams(max_new_tokens=1))  # noqa: E731
-    on.generate([make()])
-    on.submit(make())
+    on.generate([GenerationRequest("Write a haiku about the sea:", "long", SamplingParams(max_new_tokens=1))])
+    on.submit(GenerationRequest("Write a haiku about the sea:", "long", SamplingParams(max_new_tokens=1)))
     on.step()
     inputs = len(llama_bf16.tokenizer("Write a haiku about the sea:")["input_ids"])
     stats = on.last_step

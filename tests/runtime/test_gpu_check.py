@@ -103,7 +103,8 @@ def test_the_in_process_tokenizer_and_random_backbone():
     again = random_llama(TINY_LLAMA, small, "cpu", torch.bfloat16, seed=3)
     assert all(torch.equal(a, b) for a, b in zip(first.parameters(), again.parameters()))
     backbone = in_memory_backbone(first, small, "tiny-random")
-    assert (backbone.options.dtype, backbone.options.device, backbone.options.quantization) == ("bfloat16", "cpu", "none")
+    options = backbone.options
+    assert (options.dtype, options.device, options.quantization) == ("bfloat16", "cpu", "none")
     buffers = sum(b.numel() * b.element_size() for b in first.buffers())  # the float32 rotary frequencies
     assert backbone.weights_bytes == 2 * sum(p.numel() for p in first.parameters()) + buffers
     assert first.model.rotary_emb.inv_freq.dtype == torch.float32  # as from_pretrained keeps it
