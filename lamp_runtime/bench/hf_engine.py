@@ -2,6 +2,6 @@
 engines, so that moving those modules changes this file alone."""
 
 from ..engine.base import EngineConfig
-from ..engine.build import engine_for
+from ..hf.engine import engine_for
 
 __all__ = ["EngineConfig", "engine_for"]
