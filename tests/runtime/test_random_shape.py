@@ -162,3 +162,28 @@ def test_the_estimates_at_the_7b_shape():
     int4 = matrices * INT4_BYTES_PER_WEIGHT + (spec.vocab * spec.hidden + (2 * spec.layers + 1) * spec.hidden) * 4
     assert 4.0e9 < int4 < 5.5e9
     assert spec.parameters() * 8 > 50e9
+
+
+def test_the_shape_bench_runs_on_the_tiny_shape_and_records_random_weights(tiny_gguf, tmp_path):
+    """`lamp_runtime.bench.shape7b` end to end on the tiny shape: exact counts only, no timing."""
+    import json
+
+    from lamp_runtime.bench.shape7b import main
+
+    out = tmp_path / "shape.json"
+    main(["--shape", "tiny", "--gguf", str(tiny_gguf), "--new-tokens", "1", "--repeats", "1", "--t5-repeats", "1",
+          "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["random_weights"] is True and report["backbone"]["random_weights"] is True
+    assert "--shape tiny" in report["command"] and report["context"]["cpu"]
+    spec = SHAPES["tiny"]
+    fp16 = 2 * spec.layers * spec.kv_heads * spec.head_dim * 2
+    assert report["kv_bytes_per_position"] == {"fp16_computed": fp16, "engine": 2 * fp16}  # float32 on the CPU
+    for row in report["prompt_kv_per_task"]:
+        assert row["engine_bytes_reported"] == row["engine_bytes_computed"] == row["prompt_tokens"] * 2 * fp16
+    assert [row["prompt_tokens"] for row in report["prompt_kv_per_task"]] == [100, 25, 10]
+    for row in report["prefill_cold_vs_warm"]:
+        assert row["warm_prompt_kv_hits"] == 1
+        assert row["cold_positions"] - row["warm_positions"] == row["soft_prompt_tokens"]
+    assert [row["batch"] for row in report["decode"]] == [1, 8]
+    assert report["t5_base_encoder"]["soft_prompt_tokens"] == {"unpooled": 100, "pooled_p10": 10}
