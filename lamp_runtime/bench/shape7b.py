@@ -190,10 +190,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=2, help="rounds of the interleaved cold/warm prefills")
     parser.add_argument("--t5-repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's); 1 on a shared host (docs/benchmarks.md, thread contention)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    if args.new_tokens < 1 or args.repeats < 1 or args.t5_repeats < 1:
-        parser.error("--new-tokens, --repeats and --t5-repeats must be >= 1")
+    if args.new_tokens < 1 or args.repeats < 1 or args.t5_repeats < 1 or (args.threads or 1) < 1:
+        parser.error("--new-tokens, --repeats, --t5-repeats and --threads must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     command = " ".join(["python -m lamp_runtime.bench.shape7b", *(argv if argv is not None else sys.argv[1:])])
     print(f"RANDOM WEIGHTS: {args.shape}'s and {T5_SHAPES[args.shape][0]}'s shapes, benchmarks of cost only",
           flush=True)

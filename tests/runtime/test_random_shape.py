@@ -172,6 +172,7 @@ def test_the_shape_bench_runs_on_the_tiny_shape_and_records_random_weights(tiny_
 
     out = tmp_path / "shape.json"
     main(["--shape", "tiny", "--gguf", str(tiny_gguf), "--new-tokens", "1", "--repeats", "1", "--t5-repeats", "1",
+          "--threads", "1",
           "--out", str(out)])
     report = json.loads(out.read_text())
     assert report["random_weights"] is True and report["backbone"]["random_weights"] is True
