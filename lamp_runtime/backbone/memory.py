@@ -81,7 +81,8 @@ def estimate_load_bytes(options: BackboneOptions, direct_int4: bool) -> tuple[in
     if gguf is not None:
         params = gguf_parameter_count(gguf)
         if backbone_folder_if_cached(gguf) is None:
-            return _with_margin(params * 8), f"{gguf.name} converted to a float32 HF folder (held twice while converting)"
+            what = f"{gguf.name} converted to a float32 HF folder (held twice while converting)"
+            return _with_margin(params * 8), what
         return _with_margin(params * _bytes_per_parameter(options)), f"{gguf.name}'s float32 HF folder"
     params = safetensors_parameter_count(options.path)
     if params is None:

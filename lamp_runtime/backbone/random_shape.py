@@ -112,7 +112,7 @@ def random_q4_1_blocks(rng: np.random.Generator, rows: int, cols: int) -> np.nda
     out = np.concatenate([d.view(np.uint8), m.view(np.uint8), nibbles], axis=-1).reshape(rows, -1)
     expected = quant_shape_to_byte_shape((rows, cols), GGMLQuantizationType.Q4_1)
     if out.shape != tuple(expected):
-        raise AssertionError(f"Q4_1 layout {out.shape} != {expected}")  # the gguf package changed its layout
+        raise RuntimeError(f"Q4_1 layout {out.shape} != {expected}: the gguf package changed its block layout")
     return out
 
 
@@ -147,7 +147,7 @@ def write_random_gguf(path: str | os.PathLike | None = None, shape: str = "llama
     looks finished. An existing file at `path` is replaced.
     """
     import gguf
-    from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter, quant_shape_to_byte_shape
+    from gguf import GGMLQuantizationType, GGUFWriter, quant_shape_to_byte_shape
     from tqdm import tqdm
 
     if shape not in SHAPES:

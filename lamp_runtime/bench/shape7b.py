@@ -158,7 +158,8 @@ def t5_encoder(shape: str, repeats: int, seed: int) -> dict:
                 encoder(inputs_embeds=embeds[name])
                 seconds[name].append(time.perf_counter() - started)
     medians = {name: statistics.median(s) for name, s in seconds.items()}
-    return {"shape": t5_name, "config": dims, "random_weights": True, "parameters": sum(p.numel() for p in model.parameters()),
+    return {"shape": t5_name, "config": dims, "random_weights": True,
+            "parameters": sum(p.numel() for p in model.parameters()),
             "input_tokens": T5_INPUT_TOKENS, "soft_prompt_tokens": lengths, "seconds": seconds,
             "median_s": medians, "unpooled_over_pooled": medians["unpooled"] / medians["pooled_p10"]}
 
@@ -191,7 +192,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--t5-repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: torch's); 1 on a shared host (docs/benchmarks.md, thread contention)")
+                        help="torch threads (default: torch's); 1 on a shared host (docs/benchmarks.md, "
+                             "thread contention)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if args.new_tokens < 1 or args.repeats < 1 or args.t5_repeats < 1 or (args.threads or 1) < 1:
@@ -221,7 +223,8 @@ def main(argv: list[str] | None = None) -> None:
     kv_rows = prompt_kv_bytes(engine, backbone.hidden_size, fp16)
     for row in kv_rows:
         print(f"  prompt KV per task, l={PROMPT_LENGTH} p={row['pool']:>2}: {row['prompt_tokens']:>3} positions, "
-              f"{row['fp16_bytes'] / 1e6:6.1f} MB fp16, {row['engine_bytes_reported'] / 1e6:6.1f} MB held by the engine",
+              f"{row['fp16_bytes'] / 1e6:6.1f} MB fp16, "
+              f"{row['engine_bytes_reported'] / 1e6:6.1f} MB held by the engine",
               flush=True)
     decode = []
     for batch in DECODE_BATCHES:
