@@ -66,6 +66,7 @@ class ServeSettings:
     vllm_kv_cache_mb: int = 1024  # memory vLLM reserves for its KV cache (host memory on CPU)
     vllm_max_model_len: int | None = None  # longest sequence vLLM holds (default: the backbone's context)
     vllm_block_size: int | None = None  # vLLM KV block tokens (default: the smallest the backend takes)
+    allow_random_weights: bool = False  # serve a random-weight (benchmark-only) backbone anyway
 
     def __post_init__(self):
         _check_range(self, "port", 1, 65535)
@@ -100,6 +101,12 @@ class ServeSettings:
         _check_choice(self, "log_level", LOG_LEVELS)
         if not self.host:
             raise ValueError("host must not be empty")
+        if not isinstance(self.allow_random_weights, bool):
+            raise ValueError(f"allow_random_weights must be true or false, got {self.allow_random_weights!r}")
+        if self.backbone and not self.allow_random_weights:  # every way in: flags, YAML, Serve args
+            from lamp_runtime.backbone.random_shape import refuse_random_weights
+
+            refuse_random_weights(self.backbone, allowed=False)
         if self.registry is not None:
             from .store.registry import check_registry_url
 
@@ -193,6 +200,13 @@ def _coerce(field: dataclasses.Field, value: Any, source: str) -> Any:
     if value is None:
         return None
     kind = str(field.type)  # a string such as "int | None" (postponed annotations)
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text not in ("true", "false"):
+            raise ValueError(f"{source}: {field.name} must be true or false, got {value!r}")
+        return text == "true"
     if kind.startswith("int"):
         text = str(value).strip()
         if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and text.isdigit())):

@@ -78,6 +78,8 @@ def register(subparsers) -> None:
     p.add_argument("--vllm-block-size", type=int,
                    help="vLLM KV block tokens: only whole blocks of a prompt are reused (default: the smallest "
                         "the backend takes, 32 on CPU, 16 on CUDA)")
+    p.add_argument("--allow-random-weights", action="store_true", default=None,
+                   help="serve a backbone whose weights are random (made for benchmarks: it generates noise)")
     p.add_argument("--max-request-bytes", type=int, help="largest inference request body (default 1 MiB)")
     p.add_argument("--max-upload-bytes", type=int, help="largest adapter upload (default 64 MiB)")
     # Not --log-level: that one belongs to `lamp` itself (this process's own logging).
@@ -92,7 +94,7 @@ SETTING_FLAGS = ("host", "port", "address", "num_cpus", "store", "registry", "pr
                  "prefill_forward_cost_tokens", "max_queue", "max_input_tokens", "max_new_tokens", "prompt_cache_mb",
                  "adapter_cache_mb", "prompt_kv_cache_mb", "max_request_bytes", "max_upload_bytes",
                  "serve_log_level", "engine", "vllm_kv_cache_mb", "vllm_max_model_len",
-                 "vllm_block_size")
+                 "vllm_block_size", "allow_random_weights")
 
 
 def settings_from_args(args: argparse.Namespace):

@@ -54,8 +54,7 @@ def embedded_gguf_path() -> Path:
 def convert_gguf_to_hf(gguf_path: Path, out_dir: Path | None = None) -> Path:
     """Dequantize a GGUF checkpoint into an HF safetensors folder (float32), once; return the folder."""
     gguf_path = Path(gguf_path)
-    stat = gguf_path.stat()
-    out_dir = out_dir or cache_root() / "hf" / f"{gguf_path.stem}-{stat.st_size}"
+    out_dir = out_dir or _hf_folder_of(gguf_path)
     if (out_dir / "config.json").is_file():
         return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -84,6 +83,16 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path | None = None) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
         log.info("converted in %.1f s", time.perf_counter() - started)
     return out_dir
+
+
+def _hf_folder_of(gguf_path: Path) -> Path:
+    return cache_root() / "hf" / f"{gguf_path.stem}-{gguf_path.stat().st_size}"
+
+
+def backbone_folder_if_cached(gguf_path: Path) -> Path | None:
+    """The HF folder a GGUF was already converted into, if it was."""
+    folder = _hf_folder_of(Path(gguf_path))
+    return folder if (folder / "config.json").is_file() else None
 
 
 def backbone_folder(options: BackboneOptions) -> tuple[Path, str]:

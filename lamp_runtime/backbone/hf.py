@@ -28,6 +28,8 @@ class Backbone:
     name: str
     options: BackboneOptions
     load_seconds: float
+    # Made for benchmarks (backbone/random_shape.py): generates noise, refused by `lamp serve` unless allowed.
+    random_weights: bool = False
 
     @property
     def config(self):
@@ -136,6 +138,10 @@ def load_backbone(options: BackboneOptions | None = None, int4: bool = True) -> 
 
     options = (options or BackboneOptions()).resolved(int4=int4)
     started = time.perf_counter()
+    direct = _direct_int4_gguf(options)
+    check_backbone_memory(options, direct is not None)
+    if direct is not None:
+        return _load_gguf_int4(direct, options, started)
     folder, name = backbone_folder(options)
     # int4 keeps the embeddings and norms in float32 and computes its products in bfloat16.
     dtype = torch.float32 if options.quantization == "int4" else DTYPES[options.dtype]
@@ -155,10 +161,58 @@ def load_backbone(options: BackboneOptions | None = None, int4: bool = True) -> 
 
         quantize_model(model, gguf_source(options))
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    backbone = Backbone(model, tokenizer, name, options, time.perf_counter() - started)
+    from .random_shape import backbone_is_random
+
+    backbone = Backbone(model, tokenizer, name, options, time.perf_counter() - started,
+                        backbone_is_random(options.path))
     log.info(
         "backbone %s loaded (%s, %s, %s) in %.1f s, %.0f MB of weights",
         name, options.dtype, options.quantization, options.device,
         backbone.load_seconds, backbone.weights_bytes / 1e6,
     )
+    return backbone
+
+
+def _direct_int4_gguf(options: BackboneOptions):
+    """The GGUF file to load tensor by tensor into int4 (gguf_int4.py), if this load is one: a
+    Llama-architecture .gguf given by path, int4. The embedded default keeps its cached folder."""
+    from pathlib import Path
+
+    if options.quantization != "int4" or options.path is None or not str(options.path).endswith(".gguf"):
+        return None
+    from .gguf_int4 import supports_direct_int4
+
+    path = Path(options.path)
+    return path if path.is_file() and supports_direct_int4(path) else None
+
+
+def check_backbone_memory(options: BackboneOptions, direct_int4: bool, available: int | None = None) -> None:
+    """Refuse a load that cannot fit in host memory before it starts (memory.py). On CUDA only a
+    GGUF's conversion is checked: the weights themselves go to the GPU."""
+    from .memory import check_memory, estimate_load_bytes
+
+    if options.device != "cpu" and not (options.path is None or str(options.path).endswith(".gguf")):
+        return
+    estimate = estimate_load_bytes(options, direct_int4)
+    if estimate is None:
+        return
+    needed, what = estimate
+    hint = ("free memory or choose a smaller backbone" if direct_int4 or options.quantization == "int4"
+            else "try --quantization int4 (a GGUF loads tensor by tensor, a folder is quantized at load), "
+                 "free memory, or choose a smaller backbone")
+    check_memory(needed, what, available, hint)
+
+
+def _load_gguf_int4(path, options: BackboneOptions, started: float) -> Backbone:
+    from .gguf_int4 import load_gguf_int4
+    from .random_shape import RANDOM_NAME_PREFIX, gguf_is_random
+
+    model, tokenizer = load_gguf_int4(path)
+    random_weights = gguf_is_random(path)
+    name = path.stem
+    if random_weights and not name.startswith(RANDOM_NAME_PREFIX):
+        name = RANDOM_NAME_PREFIX + name
+    backbone = Backbone(model, tokenizer, name, options, time.perf_counter() - started, random_weights)
+    log.info("backbone %s loaded tensor by tensor (int4, cpu) in %.1f s, %.0f MB of weights%s", name,
+             backbone.load_seconds, backbone.weights_bytes / 1e6, " (RANDOM weights)" if random_weights else "")
     return backbone
