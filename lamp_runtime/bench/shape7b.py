@@ -25,6 +25,7 @@ The 7B GGUF (4.2 GB) is written once to $LAMP_CACHE_DIR/random (never into the r
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib.util
 import statistics
 import sys
@@ -38,7 +39,7 @@ from ..backbone.hf import kv_bytes_per_token, load_backbone
 from ..backbone.options import BackboneOptions
 from ..backbone.random_shape import default_path, write_random_gguf
 from ..engine.base import EngineConfig
-from ..engine.build import engine_for
+from ..hf.engine import engine_for
 from ..prompts.math import pooled_length
 from ..requests import GenerationRequest, SamplingParams
 from .report import write_json
@@ -168,13 +169,17 @@ def llamacpp_rows(gguf: Path, new_tokens: int) -> dict | None:
     """The llama.cpp engine on the very same GGUF, where that engine is installed (None: it is not)."""
     if importlib.util.find_spec("lamp_runtime.llamacpp") is None:
         return None
-    from ..engine.build import build_engine
+    from ..engine.streams import complete
+    from ..engines import build_engine
 
     try:
         engine = build_engine("llamacpp", BackboneOptions(path=str(gguf), device="cpu"))
         params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
         started = time.perf_counter()
-        [result] = engine.generate([GenerationRequest(INPUT, None, params)])
+        try:
+            result = asyncio.run(complete(engine, GenerationRequest(INPUT, None, params)))
+        finally:
+            engine.shutdown()
         seconds = time.perf_counter() - started
         return {"batch": 1, "new_tokens": len(result.token_ids), "seconds_with_prefill": seconds,
                 "prefill_ms": result.prefill_ms, "kv_bytes_per_token": getattr(engine, "kv_bytes_per_token", None)}

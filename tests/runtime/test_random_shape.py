@@ -14,7 +14,7 @@ from lamp_runtime.backbone.memory import INT4_BYTES_PER_WEIGHT, estimate_load_by
 from lamp_runtime.backbone.options import BackboneOptions
 from lamp_runtime.backbone.random_shape import (RANDOM_WEIGHTS_KEY, SHAPES, TOKENIZER_VOCAB, backbone_is_random,
                                                 write_random_gguf)
-from lamp_runtime.engine.build import engine_for
+from lamp_runtime.hf.engine import engine_for
 from lamp_runtime.requests import GenerationRequest, SamplingParams
 
 
