@@ -9,8 +9,8 @@
 - sequence.py, sampling.py: per-request state, stop strings, streaming; seeded sampling
 - runner.py: `AsyncEngine`, the engine loop thread with async streams for the transformers engines
 
-The vLLM engine (lamp_runtime/vllm/) implements the same contract; engines never import each
-other, only build.py knows them all.
+The vLLM engine (lamp_runtime/vllm/) and the llama.cpp engine (lamp_runtime/llamacpp/) implement
+the same contract; engines never import each other, only build.py knows them all.
 """
 
-ENGINE_KINDS = ("hf", "vllm")  # --engine choices; build.py builds each
+ENGINE_KINDS = ("hf", "vllm", "llamacpp")  # --engine choices; build.py builds each

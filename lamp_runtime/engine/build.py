@@ -1,5 +1,5 @@
 """The one place an engine is chosen and built: `hf` (transformers, in-process: decoder-only or
-T5, by the backbone) or `vllm`; and the async runner that drives it.
+T5, by the backbone), `vllm` or `llamacpp` (GGUF on llama.cpp); and the async runner that drives it.
 
 Two steps, as the serving replica needs them: `build_engine` first (metrics read its registry,
 cache, backbone and queue sizes), then `build_runner` with the callbacks those metrics provide.
@@ -36,6 +36,12 @@ def build_engine(kind: str, backbone_options: BackboneOptions | None = None, con
         from ..vllm.engine import VllmEngine
 
         return VllmEngine(load_vllm_backbone(backbone_options), config=config, options=vllm_options)
+    if kind == "llamacpp":
+        from ..llamacpp.engine import build_llamacpp_engine
+
+        if vllm_options is not None:
+            raise ValueError("vLLM options were given for the llamacpp engine")
+        return build_llamacpp_engine(backbone_options, config)
     raise ValueError(f"engine {kind!r} unknown; use one of {', '.join(ENGINE_KINDS)}")
 
 
@@ -68,7 +74,7 @@ def build_runner(engine: Engine, max_waiting: int = 256, batch_wait_ms: float = 
         from ..vllm.runner import VllmRunner
 
         return VllmRunner(engine, max_waiting=max_waiting, on_step=on_step, on_finish=on_finish)
-    if engine.kind == "hf":
+    if engine.kind in ("hf", "llamacpp"):  # synchronous step cores
         from .runner import AsyncEngine
 
         return AsyncEngine(engine, max_waiting=max_waiting, batch_wait_ms=batch_wait_ms, on_step=on_step,

@@ -52,6 +52,12 @@ class EngineCollector:
         if kv_bytes is not None:
             yield _gauge("lamp_kv_cache_bytes", "Keys/values held by the requests in flight (positions in use)",
                          kv_bytes)
+        settings = getattr(self.engine, "settings", None)
+        if settings:  # the kernel settings an engine chose on this host (llama.cpp: probed at start)
+            info = GaugeMetricFamily("lamp_engine_settings", "Engine kernel settings in use (value 1; see labels)",
+                                     labels=["engine", *sorted(settings)])
+            info.add_metric([self.engine.kind, *(str(settings[k]) for k in sorted(settings))], 1)
+            yield info
         yield _gauge("lamp_backbone_bytes", "Bytes of backbone weights held by this replica",
                      self.engine.backbone.weights_bytes)
         yield _gauge("lamp_registered_adapters", "Adapters registered in this replica", self.registered())
