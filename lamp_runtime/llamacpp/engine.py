@@ -107,7 +107,8 @@ class LlamaCppEngine:
         self._reserved = 0
         self._lib = lib()
         self.ctx = new_context(backbone.model, n_ctx=cells, n_batch=cells, n_ubatch=backbone.settings.n_ubatch,
-                               n_seq_max=rows + prompt_seqs, threads=self.ggml_threads)
+                               n_seq_max=rows + prompt_seqs, threads=self.ggml_threads,
+                               flash_attention=self.options.flash_attention)
         self._mem = self._lib.llama_get_memory(self.ctx)
         self._vocab = self._table.shape[0]
         self._embeds = Batch(cells, backbone.hidden_size)  # prefills, prompt builds, mixed steps

@@ -70,9 +70,20 @@ def load_model(path: str, settings: KernelSettings):
     return model
 
 
-def new_context(model, n_ctx: int, n_batch: int, n_ubatch: int, n_seq_max: int, threads: int):
+GGML_TYPE_F32, GGML_TYPE_F16 = 0, 1
+KV_TYPES = {"f32": GGML_TYPE_F32, "f16": GGML_TYPE_F16}
+
+
+def new_context(model, n_ctx: int, n_batch: int, n_ubatch: int, n_seq_max: int, threads: int,
+                flash_attention: bool = True, kv_type: str = "f16"):
     """A context whose sequences share one unified KV cache of `n_ctx` cells (so a prompt's cells
-    can be shared by seq_cp), with `threads` ggml threads for decode and prefill alike."""
+    can be shared by seq_cp), with `threads` ggml threads for decode and prefill alike.
+
+    Flash attention is on: without it (llama-cpp-python 0.3.36's vendored llama.cpp), a sequence's
+    logits changed by up to 1.2 when another sequence decoded in the same batch of the unified
+    cache, from the second decode step on (f16 and f32 caches alike); with it they were bitwise
+    equal. Its CPU kernel sums the values in float16 in the cache's cell order, so when rows
+    land in other cells (another batch composition) answers may still part at near ties."""
     L = lib()
     params = L.llama_context_default_params()
     params.n_ctx = n_ctx
@@ -81,6 +92,8 @@ def new_context(model, n_ctx: int, n_batch: int, n_ubatch: int, n_seq_max: int, 
     params.n_seq_max = n_seq_max
     params.n_threads = params.n_threads_batch = threads
     params.kv_unified = True
+    params.type_k = params.type_v = KV_TYPES[kv_type]
+    params.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attention else L.LLAMA_FLASH_ATTN_TYPE_DISABLED
     params.no_perf = True
     params.embeddings = False
     _ERRORS.clear()

@@ -23,6 +23,8 @@ class LlamaCppOptions:
     # Mixed steps (decode rows + newcomers' prefills): "embed" turns the decode rows' tokens into
     # embedding rows and runs one llama_decode; "split" runs a token decode and an embedding decode.
     mixed_steps: str = "embed"
+    # llama.cpp's flash attention (native.new_context says why it is on by default).
+    flash_attention: bool = True
 
     def __post_init__(self):
         require_at_least(self, 16, "kv_cells", prefix="LlamaCppOptions.")

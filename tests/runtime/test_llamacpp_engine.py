@@ -81,10 +81,11 @@ def greedy(max_new_tokens=NEW, **kw) -> SamplingParams:
     return SamplingParams(max_new_tokens=max_new_tokens, **{"logprobs": 5, **kw})
 
 
-# llama.cpp is not bitwise batch-invariant: attention sums over the unified cache's cells in cell
-# order, and which cells a sequence gets depends on what else the cache holds (retired rows leave
-# holes). So two runs of one request may differ in the last bits and, at a near tie, in a token.
-NEAR_TIE = 0.05  # nats between the two tokens where the runs part
+# llama.cpp is not bitwise batch-invariant: its flash attention sums values in float16 in the
+# unified cache's cell order, and which cells a sequence gets depends on the batch composition and
+# on what else the cache holds. So two runs of one request may part at a near tie (measured: a
+# 0.059-nat gap between one decode and split decodes of the same mixed steps).
+NEAR_TIE = 0.1  # nats between the two tokens where the runs part
 
 
 def assert_same_or_near_tie(a, b) -> None:
