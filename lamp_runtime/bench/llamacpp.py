@@ -30,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import torch
 
@@ -42,12 +43,12 @@ from lamp_runtime.engine.base import EngineConfig
 from lamp_runtime.engine.build import build_engine, build_runner
 from lamp_runtime.requests import GenerationRequest, SamplingParams
 
-LLAMA_BENCH = Path(sys.prefix) / "bin" / "llama-bench"
+LLAMA_BENCH = Path(sys.prefix) / "bin" / "llama-bench"  # where `make llama-bench` puts it
 
 
-def llama_bench_tg(gguf: Path, threads: int, repack: bool, tokens: int) -> float:
+def llama_bench_tg(binary: Path, gguf: Path, threads: int, repack: bool, tokens: int) -> float:
     """llama-bench's decode speed (tg) in tok/s."""
-    done = subprocess.run([str(LLAMA_BENCH), "-m", str(gguf), "-p", "0", "-n", str(tokens), "-t", str(threads),
+    done = subprocess.run([str(binary), "-m", str(gguf), "-p", "0", "-n", str(tokens), "-t", str(threads),
                            "-r", "1", "--repack", "1" if repack else "0", "-o", "json"],
                           capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
@@ -93,6 +94,7 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None, help="ggml / torch threads (default: the cores)")
     parser.add_argument("--kv-cache-mb", type=int, default=512, help="vLLM KV cache (host memory on CPU)")
+    parser.add_argument("--llama-bench", type=Path, default=LLAMA_BENCH, help=f"llama-bench binary (default {LLAMA_BENCH})")
     parser.add_argument("--out", help="write settings, samples and summaries as JSON here")
     args = parser.parse_args()
     threads = args.threads or len(os.sched_getaffinity(0))
@@ -123,7 +125,7 @@ def main() -> None:
     # The same engine with `threads` torch threads in its loop (the default runs torch on one).
     torch_many = LlamaCppEngine(llama.backbone, llama.registry, config, options=extra)
     torch_many.threads = threads
-    table = torch.from_numpy(llama.backbone.info.table)
+    table = torch.from_numpy(np.array(llama.backbone.info.table))  # a writable copy of the mmap'ed table
     adapters = bench_adapters(table)
     for engine in engines.values():
         for task, adapter in adapters.items():
@@ -145,17 +147,17 @@ def main() -> None:
                 ("prefill", "p200"), ("prefill", "p2"), ("prefill", "cold-p200"),
                 ("mixed", "embed"), ("mixed", "split"), ("torch", 1), ("torch", threads)]
     variants += [("clients", kind, clients) for kind in engines for clients in args.clients]
-    has_bench = LLAMA_BENCH.is_file()
+    has_bench = args.llama_bench.is_file()
     if not has_bench:
         variants = [v for v in variants if not str(v[1]).startswith("llama-bench")]
-        print(f"no {LLAMA_BENCH}: run `make llama-bench` for the llama-bench comparison")
+        print(f"no {args.llama_bench}: run `make llama-bench` for the llama-bench comparison")
 
     def measure(variant):
         part = variant[0]
         if part == "decode":
             if variant[1] == "engine":
                 return {"tokens_per_s": engine_decode(runners["llamacpp"], args.decode_tokens)}
-            return {"tokens_per_s": llama_bench_tg(gguf, threads, variant[1].endswith("-repack"), args.decode_tokens)}
+            return {"tokens_per_s": llama_bench_tg(args.llama_bench, gguf, threads, variant[1].endswith("-repack"), args.decode_tokens)}
         if part == "prefill":
             if variant[1] == "cold-p200":
                 return {"ms": cold_build_ms(runners["llamacpp"], "p200")}
@@ -209,7 +211,7 @@ def main() -> None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "w", encoding="utf-8") as handle:
             json.dump({"command": "python -m lamp_runtime.bench.llamacpp " + " ".join(sys.argv[1:]),
-                       "settings": vars(args), "context": context, "ratios": ratios, "medians": medians,
+                       "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "context": context, "ratios": ratios, "medians": medians,
                        "rss_growth_bytes": rss_growth,
                        "samples": {"/".join(map(str, v)): s for v, s in samples.items()}}, handle, indent=2)
         print(f"wrote {args.out}")
