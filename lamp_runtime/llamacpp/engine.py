@@ -64,6 +64,10 @@ class _Prefill:
         self.row, self.embeds, self.start, self.all_logits = row, embeds, start, all_logits
 
 
+class _NoPromptSeq(Exception):
+    """No sequence id is free for a prompt build (the request then runs its prompt itself)."""
+
+
 def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -354,7 +358,10 @@ class LlamaCppEngine:
             if not self.prompt_kv.make_room(prompt.shape[0] * self.kv_bytes_per_token):
                 return None
             self._free_prompt_seqs()
-        shared = self.prompt_kv.acquire(key, lambda: self._build_prompt(prompt.numpy(), stats))
+        try:
+            shared = self.prompt_kv.acquire(key, lambda: self._build_prompt(prompt.numpy(), stats))
+        except _NoPromptSeq:  # discarded by another thread between the lookup and here, with no id free
+            return None
         if hit:
             seq.prompt_reused = True
             stats.prompt_kv_hits += 1
@@ -362,6 +369,8 @@ class LlamaCppEngine:
         return shared
 
     def _build_prompt(self, prompt: np.ndarray, stats: StepStats) -> PromptSeq:
+        if not self.prompt_kv.free_ids:
+            raise _NoPromptSeq
         seq_id = self.prompt_kv.free_ids.pop()
         batch = self._embeds
         batch.clear()
