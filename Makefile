@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PORT ?= 8000
 
-.PHONY: setup serve test test-fast loadtest prompts screenshot clean llama-bench
+.PHONY: setup serve test test-fast loadtest prompts screenshot clean gpu-check gpu-check-dry gpu-wheels llama-bench
 
 setup: $(STAMP) $(VENV)/.chromium $(VENV)/.postgresql $(VENV)/.llamacpp
 
@@ -87,6 +87,28 @@ prompts: setup
 # Rewrite docs/status-page.png: the browser test's screenshot of the status page under traffic.
 screenshot: setup
 	LAMP_DOCS_SCREENSHOT=1 $(PY) -m pytest -q tests/serving/test_status_page.py
+
+# The GPU check (README, "On a CUDA host"; lamp_runtime/bench/gpu_check.py): the CUDA tests and a
+# Llama-2-7B-shaped random-weight benchmark. `gpu-check` runs ON the GPU host with its own python3:
+# no venv, no network; it unpacks what that host lacks of the wheels in .gpu-wheels/ (carried with
+# the working tree), and writes gpu-check.json + gpu-7b.json to $GPU_CHECK_OUT, else $OUT, else
+# docs/bench/; GPU_CHECK_REVISION=<commit> records the revision where the host copy has no .git. `gpu-check-dry` runs the same check here on the CPU with tiny shapes (to a temp
+# folder unless OUT is set: a CPU run is not a GPU result); tests/runtime/test_gpu_check.py runs it.
+GPU_PYTHON ?= python3
+GPU_WHEELS := .gpu-wheels
+gpu-check:
+	$(GPU_PYTHON) -m lamp_runtime.bench.gpu_check --device cuda --wheels $(GPU_WHEELS)
+
+gpu-check-dry: setup
+	$(PY) -m lamp_runtime.bench.gpu_check --device cpu --wheels $(GPU_WHEELS)
+
+# pytest and its dependencies (the GPU host has none), bitsandbytes for nf4/int8 on CUDA, and
+# accelerate + psutil (transformers' bitsandbytes loading needs them) at the versions pinned here:
+# about 46 MB, inside the device carry's 64 MiB.
+gpu-wheels: setup
+	$(PY) -m pip download -q --no-deps --only-binary=:all: -c constraints.txt -d $(GPU_WHEELS) \
+		pytest pluggy iniconfig pygments bitsandbytes accelerate psutil
+	du -sh $(GPU_WHEELS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

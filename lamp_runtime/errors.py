@@ -1,7 +1,7 @@
 """Error types users see. Each message names the bad value so the caller can fix it.
 
 Every engine raises these same types, and the serving layer maps each to one HTTP status
-(serving/http/errors.py).
+(serving/transport.py).
 """
 
 

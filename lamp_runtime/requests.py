@@ -22,6 +22,7 @@ MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1
 MAX_TEMPERATURE = 100
 MAX_LOGPROBS = 20  # top alternatives per token, as OpenAI allows
 MAX_SAMPLES = 16  # n: samples of one prompt (each holds a batch slot)
+DEFAULT_MAX_NEW_TOKENS = 64  # /generate's and `lamp generate`'s default (OpenAI's APIs have their own)
 CHAT_ROLES = ("system", "user", "assistant")
 # How a chat request's messages become the model's input text: the backbone tokenizer's own chat
 # template, or the task's training template (`input_template` in its metadata) around the last
@@ -33,7 +34,7 @@ FINISH_STOP, FINISH_LENGTH, FINISH_ABORT = "stop", "length", "abort"
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_new_tokens: int = 64
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int | None = None
@@ -167,7 +168,6 @@ class GenerationResult:
     decode_ms: float
     ttft_ms: float
     total_ms: float
-    replica: str | None = None  # which serving replica produced it (set by the serving layer)
     index: int = 0  # which of the request's n samples
     # One per generated token when asked for, plus the EOS that ended it (as OpenAI reports it).
     logprobs: list[TokenLogprob] | None = None

@@ -11,11 +11,11 @@ import ray
 from ray.serve import Application
 
 from .config import ServeSettings
-from .http.errors import RETRY_AFTER_S
-from .http.routes import LampIngress
+from .ingress import LampIngress
 from .metrics.hub import MetricsHub
 from .replica import LampModel
 from .routing import request_router_config
+from .transport import RETRY_AFTER_S
 
 APP_NAME = "lamp"
 # Calls besides generation that a replica must always have room for (health, info, metrics).
@@ -33,7 +33,13 @@ def replica_cpus(settings: ServeSettings) -> float:
 
 
 def build_app(args: dict | None = None) -> Application:
-    settings = ServeSettings.from_mapping(args or {}, source="Serve application args")
+    """The application from Serve's `args` (a YAML config's, or `serve run`'s)."""
+    return application(ServeSettings.from_mapping(args or {}, source="Serve application args"))
+
+
+def application(settings: ServeSettings) -> Application:
+    """The application for settings already read (`lamp serve`); they reach the deployments as
+    they are, not as a mapping to read again."""
     per_replica = settings.max_batch_size + settings.max_queue
     hub = MetricsHub.bind()
     routing = request_router_config(settings.routing_in_force, settings.affinity_load_factor,
@@ -49,7 +55,7 @@ def build_app(args: dict | None = None) -> Application:
         # Beyond this many requests waiting in the ingress for a free replica: 503 at once.
         max_queued_requests=settings.max_queue,
         backpressure_config={"status_code": 503, "retry_after_s": RETRY_AFTER_S},
-    ).bind(settings.to_args(), hub)
+    ).bind(settings, hub)
     # The ingress only validates and forwards: let it take far more requests than the replicas can,
     # so overload is answered by our own limits (JSON 503 + Retry-After), not by Serve's proxy.
     capacity = max(INGRESS_MIN_CAPACITY, 4 * per_replica * settings.replicas)
@@ -58,4 +64,4 @@ def build_app(args: dict | None = None) -> Application:
         max_queued_requests=capacity,
         backpressure_config={"status_code": 503, "retry_after_s": RETRY_AFTER_S},
     )
-    return ingress.bind(model, hub, settings.to_args())
+    return ingress.bind(model, hub, settings)

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from fastapi.responses import JSONResponse, StreamingResponse
-
 from lamp_runtime.requests import StepOutput
 
-from .generation import SSE_HEADERS, GenerationService, public, replicas_of, sse
+from .generation import EventStream, GenerationService, Reply, public, replicas_of, sse
 from .http.chat import (
     ChatChunkChoice,
     ChatCompletionChunk,
@@ -19,9 +17,9 @@ from .http.chat import (
     ChatDelta,
     chat_completion_id,
 )
-from .http.errors import REPLICA_HEADER, Refusal
 from .http.logprobs import ChatLogprobs
 from .http.protocol import CompletionUsage, openai_finish
+from .transport import Refusal
 
 # max_tokens when the request sets none (OpenAI: up to the context); bounded so a forgotten limit
 # costs seconds, not minutes, on a CPU; never above the server's --max-new-tokens.
@@ -33,16 +31,16 @@ class ChatCompletions:
         self.generation = generation
         self.default_max_tokens = min(DEFAULT_CHAT_MAX_TOKENS, max_new_tokens)
 
-    async def create(self, request: ChatCompletionRequest):
+    async def create(self, request: ChatCompletionRequest) -> Reply | EventStream:
         engine_request = self.generation.to_engine(request.model, lambda: request.to_engine(self.default_max_tokens))
         if request.stream:
             first, items = await self.generation.open_stream(engine_request)
-            return StreamingResponse(self._chunks(request, first, items), media_type="text/event-stream",
-                                     headers=SSE_HEADERS)
-        results = await self.generation.complete(engine_request)
+            return EventStream(self._chunks(request, first, items))
+        answer = await self.generation.complete(engine_request)
+        results = answer.results
         body = ChatCompletionResponse(id=chat_completion_id(), model=request.model,
                                       choices=[request.choice(r) for r in results], usage=CompletionUsage.of(results))
-        return JSONResponse(body.model_dump(), headers={REPLICA_HEADER: replicas_of(results)})
+        return Reply(body.model_dump(), replicas_of([answer]))
 
     async def _chunks(self, request: ChatCompletionRequest, first: StepOutput, items) -> AsyncIterator[str]:
         """OpenAI's chunk sequence: per sample a first chunk with the role, content deltas, a last

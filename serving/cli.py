@@ -1,7 +1,7 @@
 """The `lamp` command: one subcommand per module, each adding its own parser.
 
 It lives on the top layer because it dispatches to every layer: `lamp train` / `lamp eval`
-(lamp_runtime/training), `lamp generate` (lamp_runtime/generate_cli.py), `lamp serve`
+(lamp_runtime/training), `lamp generate` (lamp_runtime/generate/cli.py), `lamp serve`
 (serving/serve_command.py) and `lamp bench` (lamp_runtime/bench). Subcommand modules expose
 `register(subparsers)`, which adds a parser whose `func` handles it. Imports are deferred so
 `lamp --help` is instant and a command pulls in only what it needs.
@@ -16,7 +16,7 @@ import sys
 
 COMMAND_MODULES = (
     "lamp_runtime.training.cli",
-    "lamp_runtime.generate_cli",
+    "lamp_runtime.generate.cli",
     "serving.serve_command",
     "lamp_runtime.bench.cli",
     "serving.bench.cli",  # adds `lamp bench registry` to the parser lamp_runtime.bench.cli made

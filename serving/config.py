@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from lamp_runtime.backbone.options import DTYPE_CHOICES, QUANTIZATION_CHOICES
-from lamp_runtime.engine import ENGINE_KINDS
+from lamp_runtime.engines import ENGINE_KINDS
 
 from .routing import ROUTING_CHOICES, effective_routing
 from .routing.affinity import LoadBound
@@ -137,7 +137,8 @@ class ServeSettings:
                             max_new_tokens=self.max_new_tokens, prompt_cache_bytes=self.prompt_cache_mb * 1024 * 1024,
                             adapter_cache_bytes=self.adapter_cache_mb * 1024 * 1024,
                             prompt_kv_cache_bytes=self.prompt_kv_cache_mb * 1024 * 1024,
-                            prefill_forward_cost_tokens=self.prefill_forward_cost_tokens)
+                            prefill_forward_cost_tokens=self.prefill_forward_cost_tokens,
+                            max_waiting=self.max_queue, batch_wait_ms=self.batch_wait_ms)
 
     def vllm_options(self):
         """VllmOptions for the vLLM engine; None for the HF engine."""

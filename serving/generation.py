@@ -3,9 +3,12 @@
 
 Each HTTP request converts itself into `GenerationRequest`s (one per prompt for a list of OpenAI
 prompts, issued together so they join the same batch), and each becomes one call on the model
-deployment handle, which answers with the `GenerationResult`s of its n samples or a `Refusal`. Streams use a
+deployment handle, which answers with `ReplicaResults` (its n samples' results and the replica) or a `Refusal`. Streams use a
 streaming handle call; the first item is awaited before the response starts, so a refused request
 gets a proper status code instead of a 200 stream that carries an error.
+
+The answer is typed: a `Reply` (a JSON body and the replicas that answered) or an `EventStream`
+(server-sent events); only the router (serving/ingress.py) turns them into HTTP responses.
 """
 
 from __future__ import annotations
@@ -14,15 +17,15 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
-from fastapi.responses import JSONResponse, StreamingResponse
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from lamp_runtime.errors import RequestError
-from lamp_runtime.requests import GenerationRequest, GenerationResult, StepOutput
+from lamp_runtime.requests import GenerationRequest, StepOutput
 
-from .http.errors import REPLICA_HEADER, RETRY_AFTER_S, Refusal, ServingError
+from .http.errors import REPLICA_HEADER, ServingError
 from .http.logprobs import CompletionLogprobs
 from .http.protocol import (
     CompletionChoice,
@@ -36,14 +39,29 @@ from .http.protocol import (
     openai_finish,
 )
 from .metrics.ingress import IngressMetrics
+from .transport import RETRY_AFTER_S, Refusal, ReplicaResults
 
 log = logging.getLogger(__name__)
 
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # A request whose replica died before answering (its node was lost, the process was killed) is
 # sent again, to whichever replica the handle picks: generation has no side effects, and a greedy
 # or seeded request answers the same anywhere. A stream is retried only before its first item.
 REPLICA_LOST_RETRIES = 2
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A whole answer: its JSON body and the replicas that answered (a response header)."""
+
+    body: dict
+    replicas: str | None = None
+
+
+@dataclass(frozen=True)
+class EventStream:
+    """A streamed answer: server-sent events, the first item already received."""
+
+    events: AsyncIterator[str]
 
 
 def sse(data: dict | str) -> str:
@@ -81,14 +99,14 @@ class GenerationService:
 
     # ---- /generate --------------------------------------------------------------------------------
 
-    async def generate(self, request: GenerateRequest):
+    async def generate(self, request: GenerateRequest) -> Reply | EventStream:
         engine_request = self.to_engine(request.task_id, request.to_engine)
         if request.stream:
             first, items = await self.open_stream(engine_request)
-            return StreamingResponse(self._generate_events(request.task_id, first, items),
-                                     media_type="text/event-stream", headers=SSE_HEADERS)
-        (result,) = await self.complete(engine_request)
-        return JSONResponse(GenerateResponse.from_result(result).model_dump(), headers={REPLICA_HEADER: result.replica})
+            return EventStream(self._generate_events(request.task_id, first, items))
+        answer = await self.complete(engine_request)
+        (result,) = answer.results
+        return Reply(GenerateResponse.from_result(result).model_dump(), answer.replica)
 
     async def _generate_events(self, task_id: str, first: StepOutput, items) -> AsyncIterator[str]:
         async for item in self.relay(first, items):
@@ -106,22 +124,21 @@ class GenerationService:
 
     # ---- /v1/completions --------------------------------------------------------------------------
 
-    async def completions(self, request: CompletionRequest):
+    async def completions(self, request: CompletionRequest) -> Reply | EventStream:
         engine_requests = self.to_engine(request.model, request.to_engine)
         if request.stream:
             if len(engine_requests) != 1:
-                self.metrics.count_request(request.model, True, 422)
+                self._count_invalid(request.model)
                 raise ServingError(422, f"stream=true supports a single prompt, got {len(engine_requests)}")
             first, items = await self.open_stream(engine_requests[0])
-            return StreamingResponse(self._completion_chunks(request, first, items),
-                                     media_type="text/event-stream", headers=SSE_HEADERS)
+            return EventStream(self._completion_chunks(request, first, items))
         per_prompt = await self.complete_many(request.model, engine_requests)
         choices = [request.choice(p * request.n + r.index, prompt, r)
-                   for p, (prompt, results) in enumerate(zip(request.prompts, per_prompt)) for r in results]
-        results = [r for results in per_prompt for r in results]
+                   for p, (prompt, answer) in enumerate(zip(request.prompts, per_prompt)) for r in answer.results]
+        results = [r for answer in per_prompt for r in answer.results]
         body = CompletionResponse(id=completion_id(), model=request.model, choices=choices,
                                   usage=CompletionUsage.of(results))
-        return JSONResponse(body.model_dump(), headers={REPLICA_HEADER: replicas_of(results)})
+        return Reply(body.model_dump(), replicas_of(per_prompt))
 
     async def _completion_chunks(self, request: CompletionRequest, first: StepOutput, items) -> AsyncIterator[str]:
         chunk_id = completion_id()
@@ -150,14 +167,14 @@ class GenerationService:
         try:
             return convert()
         except RequestError as exc:
-            self.metrics.count_request(task_id, False, 422)
+            self._count_invalid(task_id)
             raise ServingError(422, f"invalid request: {exc}") from None
 
-    async def complete(self, request: GenerationRequest) -> list[GenerationResult]:
-        """The results of the request's n samples."""
+    async def complete(self, request: GenerationRequest) -> ReplicaResults:
+        """The results of the request's n samples, and the replica that produced them."""
         return (await self.complete_many(request.task_id, [request]))[0]
 
-    async def complete_many(self, task_id: str, requests: list[GenerationRequest]) -> list[list[GenerationResult]]:
+    async def complete_many(self, task_id: str, requests: list[GenerationRequest]) -> list[ReplicaResults]:
         calls = [asyncio.ensure_future(self._call(request)) for request in requests]
         try:
             replies = await asyncio.gather(*calls)
@@ -165,12 +182,12 @@ class GenerationService:
             for call in calls:
                 call.cancel()
             error = translate_handle_error(exc)
-            self.metrics.count_request(task_id, True, error.status)
+            self._count(task_id, error.status)
             raise error from None
         refusals = [r for r in replies if isinstance(r, Refusal)]
         if refusals:
             self._refused(task_id, refusals[0])
-        self.metrics.count_request(task_id, True, 200)
+        self._count(task_id, 200)
         return replies
 
     def _handle(self, request: GenerationRequest, **options):
@@ -178,7 +195,7 @@ class GenerationService:
         task-affinity router reads (serving/routing/router.py) without deserializing the request."""
         return self.model.options(session_id=request.task_id, **options)
 
-    async def _call(self, request: GenerationRequest) -> list[GenerationResult] | Refusal:
+    async def _call(self, request: GenerationRequest) -> ReplicaResults | Refusal:
         """One call on the model deployment, re-sent if its replica dies before answering."""
         retries = REPLICA_LOST_RETRIES
         while True:
@@ -209,16 +226,26 @@ class GenerationService:
                     log.warning("replica lost before streaming request %s; sending it again", request.request_id)
                     continue
                 error = translate_handle_error(exc)
-                self.metrics.count_request(request.task_id, True, error.status)
+                self._count(request.task_id, error.status)
                 raise error from None
         if isinstance(first, Refusal):
             self._refused(request.task_id, first)
-        self.metrics.count_request(request.task_id, True, 200)
+        self._count(request.task_id, 200)
         return first, items
 
+    def _count(self, task_id: str, status: int) -> None:
+        """A request the model deployment took (answered, refused, or the call failed): its task
+        keeps its own metric label unless a replica did not know it (404)."""
+        self.metrics.count_request(task_id, status != 404, status)
+
+    def _count_invalid(self, task_id: str) -> None:
+        """A request refused here (422) before any replica saw it: an id nobody checked takes none
+        of the bounded task labels."""
+        self.metrics.count_request(task_id, False, 422)
+
     def _refused(self, task_id: str, refusal: Refusal):
-        self.metrics.count_request(task_id, refusal.status != 404, refusal.status)
-        raise ServingError.from_refusal(refusal)
+        self._count(task_id, refusal.status)
+        raise refused(refusal)
 
     @staticmethod
     async def relay(first: StepOutput, items) -> AsyncIterator[StepOutput | Refusal]:
@@ -238,11 +265,19 @@ class GenerationService:
                 cancel_quietly(items)
 
 
+def refused(refusal: Refusal) -> ServingError:
+    """The HTTP error for a replica's refusal; says which replica answered (header), like successes do."""
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if refusal.status == 503 else {}
+    if refusal.replica:
+        headers[REPLICA_HEADER] = refusal.replica
+    return ServingError(refusal.status, refusal.message, headers)
+
+
 def public(refusal: Refusal) -> dict:
     """An in-band stream error, in the same shape as an error response body."""
     return {"message": refusal.message, "code": refusal.status}
 
 
-def replicas_of(results: list[GenerationResult]) -> str:
+def replicas_of(answers: list[ReplicaResults]) -> str:
     """The replicas that answered, for the response header (once each, in order)."""
-    return ",".join(dict.fromkeys(r.replica for r in results if r.replica))
+    return ",".join(dict.fromkeys(a.replica for a in answers if a.replica))

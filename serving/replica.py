@@ -2,13 +2,15 @@
 
 Serve's `@serve.batch` and model multiplexing group requests by model id, i.e. by task, which is
 exactly what we must not do: a LAMP adapter is only a few prepended embeddings, so requests of any
-mix of tasks share one forward pass. Each replica therefore runs our own `AsyncEngine` and lets
-Serve deliver many concurrent requests to it (`max_ongoing_requests` is sized for a full batch
+mix of tasks share one forward pass. Each replica therefore runs our own engine (one continuous
+batch; lamp_runtime/engines/ builds it) and lets Serve deliver many concurrent requests to it (`max_ongoing_requests` is sized for a full batch
 plus the waiting queue; see serving/app.py).
 
 Requests and replies cross Ray as the runtime's own dataclasses (lamp_runtime/requests.py): a
-`GenerationRequest` in, `StepOutput`s / a `GenerationResult` out. Errors a client can cause are
-returned as a `Refusal` (serving/http/errors.py) rather than raised, so the ingress gets the status
+`GenerationRequest` in, `StepOutput`s / `ReplicaResults` (the `GenerationResult`s and which
+replica produced them) out. The replica uses only the engine contract: `submit` through the
+streams adapter, `stats()` and observers for metrics, `healthy`, `discard`, `shutdown`. Errors a client can cause are
+returned as a `Refusal` (serving/transport.py) rather than raised, so the ingress gets the status
 and the message instead of a remote traceback, and nothing a client sends can take the replica down.
 """
 
@@ -24,11 +26,12 @@ from dataclasses import dataclass
 
 from ray import serve
 
+from lamp_runtime.engine.streams import complete_all, generate
 from lamp_runtime.errors import UnservableTaskError
-from lamp_runtime.requests import GenerationRequest, GenerationResult, StepOutput
+from lamp_runtime.requests import GenerationRequest, StepOutput
 
 from .config import ServeSettings
-from .http.errors import Refusal, refusal_for
+from .transport import Refusal, ReplicaResults, refusal_for
 
 log = logging.getLogger(__name__)
 
@@ -61,25 +64,24 @@ class ReplicaInfo:
     max_constructor_retry_count=2,  # a backbone that fails to load will not load on the 20th try
 )
 class LampModel:
-    def __init__(self, settings_args: dict, hub):
+    def __init__(self, settings: ServeSettings, hub):
         import torch
 
         from lamp_runtime.adapters import AdapterLimits
-        from lamp_runtime.engine.build import build_engine, build_runner
+        from lamp_runtime.engines import build_engine
 
         from .metrics.hub import MetricsPublisher
         from .metrics.replica import ModelMetrics
-        from .store import open_store
+        from .store.registry import open_store
         from .store.files import import_bundled
         from .store.sync import StoreSync
 
-        settings = ServeSettings.from_mapping(settings_args)
         self.settings = settings
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         # Ray sets OMP_NUM_THREADS from the replica's logical CPUs (1 for fractions); the cores
         # this replica may really use are its share of the machine. Only the engine loop thread
         # runs torch with them: loading (and every other thread) stays on one, or the engine's
-        # decode steps pay an OpenMP wake-up per op (lamp_runtime/engine/runner.py).
+        # decode steps pay an OpenMP wake-up per op (lamp_runtime/engine/step_loop.py).
         threads = settings.threads or max(1, (os.cpu_count() or 1) // settings.replicas)
         torch.set_num_threads(1)
         self.limits = AdapterLimits(max_file_bytes=settings.max_upload_bytes)
@@ -96,8 +98,7 @@ class LampModel:
                               self.backbone.options)
         self.sync.refresh()
         self.metrics = ModelMetrics(self.engine, registered=lambda: len(self.engine.registry))
-        self.runner = build_runner(self.engine, max_waiting=settings.max_queue, batch_wait_ms=settings.batch_wait_ms,
-                                   on_step=self.metrics.observe_step, on_finish=self.metrics.observe_result)
+        self.engine.observe(self.metrics.observer)
         self.publisher = MetricsPublisher(hub, self.metrics.registry)
         self.publisher.start()
         self._poller = asyncio.get_running_loop().create_task(self._poll_store())
@@ -107,14 +108,14 @@ class LampModel:
 
     # ---- requests -------------------------------------------------------------------------------
 
-    async def complete(self, request: GenerationRequest) -> list[GenerationResult] | Refusal:
+    async def complete(self, request: GenerationRequest) -> ReplicaResults | Refusal:
         """One whole generation: the results of its n samples, or the refusal the client gets."""
         try:
             await self._admit(request)
-            results = await self.runner.complete_all(request)
+            results = await complete_all(self.engine, request)
         except Exception as exc:
             return self._refusal(exc)
-        return [dataclasses.replace(result, replica=self.replica_id) for result in results]
+        return ReplicaResults(results, self.replica_id)
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StepOutput | Refusal]:
         """Yields a `StepOutput` per step with new text (the last of each of the n samples carries its result).
@@ -125,7 +126,7 @@ class LampModel:
         """
         try:
             await self._admit(request)
-            outputs = self.runner.generate(request)
+            outputs = generate(self.engine, request)
             out = await outputs.__anext__()
         except Exception as exc:
             yield self._refusal(exc)
@@ -134,7 +135,7 @@ class LampModel:
         try:
             while True:
                 if out.finished:
-                    yield dataclasses.replace(out, result=dataclasses.replace(out.result, replica=self.replica_id))
+                    yield out
                     remaining -= 1
                     if not remaining:
                         return
@@ -168,12 +169,12 @@ class LampModel:
             hidden_size=self.backbone.hidden_size, dtype=options.dtype, quantization=options.quantization,
             device=str(self.backbone.device), max_input_tokens=self.settings.max_input_tokens,
             max_new_tokens=self.settings.max_new_tokens, registered_adapters=len(self.engine.registry),
-            healthy=self.runner.healthy,
+            healthy=self.engine.healthy,
         )
 
     def check_health(self) -> None:
         """Called by Serve periodically; raising makes Serve replace this replica."""
-        if not self.runner.healthy:
+        if not self.engine.healthy:
             raise RuntimeError("engine loop is not running")
 
     async def _poll_store(self) -> None:
@@ -189,6 +190,6 @@ class LampModel:
 
     def __del__(self):
         # Serve calls this on graceful shutdown: stop the engine thread before the process exits.
-        runner = getattr(self, "runner", None)
-        if runner is not None:
-            runner.shutdown(timeout=5.0)
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown(timeout=5.0)

@@ -24,7 +24,7 @@ READY_TIMEOUT_S = 120.0
 
 def register(subparsers) -> None:
     from lamp_runtime.backbone.cli_args import add_backbone_arguments
-    from lamp_runtime.engine import ENGINE_KINDS
+    from lamp_runtime.engines import ENGINE_KINDS
 
     from .routing import ROUTING_CHOICES
 
@@ -139,7 +139,7 @@ class ServeRunner:
         import ray
         from ray import serve
 
-        from .app import APP_NAME, build_app
+        from .app import APP_NAME, application
 
         s = self.settings
         if s.address:
@@ -152,7 +152,7 @@ class ServeRunner:
         after_ray_init()
         serve.start(http_options={"host": s.host, "port": s.port},
                     logging_config={"log_level": s.log_level})
-        serve.run(build_app(s.to_args()), name=APP_NAME, route_prefix="/", blocking=False)
+        serve.run(application(s), name=APP_NAME, route_prefix="/", blocking=False)
         self.deployed = True
 
     def stop(self) -> None:

@@ -56,6 +56,8 @@ class Sums:
     totals: dict[str, float] = field(default_factory=dict)
     requests: dict[str, float] = field(default_factory=dict)  # by task, answered 2xx
     buckets: dict[str, dict[str, dict[float, float]]] = field(default_factory=dict)  # kind -> task -> le -> count
+    # Each replica's engine (`lamp_engine_info`'s labels: kind, device, the settings it chose, replica).
+    engines: list[dict[str, str]] = field(default_factory=list)
 
     @classmethod
     def of(cls, snapshots: list[list[Family]], at: float) -> "Sums":
@@ -68,6 +70,8 @@ class Sums:
                 for sample, labels, value in samples:
                     if sample in by_sample:
                         sums.totals[by_sample[sample]] += value
+                    if sample == "lamp_engine_info":
+                        sums.engines.append(dict(labels))
                     if sample == "lamp_requests_total" and labels.get("status", "").startswith("2"):
                         requests[labels.get("task", "other")] += value
                     kind = histograms.get(sample)
@@ -142,6 +146,7 @@ class StatusBoard:
             "tasks": tasks[:MAX_TASKS_SHOWN],
             "other": [self._task_row(t, now, base, rate) for t in sorted(others)],
             "totals": now.totals,
+            "engines": now.engines,
             "rates": {k: rate(now.totals[k], base.totals[k]) if base else None for k in RATES},
             "history": [{"at": later.at, **{k: (later.totals[k] - earlier.totals[k]) / (later.at - earlier.at)
                                             for k in RATES}}

@@ -45,7 +45,7 @@ def task_adapters(backbone):
 def engine(backbone, task_adapters):
     """A decoder engine with the three `task_adapters` registered."""
     from lamp_runtime.engine.base import EngineConfig
-    from lamp_runtime.engine.decoder import DecoderEngine
+    from lamp_runtime.hf.decoder import DecoderEngine
 
     e = DecoderEngine(backbone, config=EngineConfig(max_batch_size=8))
     for task_id, adapter in task_adapters.items():

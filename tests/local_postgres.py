@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from serving.ports import free_port
+from serving.bench.ports import free_port
 
 START_TIMEOUT_S = 60.0
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from serving.ports import free_port
+from serving.bench.ports import free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 180.0

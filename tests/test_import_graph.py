@@ -1,8 +1,9 @@
 """The project's import graph: no cycle, and the layers only import downwards.
 
 Every `import` statement of lamp_runtime/ and serving/ counts, deferred ones inside functions too
-(they still tie the modules together). Layers, top to bottom: serving -> engines (HF decoder / T5,
-vLLM; chosen in engine/build.py) -> prompts and backbone -> adapter formats; `errors`, `requests`
+(they still tie the modules together). Layers, top to bottom: serving -> the engine builder
+(lamp_runtime/engines/) -> engines (lamp_runtime/hf/, vllm/; each over the contract and shared
+parts of lamp_runtime/engine/) -> prompts and backbone -> adapter formats; `errors`, `requests`
 and the pure tensor math of `prompts.math` are leaves every layer may use.
 """
 
@@ -89,14 +90,31 @@ def edges(graph, source_prefix: str, target_prefix: str) -> list[str]:
 
 def test_the_graph_is_read(graph):
     """Guards the checks below against vacuous success: known edges are found."""
-    assert "lamp_runtime.prompts.cache" in graph["lamp_runtime.engine.step_engine"]
-    assert "lamp_runtime.engine.kv_batch" in graph["lamp_runtime.engine.generic_decoder"]  # `from . import kv_batch`
-    assert "lamp_runtime.vllm.engine" in graph["lamp_runtime.engine.build"]  # deferred import
+    assert "lamp_runtime.prompts.cache" in graph["lamp_runtime.hf.step_engine"]
+    assert "lamp_runtime.hf.kv_batch" in graph["lamp_runtime.hf.generic_decoder"]  # `from . import kv_batch`
+    assert "lamp_runtime.vllm.engine" in graph["lamp_runtime.engines"]  # deferred import
+    assert "lamp_runtime.engine.base" in graph["lamp_runtime.engines"]  # under TYPE_CHECKING
     assert "serving.store" in graph["serving.config"]
 
 
 def test_no_import_cycle(graph):
     assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
+
+
+def package_of(module: str) -> str:
+    """lamp_runtime.hf.decoder -> lamp_runtime.hf; lamp_runtime.engines -> lamp_runtime.engines."""
+    return ".".join(module.split(".")[:2])
+
+
+def test_no_package_cycle_in_the_runtime(graph):
+    """Packages, not only modules: e.g. engine -> vllm -> engine was a cycle of modules that did not
+    import each other. (serving.http's routes and serving.admin still import each other's package.)"""
+    packages: dict[str, set[str]] = {}
+    for module, targets in graph.items():
+        if module.startswith("lamp_runtime."):
+            packages.setdefault(package_of(module), set()).update(
+                package_of(t) for t in targets if package_of(t) != package_of(module))
+    assert find_cycle(packages) is None, f"package cycle: {' -> '.join(find_cycle(packages))}"
 
 
 def test_cycle_finder_finds_a_cycle():
@@ -108,20 +126,41 @@ def test_the_runtime_never_imports_serving(graph):
     assert edges(graph, "lamp_runtime", "serving") == []
 
 
-@pytest.mark.parametrize("engine, other", [
-    ("lamp_runtime.vllm", "lamp_runtime.engine.decoder"), ("lamp_runtime.vllm", "lamp_runtime.engine.seq2seq"),
-    ("lamp_runtime.vllm", "lamp_runtime.engine.step_engine"), ("lamp_runtime.vllm", "lamp_runtime.engine.runner"),
-    ("lamp_runtime.vllm", "lamp_runtime.engine.generic_decoder"), ("lamp_runtime.vllm", "lamp_runtime.engine.llama"),
-    ("lamp_runtime.engine.decoder", "lamp_runtime.vllm"), ("lamp_runtime.engine.seq2seq", "lamp_runtime.vllm"),
-    ("lamp_runtime.engine.generic_decoder", "lamp_runtime.vllm"),
-    ("lamp_runtime.engine.decoder", "lamp_runtime.engine.seq2seq"),
-    ("lamp_runtime.engine.seq2seq", "lamp_runtime.engine.decoder"),
-    ("lamp_runtime.engine.decoder", "lamp_runtime.engine.generic_decoder"),
-    ("lamp_runtime.engine.generic_decoder", "lamp_runtime.engine.decoder"),
-])
-def test_engines_never_import_each_other(graph, engine, other):
-    """Only engine/build.py knows every engine; the others share only the contract (engine/base.py)."""
-    assert edges(graph, engine, other) == []
+ENGINE_PACKAGES = ("lamp_runtime.hf", "lamp_runtime.vllm", "lamp_runtime.llamacpp")
+BUILDER = "lamp_runtime.engines"
+
+
+@pytest.mark.parametrize("target", [*ENGINE_PACKAGES, BUILDER])
+def test_the_contract_imports_no_engine(graph, target):
+    """lamp_runtime.engine is the contract and what engines share: it knows none of them."""
+    assert edges(graph, "lamp_runtime.engine", target) == []
+
+
+@pytest.mark.parametrize("engine", ENGINE_PACKAGES)
+def test_engines_never_import_each_other_or_the_builder(graph, engine):
+    for other in (*ENGINE_PACKAGES, BUILDER):
+        if other != engine:
+            assert edges(graph, engine, other) == []
+
+
+# Besides the builder, who may name an engine package: the HF-only tools that step a transformers
+# core synchronously (training, the in-process benches), the vLLM-only benches, and the serving
+# settings, which build a VllmOptions (a plain dataclass) for `--engine vllm`.
+ENGINE_IMPORTERS = (BUILDER, "lamp_runtime.training", "lamp_runtime.bench", "serving.config")
+
+
+@pytest.mark.parametrize("engine", ENGINE_PACKAGES)
+def test_only_the_builder_builds_engines(graph, engine):
+    importers = {a.split(" -> ")[0] for prefix in PACKAGES for a in edges(graph, prefix, engine)}
+    strangers = sorted(a for a in importers if package_of(a) != engine
+                       and not any(a == p or a.startswith(p + ".") for p in ENGINE_IMPORTERS))
+    assert strangers == []
+
+
+def test_serving_reads_engines_through_the_contract(graph):
+    """The replica and its metrics use lamp_runtime.engines, the contract and the streams adapter."""
+    for engine in ENGINE_PACKAGES:
+        assert [e for e in edges(graph, "serving", engine) if not e.startswith("serving.config ")] == []
 
 
 @pytest.mark.parametrize("lower, upper", [

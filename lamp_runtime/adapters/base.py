@@ -128,7 +128,21 @@ class PromptAdapter:
         return {}
 
     def validate(self, hidden_size: int, limits: AdapterLimits) -> "PromptAdapter":
-        """Check shapes against the backbone's hidden size and the limits; return the adapter."""
+        """Check shapes against the backbone's hidden size and the limits, and every value; return
+        the adapter. Done once, before a version is written (a stored version is then known by its
+        hash: reading it back needs only `check_fits`)."""
+        self.check_fits(hidden_size, limits)
+        for name, tensor in self.tensors().items():
+            check_values(name, tensor, limits)
+        # Bounded factors can still multiply into huge prompts (1e4 * 1e4 * 1e4 ...), which would
+        # overflow a float16 backbone into inf; the product must respect the same limit.
+        for name, tensor in self.products().items():
+            check_values(name, tensor, limits)
+        return self
+
+    def check_fits(self, hidden_size: int, limits: AdapterLimits) -> "PromptAdapter":
+        """The shape checks alone (cheap: no value is read): this backbone and these limits may
+        differ from the ones the version was validated for when it was written."""
         d = self.hidden_size(limits)
         if d != hidden_size:
             raise AdapterError(f"hidden size d={d} does not match the backbone's hidden size {hidden_size}")
@@ -136,12 +150,6 @@ class PromptAdapter:
             raise AdapterError(f"prompt length l={self.prompt_tokens} outside 1..{limits.max_prompt_tokens}")
         if self.meta.pool > limits.max_pool:
             raise AdapterError(f"pool p={self.meta.pool} above the limit {limits.max_pool}")
-        for name, tensor in self.tensors().items():
-            check_values(name, tensor, limits)
-        # Bounded factors can still multiply into huge prompts (1e4 * 1e4 * 1e4 ...), which would
-        # overflow a float16 backbone into inf; the product must respect the same limit.
-        for name, tensor in self.products().items():
-            check_values(name, tensor, limits)
         return self
 
 

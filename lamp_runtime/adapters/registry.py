@@ -1,8 +1,11 @@
 """Task id -> current adapter version, in host memory.
 
-The registry holds every registered adapter's (small) factors on the host; the device-side copies
-live in the bounded `PromptCache`. A lookup returns an immutable `AdapterEntry`, so a request keeps
-the version it resolved even if the task is re-registered or deleted while it runs.
+The registry maps each registered task to its current version: the adapter itself (its factors on
+the host, as `lamp generate` and the tests register them) or, in a serving replica, a
+`StoredAdapterRef` (adapters/stored.py) whose factors stay in the store until a request needs them
+(engine/resident.py keeps a bounded set loaded). What a prompt is built into lives in the bounded
+`PromptCache`. A lookup returns an immutable `AdapterEntry`, so a request keeps the version it
+resolved even if the task is re-registered or deleted while it runs.
 """
 
 from __future__ import annotations

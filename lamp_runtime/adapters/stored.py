@@ -5,7 +5,8 @@ adapter with l=100, r=8 on d=576; 230 KB for a plain 100-token soft prompt: 2-23
 keeps one `StoredAdapterRef` per task instead (its kind, lengths and header metadata: what admission,
 chat rendering and the result need) and loads the factors of the tasks being served into a
 byte-bounded host cache (engine/resident.py). `load` re-reads the stored file and checks its hash
-and values again, so what runs is always the bytes the registry recorded.
+(and its shapes against this backbone): what runs is always the bytes the store validated and
+recorded when they were written, so their values are not checked again.
 """
 
 from __future__ import annotations

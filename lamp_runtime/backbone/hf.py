@@ -75,6 +75,16 @@ class Backbone:
         return embeddings.get_input_embeddings()(token_ids.to(self.device))
 
 
+def in_memory_backbone(model: torch.nn.Module, tokenizer, name: str) -> Backbone:
+    """A Backbone around a model already built in this process (the GPU check's random-weight
+    7B-shaped model, built on the GPU without a checkpoint folder): the options record the model's
+    own device and dtype, unquantized; `path` names it, since no folder holds it."""
+    weight = model.get_input_embeddings().weight
+    dtype = next(k for k, v in DTYPES.items() if v == weight.dtype)
+    options = BackboneOptions(path=f"in-memory:{name}", dtype=dtype, quantization="none", device=str(weight.device))
+    return Backbone(model.eval().requires_grad_(False), tokenizer, name, options, 0.0)
+
+
 def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
     """Bytes of keys and values one context position holds across all layers, at `dtype`: the
     self-attention cache of a decoder-only model; for an encoder-decoder (T5), the decoder's

@@ -7,11 +7,11 @@ and a minimum m per 32 weights, w = q * d + m), so they are taken as they are, w
 no dequantize-requantize round trip, and the served weights equal the float32 backbone's up to the
 rounding of `m + 8d`. A safetensors backbone (Llama-2-7B, ...) is quantized at load (min/max per group).
 
-Measured on the 2-core CPU (torch 2.13, one decode step of SmolLM2-135M's 120 fused products):
-3.5 ms with bfloat16 activations, but 94 ms with float32 activations (a scalar fallback), so int4
-always computes in bfloat16. The tied output head is Q8_0 in the GGUF; torch has no group-wise int8
-kernel, so the head is requantized to int8 per output row (`_weight_int8pack_mm`, 0.9 ms per step
-against 8.8 ms for a float32 head).
+The int4 kernel is vectorised for bfloat16 activations only (float32 activations take a scalar
+fallback, many times slower), so int4 always computes in bfloat16. The tied output head is Q8_0 in
+the GGUF; torch has no group-wise int8 kernel, so the head is requantized to int8 per output row
+(`_weight_int8pack_mm`), which reads a quarter of a float32 head's bytes per step. What each option
+costs on a machine: `lamp bench speed` (docs/benchmarks.md, with its JSON).
 """
 
 from __future__ import annotations

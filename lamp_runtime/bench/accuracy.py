@@ -17,7 +17,7 @@ import time
 from ..adapters import load_adapter
 from ..backbone.hf import load_backbone
 from ..backbone.options import BackboneOptions
-from ..engine.build import engine_for
+from ..hf.engine import engine_for
 from ..requests import GenerationRequest, SamplingParams
 from ..tasks.format import answer_matches, format_input
 from ..tasks.synthetic import TASKS

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ..engine.base import EngineConfig
-from ..engine.build import engine_for
+from ..hf.engine import engine_for
 from ..errors import require_at_least
 from ..prompts.math import pooled_length
 from ..requests import GenerationRequest, SamplingParams

@@ -7,7 +7,7 @@ Both engines run in this one process over the same backbone options and the same
 synthetic tasks: LAMP p=2, LAMP p=4, plain soft prompt, EPT; plus requests with no task), so
 every client mixes tasks. Each measurement is a closed loop: `clients` concurrent clients each
 send their next request as soon as the previous one finished, `max(8, 2 x clients)` requests in
-all, through the same async front the server uses (AsyncEngine / VllmRunner). Requests ignore EOS
+all, through the same async adapter the server uses (lamp_runtime/engine/streams.py). Requests ignore EOS
 and generate exactly --new-tokens tokens, so both engines do the same work.
 
 Every (engine, clients) pair is measured once per round, in a fresh shuffled order each round,
@@ -33,7 +33,8 @@ from lamp_runtime.backbone.options import BackboneOptions
 from lamp_runtime.bench.stats import interleaved, safe_ratio, summarize
 from lamp_runtime.bench.workload import lamp_from_prompt, load_average, machine_context, task_inputs, vocabulary_prompt
 from lamp_runtime.engine.base import EngineConfig
-from lamp_runtime.engine.build import build_engine, build_runner
+from lamp_runtime.engine.streams import complete
+from lamp_runtime.engines import build_engine
 from lamp_runtime.requests import GenerationRequest, SamplingParams
 
 ENGINES = ("hf", "vllm")
@@ -72,13 +73,13 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] if len(values) > 1 else values[0]
 
 
-def closed_loop(runner, requests: list[GenerationRequest], clients: int) -> dict:
+def closed_loop(engine, requests: list[GenerationRequest], clients: int) -> dict:
     """Run `requests` with `clients` concurrent clients; return throughput and latency figures."""
     pending = list(reversed(requests))
 
     async def client(results):
         while pending:
-            results.append(await runner.complete(pending.pop()))
+            results.append(await complete(engine, pending.pop()))
 
     async def main():
         results = []
@@ -122,14 +123,14 @@ def main() -> None:
     args = parser.parse_args()
     threads = args.torch_threads or torch.get_num_threads()
     # As lamp serve does: load on one thread, so that the HF engine's loop thread is the only one
-    # with an OpenMP pool of several threads (lamp_runtime/engine/runner.py says why).
+    # with an OpenMP pool of several threads (lamp_runtime/engine/step_loop.py says why).
     torch.set_num_threads(1)
 
     options = BackboneOptions(dtype=args.dtype, quantization=args.quantization, device=args.device)
     hf_options = BackboneOptions(dtype=args.hf_dtype or args.dtype, quantization=args.hf_quantization or args.quantization,
                                  device=args.device)
     config = EngineConfig(max_batch_size=args.max_batch_size, max_input_tokens=1024, max_new_tokens=args.new_tokens,
-                          threads=threads)
+                          threads=threads, max_waiting=1024)
     engines = {
         "hf": build_engine("hf", hf_options, config),
         "vllm": build_engine("vllm", options, config,
@@ -137,23 +138,21 @@ def main() -> None:
                                          block_size=args.vllm_block_size)),
     }
     adapters = bench_adapters(engines["hf"].backbone.model.get_input_embeddings().weight)
-    runners = {}
-    for kind, engine in engines.items():
+    for engine in engines.values():
         for task, adapter in adapters.items():
             engine.registry.register(task, adapter)
-        runners[kind] = build_runner(engine, max_waiting=1024)
     context = machine_context(engines["hf"].backbone) | {"hf_engine_threads": threads}
     variants = [(kind, clients) for clients in args.clients for kind in ENGINES]
 
     def measure(variant):
         kind, clients = variant
-        return closed_loop(runners[kind], mixed_requests(max(8, 2 * clients), args.new_tokens), clients)
+        return closed_loop(engines[kind], mixed_requests(max(8, 2 * clients), args.new_tokens), clients)
 
     try:
         samples = interleaved(variants, measure, repeats=args.repeats, description="hf vs vllm")
     finally:
-        for runner in runners.values():
-            runner.shutdown()
+        for engine in engines.values():
+            engine.shutdown()
     context["load_average_before"] = context.pop("load_average")
     context["load_average_after"] = load_average()
     vllm = engines["vllm"]

@@ -40,7 +40,9 @@ from lamp_runtime.bench.engines import bench_adapters, closed_loop, mixed_reques
 from lamp_runtime.bench.stats import interleaved, safe_ratio, summarize
 from lamp_runtime.bench.workload import load_average, machine_context, vocabulary_prompt
 from lamp_runtime.engine.base import EngineConfig
-from lamp_runtime.engine.build import build_engine, build_runner
+from lamp_runtime.engine.step_loop import StepLoopEngine
+from lamp_runtime.engine.streams import complete as complete_async
+from lamp_runtime.engines import build_engine
 from lamp_runtime.requests import GenerationRequest, SamplingParams
 
 LLAMA_BENCH = Path(sys.prefix) / "bin" / "llama-bench"  # where `make llama-bench` puts it
@@ -56,8 +58,8 @@ def llama_bench_tg(binary: Path, gguf: Path, threads: int, repack: bool, tokens:
     return float(json.loads(done.stdout)[0]["avg_ts"])
 
 
-def complete(runner, request: GenerationRequest):
-    return asyncio.run(runner.complete(request))
+def complete(engine, request: GenerationRequest):
+    return asyncio.run(complete_async(engine, request))
 
 
 def engine_decode(runner, tokens: int) -> float:
@@ -77,7 +79,7 @@ def prefill_ms(runner, task: str, repeats: int = 3) -> float:
 
 def cold_build_ms(runner, task: str) -> float:
     """Prefill of a request whose task's prompt KV was just discarded: it builds it again."""
-    runner.engine.discard(runner.engine.registry.get(task).cache_key)
+    runner.discard(runner.registry.get(task).cache_key)
     return prefill_ms(runner, task, repeats=1)
 
 
@@ -101,7 +103,7 @@ def main() -> None:
     torch.set_num_threads(1)  # as lamp serve does: only engine loop threads run multi-threaded torch work
     clients_max = max(args.clients)
     config = EngineConfig(max_batch_size=max(16, clients_max), max_input_tokens=1024,
-                          max_new_tokens=max(args.new_tokens, args.decode_tokens), threads=threads)
+                          max_new_tokens=max(args.new_tokens, args.decode_tokens), threads=threads, max_waiting=1024)
     engines, rss_growth = {}, {}
     for kind in args.engines:
         before = rss()
@@ -116,7 +118,7 @@ def main() -> None:
         else:
             engines[kind] = build_engine("llamacpp", BackboneOptions(), config)
         rss_growth[kind] = rss() - before
-    llama = engines["llamacpp"]
+    llama = engines["llamacpp"].core
     from lamp_runtime.llamacpp.engine import LlamaCppEngine
     from lamp_runtime.llamacpp.options import LlamaCppOptions
 
@@ -132,9 +134,9 @@ def main() -> None:
             engine.registry.register(task, adapter)
     llama.registry.register("p200", SoftPromptAdapter(AdapterMeta(), vocabulary_prompt(table, 200, seed=8)))
     llama.registry.register("p2", SoftPromptAdapter(AdapterMeta(), vocabulary_prompt(table, 2, seed=9)))
-    runners = {kind: build_runner(engine, max_waiting=1024) for kind, engine in engines.items()}
-    runners["llamacpp-split"] = build_runner(split, max_waiting=1024)
-    runners["llamacpp-torch-many"] = build_runner(torch_many, max_waiting=1024)
+    runners = dict(engines)
+    runners["llamacpp-split"] = StepLoopEngine(split)
+    runners["llamacpp-torch-many"] = StepLoopEngine(torch_many)
     sampled = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True, temperature=0.8, top_p=0.95, seed=1)
 
     def sampled_loop(torch_threads: int) -> dict:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from ..adapters import AdapterMeta
 from ..backbone.hf import kv_bytes_per_token
 from ..engine.base import EngineConfig
-from ..engine.build import engine_for
+from ..hf.engine import engine_for
 from ..prompts.math import pooled_length
 from ..requests import GenerationRequest, SamplingParams
 from .memory import peak_memory_bytes

@@ -22,8 +22,8 @@ from lamp_runtime.adapters import load_adapter
 from lamp_runtime.backbone.hf import load_backbone
 from lamp_runtime.backbone.options import BackboneOptions
 from lamp_runtime.engine.base import EngineConfig
-from lamp_runtime.engine.build import engine_for
-from lamp_runtime.engine.step_engine import StepEngine
+from lamp_runtime.hf.engine import engine_for
+from lamp_runtime.hf.step_engine import StepEngine
 from lamp_runtime.requests import GenerationRequest, SamplingParams
 from lamp_runtime.tasks.format import format_input
 from lamp_runtime.tasks.synthetic import zero_shot_prompt

@@ -29,7 +29,7 @@ from ..backbone.checkpoint import gguf_source
 from ..backbone.hf import load_backbone
 from ..backbone.options import BackboneOptions
 from ..engine.base import EngineConfig
-from ..engine.build import engine_for
+from ..hf.engine import engine_for
 from ..errors import require_at_least
 from ..requests import GenerationRequest, SamplingParams
 from .stats import interleaved, safe_ratio, summarize

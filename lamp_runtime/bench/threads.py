@@ -7,7 +7,7 @@ no other thread of the process has used several torch threads, then after the ma
 (as a replica that loads its backbone with them does). torch's OpenMP runtime (libgomp) keeps one
 worker pool per thread that runs multi-threaded work; once the pools together hold more threads
 than the machine has cores it stops spin-waiting between operations, and every operation pays a
-wake-up. Then it decodes with the int4 engine through AsyncEngine both ways: loaded on the
+wake-up. Then it decodes with the int4 engine through its loop thread both ways: loaded on the
 engine's threads (the old replica) and loaded on one thread (the replica now).
 """
 
@@ -24,7 +24,8 @@ import torch
 from ..backbone.int4 import GROUP
 from ..backbone.options import BackboneOptions
 from ..engine.base import EngineConfig
-from ..engine.build import build_engine, build_runner
+from ..engine.streams import complete
+from ..engines import build_engine
 from ..requests import GenerationRequest, SamplingParams
 from .report import write_json
 from .workload import machine_context
@@ -56,20 +57,20 @@ def product_us(threads: int) -> float:
 
 
 def served_ms_per_token(threads: int, load_threads: int, tokens: int = 64) -> float:
-    """int4 decode through AsyncEngine (the loop thread), the backbone loaded with `load_threads`."""
+    """int4 decode through the HF engine's loop thread, the backbone loaded with `load_threads`."""
     torch.set_num_threads(load_threads)
-    engine = build_engine("hf", BackboneOptions(quantization="int4", device="cpu"), EngineConfig(threads=threads))
-    runner = build_runner(engine, batch_wait_ms=0)
+    engine = build_engine("hf", BackboneOptions(quantization="int4", device="cpu"),
+                          EngineConfig(threads=threads, batch_wait_ms=0))
     params = SamplingParams(max_new_tokens=tokens, ignore_eos=True)
 
     async def decode() -> list[float]:
-        return [(await runner.complete(GenerationRequest("Once upon a time", None, params))).decode_ms / (tokens - 1)
+        return [(await complete(engine, GenerationRequest("Once upon a time", None, params))).decode_ms / (tokens - 1)
                 for _ in range(3)]
 
     try:
         return statistics.median(asyncio.run(decode()))
     finally:
-        runner.shutdown()
+        engine.shutdown()
 
 
 def main() -> None:

@@ -1,16 +1,13 @@
-"""The engines that run requests of any mix of tasks in one batch, behind one contract.
+"""The engine contract and what every engine shares; no engine lives here.
 
-- base.py: the contract (`Engine`, `EngineRunner`), `EngineConfig`, `StepStats`
+- base.py: the contract (`Engine`: submit / abort / healthy / stats / discard / shutdown /
+  observe), `EngineConfig`, `EngineStats`, `StepStats`, `EngineObserver`, `BackboneInfo`
+- streams.py: the one async adapter over `submit`: `generate`, `complete`, `complete_all`
+- step_loop.py: `StepLoopEngine`, the contract over a synchronous step core on a loop thread
 - admission.py: the checks every engine applies to a request before queueing it
-- build.py: the ONE place an engine (and its async runner) is chosen and built
-- step_engine.py: what the two transformers engines share (queue, aborts, prompts, sampling)
-- decoder.py: decoder-only continuous batching; kv_batch.py, prefill_groups.py: its KV rows and prefill
-- seq2seq.py: encoder-decoder (T5) cohort batching
-- sequence.py, sampling.py: per-request state, stop strings, streaming; seeded sampling
-- runner.py: `AsyncEngine`, the engine loop thread with async streams for the transformers engines
+- request_state.py (`RequestState`: per-request state, stop strings, streaming), sampling.py,
+  logprobs.py, chat.py, resident.py (adapter factors loaded on demand)
 
-The vLLM engine (lamp_runtime/vllm/) and the llama.cpp engine (lamp_runtime/llamacpp/) implement
-the same contract; engines never import each other, only build.py knows them all.
+The engines are packages of their own (lamp_runtime/hf/, lamp_runtime/vllm/, lamp_runtime/llamacpp/), built by
+lamp_runtime/engines/; they import this package and never each other.
 """
-
-ENGINE_KINDS = ("hf", "vllm", "llamacpp")  # --engine choices; build.py builds each

@@ -1,33 +1,37 @@
 """The engine contract: what the serving layer, the `lamp` commands and the benches may use of
-any engine (HF decoder, T5, vLLM), and the one async front each engine is driven through.
+any engine (HF decoder, T5, vLLM, llama.cpp), whatever drives it inside.
 
-An engine is built by `build.build_engine` and wrapped by `build.build_runner`:
+An engine is built by `lamp_runtime.engines.build_engine` and used through `submit` with a sink,
+or through the async adapter of streams.py that every engine shares:
 
-    engine = build_engine("hf", BackboneOptions(), EngineConfig())
-    runner = build_runner(engine, max_waiting=64, on_step=..., on_finish=...)
-    async for out in runner.generate(request): ...   # StepOutputs; the last carries the result
-    result = await runner.complete(request)          # or the result alone
-    runner.shutdown()
+    engine = build_engine("hf", BackboneOptions(), EngineConfig(max_waiting=64),
+                          observer=EngineObserver(on_step=..., on_finish=...))
+    async for out in generate(engine, request): ...   # StepOutputs; the last carries the result
+    result = await complete(engine, request)          # or the result alone
+    engine.stats()                                     # EngineStats: what /metrics and /status show
+    engine.shutdown()
 
-Both speak the request shape of lamp_runtime/requests.py and raise the errors of
-lamp_runtime/errors.py, whatever the engine. tests/runtime/test_engine_contract.py runs one suite
-of checks against every engine.
+Every engine speaks the request shape of lamp_runtime/requests.py and raises the errors of
+lamp_runtime/errors.py. tests/runtime/test_engine_contract.py runs one suite of checks against
+every engine.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
 
 import torch
 
 from ..adapters.registry import AdapterRegistry
 from ..errors import EngineStoppedError, QueueFullError, require_at_least
-from ..prompts.cache import CacheStats, PromptCache
+from ..prompts.cache import CacheStats
 from ..requests import GenerationRequest, GenerationResult, StepOutput
-from .resident import ResidentAdapters
+
+# What an engine hands a request's sink: each of its outputs, or one exception that ends it.
+Sink = Callable[[StepOutput | BaseException], None]
 
 
 @dataclass(frozen=True)
@@ -39,21 +43,29 @@ class EngineConfig:
     # Host memory for the factors of adapters registered by reference (adapters/stored.py), loaded
     # when a request needs them (engine/resident.py).
     adapter_cache_bytes: int = 64 * 1024 * 1024
-    # Keys and values of tasks' soft prompts kept between requests (engine/prompt_kv.py); 0 = off.
+    # Keys and values of tasks' soft prompts kept between requests (hf/prompt_kv.py); 0 = off.
     prompt_kv_cache_bytes: int = 256 * 1024 * 1024
     # A prefill forward's fixed cost in padded positions: newcomers whose lengths differ by more
     # than this (per row) are prefilled in separate forwards (see prefill_groups.py).
     prefill_forward_cost_tokens: int = 32
-    # torch intra-op threads of the engine loop (None: the process's). See runner.py for why the
+    # torch intra-op threads of the engine loop (None: the process's). See step_loop.py for why the
     # loop thread must be the only one that runs multi-threaded torch work.
     threads: int | None = None
+    # Requests accepted but not yet prefilled, at most; beyond it `submit` raises QueueFullError
+    # (the HTTP layer answers 503 + Retry-After) rather than letting latency and memory grow.
+    max_waiting: int = 256
+    # Step-loop engines (step_loop.py): when the engine goes from idle to busy, how long to wait
+    # for requests arriving together so they share one prefill. vLLM forms its batches itself.
+    batch_wait_ms: float = 5.0
 
     def __post_init__(self):
         require_at_least(self, 1, "max_batch_size", "max_input_tokens", "max_new_tokens", "prompt_cache_bytes",
-                         "adapter_cache_bytes",
+                         "adapter_cache_bytes", "max_waiting",
                          prefix="EngineConfig.")
         require_at_least(self, 0, "prompt_kv_cache_bytes", "prefill_forward_cost_tokens", prefix="EngineConfig.")
         require_at_least(self, 1, "threads", prefix="EngineConfig.")
+        if not isinstance(self.batch_wait_ms, (int, float)) or self.batch_wait_ms < 0:
+            raise ValueError(f"batch_wait_ms must be >= 0, got {self.batch_wait_ms}")
 
 
 @dataclass
@@ -97,100 +109,127 @@ class BackboneInfo(Protocol):
     def max_positions(self) -> int: ...
 
 
-@runtime_checkable
-class Engine(Protocol):
-    """Every engine: its backbone, its adapters and built prompts, its limits and its queue."""
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of an engine, read when /metrics or /status.json is collected.
 
-    kind: str  # "hf" or "vllm": which runner drives it (build.build_runner)
+    prompt_kv: reuse of tasks' soft-prompt keys/values (None: the engine keeps none), counted in
+      `prompt_kv_unit`: whole requests (the HF decoder's prompt-KV cache) or prompt tokens (a
+      block-granular prefix cache such as vLLM's).
+    kv_cache_bytes: keys/values held by the requests in flight (None: the engine cannot tell).
+    settings: what the engine chose for itself (e.g. a probed weight layout), shown as labels of
+      `lamp_engine_info` on /metrics; keys are label names.
+    """
+
+    kind: str
+    waiting: int
+    running: int
+    prompt_cache: CacheStats
+    adapter_cache: CacheStats
+    backbone_bytes: int
+    device: str
+    prompt_kv: CacheStats | None = None
+    prompt_kv_unit: Literal["requests", "prompt tokens"] = "requests"
+    kv_cache_bytes: int | None = None
+    cuda_allocated_bytes: int | None = None  # None off CUDA
+    cuda_reserved_bytes: int | None = None
+    settings: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.prompt_kv_unit not in ("requests", "prompt tokens"):
+            raise ValueError(f"prompt_kv_unit must be 'requests' or 'prompt tokens', got {self.prompt_kv_unit!r}")
+        for key, value in self.settings.items():
+            if not key.isidentifier() or key in ("kind", "device") or not isinstance(value, str):
+                raise ValueError(f"engine setting {key!r}={value!r}: keys are label names other than kind and "
+                                 "device, values strings")
+
+
+def device_memory(device: torch.device | str) -> tuple[int | None, int | None]:
+    """(allocated, reserved) bytes of torch's CUDA allocator on `device`; (None, None) elsewhere."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None, None
+    return torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
+
+
+@dataclass(frozen=True)
+class EngineObserver:
+    """What the serving layer measures: called on the engine's thread after every step, and once
+    per finished sample (aborted ones included, with finish_reason "abort")."""
+
+    on_step: Callable[[StepStats], None] | None = None
+    on_finish: Callable[[GenerationResult], None] | None = None
+
+
+class Engine(abc.ABC):
+    """Every engine: its backbone, its adapters, its limits, its queue and what it reports.
+
+    Subclasses call `super().__init__()` and report through `_report_step` / `_report_finish`.
+    """
+
+    kind: str  # "hf", "vllm", ...: the `--engine` name it is built by (lamp_runtime/engines/)
     backbone: BackboneInfo
     registry: AdapterRegistry
-    cache: PromptCache
-    resident: ResidentAdapters  # factors of adapters registered by reference, loaded on demand
     config: EngineConfig
-    last_step: StepStats
-
-    @property
-    def num_waiting(self) -> int:
-        """Requests accepted but not yet prefilled."""
-
-    @property
-    def num_running(self) -> int:
-        """Requests prefilled and still generating."""
-
-    def has_work(self) -> bool: ...
-
-    def abort(self, request_id: str) -> None:
-        """Stop a request (its client went away); its slot and prompt pin are freed."""
-
-    def discard(self, cache_key) -> None:
-        """Forget what was built for an adapter version (re-registered or deleted)."""
-
-    def prompt_kv_stats(self) -> CacheStats | None:
-        """Reuse of tasks' soft-prompt keys/values (None: this engine keeps none)."""
-
     # Bytes of keys/values one context position holds in this engine's cache (all layers).
     kv_bytes_per_token: int
 
-    def kv_cache_bytes(self) -> int | None:
-        """Keys/values held by the requests in flight right now (None: the engine cannot tell)."""
+    def __init__(self):
+        self._observers: list[EngineObserver] = []
 
+    @abc.abstractmethod
+    def submit(self, request: GenerationRequest, sink: Sink) -> None:
+        """Validate and queue `request`; then `sink` receives each of its StepOutputs (the last of
+        each of its n samples has `finished` and carries the result), or one exception that ends
+        the request. `sink` is called on the engine's thread and must not block.
 
-class EngineRunner(abc.ABC):
-    """The async front of an engine: submit, stream, abort on disconnect, bounded queue, stop."""
+        Raises before anything is queued: RequestError and its kinds (unknown task, input too long,
+        unsupported parameters), QueueFullError beyond `config.max_waiting`, EngineStoppedError.
+        """
 
-    def __init__(self, engine: Engine, max_waiting: int,
-                 on_step: Callable[[StepStats], None] | None = None,
-                 on_finish: Callable[[GenerationResult], None] | None = None):
-        if max_waiting < 1:
-            raise ValueError(f"max_waiting must be >= 1, got {max_waiting}")
-        self.engine = engine
-        self.max_waiting = max_waiting
-        self.on_step = on_step
-        self.on_finish = on_finish
+    @abc.abstractmethod
+    def abort(self, request_id: str) -> None:
+        """Stop a request (its client went away); its slot and prompt pin are freed and its sink
+        gets nothing more. Observers still see its result (finish_reason "abort")."""
 
     @property
     @abc.abstractmethod
     def healthy(self) -> bool:
-        """False once the engine loop stopped or failed: requests get EngineStoppedError."""
-
-    @abc.abstractmethod
-    def generate(self, request: GenerationRequest) -> AsyncIterator[StepOutput]:
-        """Submit `request` and yield its outputs; the last one carries the result.
-
-        Validation errors (unknown task, bad parameters, input too long) raise before anything
-        is queued; a full queue raises QueueFullError. If the consumer stops iterating (client
-        gone), the request is aborted and its slot freed.
-        """
-
-    @abc.abstractmethod
-    def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop the engine loop; requests still in flight end with EngineStoppedError."""
-
-    async def complete(self, request: GenerationRequest) -> GenerationResult:
-        """Non-streaming convenience: the final result only (the first sample's, with n > 1)."""
-        return (await self.complete_all(request))[0]
-
-    async def complete_all(self, request: GenerationRequest) -> list[GenerationResult]:
-        """Non-streaming: the results of the request's n samples, in sample order."""
-        results: dict[int, GenerationResult] = {}
-        async for out in self.generate(request):
-            if out.result is not None:
-                results[out.result.index] = out.result
-        if len(results) < request.params.n:
-            raise EngineStoppedError("stream ended without a result")
-        return [results[i] for i in sorted(results)]
-
-    def check_admission(self) -> None:
-        """Refuse at once when the engine is down or its queue is full (before any work)."""
-        if not self.healthy:
-            raise EngineStoppedError(f"engine loop is not running ({self.stopped_reason()})")
-        waiting = self.engine.num_waiting
-        if waiting >= self.max_waiting:
-            raise QueueFullError(f"{waiting} requests already waiting (limit {self.max_waiting})")
+        """False once the engine stopped or failed: requests get EngineStoppedError."""
 
     def stopped_reason(self) -> str:
         return "stopped"
 
-    def _finished(self, result: GenerationResult) -> None:
-        if self.on_finish is not None:
-            self.on_finish(result)
+    @abc.abstractmethod
+    def stats(self) -> EngineStats:
+        """A snapshot of the queue, caches and memory (any thread)."""
+
+    @abc.abstractmethod
+    def discard(self, cache_key) -> None:
+        """Forget what was built for an adapter version (re-registered or deleted); a request still
+        running on it keeps it until it finishes."""
+
+    @abc.abstractmethod
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the engine; requests in flight end with EngineStoppedError. Idempotent."""
+
+    def observe(self, observer: EngineObserver) -> None:
+        """Add an observer (call before submitting: steps already run are not replayed)."""
+        self._observers.append(observer)
+
+    def _report_step(self, stats: StepStats) -> None:
+        for observer in self._observers:
+            if observer.on_step is not None:
+                observer.on_step(stats)
+
+    def _report_finish(self, result: GenerationResult) -> None:
+        for observer in self._observers:
+            if observer.on_finish is not None:
+                observer.on_finish(result)
+
+    def _check_admission(self, waiting: int) -> None:
+        """Refuse at once when the engine is down or its queue is full (before any work)."""
+        if not self.healthy:
+            raise EngineStoppedError(f"engine loop is not running ({self.stopped_reason()})")
+        if waiting >= self.config.max_waiting:
+            raise QueueFullError(f"{waiting} requests already waiting (limit {self.config.max_waiting})")

@@ -44,5 +44,5 @@ def render_chat(request: GenerationRequest, entry, tokenizer) -> str:
 
 
 def _metadata(entry) -> dict:
-    meta = getattr(entry.adapter, "meta", None) if entry is not None else None
+    meta = entry.adapter.meta if entry is not None else None
     return dict(getattr(meta, "extra", None) or {})

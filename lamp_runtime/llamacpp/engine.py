@@ -16,8 +16,11 @@ a token decode and an embedding decode instead. lamp_runtime/bench/llamacpp.py m
 (docs/bench/llamacpp.json). Decode-only steps use a token batch.
 
 Threads: ggml's threads (`ggml_threads`: EngineConfig.threads or the cores) do the model's work;
-torch only samples and scores rows, in the loop thread with one intra-op thread (`threads`, which
-AsyncEngine applies), so the two thread pools never compete for the cores.
+torch only samples and scores rows, in the loop thread with one intra-op thread (`threads`, set in
+`on_loop_start`), so the two thread pools never compete for the cores.
+
+`LlamaCppEngine` is a synchronous step core; `build_llamacpp_engine` returns it, and
+lamp_runtime/engines/ wraps it in engine/step_loop.py's `StepLoopEngine` like the HF cores.
 """
 
 from __future__ import annotations
@@ -36,11 +39,11 @@ from ..prompts.cache import PromptCache
 from ..prompts.prepared import assemble_embeddings, offset_inputs, prepare
 from ..requests import GenerationRequest, GenerationResult, StepOutput
 from ..engine.admission import resolve_request
-from ..engine.base import EngineConfig, StepStats
+from ..engine.base import EngineConfig, EngineStats, StepStats
 from ..engine.logprobs import prompt_logprobs, token_logprobs
 from ..engine.resident import ResidentAdapters
 from ..engine.sampling import make_generator, next_token
-from ..engine.sequence import Sequence
+from ..engine.request_state import RequestState
 from .native import Batch, lib, new_context
 from .options import LLAMA_MAX_SEQ, LlamaCppOptions
 from .prompt_kv import PromptSeq, PromptSeqCache
@@ -51,7 +54,7 @@ class _Row:
 
     __slots__ = ("seq", "seq_id", "pos", "reserved")
 
-    def __init__(self, seq: Sequence, seq_id: int, pos: int, reserved: int):
+    def __init__(self, seq: RequestState, seq_id: int, pos: int, reserved: int):
         self.seq, self.seq_id, self.pos, self.reserved = seq, seq_id, pos, reserved
 
 
@@ -92,7 +95,7 @@ class LlamaCppEngine:
         self._eos_ids = backbone.eos_token_ids()
         self._table = backbone.info.table
         self._lock = threading.Lock()
-        self._waiting: deque[Sequence] = deque()
+        self._waiting: deque[RequestState] = deque()
         self._aborted: set[str] = set()
         self._running: list[_Row] = []
         self.last_step = StepStats()
@@ -138,12 +141,12 @@ class LlamaCppEngine:
             self._waiting.append(seq)
         return request.request_id
 
-    def _sequence(self, request, input_ids, entry, index: int) -> Sequence:
+    def _sequence(self, request, input_ids, entry, index: int) -> RequestState:
         generator = make_generator(request.params, torch.device("cpu"), index)
-        return Sequence(request, input_ids, entry, generator, self.backbone.tokenizer, self._eos_ids, index)
+        return RequestState(request, input_ids, entry, generator, self.backbone.tokenizer, self._eos_ids, index)
 
     @staticmethod
-    def _cells_needed(seq: Sequence) -> int:
+    def _cells_needed(seq: RequestState) -> int:
         return seq.soft_prompt_tokens + len(seq.input_ids) + seq.width * seq.params.max_new_tokens
 
     def abort(self, request_id: str) -> None:
@@ -160,6 +163,17 @@ class LlamaCppEngine:
 
     def prompt_kv_stats(self):
         return self.prompt_kv.stats() if self.prompt_kv is not None else None
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            kind=self.kind, waiting=self.num_waiting, running=self.num_running, prompt_cache=self.cache.stats(),
+            adapter_cache=self.resident.stats(), prompt_kv=self.prompt_kv_stats(), prompt_kv_unit="requests",
+            kv_cache_bytes=self.kv_cache_bytes(), backbone_bytes=self.backbone.weights_bytes, device="cpu",
+            settings={**self.settings, "threads": str(self.ggml_threads)})
+
+    def on_loop_start(self) -> None:
+        """torch samples on the loop thread with one intra-op thread: ggml's threads own the cores."""
+        torch.set_num_threads(self.threads)
 
     def kv_cache_bytes(self) -> int:
         return sum(row.pos for row in list(self._running)) * self.kv_bytes_per_token
@@ -209,7 +223,7 @@ class LlamaCppEngine:
         self.last_step = stats
         return outputs
 
-    def _run(self, newcomers: list[Sequence], stats: StepStats) -> list[StepOutput]:
+    def _run(self, newcomers: list[RequestState], stats: StepStats) -> list[StepOutput]:
         started = time.perf_counter()
         decoding = list(self._running)
         prefills = [self._plan(seq, stats) for seq in newcomers]  # may decode prompt-KV builds
@@ -316,7 +330,7 @@ class LlamaCppEngine:
         self._retire(leaving)
         return outputs
 
-    def _admit(self) -> list[Sequence]:
+    def _admit(self) -> list[RequestState]:
         with self._lock:
             rows = self.config.max_batch_size - len(self._running)
             admitted = []
@@ -328,7 +342,7 @@ class LlamaCppEngine:
                 admitted.append(seq)
             return admitted
 
-    def _plan(self, seq: Sequence, stats: StepStats) -> _Prefill:
+    def _plan(self, seq: RequestState, stats: StepStats) -> _Prefill:
         """Give the newcomer a sequence; share its task's prompt KV into it (building it on a miss)
         and return the rows still to run."""
         row = _Row(seq, self._free_ids.pop(), 0, self._cells_needed(seq) - seq.forks * seq.params.max_new_tokens)
@@ -349,7 +363,7 @@ class LlamaCppEngine:
         self.prompt_kv.release(seq.entry.cache_key)  # the request holds the cells now
         return _Prefill(row, offset_inputs(seq.prepared, inputs).numpy(), shared.tokens, False)
 
-    def _shared_prompt(self, seq: Sequence, stats: StepStats) -> PromptSeq | None:
+    def _shared_prompt(self, seq: RequestState, stats: StepStats) -> PromptSeq | None:
         """The task version's prompt sequence, pinned (built now on a miss); None when the cache
         has no room for it (pinned entries fill it): the row then runs its prompt itself."""
         key, prompt = seq.entry.cache_key, seq.prepared.prompt

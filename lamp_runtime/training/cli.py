@@ -177,7 +177,7 @@ def run_eval(args) -> int:
     from ..backbone.cli_args import backbone_options
     from ..backbone.hf import load_backbone
     from ..engine.base import EngineConfig
-    from ..engine.build import engine_for
+    from ..hf.engine import engine_for
     from ..tasks.synthetic import TASKS
     from .data import load_rows
     from .evaluate import evaluate

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 from tqdm.auto import tqdm
 
-from ..engine.step_engine import StepEngine
+from ..hf.step_engine import StepEngine
 from ..requests import GenerationRequest, SamplingParams
 from ..tasks.format import answer_matches, format_input, format_target
 

@@ -49,7 +49,7 @@ def variant_file(name: str) -> str:
 
 def run_task(backbone, task: str, data_dir: Path, work_dir: Path, budget: Budget, progress: bool) -> dict:
     from ..adapters import AdapterMeta, load_adapter
-    from ..engine.build import engine_for
+    from ..hf.engine import engine_for
     from .data import load_rows, tokenize_rows
     from .evaluate import evaluate
     from .methods import EptShape

@@ -7,8 +7,9 @@ its input token embeddings (from the backbone's embedding table, held once here)
 sees tasks, so requests of any mix of tasks share its batches, and a new adapter version needs
 nothing from vLLM: a different prompt is simply different embeddings.
 
-`VllmEngine` implements the engine contract (lamp_runtime/engine/base.py) and `VllmRunner`
-(runner.py) is its async front, as AsyncEngine is for the transformers engines.
+`VllmEngine` implements the engine contract (lamp_runtime/engine/base.py) itself: it drives
+vLLM from its own loop thread (below), not from engine/step_loop.py, and is used through the
+same async adapter as every engine (engine/streams.py).
 
 AsyncLLM binds to the asyncio loop it is created in, so it lives in a private loop on its own
 thread: callers on any loop (a Ray Serve replica, `asyncio.run` in a test or a benchmark) talk to
@@ -37,12 +38,12 @@ import torch
 from ..adapters.registry import AdapterEntry, AdapterRegistry
 from ..backbone.hf import kv_bytes_per_token
 from ..engine.admission import resolve_request
-from ..engine.base import EngineConfig, StepStats
+from ..engine.base import Engine, EngineConfig, EngineStats, Sink, StepStats, device_memory
 from ..engine.resident import ResidentAdapters
 from ..errors import EngineStoppedError, RequestError, UnsupportedRequestError
 from ..prompts.cache import CacheStats, PromptCache
 from ..prompts.prepared import assemble_embeddings, prepare
-from ..requests import GenerationRequest, GenerationResult, SamplingParams, StepOutput
+from ..requests import GenerationRequest, GenerationResult, SamplingParams
 from .backbone import VllmBackbone
 from .guard import check_prepared_prompt, check_prompt_embeds
 from .sequence import VllmSequence
@@ -137,12 +138,13 @@ def _step_stats_logger_factory(record: Callable) -> Callable:
     return lambda vllm_config, engine_index=0: StepStatsLogger(vllm_config, engine_index)
 
 
-class VllmEngine:
+class VllmEngine(Engine):
     kind = "vllm"
 
     def __init__(self, backbone: VllmBackbone, registry: AdapterRegistry | None = None,
                  config: EngineConfig | None = None, cache: PromptCache | None = None,
                  options: VllmOptions | None = None, start_timeout: float = START_TIMEOUT_S):
+        super().__init__()
         self.backbone = backbone
         self.registry = registry if registry is not None else AdapterRegistry()
         self.config = config or EngineConfig()
@@ -159,8 +161,6 @@ class VllmEngine:
         self.prefix_cache_hits = 0  # ... and found there
         self._kv_cache_usage = 0.0  # fraction of vLLM's KV blocks in use, after the last step
         self.kv_bytes_per_token = kv_bytes_per_token(backbone.config, backbone.dtype)
-        self.step_callback: Callable[[StepStats], None] | None = None
-        self.finish_callback: Callable[[GenerationResult], None] | None = None
         self._lock = threading.Lock()
         self._sequences: dict[str, VllmSequence] = {}
         self._pumps: dict[str, concurrent.futures.Future] = {}
@@ -218,6 +218,20 @@ class VllmEngine:
     def healthy(self) -> bool:
         return not self._closed and self._thread.is_alive() and not self._llm.errored
 
+    def stopped_reason(self) -> str:
+        return "vLLM engine stopped"
+
+    def stats(self) -> EngineStats:
+        allocated, reserved = device_memory(self.backbone.device)
+        block_size = self.options.block_size or SMALLEST_BLOCK.get(self.backbone.device.type)
+        return EngineStats(
+            kind=self.kind, waiting=self.num_waiting, running=self.num_running, prompt_cache=self.cache.stats(),
+            adapter_cache=self.resident.stats(), prompt_kv=self.prompt_kv_stats(), prompt_kv_unit="prompt tokens",
+            kv_cache_bytes=self.kv_cache_bytes(), backbone_bytes=self.backbone.weights_bytes,
+            device=str(self.backbone.device), cuda_allocated_bytes=allocated, cuda_reserved_bytes=reserved,
+            settings={"max_model_len": str(self.max_model_len), "block_size": str(block_size),
+                      "prefix_caching": str(self.options.prefix_caching).lower()})
+
     @property
     def num_waiting(self) -> int:
         """Requests accepted but not yet prefilled (queued here or in vLLM's scheduler)."""
@@ -253,12 +267,13 @@ class VllmEngine:
 
     # ---- submission (any thread) --------------------------------------------------------------
 
-    def start(self, request: GenerationRequest, sink: Callable[[StepOutput | BaseException], None]) -> None:
+    def submit(self, request: GenerationRequest, sink: Sink) -> None:
         """Validate and embed `request`, then hand it to vLLM; its outputs (or an error) go to `sink`.
 
         Raises before anything is queued when the request is invalid (unknown task, too long,
-        bad adapter embeddings). `sink` is called on the engine's loop thread.
+        bad adapter embeddings) or the queue is full. `sink` is called on the engine's loop thread.
         """
+        self._check_admission(self.num_waiting)
         if self._closed:
             raise EngineStoppedError("vLLM engine is shut down")
         unsupported = unsupported_by_vllm(request.params)
@@ -361,8 +376,7 @@ class VllmEngine:
 
     def _finished(self, sequence: VllmSequence, result: GenerationResult) -> None:
         self._drop(sequence)
-        if self.finish_callback is not None:
-            self.finish_callback(result)
+        self._report_finish(result)
 
     def _record_step(self, scheduler_stats, iteration_stats) -> None:
         """Called by vLLM's output handler after each engine step (this loop's thread)."""
@@ -388,8 +402,7 @@ class VllmEngine:
             self.prefix_cache_hits += prefix.hits
         self._last_step_at = now
         self.last_step = stats
-        if self.step_callback is not None:
-            self.step_callback(stats)
+        self._report_step(stats)
 
     # ---- shutdown -----------------------------------------------------------------------------
 

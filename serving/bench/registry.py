@@ -121,7 +121,7 @@ def run_registry_bench(config: RegistryBenchConfig, on_progress=None) -> dict:
     a long run that is stopped still leaves what it measured."""
     from lamp_runtime.bench.workload import machine_context
 
-    from ..store import open_store
+    from ..store.registry import open_store
 
     rng = random.Random(config.seed)
     files = _adapter_files(config)

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from ..ports import free_port
+from .ports import free_port
 
 TOKEN = "bench-server-token"
 START_TIMEOUT_S = 300.0

@@ -8,7 +8,6 @@ the first templated tokens), or the task's `input_template` when the task or the
 
 from __future__ import annotations
 
-import time
 import uuid
 from typing import Literal
 
@@ -17,14 +16,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from lamp_runtime.requests import (
     CHAT_FORMATS,
     MAX_LOGPROBS,
-    MAX_SAMPLES,
     ChatMessage,
     GenerationRequest,
     GenerationResult,
 )
 
 from .logprobs import ChatLogprobs
-from .protocol import CompletionUsage, SamplingFields, StreamOptions, openai_finish, unicode_text
+from .protocol import Answer, Choice, CompletionUsage, OpenAIFields, openai_finish, unicode_text
 
 # What a message's role may be; OpenAI's newer "developer" role is the system role of older models.
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -62,24 +60,18 @@ class Message(BaseModel):
         return ChatMessage(ROLES[self.role], unicode_text(text))
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatCompletionRequest(OpenAIFields):
     """OpenAI defaults: temperature 1; `max_tokens` / `max_completion_tokens` unset = the server's
     chat default (`DEFAULT_CHAT_MAX_TOKENS`, within its --max-new-tokens)."""
 
     model_config = ConfigDict(extra="allow")
 
-    model: str = Field(min_length=1, max_length=64)
     messages: list[Message] = Field(min_length=1, max_length=256)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=100)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=MAX_SAMPLES)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     chat_format: Literal[CHAT_FORMATS] | None = None  # ours: how the messages become input text
-    user: str | None = None
     response_format: dict | None = None
 
     @model_validator(mode="after")
@@ -99,8 +91,7 @@ class ChatCompletionRequest(SamplingFields):
     def to_engine(self, default_max_tokens: int) -> GenerationRequest:
         """The engine request for the n samples; raises RequestError for values only SamplingParams checks."""
         max_tokens = self.max_completion_tokens or self.max_tokens or default_max_tokens
-        params = self.sampling_params(max_tokens, logprobs=(self.top_logprobs or 0) if self.logprobs else None,
-                                      n=self.n)
+        params = self.sampling_params(max_tokens, logprobs=(self.top_logprobs or 0) if self.logprobs else None)
         return GenerationRequest("", self.model, params, messages=tuple(m.to_engine() for m in self.messages),
                                  chat_format=self.chat_format)
 
@@ -119,18 +110,13 @@ class AssistantMessage(BaseModel):
     content: str
 
 
-class ChatChoice(BaseModel):
-    index: int
+class ChatChoice(Choice):
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
 
 
-class ChatCompletionResponse(BaseModel):
-    id: str
+class ChatCompletionResponse(Answer):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
     choices: list[ChatChoice]
     usage: CompletionUsage
 
@@ -140,17 +126,12 @@ class ChatDelta(BaseModel):
     content: str | None = None
 
 
-class ChatChunkChoice(BaseModel):
-    index: int
+class ChatChunkChoice(Choice):
     delta: ChatDelta
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
 
 
-class ChatCompletionChunk(BaseModel):
-    id: str
+class ChatCompletionChunk(Answer):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
     choices: list[ChatChunkChoice]
     usage: CompletionUsage | None = None

@@ -18,6 +18,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lamp_runtime.requests import (
+    DEFAULT_MAX_NEW_TOKENS,
     MAX_LOGPROBS,
     MAX_SAMPLES,
     MAX_STOP_STRINGS,
@@ -70,7 +71,7 @@ class GenerateRequest(SamplingFields):
 
     task_id: str = Field(min_length=1, max_length=64)
     input: str
-    max_new_tokens: int = Field(64, ge=1)
+    max_new_tokens: int = Field(DEFAULT_MAX_NEW_TOKENS, ge=1)
     stream: bool = False
 
     @field_validator("input")
@@ -142,7 +143,22 @@ UNSUPPORTED = {
 }
 
 
-class CompletionRequest(SamplingFields):
+class OpenAIFields(SamplingFields):
+    """What OpenAI's completions and chat completions share: the model (our task id), OpenAI's
+    default temperature 1, n samples of each prompt, streaming."""
+
+    model: str = Field(min_length=1, max_length=64)
+    temperature: float = Field(1.0, ge=0, le=MAX_TEMPERATURE)
+    n: int = Field(1, ge=1, le=MAX_SAMPLES)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+    def sampling_params(self, max_new_tokens: int, **more) -> SamplingParams:
+        return super().sampling_params(max_new_tokens, n=self.n, **more)
+
+
+class CompletionRequest(OpenAIFields):
     """OpenAI `POST /v1/completions`; `model` is the task id. OpenAI defaults: max_tokens 16, temperature 1.
 
     `logprobs: k` returns each generated token's log-probability and its k best alternatives
@@ -153,18 +169,12 @@ class CompletionRequest(SamplingFields):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str = Field(min_length=1, max_length=64)
     prompt: str | list[str] | list[int] | list[list[int]]  # text, or token ids (as harnesses send)
     max_tokens: int = Field(16, ge=0)
-    temperature: float = Field(1.0, ge=0, le=100)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=MAX_SAMPLES)
     best_of: int | None = None
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     suffix: str | None = None
-    user: str | None = None
 
     @field_validator("best_of", "suffix")
     @classmethod
@@ -209,8 +219,7 @@ class CompletionRequest(SamplingFields):
         tokens = any(not isinstance(p, str) for p in prompts)
         scored = self.echo and (self.logprobs is not None or self.max_tokens == 0 or tokens)
         prompt_logprobs = (self.logprobs or 0) if scored else None
-        params = self.sampling_params(self.max_tokens, logprobs=self.logprobs, prompt_logprobs=prompt_logprobs,
-                                      n=self.n)
+        params = self.sampling_params(self.max_tokens, logprobs=self.logprobs, prompt_logprobs=prompt_logprobs)
         return [GenerationRequest(p, self.model, params) if isinstance(p, str)
                 else GenerationRequest("", self.model, params, input_ids=tuple(p)) for p in prompts]
 
@@ -245,11 +254,16 @@ def openai_finish(reason: str) -> str | None:
     return reason if reason in ("stop", "length") else None
 
 
-class CompletionChoice(BaseModel):
+class Choice(BaseModel):
+    """What every OpenAI choice has, whole or a stream's chunk (finish_reason None until its last)."""
+
     index: int
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class CompletionChoice(Choice):
     text: str
     logprobs: CompletionLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
 
 
 class CompletionUsage(BaseModel):
@@ -265,11 +279,16 @@ class CompletionUsage(BaseModel):
         return cls(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
-class CompletionResponse(BaseModel):
+class Answer(BaseModel):
+    """What every OpenAI answer object has, whole or a stream's chunk: its id, when, which model."""
+
     id: str
-    object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
+
+
+class CompletionResponse(Answer):
+    object: Literal["text_completion"] = "text_completion"
     choices: list[CompletionChoice]
     usage: CompletionUsage | None = None
 

@@ -15,20 +15,25 @@ MAX_FORM_FIELDS = 8
 MAX_TEXT_PART_BYTES = 64 * 1024
 
 
-async def read_upload(request: Request) -> tuple[dict[str, bytes], str | None]:
-    """The uploaded files by field name and the raw `pool` field (None when absent)."""
+async def _multipart_form(request: Request, expected: str, what: str, max_files: int, max_fields: int):
+    """The request's multipart form within the limits; 422 naming `expected` for another content
+    type, 422 for a malformed form, 413 (Starlette's) for a text part over MAX_TEXT_PART_BYTES."""
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith("multipart/form-data"):
-        raise ServingError(422, "upload must be multipart/form-data with file field 'adapter' "
-                                "or 'adapter_config' + 'adapter_model' (got content type "
-                                f"{content_type or 'none'!r})")
+        raise ServingError(422, f"{expected} (got content type {content_type or 'none'!r})")
     try:
-        form = await request.form(max_files=len(UPLOAD_FILE_FIELDS), max_fields=MAX_FORM_FIELDS,
-                                  max_part_size=MAX_TEXT_PART_BYTES)
+        return await request.form(max_files=max_files, max_fields=max_fields, max_part_size=MAX_TEXT_PART_BYTES)
     except StarletteHTTPException as exc:
         if exc.status_code == 413:
             raise
-        raise ServingError(422, f"malformed multipart upload: {exc.detail}") from None
+        raise ServingError(422, f"malformed multipart {what}: {exc.detail}") from None
+
+
+async def read_upload(request: Request) -> tuple[dict[str, bytes], str | None]:
+    """The uploaded files by field name and the raw `pool` field (None when absent)."""
+    form = await _multipart_form(request, "upload must be multipart/form-data with file field 'adapter' or "
+                                          "'adapter_config' + 'adapter_model'", "upload",
+                                 max_files=len(UPLOAD_FILE_FIELDS), max_fields=MAX_FORM_FIELDS)
     try:
         unknown = sorted(set(form.keys()) - set(UPLOAD_FILE_FIELDS) - set(UPLOAD_FORM_FIELDS))
         if unknown:
@@ -58,17 +63,9 @@ async def read_batch_upload(request: Request) -> dict[str, tuple[dict[str, bytes
     """A batch registration: the same fields as one upload, each named `<field>.<task id>`
     (`adapter.sentiment`, `adapter_config.qa` + `adapter_model.qa`, `pool.qa`); by task id, in the
     order sent: {task: (files by field, pool)}."""
-    content_type = request.headers.get("content-type", "")
-    if not content_type.startswith("multipart/form-data"):
-        raise ServingError(422, "a batch registration must be multipart/form-data with file fields named "
-                                f"'adapter.<task id>' (got content type {content_type or 'none'!r})")
-    try:
-        form = await request.form(max_files=MAX_BATCH_ADAPTERS * 2, max_fields=MAX_BATCH_ADAPTERS * 3,
-                                  max_part_size=MAX_TEXT_PART_BYTES)
-    except StarletteHTTPException as exc:
-        if exc.status_code == 413:
-            raise
-        raise ServingError(422, f"malformed multipart batch: {exc.detail}") from None
+    form = await _multipart_form(request, "a batch registration must be multipart/form-data with file fields "
+                                          "named 'adapter.<task id>'", "batch",
+                                 max_files=MAX_BATCH_ADAPTERS * 2, max_fields=MAX_BATCH_ADAPTERS * 3)
     try:
         batch: dict[str, tuple[dict[str, bytes], str | None]] = {}
         for key, value in form.multi_items():

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
 
+from lamp_runtime.engine.base import EngineObserver
+
 from .labels import TaskLabels
 from .process import ProcessCollector
 from .token_cost import TokenCostFit
@@ -23,54 +25,51 @@ BATCH_TASKS_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
 
 
 class EngineCollector:
-    """Prompt cache, backbone, adapters and queue state of a model replica, read at collection time."""
+    """Prompt cache, backbone, adapters and queue state of a model replica, read at collection time
+    from the engine's `stats()` snapshot (the engine contract; nothing of the engine's insides)."""
 
     def __init__(self, engine, registered: Callable[[], int]):
         self.engine = engine
         self.registered = registered
 
     def collect(self):
-        stats = self.engine.cache.stats()
-        yield from _cache_counters("lamp_prompt_cache", stats, ("Prompt cache lookups served from the cache",
+        stats = self.engine.stats()
+        cache = stats.prompt_cache
+        yield from _cache_counters("lamp_prompt_cache", cache, ("Prompt cache lookups served from the cache",
                                                                 "Prompt cache lookups that built the prompt",
                                                                 "Prompts evicted from the cache"))
-        yield _gauge("lamp_prompt_cache_bytes", "Device bytes held by cached prompts", stats.bytes)
-        resident = self.engine.resident.stats()
+        yield _gauge("lamp_prompt_cache_bytes", "Device bytes held by cached prompts", cache.bytes)
+        resident = stats.adapter_cache
         yield from _cache_counters("lamp_adapter_cache", resident, (
             "Requests whose adapter's factors were in memory", "Adapter factors read from the store for a request",
             "Adapter factors dropped from memory"))
         yield _gauge("lamp_adapter_cache_bytes", "Host bytes of adapter factors held for the tasks being served",
                      resident.bytes)
-        kv = self.engine.prompt_kv_stats()
+        kv = stats.prompt_kv
         if kv is not None:
-            unit = "prompt tokens" if self.engine.kind == "vllm" else "requests"  # vLLM's prefix cache is per block
+            unit = stats.prompt_kv_unit  # a block-granular prefix cache (vLLM's) counts prompt tokens
             yield from _cache_counters("lamp_prompt_kv_cache", kv, (f"Soft-prompt keys/values reused ({unit})",
                                                                     f"Soft-prompt keys/values computed ({unit})",
                                                                     "Prompt-KV entries evicted"))
             yield _gauge("lamp_prompt_kv_cache_bytes", "Bytes held by cached soft-prompt keys/values", kv.bytes)
-        kv_bytes = self.engine.kv_cache_bytes()
-        if kv_bytes is not None:
+        if stats.kv_cache_bytes is not None:
             yield _gauge("lamp_kv_cache_bytes", "Keys/values held by the requests in flight (positions in use)",
-                         kv_bytes)
-        settings = getattr(self.engine, "settings", None)
-        if settings:  # the kernel settings an engine chose on this host (llama.cpp: probed at start)
-            info = GaugeMetricFamily("lamp_engine_settings", "Engine kernel settings in use (value 1; see labels)",
-                                     labels=["engine", *sorted(settings)])
-            info.add_metric([self.engine.kind, *(str(settings[k]) for k in sorted(settings))], 1)
-            yield info
-        yield _gauge("lamp_backbone_bytes", "Bytes of backbone weights held by this replica",
-                     self.engine.backbone.weights_bytes)
+                         stats.kv_cache_bytes)
+        yield _gauge("lamp_backbone_bytes", "Bytes of backbone weights held by this replica", stats.backbone_bytes)
         yield _gauge("lamp_registered_adapters", "Adapters registered in this replica", self.registered())
-        yield _gauge("lamp_requests_waiting", "Requests queued for the engine", self.engine.num_waiting)
-        yield _gauge("lamp_requests_running", "Requests in the running batch", self.engine.num_running)
-        device = self.engine.backbone.device
-        if device.type == "cuda":
-            import torch
-
+        yield _gauge("lamp_requests_waiting", "Requests queued for the engine", stats.waiting)
+        yield _gauge("lamp_requests_running", "Requests in the running batch", stats.running)
+        if stats.cuda_allocated_bytes is not None:
             yield _gauge("lamp_cuda_memory_allocated_bytes", "CUDA memory allocated by tensors",
-                         torch.cuda.memory_allocated(device))
+                         stats.cuda_allocated_bytes)
+        if stats.cuda_reserved_bytes is not None:
             yield _gauge("lamp_cuda_memory_reserved_bytes", "CUDA memory reserved by the caching allocator",
-                         torch.cuda.memory_reserved(device))
+                         stats.cuda_reserved_bytes)
+        labels = {"kind": stats.kind, "device": stats.device, **stats.settings}
+        info = GaugeMetricFamily("lamp_engine_info", "The replica's engine: its kind, device and the settings it "
+                                 "chose (always 1)", labels=list(labels))
+        info.add_metric(list(labels.values()), 1)
+        yield info
 
 
 def _cache_counters(prefix: str, stats, docs: tuple[str, str, str]):
@@ -133,6 +132,11 @@ class ModelMetrics:
                                "Requests aborted before finishing (client disconnected)", registry=r)
         r.register(EngineCollector(engine, registered))
         r.register(ProcessCollector())
+
+    @property
+    def observer(self) -> EngineObserver:
+        """What the engine calls: `observe_step` per step, `observe_result` per finished sample."""
+        return EngineObserver(on_step=self.observe_step, on_finish=self.observe_result)
 
     def observe_step(self, stats) -> None:
         """Engine-loop callback (its thread); prometheus_client metrics are thread-safe."""

@@ -1,9 +1,11 @@
-"""The adapter store's contract and the records both backends (local.py, s3.py) keep.
+"""The adapter store's contract and the records every backend keeps: the registry (registry/, the
+default: metadata in SQL) and the index.json stores (local.py, s3.py).
 
-Layout (the same on a local disk and on an object store): `<task>/v<N>.safetensors`, one file per
-adapter version, written once and never modified, and one small `index.json` naming the current
-version of each task. A version becomes current only once its file is stored and verified, so a
-failed or bad upload, or a crash at any point, leaves the previous version serving.
+Files (the same on a local disk and on an object store): `<task>/v<N>.safetensors`, one file per
+adapter version, written once and never modified, with its sha256 recorded. The current version of
+each task is a registry row (or, in an index.json store, an entry of that one small file). A version
+becomes current only once its file is stored and verified, so a failed or bad upload, or a crash at
+any point, leaves the previous version serving.
 """
 
 from __future__ import annotations
@@ -146,15 +148,32 @@ class AdapterPage:
 
 
 class AdapterStore(abc.ABC):
-    """What the admin API, the replicas' sync and the bundled import need of a store."""
+    """What the admin API, the replicas' sync and the bundled import need of a store: the shape of
+    the registry (registry/store.py), read by task, by page and by change."""
 
     @abc.abstractmethod
     def change_key(self):
-        """A cheap fingerprint of the index that changes whenever a writer replaces it (None: no index)."""
+        """A cheap fingerprint of the store's state that changes with every write (None: never written)."""
 
     @abc.abstractmethod
-    def read_index(self) -> StoreIndex:
-        """The whole index (an empty one before the first write)."""
+    def list(self) -> list[StoredAdapter]:
+        """Every task's current version, in task-id order."""
+
+    @abc.abstractmethod
+    def get(self, task_id: str) -> StoredAdapter | None:
+        """The task's current version (None: not stored)."""
+
+    @abc.abstractmethod
+    def page(self, limit: int, after: str | None = None) -> AdapterPage:
+        """Up to `limit` tasks whose id sorts after `after`."""
+
+    @abc.abstractmethod
+    def changes_since(self, cursor) -> ChangeSet:
+        """The changes after `cursor` (None: everything)."""
+
+    @abc.abstractmethod
+    def bundled_sha(self, task_id: str) -> str | None:
+        """The sha256 of the bundled file last imported as `task_id` (None: never imported)."""
 
     @abc.abstractmethod
     def path_of(self, stored: StoredAdapter) -> Path:
@@ -185,29 +204,6 @@ class AdapterStore(abc.ABC):
     def delete(self, task_id: str) -> StoredAdapter | None:
         """Remove `task_id`; its version counter is kept. None if it was not stored."""
 
-    def list(self) -> list[StoredAdapter]:
-        return sorted(self.read_index().tasks.values(), key=lambda a: a.task_id)
-
-    def page(self, limit: int, after: str | None = None) -> AdapterPage:
-        """Up to `limit` tasks whose id sorts after `after`. A registry answers from an index;
-        here, from the whole index file."""
-        tasks = self.list()
-        later = [a for a in tasks if after is None or a.task_id > after]
-        return AdapterPage(later[:limit], len(tasks), len(later) > limit)
-
-    def changes_since(self, cursor) -> ChangeSet:
-        """The changes after `cursor` (None: everything). An index file has no change log, so this
-        is the whole index, under the key it was read at."""
-        key = self.change_key()
-        return ChangeSet(key, list(self.read_index().tasks.values()), [], complete=True)
-
-    def get(self, task_id: str) -> StoredAdapter | None:
-        return self.read_index().tasks.get(task_id)
-
-    def bundled_sha(self, task_id: str) -> str | None:
-        """The sha256 of the bundled file last imported as `task_id` (None: never imported)."""
-        return self.read_index().bundled.get(task_id)
-
     @staticmethod
     def sha256_of(path: Path) -> str:
         """The content hash the index records for a version file."""
@@ -225,3 +221,32 @@ class AdapterStore(abc.ABC):
         validate_task_id(task_id)
         if task_id in RESERVED_NAMES:
             raise AdapterError(f"task id {task_id!r} is reserved by the adapter store; choose another name")
+
+
+class IndexFileStore(AdapterStore):
+    """A store whose state is one `index.json` (local.py, s3.py): what the registry imports on its
+    first start (registry/store.py), and the store of an object store given without a registry.
+    Every read is the whole index."""
+
+    @abc.abstractmethod
+    def read_index(self) -> StoreIndex:
+        """The whole index (an empty one before the first write)."""
+
+    def list(self) -> list[StoredAdapter]:
+        return sorted(self.read_index().tasks.values(), key=lambda a: a.task_id)
+
+    def page(self, limit: int, after: str | None = None) -> AdapterPage:
+        tasks = self.list()
+        later = [a for a in tasks if after is None or a.task_id > after]
+        return AdapterPage(later[:limit], len(tasks), len(later) > limit)
+
+    def changes_since(self, cursor) -> ChangeSet:
+        """An index file has no change log: the whole index, under the key it was read at."""
+        key = self.change_key()
+        return ChangeSet(key, list(self.read_index().tasks.values()), [], complete=True)
+
+    def get(self, task_id: str) -> StoredAdapter | None:
+        return self.read_index().tasks.get(task_id)
+
+    def bundled_sha(self, task_id: str) -> str | None:
+        return self.read_index().bundled.get(task_id)

@@ -1,8 +1,11 @@
 """Adapter files in and out of the store: uploads, bundled `prompts/` files, stored versions.
 
 Everything that enters the store is parsed and validated against the backbone's hidden size and
-`AdapterLimits` first, then written in our own safetensors format (PEFT checkpoints become
-`soft_prompt` files) and read back once before the index points at it.
+`AdapterLimits` once, then written in our own safetensors format (PEFT checkpoints become
+`soft_prompt` files) and read back once, to check the file holds exactly the validated tensors,
+before the store records it with its sha256. Reading a stored version (a replica's sync, a resident
+miss) checks that hash and the shapes against this backbone, not the values again: the hash says
+they are the bytes that were validated.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import logging
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+
+import torch
 
 from lamp_runtime.adapters import (
     MAX_CONFIG_BYTES,
@@ -70,29 +75,38 @@ def store_adapter(store: AdapterStore, task_id: str, adapter: PromptAdapter, hid
                   bundled_sha: str | None = None) -> StoredAdapter | None:
     """Write a validated adapter as the next version of `task_id` (see AdapterStore.put)."""
     return store.put(task_id, lambda path: save_adapter(adapter, path), facts_of(adapter), source=source,
-                     verify=lambda path: load_adapter(path, hidden_size, limits), bundled_sha=bundled_sha)
+                     verify=partial(_verify, adapter=adapter, hidden_size=hidden_size, limits=limits),
+                     bundled_sha=bundled_sha)
 
 
 def store_adapters(store: AdapterStore, adapters: list[tuple[str, PromptAdapter]], hidden_size: int,
                    limits: AdapterLimits) -> list[StoredAdapter | Exception]:
     """Write many validated adapters (a batch registration; see AdapterStore.put_many)."""
     items = [NewAdapter(task_id, partial(save_adapter, adapter), facts_of(adapter),
-                        verify=partial(_verify, hidden_size=hidden_size, limits=limits))
+                        verify=partial(_verify, adapter=adapter, hidden_size=hidden_size, limits=limits))
              for task_id, adapter in adapters]
     return store.put_many(items)
 
 
-def _verify(path: Path, hidden_size: int, limits: AdapterLimits) -> None:
-    load_adapter(path, hidden_size, limits)
+def _verify(path: Path, adapter: PromptAdapter, hidden_size: int, limits: AdapterLimits) -> None:
+    """The written file holds exactly the validated adapter (so its hash stands for that validation),
+    and fits this backbone."""
+    written = adapter_from_safetensors(read_limited(path, limits.max_file_bytes), path.name)
+    written.check_fits(hidden_size, limits)
+    same = type(written) is type(adapter) and written.meta.pool == adapter.meta.pool and all(
+        torch.equal(a, b) for a, b in zip(written.tensors().values(), adapter.tensors().values()))
+    if not same:
+        raise AdapterError(f"{path}: the written file does not read back as the validated adapter")
 
 
 def load_stored(path: Path, expected_sha256: str, hidden_size: int, limits: AdapterLimits) -> PromptAdapter:
-    """Read one stored version, refusing it if its bytes are not the ones the index recorded."""
+    """Read one stored version, refusing it if its bytes are not the ones the store recorded when
+    it validated and wrote them; only the shapes are checked again (against this backbone)."""
     data = read_limited(path, limits.max_file_bytes)
     actual = hashlib.sha256(data).hexdigest()
     if actual != expected_sha256:
         raise AdapterError(f"{path}: content hash {actual[:12]}… does not match the index ({expected_sha256[:12]}…)")
-    return validate(adapter_from_safetensors(data, path.name), hidden_size, limits)
+    return adapter_from_safetensors(data, path.name).check_fits(hidden_size, limits)
 
 
 @dataclass(frozen=True)

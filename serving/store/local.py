@@ -35,7 +35,7 @@ from .base import (
     KEEP_VERSIONS,
     LOCK_NAME,
     AdapterFacts,
-    AdapterStore,
+    IndexFileStore,
     StoredAdapter,
     StoreError,
     StoreIndex,
@@ -85,7 +85,7 @@ def _write_atomically(target: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-class LocalAdapterStore(AdapterStore):
+class LocalAdapterStore(IndexFileStore):
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root).expanduser()
         try:

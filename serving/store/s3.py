@@ -34,7 +34,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .base import INDEX_NAME, KEEP_VERSIONS, AdapterFacts, AdapterStore, StoredAdapter, StoreError, StoreIndex
+from .base import (
+    INDEX_NAME,
+    KEEP_VERSIONS,
+    AdapterFacts,
+    AdapterStore,
+    IndexFileStore,
+    StoredAdapter,
+    StoreError,
+    StoreIndex,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +69,7 @@ def staged_upload(write_file: Callable[[Path], None], verify: Callable[[Path], N
         return local.read_bytes(), AdapterStore.sha256_of(local)
 
 
-class ObjectAdapterStore(AdapterStore):
+class ObjectAdapterStore(IndexFileStore):
     def __init__(self, url: str, cache_dir: str | os.PathLike | None = None, **storage_options):
         import fsspec
 
@@ -207,16 +216,20 @@ class ObjectAdapterStore(AdapterStore):
         log.info("deleted adapter %s (was v%d) from %s", task_id, removed[0].version, self.url)
         return removed[0]
 
+    def put_new(self, path: str, data: bytes) -> None:
+        """Write an object that must not exist yet: FileExistsError when it does, on a backend with
+        conditional writes; elsewhere a plain write (one admin writer at a time, as warned at open)."""
+        if self.conditional:
+            self.fs.pipe_file(path, data, IfNoneMatch="*")
+        else:
+            self.fs.pipe_file(path, data)
+
     def _upload_version(self, task_id: str, data: bytes) -> int:
         index = self.read_index()
         taken = max([index.last_versions.get(task_id, 0), *self._version_objects(task_id)], default=0)
         for version in range(taken + 1, taken + 1 + CAS_ATTEMPTS):
-            path = f"{self.root}/{task_id}/v{version}.safetensors"
             try:
-                if self.conditional:
-                    self.fs.pipe_file(path, data, IfNoneMatch="*")
-                else:
-                    self.fs.pipe_file(path, data)
+                self.put_new(f"{self.root}/{task_id}/v{version}.safetensors", data)
                 return version
             except FileExistsError:  # another writer took this number first
                 continue

@@ -32,10 +32,10 @@ from .files import load_stored
 
 log = logging.getLogger(__name__)
 
-# Loading an adapter allocates temporaries (the file's bytes, the checks' full prompt: 230 KB for
-# l=100 on d=576) between long-lived small tensors, and glibc keeps the freed heap: a replica that
-# loaded 27,000 LAMP adapters on its sync thread held 7.6 GB, 1.0 GB after malloc_trim (measured
-# with the `lamp bench registry` store). So the heap is trimmed after every this many loads.
+# Loading an adapter allocates temporaries (the file's bytes, the parsed tensors) between
+# long-lived small tensors, and glibc keeps the freed heap: a replica syncing tens of thousands of
+# adapters would hold many times what it keeps (`lamp bench registry` reports the server's
+# RSS: docs/serving.md, docs/bench/registry.json). So the heap is trimmed after every this many loads.
 TRIM_AFTER_LOADS = 1024
 
 

@@ -37,7 +37,7 @@ def pause(point: str) -> None:
 
 def registry_main(store_dir: str, task_id: str, adapter_file: str, point: str, registry_url: str) -> None:
     from lamp_runtime.adapters import AdapterLimits, load_adapter
-    from serving.store import open_store
+    from serving.store.registry import open_store
     from serving.store.files import facts_of
     from serving.store.registry import database
     from serving.store.registry.versions import LocalVersionFiles

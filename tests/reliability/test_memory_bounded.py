@@ -15,7 +15,7 @@ import torch
 
 from lamp_runtime.adapters import AdapterMeta, LampAdapter
 from lamp_runtime.engine.base import EngineConfig
-from lamp_runtime.engine.decoder import DecoderEngine
+from lamp_runtime.hf.decoder import DecoderEngine
 from lamp_runtime.prompts.prepared import prepare
 from lamp_runtime.requests import GenerationRequest, SamplingParams
 

@@ -124,7 +124,7 @@ def test_the_writer_completes_when_not_killed(tmp_path):
 def test_sigkill_at_any_point_of_a_registry_write_leaves_old_or_new(tmp_path, registry_url, point):
     """The same against the registry store (SQLite and PostgreSQL): the row that makes a version
     current commits only after its file is complete, so a kill anywhere leaves old or new."""
-    from serving.store import open_store
+    from serving.store.registry import open_store
 
     store_dir = tmp_path / "store"
     old, new = soft_prompt(1, tmp_path), soft_prompt(2, tmp_path)

@@ -14,7 +14,7 @@ from safetensors.torch import save
 
 from lamp_runtime.adapters import PromptAdapter, SoftPromptAdapter
 from lamp_runtime.engine.base import EngineConfig
-from lamp_runtime.engine.decoder import DecoderEngine
+from lamp_runtime.hf.decoder import DecoderEngine
 from lamp_runtime.requests import GenerationRequest, SamplingParams
 
 TEXT = "The weather today is"

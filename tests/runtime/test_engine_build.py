@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from lamp_runtime.backbone.options import BackboneOptions
-from lamp_runtime.engine.build import ENGINE_KINDS, build_engine
+from lamp_runtime.engines import ENGINE_KINDS, build_engine
 from lamp_runtime.vllm.engine import VllmOptions, _vllm_quantization
 from serving.cli import build_parser
 from serving.config import ServeSettings, load_settings

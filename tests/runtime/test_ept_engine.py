@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lamp_runtime.adapters import AdapterMeta, EptAdapter, SoftPromptAdapter
-from lamp_runtime.engine.decoder import DecoderEngine
+from lamp_runtime.hf.decoder import DecoderEngine
 from lamp_runtime.requests import GenerationRequest, SamplingParams
 
 from ..conftest import vocab_prompt

@@ -13,8 +13,8 @@ import torch
 from lamp_runtime.adapters import AdapterMeta, LampAdapter, save_adapter
 from lamp_runtime.backbone.hf import load_backbone
 from lamp_runtime.backbone.options import BackboneOptions
-from lamp_runtime.engine.build import engine_for
-from lamp_runtime.engine.seq2seq import Seq2SeqEngine
+from lamp_runtime.hf.engine import engine_for
+from lamp_runtime.hf.seq2seq import Seq2SeqEngine
 from lamp_runtime.requests import GenerationRequest, SamplingParams
 
 from ..tiny_t5 import D_MODEL, build_tiny_t5
@@ -53,3 +53,24 @@ def test_lamp_generate_runs_a_t5_backbone(t5_folder, tmp_path, with_adapter):
     done = lamp_generate(*args)
     assert done.returncode == 0, done.stderr
     assert done.stdout == expected.text + "\n"
+
+
+def test_lamp_generate_runs_a_t5_backbone_with_default_options(t5_folder):
+    """`auto` quantization picks int4 on CPU only for backbones whose forward takes it: T5 gets float32."""
+    options = BackboneOptions(path=str(t5_folder)).resolved()
+    assert (options.quantization, options.dtype) == ("none", "float32") or options.device.startswith("cuda")
+    expected = engine_for(load_backbone(BackboneOptions(path=str(t5_folder)))).generate(
+        [GenerationRequest(TEXT, None, SamplingParams(max_new_tokens=NEW_TOKENS))])[0]
+    assert expected.completion_tokens > 0
+    done = lamp_generate("--backbone", str(t5_folder), "--input", TEXT, "--max-new-tokens", str(NEW_TOKENS))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == expected.text + "\n"
+
+
+def test_int4_on_t5_is_refused_by_name(t5_folder):
+    with pytest.raises(ValueError, match="quantization int4 is not supported for the T5"):
+        BackboneOptions(path=str(t5_folder), quantization="int4", device="cpu").resolved()
+    done = lamp_generate("--backbone", str(t5_folder), "--quantization", "int4", "--device", "cpu",
+                         "--input", TEXT, "--max-new-tokens", str(NEW_TOKENS))
+    assert done.returncode != 0
+    assert "quantization int4 is not supported for the T5" in done.stderr

@@ -12,8 +12,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from lamp_runtime.adapters import AdapterMeta, LampAdapter, SoftPromptAdapter
 from lamp_runtime.backbone.hf import load_backbone
 from lamp_runtime.backbone.options import BackboneOptions
-from lamp_runtime.engine.build import engine_for
-from lamp_runtime.engine.generic_decoder import GenericDecoderEngine
+from lamp_runtime.hf.engine import engine_for
+from lamp_runtime.hf.generic_decoder import GenericDecoderEngine
 from lamp_runtime.prompts.prepared import assemble_embeddings, prepare
 from lamp_runtime.requests import GenerationRequest, SamplingParams
 

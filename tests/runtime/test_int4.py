@@ -11,7 +11,7 @@ from lamp_runtime.backbone.checkpoint import embedded_gguf_path
 from lamp_runtime.backbone.hf import load_backbone
 from lamp_runtime.backbone.int4 import GROUP, Int4Linear, Int8Linear, gguf_row_permutation
 from lamp_runtime.backbone.options import BackboneOptions
-from lamp_runtime.engine.build import engine_for
+from lamp_runtime.hf.engine import engine_for
 from lamp_runtime.requests import GenerationRequest, SamplingParams
 
 from ..conftest import lamp_from_prompt, vocab_prompt

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lamp_runtime.engine.sequence import Sequence
+from lamp_runtime.engine.request_state import RequestState
 from lamp_runtime.errors import RequestError, UnsupportedRequestError
 from lamp_runtime.prompts.prepared import assemble_embeddings, prepare
 from lamp_runtime.requests import ChatMessage, GenerationRequest, SamplingParams, TokenLogprob
@@ -49,7 +49,7 @@ def test_a_completion_ended_by_eos_reports_the_eos_entry(backbone):
     """What `echo` + `max_tokens: 1` harnesses read as the generated entry, even when it is EOS."""
     eos = min(backbone.eos_token_ids())
     request = GenerationRequest("Paris is", None, SamplingParams(max_new_tokens=1, logprobs=0))
-    seq = Sequence(request, [1, 2], None, None, backbone.tokenizer, {eos})
+    seq = RequestState(request, [1, 2], None, None, backbone.tokenizer, {eos})
     entry = TokenLogprob(eos, backbone.tokenizer.decode([eos]), -0.25)
     out = seq.accept(eos, entry)
     assert out.result.finish_reason == "stop" and out.result.completion_tokens == 0 and out.result.text == ""

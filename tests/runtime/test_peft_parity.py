@@ -10,7 +10,7 @@ from peft import PromptTuningConfig, TaskType, get_peft_model
 
 from lamp_runtime.adapters import load_adapter, save_adapter
 from lamp_runtime.backbone.hf import load_backbone
-from lamp_runtime.engine.decoder import DecoderEngine
+from lamp_runtime.hf.decoder import DecoderEngine
 from lamp_runtime.requests import GenerationRequest, SamplingParams
 
 from ..conftest import lamp_from_prompt, vocab_prompt

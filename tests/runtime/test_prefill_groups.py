@@ -3,7 +3,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lamp_runtime.engine.prefill_groups import prefill_groups
+from lamp_runtime.hf.prefill_groups import prefill_groups
 
 
 def padded(lengths, groups):

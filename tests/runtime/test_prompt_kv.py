@@ -12,9 +12,9 @@ import torch
 
 from lamp_runtime.adapters import AdapterMeta, EptAdapter, SoftPromptAdapter
 from lamp_runtime.engine.base import EngineConfig
-from lamp_runtime.engine.build import engine_for
-from lamp_runtime.engine.decoder import DecoderEngine
-from lamp_runtime.engine.kv_slots import KVSlots
+from lamp_runtime.hf.engine import engine_for
+from lamp_runtime.hf.decoder import DecoderEngine
+from lamp_runtime.hf.kv_slots import KVSlots
 from lamp_runtime.requests import GenerationRequest, SamplingParams
 
 from ..conftest import lamp_from_prompt, run_staggered, vocab_prompt

@@ -8,7 +8,7 @@ import pytest
 
 from lamp_runtime.adapters.stored import StoredAdapterRef
 from lamp_runtime.engine.base import EngineConfig
-from lamp_runtime.engine.decoder import DecoderEngine
+from lamp_runtime.hf.decoder import DecoderEngine
 from lamp_runtime.errors import AdapterError, UnservableTaskError
 from lamp_runtime.requests import GenerationRequest, SamplingParams
 

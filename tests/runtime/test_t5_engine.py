@@ -10,8 +10,8 @@ from transformers import T5Config, T5ForConditionalGeneration
 from lamp_runtime.adapters import AdapterMeta, EptAdapter, LampAdapter, SoftPromptAdapter
 from lamp_runtime.backbone.hf import load_backbone
 from lamp_runtime.backbone.options import BackboneOptions
-from lamp_runtime.engine.build import engine_for
-from lamp_runtime.engine.seq2seq import Seq2SeqEngine
+from lamp_runtime.hf.engine import engine_for
+from lamp_runtime.hf.seq2seq import Seq2SeqEngine
 from lamp_runtime.prompts.prepared import prepare
 from lamp_runtime.requests import GenerationRequest, SamplingParams
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lamp_runtime.adapters import AdapterMeta, LampAdapter, SoftPromptAdapter, load_adapter, save_adapter
-from lamp_runtime.engine.decoder import DecoderEngine
+from lamp_runtime.hf.decoder import DecoderEngine
 from lamp_runtime.requests import GenerationRequest, SamplingParams
 from lamp_runtime.tasks.format import answer_matches, format_input, normalize_answer
 from lamp_runtime.tasks.synthetic import TASKS, zero_shot_prompt

@@ -15,7 +15,7 @@ import torch
 from lamp_runtime.adapters import EptAdapter, LampAdapter, load_adapter, save_adapter
 from lamp_runtime.backbone.hf import load_backbone
 from lamp_runtime.backbone.options import BackboneOptions
-from lamp_runtime.engine.build import engine_for
+from lamp_runtime.hf.engine import engine_for
 from lamp_runtime.prompts.prepared import prepare
 from lamp_runtime.requests import GenerationRequest, SamplingParams
 from lamp_runtime.training.forward import prompt_forward

@@ -17,8 +17,9 @@ import pytest
 import torch
 
 from lamp_runtime.adapters import AdapterMeta, EptAdapter, SoftPromptAdapter
-from lamp_runtime.engine.base import EngineConfig
-from lamp_runtime.engine.decoder import DecoderEngine
+from lamp_runtime.engine.base import EngineConfig, EngineObserver
+from lamp_runtime.engine.streams import complete, generate
+from lamp_runtime.hf.decoder import DecoderEngine
 from lamp_runtime.errors import AdapterError, QueueFullError, RequestError, UnknownTaskError
 from lamp_runtime.prompts.prepared import assemble_embeddings, prepare
 from lamp_runtime.requests import GenerationRequest, SamplingParams
@@ -54,26 +55,26 @@ def ept(backbone):
 
 @pytest.fixture(scope="module")
 def vllm_runtime(backbone, task_adapters, ept):
-    from lamp_runtime.engine.build import build_engine, build_runner
+    from lamp_runtime.engines import build_engine
     from lamp_runtime.vllm.engine import VllmOptions
 
-    engine = build_engine("vllm", backbone.options, CONFIG,
-                          VllmOptions(kv_cache_mb=KV_CACHE_MB, max_model_len=MAX_MODEL_LEN,
-                                      max_num_batched_tokens=CHUNK_TOKENS))
     steps, finished = [], []
-    runner = build_runner(engine, max_waiting=32, on_step=steps.append, on_finish=finished.append)
+    engine = build_engine("vllm", backbone.options, dataclasses.replace(CONFIG, max_waiting=32),
+                          VllmOptions(kv_cache_mb=KV_CACHE_MB, max_model_len=MAX_MODEL_LEN,
+                                      max_num_batched_tokens=CHUNK_TOKENS),
+                          observer=EngineObserver(on_step=steps.append, on_finish=finished.append))
     for task_id, adapter in {**task_adapters, "ept": ept}.items():
         engine.registry.register(task_id, adapter)
     # The HF reference engine serves the very same registry (same adapters, same versions).
     reference = DecoderEngine(backbone, registry=engine.registry, config=CONFIG)
-    yield SimpleNamespace(engine=engine, runner=runner, reference=reference, steps=steps, finished=finished)
-    runner.shutdown()
-    assert not runner.healthy
+    yield SimpleNamespace(engine=engine, reference=reference, steps=steps, finished=finished)
+    engine.shutdown()
+    assert not engine.healthy
 
 
-def run_concurrently(runner, requests):
+def run_concurrently(engine, requests):
     async def main():
-        return await asyncio.gather(*(runner.complete(r) for r in requests))
+        return await asyncio.gather(*(complete(engine, r) for r in requests))
 
     return asyncio.run(main())
 
@@ -117,7 +118,7 @@ def mixed_batch(backbone, vllm_runtime):
     # No task, chat form: the model answers briefly and ends with its EOS token (<|im_end|>).
     requests.append(GenerationRequest(chat(backbone.tokenizer, "Say hello."), None, SamplingParams(max_new_tokens=40)))
     steps_before = len(vllm_runtime.steps)
-    results = run_concurrently(vllm_runtime.runner, requests)
+    results = run_concurrently(vllm_runtime.engine, requests)
     reference = vllm_runtime.reference.generate([dataclasses.replace(r, request_id=r.request_id + "-hf")
                                                  for r in requests])
     return SimpleNamespace(requests=requests, results=results, reference=reference,
@@ -157,7 +158,7 @@ def test_streamed_deltas_and_stop_string_match_the_hf_engine(vllm_runtime):
 
     async def stream():
         deltas, result = [], None
-        async for out in vllm_runtime.runner.generate(request):
+        async for out in generate(vllm_runtime.engine, request):
             deltas.append(out.delta)
             result = out.result
         return deltas, result
@@ -172,7 +173,7 @@ def test_streamed_deltas_and_stop_string_match_the_hf_engine(vllm_runtime):
 def test_seeded_sampling_is_reproducible(vllm_runtime):
     def sample(seed):
         params = SamplingParams(max_new_tokens=12, temperature=0.9, top_p=0.95, top_k=50, seed=seed)
-        return run_concurrently(vllm_runtime.runner, [GenerationRequest("Once upon a time", "lamp3", params)])[0]
+        return run_concurrently(vllm_runtime.engine, [GenerationRequest("Once upon a time", "lamp3", params)])[0]
 
     first, again, other = sample(7), sample(7), sample(8)
     assert first.token_ids == again.token_ids
@@ -185,7 +186,7 @@ def test_a_consumer_that_goes_away_aborts_its_request(vllm_runtime):
                                 SamplingParams(max_new_tokens=64, ignore_eos=True))
 
     async def leave_after_first_output():
-        outputs = runtime.runner.generate(request)
+        outputs = generate(runtime.engine, request)
         await outputs.__anext__()
         await outputs.aclose()
         for _ in range(100):  # the abort reaches vLLM's loop asynchronously
@@ -200,19 +201,20 @@ def test_a_consumer_that_goes_away_aborts_its_request(vllm_runtime):
 
 
 def test_queue_bound_raises_queue_full(vllm_runtime):
-    runner = vllm_runtime.runner
+    engine = vllm_runtime.engine
     params = SamplingParams(max_new_tokens=4)
 
     async def main():
-        runner.max_waiting = 1
+        config = engine.config
+        engine.config = dataclasses.replace(config, max_waiting=1)
         try:
-            first = runner.generate(GenerationRequest("Hello", "plain", params))
+            first = generate(engine, GenerationRequest("Hello", "plain", params))
             pending = asyncio.ensure_future(first.__anext__())
             await asyncio.sleep(0)  # `first` is submitted, and cannot have been prefilled yet
             with pytest.raises(QueueFullError, match="limit 1"):
-                await runner.generate(GenerationRequest("Hello", "plain", params)).__anext__()
+                await generate(engine, GenerationRequest("Hello", "plain", params)).__anext__()
         finally:
-            runner.max_waiting = 32
+            engine.config = config
         await pending
         async for _ in first:
             pass
@@ -230,7 +232,7 @@ def test_bad_requests_are_refused_before_vllm_and_the_engine_keeps_serving(backb
     params = SamplingParams(max_new_tokens=8)
 
     def submit(task_id, text, params=params):
-        return run_concurrently(runtime.runner, [GenerationRequest(text, task_id, params)])[0]
+        return run_concurrently(runtime.engine, [GenerationRequest(text, task_id, params)])[0]
 
     try:
         with pytest.raises(AdapterError, match=r"task 'too-wide'.*prompt has shape \(4, 577\)"):
@@ -245,7 +247,7 @@ def test_bad_requests_are_refused_before_vllm_and_the_engine_keeps_serving(backb
     finally:
         registry.remove("too-wide")
         registry.remove("nan-prompt")
-    assert runtime.runner.healthy and not runtime.engine.has_work()
+    assert runtime.engine.healthy and not runtime.engine.has_work()
     assert submit("plain", "Hi there").completion_tokens == 8
 
 
@@ -258,18 +260,18 @@ def test_long_prompts_chunked_prefill_and_prefix_cache_across_adapter_versions(b
     request = lambda: GenerationRequest(LONG_INSTRUCTION, "versioned", params)  # noqa: E731 (548 tokens)
     registry.register("versioned", SoftPromptAdapter(AdapterMeta(), vocab_prompt(backbone, 8, seed=21)))
     try:
-        first = run_concurrently(runtime.runner, [request()])[0]
+        first = run_concurrently(runtime.engine, [request()])[0]
         assert first.input_tokens + first.soft_prompt_tokens > 2 * CHUNK_TOKENS
         hf = runtime.reference.generate([request()])[0]
         assert_same_or_near_tie(backbone, registry, request(), hf.token_ids, first.token_ids)
         hits_before = runtime.engine.prefix_cache_hits
-        again = run_concurrently(runtime.runner, [request()])[0]
+        again = run_concurrently(runtime.engine, [request()])[0]
         assert runtime.engine.prefix_cache_hits - hits_before >= 512  # whole KV blocks reused
         assert again.token_ids == first.token_ids
 
         registry.register("versioned", SoftPromptAdapter(AdapterMeta(), vocab_prompt(backbone, 8, seed=22)))
         hits_before = runtime.engine.prefix_cache_hits
-        new_version = run_concurrently(runtime.runner, [request()])[0]
+        new_version = run_concurrently(runtime.engine, [request()])[0]
         assert runtime.engine.prefix_cache_hits == hits_before  # the first block already differs
         hf = runtime.reference.generate([request()])[0]
         assert_same_or_near_tie(backbone, registry, request(), hf.token_ids, new_version.token_ids)

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from lamp_runtime.adapters import load_adapter, save_adapter
 from lamp_runtime.engine.base import EngineConfig
-from lamp_runtime.engine.decoder import DecoderEngine
+from lamp_runtime.hf.decoder import DecoderEngine
 from lamp_runtime.requests import GenerationRequest, SamplingParams
 
 from ..conftest import vocab_prompt

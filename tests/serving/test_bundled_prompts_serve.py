@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from lamp_runtime.adapters import load_adapter
-from lamp_runtime.engine.decoder import DecoderEngine
+from lamp_runtime.hf.decoder import DecoderEngine
 from lamp_runtime.requests import GenerationRequest, SamplingParams
 from lamp_runtime.tasks.format import answer_matches, format_input
 from lamp_runtime.tasks.synthetic import TASKS

@@ -31,7 +31,7 @@ from lamp_runtime.adapters import AdapterMeta, SoftPromptAdapter, save_adapter
 from lamp_runtime.bench.report import write_json
 from lamp_runtime.bench.workload import machine_context
 from serving.http.errors import REPLICA_HEADER
-from serving.ports import free_port
+from serving.bench.ports import free_port
 
 from ..local_s3 import local_s3
 

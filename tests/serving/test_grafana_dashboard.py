@@ -6,7 +6,7 @@ from pathlib import Path
 
 from prometheus_client import generate_latest
 
-from lamp_runtime.engine.decoder import DecoderEngine
+from lamp_runtime.hf.decoder import DecoderEngine
 from serving.metrics.ingress import IngressMetrics
 from serving.metrics.replica import ModelMetrics
 from serving.routing.stats import RoutingCounts

@@ -140,4 +140,5 @@ def test_reregistration_while_a_request_runs(server, uploaded_versions, referenc
         body = generate(server, "uploaded", UPLOAD_TEXT)
         assert (body["adapter_version"], body["text"]) == (2, reference[("v2", UPLOAD_TEXT)])
     metrics = httpx.get(f"{server.url}/metrics", timeout=60).text
-    assert 'lamp_engine_settings{engine="llamacpp"' in metrics and "weight_repack=" in metrics
+    info = [line for line in metrics.splitlines() if line.startswith("lamp_engine_info{")]
+    assert any('kind="llamacpp"' in line and 'weight_repack="' in line and 'n_ubatch="' in line for line in info), info

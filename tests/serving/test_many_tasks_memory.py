@@ -20,9 +20,9 @@ import torch
 from lamp_runtime.adapters import AdapterLimits, AdapterMeta, LampAdapter, save_adapter
 from lamp_runtime.adapters.stored import StoredAdapterRef
 from lamp_runtime.engine.base import EngineConfig
-from lamp_runtime.engine.decoder import DecoderEngine
+from lamp_runtime.hf.decoder import DecoderEngine
 from lamp_runtime.requests import GenerationRequest, SamplingParams
-from serving.store import open_store
+from serving.store.registry import open_store
 from serving.store.base import NewAdapter
 from serving.store.files import facts_of
 from serving.store.sync import StoreSync

@@ -7,7 +7,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
 from lamp_runtime.engine.base import StepStats
-from lamp_runtime.engine.decoder import DecoderEngine
+from lamp_runtime.hf.decoder import DecoderEngine
 from lamp_runtime.requests import GenerationRequest, SamplingParams
 from serving.metrics.hub import render, snapshot
 from serving.metrics.ingress import IngressMetrics
@@ -83,6 +83,9 @@ def test_model_metrics_record_steps_results_and_engine_state(backbone, task_adap
     assert values[("lamp_registered_adapters", ())] == 3
     assert values[("lamp_backbone_bytes", ())] == backbone.weights_bytes
     assert values[("lamp_process_resident_memory_bytes", ())] > 0
+    info = [labels for (name, labels) in values if name == "lamp_engine_info"]
+    assert [dict(labels) for labels in info] == [{"kind": "hf", "device": "cpu", "core": "llama_template_decoder",
+                                                  "threads": str(engine.threads)}]
 
 
 def test_per_task_latency_labels_are_bounded_and_unknown_tasks_are_other(backbone, task_adapters):

@@ -12,7 +12,7 @@ from lamp_runtime.adapters import AdapterLimits, AdapterMeta, SoftPromptAdapter,
 from lamp_runtime.adapters.registry import AdapterRegistry
 from lamp_runtime.errors import AdapterError, UnknownTaskError
 from lamp_runtime.prompts.cache import PromptCache
-from serving.store import open_store
+from serving.store.registry import open_store
 from serving.store.base import StoreError
 from serving.store.files import import_bundled, store_adapter
 from serving.store.local import LocalAdapterStore

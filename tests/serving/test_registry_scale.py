@@ -16,7 +16,7 @@ from sqlalchemy import event
 from lamp_runtime.adapters import AdapterLimits, AdapterMeta, SoftPromptAdapter, save_adapter
 from lamp_runtime.adapters.registry import AdapterRegistry
 from lamp_runtime.prompts.cache import PromptCache
-from serving.store import open_store
+from serving.store.registry import open_store
 from serving.store.base import NewAdapter
 from serving.store.files import facts_of, store_adapter
 from serving.store.sync import StoreSync

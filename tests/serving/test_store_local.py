@@ -200,7 +200,7 @@ def test_a_task_made_for_another_backbone_is_reported_with_its_reason(store):
     """A store shared with a wider backbone: the replica says why it cannot serve the task (409),
     instead of calling a task that /v1/models lists "unknown"."""
     from lamp_runtime.errors import UnservableTaskError
-    from serving.http.errors import refusal_for
+    from serving.transport import refusal_for
 
     wide = SoftPromptAdapter(AdapterMeta(), torch.randn(4, 2 * HIDDEN))
     store_adapter(store, "wide", wide, 2 * HIDDEN, LIMITS)

@@ -16,7 +16,7 @@ import torch
 from lamp_runtime.adapters import AdapterLimits, AdapterMeta, SoftPromptAdapter
 from lamp_runtime.adapters.registry import AdapterRegistry
 from lamp_runtime.prompts.cache import PromptCache
-from serving.store import open_store
+from serving.store.registry import open_store
 from serving.store.files import load_stored, store_adapter
 from serving.store.registry.store import RegistryAdapterStore
 from serving.store.s3 import CHECK_INTERVAL_S, ObjectAdapterStore

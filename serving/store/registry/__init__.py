@@ -4,6 +4,8 @@
 - database.py: `RegistryDatabase`, every read and write as one short transaction
 - versions.py: the version files, in a local folder or an object store
 - store.py: `RegistryAdapterStore`, the `AdapterStore` contract over the two
+- `open_store` (here): the store at a location, the registry's or (an object store given without a
+  registry) an index.json store
 
 SQLite (WAL) under the store folder by default, so a single machine needs nothing else;
 PostgreSQL (`--registry postgresql://...`) for a cluster, next to an S3 / fsspec file store.
@@ -11,9 +13,14 @@ PostgreSQL (`--registry postgresql://...`) for a cluster, next to an S3 / fsspec
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 
-from ..base import REGISTRY_NAME
+from .. import is_url
+from ..base import REGISTRY_NAME, AdapterStore, StoreError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_SCHEMES = ("sqlite", "postgresql")
 
@@ -32,3 +39,34 @@ def check_registry_url(url: str) -> str:
     if scheme == "postgresql":  # psycopg 3, not SQLAlchemy's default psycopg2
         url = "postgresql+psycopg://" + url.split("://", 1)[1]
     return url
+
+
+def open_store(location: str | os.PathLike, registry: str | None = None) -> AdapterStore:
+    """The store at `location` (a local directory, a `file://` URL or any other fsspec URL), with its
+    metadata in the registry database `registry` (default: SQLite inside a local `location`).
+
+    An object store without a registry keeps its index.json (one writer-serialised file, O(tasks)
+    per change): a cluster should name a PostgreSQL registry."""
+    from .database import RegistryDatabase
+    from .store import RegistryAdapterStore
+    from .versions import LocalVersionFiles, ObjectVersionFiles
+
+    text = str(location)
+    if text.startswith("file://"):
+        text = text[len("file://"):]
+    if is_url(text):
+        if registry is None:
+            from ..s3 import ObjectAdapterStore
+
+            log.warning("adapter store %s has no --registry: using its index.json (every change rewrites it; "
+                        "give a postgresql:// registry for many tasks)", text)
+            return ObjectAdapterStore(text)
+        files = ObjectVersionFiles(text)
+    else:
+        files = LocalVersionFiles(text)
+        registry = registry or default_registry_url(files.root)
+    try:
+        url = check_registry_url(registry)
+    except ValueError as exc:
+        raise StoreError(str(exc)) from None
+    return RegistryAdapterStore(files, RegistryDatabase(url))

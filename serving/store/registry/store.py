@@ -51,9 +51,6 @@ class RegistryAdapterStore(AdapterStore):
         """The last change number: one single-row read."""
         return self.db.current_seq()
 
-    def read_index(self):
-        raise StoreError("a registry store has no index file; use list(), page() or changes_since()")
-
     def list(self) -> list[StoredAdapter]:
         return self.changes_since(None).current
 

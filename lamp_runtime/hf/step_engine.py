@@ -1,5 +1,7 @@
-"""What the two transformers engines (decoder-only and T5) share: the waiting queue, aborts,
-admission, prompt assembly and pinning, padding and sampling, and the synchronous step loop.
+"""What the transformers step cores (decoder-only, generic decoder and T5) share: the waiting
+queue, aborts, admission, prompt assembly and pinning, padding and sampling, and the synchronous
+step. A core is a step core of engine/step_loop.py: `HfEngine` (engine.py) drives it on the loop
+thread; tests, benches and training drive it synchronously through `generate()`.
 
 Subclasses keep their own running state and say how a step runs the model (`_run_model`, or the
 `_prefill` and `_decode` it calls by default), how running rows are aborted and which are running.
@@ -20,19 +22,20 @@ from ..errors import RequestError, UnsupportedRequestError
 from ..prompts.cache import PromptCache
 from ..prompts.prepared import assemble_embeddings, prepare
 from ..requests import GenerationRequest, GenerationResult, StepOutput
-from .admission import resolve_request
-from .base import EngineConfig, StepStats
-from .logprobs import token_logprobs
-from .resident import ResidentAdapters
-from .sampling import make_generator, next_token
-from .sequence import Sequence
+from ..engine.admission import resolve_request
+from ..engine.base import EngineConfig, EngineStats, StepStats, device_memory
+from ..engine.logprobs import token_logprobs
+from ..engine.resident import ResidentAdapters
+from ..engine.sampling import make_generator, next_token
+from ..engine.request_state import RequestState
 
 
 class StepEngine(abc.ABC):
-    """A transformers engine driven one `step()` at a time (by AsyncEngine's loop thread, or
+    """A transformers step core, driven one `step()` at a time (by HfEngine's loop thread, or
     synchronously through `generate()`)."""
 
     kind = "hf"
+    core_name: str  # which transformers core: shown in EngineStats.settings
     # Whether the engine computes the input tokens' log-probabilities (`echo`), and whether the n
     # samples of a request share one prefill (forked after it) rather than each running its own.
     supports_prompt_logprobs = False
@@ -47,7 +50,7 @@ class StepEngine(abc.ABC):
         self.resident = ResidentAdapters(self.config.adapter_cache_bytes)
         self._eos_ids = backbone.eos_token_ids()
         self._lock = threading.Lock()
-        self._waiting: deque[Sequence] = deque()
+        self._waiting: deque[RequestState] = deque()
         self._aborted: set[str] = set()
         self.last_step = StepStats()
         self.threads = self.config.threads or torch.get_num_threads()  # intra-op threads of its steps
@@ -75,9 +78,9 @@ class StepEngine(abc.ABC):
             self._waiting.extend(sequences)
         return request.request_id
 
-    def _sequence(self, request: GenerationRequest, input_ids: list[int], entry, index: int) -> Sequence:
+    def _sequence(self, request: GenerationRequest, input_ids: list[int], entry, index: int) -> RequestState:
         generator = make_generator(request.params, self.backbone.device, index)
-        return Sequence(request, input_ids, entry, generator, self.backbone.tokenizer, self._eos_ids, index)
+        return RequestState(request, input_ids, entry, generator, self.backbone.tokenizer, self._eos_ids, index)
 
     def abort(self, request_id: str) -> None:
         with self._lock:
@@ -91,6 +94,19 @@ class StepEngine(abc.ABC):
 
     def prompt_kv_stats(self):
         return None
+
+    def stats(self) -> EngineStats:
+        allocated, reserved = device_memory(self.backbone.device)
+        return EngineStats(
+            kind=self.kind, waiting=self.num_waiting, running=self.num_running, prompt_cache=self.cache.stats(),
+            adapter_cache=self.resident.stats(), prompt_kv=self.prompt_kv_stats(), prompt_kv_unit="requests",
+            kv_cache_bytes=self.kv_cache_bytes(), backbone_bytes=self.backbone.weights_bytes,
+            device=str(self.backbone.device), cuda_allocated_bytes=allocated, cuda_reserved_bytes=reserved,
+            settings={"core": self.core_name, "threads": str(self.threads)})
+
+    def on_loop_start(self) -> None:
+        """The loop thread's torch intra-op pool (see engine/step_loop.py for why only there)."""
+        torch.set_num_threads(self.threads)
 
     def kv_cache_bytes(self) -> int | None:
         # a running row's last sampled token is the next step's input: not in the cache yet
@@ -137,7 +153,7 @@ class StepEngine(abc.ABC):
                     results[out.request_id] = out.result
         return [results[i] for i in ids]
 
-    def _run_model(self, newcomers: list[Sequence], stats: StepStats) -> list[StepOutput]:
+    def _run_model(self, newcomers: list[RequestState], stats: StepStats) -> list[StepOutput]:
         """The step's model work: by default the subclass's `_prefill(newcomers, stats)` (a first
         token each; the ones still running join the batch), then its `_decode()` (one token for
         every running row, the newcomers included). The decoder engine fuses both into one forward."""
@@ -151,7 +167,7 @@ class StepEngine(abc.ABC):
         return outputs
 
     @abc.abstractmethod
-    def _running_sequences(self) -> list[Sequence]:
+    def _running_sequences(self) -> list[RequestState]:
         """Every request prefilled and still generating."""
 
     @abc.abstractmethod
@@ -168,7 +184,7 @@ class StepEngine(abc.ABC):
             self._waiting = deque(s for s in self._waiting if s.request.request_id not in aborted)
         return [s.abort() for s in dropped] + self._abort_running(aborted)
 
-    def _admit(self) -> list[Sequence]:
+    def _admit(self) -> list[RequestState]:
         with self._lock:
             room = self.config.max_batch_size - self.num_running
             admitted = []
@@ -177,7 +193,7 @@ class StepEngine(abc.ABC):
                 admitted.append(self._waiting.popleft())
             return admitted
 
-    def _embed(self, seq: Sequence) -> torch.Tensor:
+    def _embed(self, seq: RequestState) -> torch.Tensor:
         """[soft prompt ; input embeddings (+ EPT offset on the first tokens)], pinning the prompt."""
         ids = torch.tensor(seq.input_ids, dtype=torch.long, device=self.backbone.device)
         inputs = self.backbone.embed(ids)
@@ -197,7 +213,7 @@ class StepEngine(abc.ABC):
                             for r, p in zip(rows, pads)])
         return embeds, mask
 
-    def _sample(self, sequences: list[Sequence], logits: torch.Tensor) -> tuple[list[StepOutput], list[int]]:
+    def _sample(self, sequences: list[RequestState], logits: torch.Tensor) -> tuple[list[StepOutput], list[int]]:
         """One token per row; returns the outputs and the indices of rows still running."""
         outputs, keep = [], []
         greedy = logits.argmax(-1).tolist()  # one op for the batch; sampled rows draw their own below
@@ -211,7 +227,7 @@ class StepEngine(abc.ABC):
                 keep.append(i)
         return outputs, keep
 
-    def _release(self, seq: Sequence) -> None:
+    def _release(self, seq: RequestState) -> None:
         if seq.prepared is not None:
             seq.prepared = None
             self.cache.release(seq.entry.cache_key)

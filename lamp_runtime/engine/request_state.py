@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from ..requests import GenerationRequest
 
 
-class Sequence:
+class RequestState:
     def __init__(self, request: GenerationRequest, input_ids: list[int], entry: AdapterEntry | None,
                  generator: torch.Generator | None, tokenizer, eos_ids: set[int], index: int = 0):
         self.request = request
@@ -55,9 +55,9 @@ class Sequence:
         """Batch rows this sequence will hold once prefilled (itself and its forks)."""
         return 1 + self.forks
 
-    def fork(self, index: int, generator: torch.Generator | None) -> "Sequence":
+    def fork(self, index: int, generator: torch.Generator | None) -> "RequestState":
         """Sample `index` of this request, prefilled together with this one (same context, own draws)."""
-        child = Sequence(self.request, self.input_ids, self.entry, generator, self.tokenizer, self.eos_ids, index)
+        child = RequestState(self.request, self.input_ids, self.entry, generator, self.tokenizer, self.eos_ids, index)
         child.submitted_at, child.admitted_at = self.submitted_at, self.admitted_at
         # It computed no position of its own: its soft prompt's keys/values are the parent's copy.
         child.prefill_seconds, child.prompt_reused = self.prefill_seconds, True

@@ -1,9 +1,10 @@
-"""HTTP routes (FastAPI) and the ingress deployment that serves them.
+"""The router: HTTP routes (FastAPI) and the ingress deployment that serves them.
 
 The ingress holds no model: it validates requests, enforces body-size limits, checks the admin
 token, talks to the adapter store for admin calls, and forwards generation to the model deployment.
-Routes stay thin: generation lives in serving/generation.py (chat: chat_completions.py), admin in
-serving/admin.py, uploads in uploads.py, limits and error handlers in middleware.py.
+Routes stay thin and are the one place that builds HTTP responses: generation (serving/generation.py,
+chat: chat_completions.py) answers a typed `Reply` or `EventStream`, admin (serving/admin.py) typed
+records; schemas, uploads, limits and error handlers are serving/http/'s.
 """
 
 from __future__ import annotations
@@ -14,25 +15,20 @@ import os
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from ray import serve
 
-from ..admin import AdapterAdmin
-from ..chat_completions import ChatCompletions
-from ..config import ServeSettings
-from ..generation import GenerationService
-from ..metrics.hub import MetricsPublisher, render
-from ..metrics.ingress import IngressMetrics
-from ..replica import ReplicaInfo
-from ..status import StatusBoard, current_sums
-from ..store import open_store
-from . import middleware
-from .auth import TOKEN_ENV, AdminAuth
-from .chat import ChatCompletionRequest
-from .errors import ServingError, error_response
-from .paging import page_query
-from .protocol import (
+from .admin import AdapterAdmin
+from .chat_completions import ChatCompletions
+from .config import ServeSettings
+from .generation import EventStream, GenerationService, Reply
+from .http import middleware
+from .http.auth import TOKEN_ENV, AdminAuth
+from .http.chat import ChatCompletionRequest
+from .http.errors import REPLICA_HEADER, ServingError, error_response
+from .http.paging import page_query
+from .http.protocol import (
     AdapterList,
     BatchResponse,
     CompletionRequest,
@@ -41,13 +37,28 @@ from .protocol import (
     ModelCard,
     ModelList,
 )
-from .uploads import read_batch_upload, read_upload
+from .http.uploads import read_batch_upload, read_upload
+from .metrics.hub import MetricsPublisher, render
+from .metrics.ingress import IngressMetrics
+from .replica import ReplicaInfo
+from .status import StatusBoard, current_sums
+from .store.registry import open_store
 
 log = logging.getLogger(__name__)
 
 HEALTH_TIMEOUT_S = 10.0
 METRICS_TIMEOUT_S = 5.0
-STATUS_PAGE = (Path(__file__).parent / "status_page.html").read_text(encoding="utf-8")
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+STATUS_PAGE = (Path(__file__).parent / "http" / "status_page.html").read_text(encoding="utf-8")
+
+
+def http_response(answer: Reply | EventStream) -> Response:
+    """The HTTP response for a typed answer. Above the deployment class: `@serve.ingress` pickles the
+    routes while the class is being defined, with the module's globals that exist by then."""
+    if isinstance(answer, EventStream):
+        return StreamingResponse(answer.events, media_type="text/event-stream", headers=SSE_HEADERS)
+    return JSONResponse(answer.body, headers=None if answer.replicas is None else {REPLICA_HEADER: answer.replicas})
+
 
 app = FastAPI(title="lamp-serve", summary="Many tuned soft prompts over one shared backbone")
 middleware.install(app, (ServeSettings.max_request_bytes, ServeSettings.max_upload_bytes))
@@ -57,10 +68,9 @@ middleware.install(app, (ServeSettings.max_request_bytes, ServeSettings.max_uplo
                   graceful_shutdown_timeout_s=10.0)
 @serve.ingress(app)
 class LampIngress:
-    def __init__(self, model, hub, settings_args: dict):
+    def __init__(self, model, hub, settings: ServeSettings):
         from lamp_runtime.adapters import AdapterLimits
 
-        settings = ServeSettings.from_mapping(settings_args)
         app.state.body_limits = (settings.max_request_bytes, settings.max_upload_bytes)
         self.metrics = IngressMetrics()
         app.state.ingress_metrics = self.metrics
@@ -82,15 +92,15 @@ class LampIngress:
 
     @app.post("/generate")
     async def generate(self, request: GenerateRequest):
-        return await self.generation.generate(request)
+        return http_response(await self.generation.generate(request))
 
     @app.post("/v1/completions")
     async def completions(self, request: CompletionRequest):
-        return await self.generation.completions(request)
+        return http_response(await self.generation.completions(request))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: ChatCompletionRequest):
-        return await self.chat.create(request)
+        return http_response(await self.chat.create(request))
 
     @app.get("/v1/models")
     async def models(self, page: tuple = Depends(page_query)) -> ModelList:

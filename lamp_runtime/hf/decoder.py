@@ -22,13 +22,13 @@ import torch
 
 from ..prompts.prepared import assemble_embeddings, offset_inputs, prepare
 from ..requests import StepOutput
-from .base import StepStats
-from .llama import LlamaModel, Segment
-from .logprobs import prompt_logprobs
+from ..engine.base import StepStats
+from .llama import LlamaTemplateForward, Segment
+from ..engine.logprobs import prompt_logprobs
 from .prefill_groups import prefill_groups
 from .prompt_kv import PromptKV, PromptKVCache
-from .sampling import make_generator
-from .sequence import Sequence
+from ..engine.sampling import make_generator
+from ..engine.request_state import RequestState
 from .step_engine import StepEngine
 
 # An empty batch gives its KV memory back only above this: zeroing a fresh allocation for every
@@ -43,7 +43,7 @@ class _Row:
 
     __slots__ = ("seq", "prefix", "embeds")
 
-    def __init__(self, seq: Sequence, prefix: PromptKV | None, embeds: torch.Tensor):
+    def __init__(self, seq: RequestState, prefix: PromptKV | None, embeds: torch.Tensor):
         self.seq, self.prefix, self.embeds = seq, prefix, embeds
 
     @property
@@ -57,6 +57,7 @@ class _Row:
 
 
 class DecoderEngine(StepEngine):
+    core_name = "llama_template_decoder"
     supports_prompt_logprobs = True
     shares_prefill = True  # a request's n samples fork from one prefill (KV slot copies)
 
@@ -64,15 +65,15 @@ class DecoderEngine(StepEngine):
         if backbone.is_encoder_decoder:
             raise ValueError("encoder-decoder backbone: use Seq2SeqEngine (build_engine chooses it)")
         super().__init__(backbone, *args, **kwargs)
-        self.model = LlamaModel(backbone.model)
+        self.model = LlamaTemplateForward(backbone.model)
         self.kv = self.model.new_slots(self.config.max_batch_size)
         self.kv_bytes_per_token = self.kv.bytes_per_position()
         budget = self.config.prompt_kv_cache_bytes
         self.prompt_kv = PromptKVCache(budget) if budget else None
-        self._running: list[Sequence] = []  # in slot order: _running[i] owns slot i
+        self._running: list[RequestState] = []  # in slot order: _running[i] owns slot i
         self._lengths: list[int] = []  # positions each slot holds
 
-    def _running_sequences(self) -> list[Sequence]:
+    def _running_sequences(self) -> list[RequestState]:
         return self._running
 
     def discard(self, cache_key) -> None:
@@ -89,7 +90,7 @@ class DecoderEngine(StepEngine):
 
     # ---- a step: one forward for the decode rows and the newcomers ----------------------------
 
-    def _run_model(self, newcomers: list[Sequence], stats: StepStats) -> list[StepOutput]:
+    def _run_model(self, newcomers: list[RequestState], stats: StepStats) -> list[StepOutput]:
         """Decode one token for every running row and prefill the newcomers, in one pass over the
         weights: the running rows are one segment of the forward, each length group of newcomers
         another (llama.Segment). With a steady stream of requests most steps admit someone, and a
@@ -125,7 +126,7 @@ class DecoderEngine(StepEngine):
         self._retire([i for i in range(len(self._running)) if i not in set(keep)])
         return outputs
 
-    def _row(self, seq: Sequence, stats: StepStats) -> _Row:
+    def _row(self, seq: RequestState, stats: StepStats) -> _Row:
         """Pin the task's prompt (and its KV, building it on a miss) and embed what remains to run."""
         inputs = self.backbone.embed(torch.tensor(seq.input_ids, dtype=torch.long, device=self.backbone.device))
         if seq.entry is None:

@@ -17,14 +17,14 @@ import torch
 from transformers import DynamicCache, EncoderDecoderCache
 
 from ..requests import StepOutput
-from .base import StepStats
-from .sequence import Sequence
+from ..engine.base import StepStats
+from ..engine.request_state import RequestState
 from .step_engine import StepEngine
 
 
 @dataclass
 class _Cohort:
-    sequences: list[Sequence]
+    sequences: list[RequestState]
     encoder_states: torch.Tensor  # [B, T_enc, d]
     encoder_mask: torch.Tensor  # [B, T_enc]
     cache: EncoderDecoderCache
@@ -41,6 +41,8 @@ class _Cohort:
 
 
 class Seq2SeqEngine(StepEngine):
+    core_name = "seq2seq"
+
     def __init__(self, backbone, *args, **kwargs):
         if not backbone.is_encoder_decoder:
             raise ValueError("Seq2SeqEngine needs an encoder-decoder backbone; use DecoderEngine")
@@ -51,7 +53,7 @@ class Seq2SeqEngine(StepEngine):
             raise ValueError("backbone config has no decoder_start_token_id")
         self._cohorts: list[_Cohort] = []
 
-    def _running_sequences(self) -> list[Sequence]:
+    def _running_sequences(self) -> list[RequestState]:
         return [seq for cohort in self._cohorts for seq in cohort.sequences]
 
     def _abort_running(self, aborted: set[str]) -> list[StepOutput]:
@@ -63,7 +65,7 @@ class Seq2SeqEngine(StepEngine):
         self._cohorts = [c for c in self._cohorts if c.sequences]
         return outputs
 
-    def _prefill(self, newcomers: list[Sequence], stats: StepStats) -> list[StepOutput]:
+    def _prefill(self, newcomers: list[RequestState], stats: StepStats) -> list[StepOutput]:
         """One encoder forward over all newcomers: they form one cohort (a decoder batch whose
         rows share a cache length), so they are not split by length like the decoder's prefill."""
         now = time.perf_counter()

@@ -148,7 +148,7 @@ def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
 
-class LlamaModel:
+class LlamaTemplateForward:
     """The forward of a loaded Llama-template model over `KVSlots` (see the module docstring)."""
 
     def __init__(self, model):
@@ -242,7 +242,7 @@ class _SegmentPlan:
     """What a segment needs at every layer, computed once per forward: its token rows in the
     stacked activations, rotary angles, KV write indices and attention mask."""
 
-    def __init__(self, segment: Segment, model: LlamaModel, kv: KVSlots):
+    def __init__(self, segment: Segment, model: LlamaTemplateForward, kv: KVSlots):
         self.model, self.slot_start = model, segment.slot_start
         self.rows, self.n = segment.embeds.shape[:2]
         self.last, self.full, device = segment.last, segment.full, model.device

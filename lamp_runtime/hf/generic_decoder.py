@@ -17,24 +17,26 @@ from transformers import DynamicCache
 
 from ..requests import StepOutput
 from . import kv_batch
-from .base import StepStats
+from ..engine.base import StepStats
 from .prefill_groups import prefill_groups
-from .sequence import Sequence
+from ..engine.request_state import RequestState
 from .step_engine import StepEngine
 
 
 class GenericDecoderEngine(StepEngine):
+    core_name = "generic_decoder"
+
     def __init__(self, backbone, *args, **kwargs):
         if backbone.is_encoder_decoder:
             raise ValueError("encoder-decoder backbone: use Seq2SeqEngine (build_engine chooses it)")
         super().__init__(backbone, *args, **kwargs)
-        self._running: list[Sequence] = []
+        self._running: list[RequestState] = []
         self._kv = None
         self._mask: torch.Tensor | None = None
         self._positions: torch.Tensor | None = None
         self._last_tokens: torch.Tensor | None = None
 
-    def _running_sequences(self) -> list[Sequence]:
+    def _running_sequences(self) -> list[RequestState]:
         return self._running
 
     def _abort_running(self, aborted: set[str]) -> list[StepOutput]:
@@ -43,14 +45,14 @@ class GenericDecoderEngine(StepEngine):
         self._retire(rows)
         return outputs
 
-    def _prefill(self, newcomers: list[Sequence], stats: StepStats) -> list[StepOutput]:
+    def _prefill(self, newcomers: list[RequestState], stats: StepStats) -> list[StepOutput]:
         lengths = [seq.length for seq in newcomers]
         groups = prefill_groups(lengths, self.config.prefill_forward_cost_tokens)
         stats.prefill_forwards = len(groups)
         stats.prefill_padding = sum(max(lengths[i] for i in g) * len(g) - sum(lengths[i] for i in g) for g in groups)
         return [out for group in groups for out in self._prefill_batch([newcomers[i] for i in group])]
 
-    def _prefill_batch(self, newcomers: list[Sequence]) -> list[StepOutput]:
+    def _prefill_batch(self, newcomers: list[RequestState]) -> list[StepOutput]:
         """One left-padded forward over `newcomers`; the rows still running join the batch."""
         now = time.perf_counter()
         rows = [self._embed(seq) for seq in newcomers]

@@ -1,4 +1,5 @@
-"""A free TCP port for a server this process is about to start (tests, benches, load tests)."""
+"""A free TCP port for a server this process is about to start: the benches that run a real server
+(server.py), and the tests and load tests, which start theirs the same way."""
 
 from __future__ import annotations
 

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 
 
 def register(subparsers) -> None:
-    from .backbone.cli_args import add_backbone_arguments
+    from ..backbone.cli_args import add_backbone_arguments
+    from ..requests import DEFAULT_MAX_NEW_TOKENS
 
     p = subparsers.add_parser("generate", help="generate one completion with an adapter")
     p.add_argument("--adapter", help="LAMP / soft-prompt .safetensors file or PEFT prompt-tuning folder")
     p.add_argument("--pool", type=int, default=None, help="override the adapter's pooling block p")
     p.add_argument("--input", required=True, help="input text ('-' reads standard input)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=None)
@@ -29,10 +31,11 @@ def chat_input(tokenizer, text: str) -> str:
 
 
 def run(args) -> int:
-    from .adapters import load_adapter
-    from .backbone.cli_args import backbone_options
-    from .engine.build import build_engine
-    from .requests import GenerationRequest, SamplingParams
+    from ..adapters import load_adapter
+    from ..backbone.cli_args import backbone_options
+    from ..engine.streams import complete
+    from ..engines import build_engine
+    from ..requests import GenerationRequest, SamplingParams
 
     text = sys.stdin.read() if args.input == "-" else args.input
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -44,7 +47,9 @@ def run(args) -> int:
         task_id = "cli"
     if args.chat:
         text = chat_input(engine.backbone.tokenizer, text)
-    # Stepped on this (main) thread: one request needs no async runner.
-    result = engine.generate([GenerationRequest(text, task_id, params)])[0]
+    try:
+        result = asyncio.run(complete(engine, GenerationRequest(text, task_id, params)))
+    finally:
+        engine.shutdown()
     sys.stdout.write(result.text + "\n")
     return 0
