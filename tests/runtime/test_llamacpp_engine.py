@@ -285,7 +285,7 @@ def test_adapter_kinds_match_the_hf_float32_engine_within_a_logprob_bound(engine
     distribution) and its log-probability is close. Measured on these inputs and all five kinds:
     at most 0.36 nats apart (a PEFT prompt of random vocabulary rows before "Hi"), 3 of 24 first
     tokens differing at HF gaps under 0.3."""
-    from lamp_runtime.engine.decoder import DecoderEngine
+    from lamp_runtime.hf.decoder import DecoderEngine
 
     hf = DecoderEngine(backbone, config=EngineConfig(max_batch_size=8))
     for task_id, adapter in adapters.items():
