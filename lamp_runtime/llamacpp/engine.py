@@ -10,10 +10,13 @@ sampled rows and log-probabilities: the shared torch helpers, so seeds and seman
 engine's); (5) forks the n - 1 siblings of a request by seq_cp and retires finished rows (seq_rm).
 
 A llama_batch holds token ids or embedding rows, not both. A step with newcomers turns the
-decode rows' tokens into embedding rows (the GGUF's own dequantized table, which llama.cpp's
-token lookup reproduces exactly) and runs one decode; `LlamaCppOptions.mixed_steps = "split"` runs
-a token decode and an embedding decode instead. lamp_runtime/bench/llamacpp.py measures both
-(docs/bench/llamacpp.json). Decode-only steps use a token batch.
+decode rows' tokens into embedding rows (the GGUF's own dequantized table: llama.cpp's logits are
+bitwise those of the tokens) and runs one decode, one pass over the weights;
+`LlamaCppOptions.mixed_steps = "split"` runs a token decode and an embedding decode instead.
+Decode-only steps use a token batch. Which is faster is not settled: the one measurement so far
+(lamp_runtime/bench/llamacpp.py, docs/bench/llamacpp.json: 16 mixed-task requests of 8 tokens at 4
+clients, one round, load average 14 on 2 cores) had "embed" at 0.64x "split"'s tokens/s, a single
+noisy sample; docs/llamacpp.md says how to rerun it before changing the default.
 
 Threads: ggml's threads (`ggml_threads`: EngineConfig.threads or the cores) do the model's work;
 torch only samples and scores rows, in the loop thread with one intra-op thread (`threads`, set in
