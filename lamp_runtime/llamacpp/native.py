@@ -80,9 +80,9 @@ def new_context(model, n_ctx: int, n_batch: int, n_ubatch: int, n_seq_max: int, 
     can be shared by seq_cp), with `threads` ggml threads for decode and prefill alike.
 
     Flash attention is on: without it (llama-cpp-python 0.3.36's vendored llama.cpp), a sequence's
-    logits changed by up to 1.2 when another sequence decoded in the same batch of the unified
-    cache, from the second decode step on (f16 and f32 caches alike); with it they were bitwise
-    equal. Its CPU kernel sums the values in float16 in the cache's cell order, so when rows
+    logits changed visibly (whole tokens apart within a few steps) when another sequence decoded in
+    the same batch of the unified cache, f16 and f32 caches alike; with it they were bitwise equal
+    (tests/runtime/test_llamacpp_engine.py checks mixed batches against one request at a time). Its CPU kernel sums the values in float16 in the cache's cell order, so when rows
     land in other cells (another batch composition) answers may still part at near ties."""
     L = lib()
     params = L.llama_context_default_params()
