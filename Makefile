@@ -5,9 +5,31 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PORT ?= 8000
 
-.PHONY: setup serve test test-fast loadtest prompts screenshot clean gpu-check gpu-check-dry gpu-wheels
+.PHONY: setup serve test test-fast loadtest prompts screenshot clean gpu-check gpu-check-dry gpu-wheels llama-bench
 
-setup: $(STAMP) $(VENV)/.chromium $(VENV)/.postgresql
+setup: $(STAMP) $(VENV)/.chromium $(VENV)/.postgresql $(VENV)/.llamacpp
+
+# The llama.cpp engine's bindings, built from PyPI's source for this CPU (~3.5 min on 2 cores):
+# only the library, no examples, tests or tools.
+LLAMACPP_VERSION := 0.3.36
+LLAMACPP_CMAKE_ARGS := -DGGML_NATIVE=ON -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF
+$(VENV)/.llamacpp: pyproject.toml | $(STAMP)
+	CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" $(PY) -m pip install -q -c constraints.txt 'llama-cpp-python==$(LLAMACPP_VERSION)'
+	touch $@
+
+# llama.cpp's own `llama-bench`, from the same source (the sdist's vendor/llama.cpp), statically
+# linked into .venv/bin/: the llama.cpp bench compares the engine with it (not used by the tests).
+LLAMACPP_SRC := $(VENV)/src/llama_cpp_python-$(LLAMACPP_VERSION)
+llama-bench: $(VENV)/bin/llama-bench
+$(VENV)/bin/llama-bench: | $(STAMP)
+	mkdir -p $(VENV)/src
+	$(PY) -m pip download -q --no-deps --no-binary :all: -d $(VENV)/src 'llama-cpp-python==$(LLAMACPP_VERSION)'
+	tar -xzf $(LLAMACPP_SRC).tar.gz -C $(VENV)/src
+	cmake -S $(LLAMACPP_SRC)/vendor/llama.cpp -B $(LLAMACPP_SRC)/build -G Ninja -DCMAKE_BUILD_TYPE=Release \
+		-DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TOOLS=ON \
+		-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF
+	cmake --build $(LLAMACPP_SRC)/build --target llama-bench -j
+	cp $(LLAMACPP_SRC)/build/bin/llama-bench $@
 
 # The status-page test drives a real headless Chromium through Playwright, which cannot download
 # its own browsers here: Debian's chromium is installed where apt-get runs as root (~35 s), and

