@@ -1,8 +1,8 @@
 """Host copies of stored adapters' factors for the tasks being served, bounded by bytes.
 
-A serving replica's registry holds a `StoredAdapterRef` per task (adapters/stored.py), not the
-factors. A request resolves its task's entry here: the factors are read from the store on a miss
-(~1 ms for a LAMP adapter on d=576: read, hash, checks) and kept, least recently used evicted
+A serving replica's registry holds a `StoredEntry` per task (a `StoredAdapterRef`,
+adapters/stored.py), not the factors. A request resolves its task's entry here: the factors are read
+from the store on a miss (the file read, its hash checked) and kept, least recently used evicted
 first. So the memory a replica spends on adapters is this budget plus its prompt caches', whatever
 the number of registered tasks. The request keeps the loaded adapter it resolved (in its
 `AdapterEntry`), so an eviction never affects a request in flight.
@@ -10,8 +10,9 @@ the number of registered tasks. The request keeps the loaded adapter it resolved
 
 from __future__ import annotations
 
-from ..adapters.registry import AdapterEntry
-from ..adapters.stored import StoredAdapterRef
+from functools import singledispatchmethod
+
+from ..adapters.registry import AdapterEntry, StoredEntry
 from ..errors import AdapterError, UnservableTaskError
 from ..prompts.cache import CacheStats, PinnedLRU
 
@@ -20,13 +21,16 @@ class ResidentAdapters:
     def __init__(self, max_bytes: int):
         self._loaded = PinnedLRU(max_bytes, size_of=lambda adapter: adapter.host_bytes)
 
+    @singledispatchmethod
     def resolve(self, entry: AdapterEntry) -> AdapterEntry:
-        """`entry` with its adapter's factors in memory (entries registered with them pass as they are).
+        """`entry` with its adapter's factors in memory: an `AdapterEntry` already has them."""
+        return entry
 
-        A stored file that cannot be read back (deleted, damaged since it was registered) makes the
-        task unservable, with the reason, rather than failing the engine step that needed it."""
-        if not isinstance(entry.adapter, StoredAdapterRef):
-            return entry
+    @resolve.register
+    def _(self, entry: StoredEntry) -> AdapterEntry:
+        """A `StoredEntry`'s factors, read from the store on a miss. A stored file that cannot be read
+        back (deleted, damaged since it was registered) makes the task unservable, with the reason,
+        rather than failing the engine step that needed it."""
         try:
             adapter = self._loaded.acquire(entry.cache_key, entry.adapter.load)
         except (AdapterError, OSError) as exc:

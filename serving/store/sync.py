@@ -139,8 +139,8 @@ class StoreSync:
             return
         try:
             adapter = self._read(stored)
-            self.registry.register(stored.task_id, StoredAdapterRef.of(adapter, partial(self._read, stored)),
-                                   stored.version)
+            self.registry.register_stored(stored.task_id, StoredAdapterRef.of(adapter, partial(self._read, stored)),
+                                          stored.version)
         except (AdapterError, OSError) as exc:
             self._failed.add((stored.task_id, stored.version))
             report.failed.append(f"{stored.task_id} v{stored.version}")

@@ -42,7 +42,7 @@ def test_answers_equal_those_of_the_factors_registered_directly(backbone, adapte
     lazy = DecoderEngine(backbone, config=EngineConfig(max_batch_size=8))
     for task, adapter in adapters.items():
         direct.registry.register(task, adapter)
-        lazy.registry.register(task, by_reference(adapter))
+        lazy.registry.register_stored(task, by_reference(adapter))
     requests = [GenerationRequest("The sea is", task, PARAMS) for task in adapters]
     assert [r.text for r in lazy.generate(requests)] == [r.text for r in direct.generate(requests)]
     result = lazy.generate([GenerationRequest("The sea is", "t1", PARAMS)])[0]
@@ -54,7 +54,7 @@ def test_the_factors_in_memory_stay_within_their_budget(backbone, adapters):
     engine = DecoderEngine(backbone, config=EngineConfig(max_batch_size=8, adapter_cache_bytes=2 * one))
     loads = {task: CountingLoad(adapter) for task, adapter in adapters.items()}
     for task, adapter in adapters.items():
-        engine.registry.register(task, by_reference(adapter, loads[task]))
+        engine.registry.register_stored(task, by_reference(adapter, loads[task]))
     for task in ["t0", "t1", "t0", "t2", "t3", "t4", "t0"]:
         engine.generate([GenerationRequest("Hi", task, PARAMS)])
         assert engine.resident.stats().bytes <= 2 * one
@@ -68,8 +68,8 @@ def test_a_version_that_cannot_be_read_makes_its_task_unservable_not_the_engine(
         raise AdapterError("content hash 0123… does not match the index")
 
     engine = DecoderEngine(backbone, config=EngineConfig(max_batch_size=8))
-    engine.registry.register("bad", by_reference(adapters["t0"], damaged))
-    engine.registry.register("good", by_reference(adapters["t1"]))
+    engine.registry.register_stored("bad", by_reference(adapters["t0"], damaged))
+    engine.registry.register_stored("good", by_reference(adapters["t1"]))
     with pytest.raises(UnservableTaskError) as caught:
         engine.submit(GenerationRequest("Hi", "bad", PARAMS))
     assert caught.value.task_id == "bad" and "v1 cannot be read from the store" in caught.value.reason
@@ -79,9 +79,9 @@ def test_a_version_that_cannot_be_read_makes_its_task_unservable_not_the_engine(
 
 def test_re_registering_drops_the_old_versions_factors(backbone, adapters):
     engine = DecoderEngine(backbone, config=EngineConfig(max_batch_size=8))
-    old = engine.registry.register("t", by_reference(adapters["t0"]))
+    old = engine.registry.register_stored("t", by_reference(adapters["t0"]))
     engine.generate([GenerationRequest("Hi", "t", PARAMS)])
     assert engine.resident.stats().entries == 1
-    engine.registry.register("t", by_reference(adapters["t1"]))
+    engine.registry.register_stored("t", by_reference(adapters["t1"]))
     engine.discard(old.cache_key)  # what the store sync does on a new version
     assert engine.resident.stats().entries == 0
