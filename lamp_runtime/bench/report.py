@@ -55,3 +55,32 @@ def _cell(value, spec: str) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "-"
     return format(value, spec)
+
+
+def full_command(module: str, parser, args) -> str:
+    """The command that re-runs this bench exactly: `python -m MODULE` with every option of `parser`
+    at the value it ran with (defaults resolved), so a later change of a default does not change
+    what the recorded command means. Paths are written as given (relative to the repository root
+    when run from there, as every documented command is)."""
+    import shlex
+
+    words = ["python", "-m", module]
+    for action in parser._actions:
+        if not action.option_strings or action.dest in ("help",):
+            continue
+        value = getattr(args, action.dest, None)
+        flag = max(action.option_strings, key=len)
+        if action.nargs == 0:  # a switch: written when it is on (or its --no- form when that is)
+            negative = [o for o in action.option_strings if o.startswith("--no-")]
+            if negative:  # BooleanOptionalAction
+                words.append(max((o for o in action.option_strings if o not in negative), key=len)
+                             if value else negative[0])
+            elif value == action.const:
+                words.append(flag)
+            continue
+        if value is None:
+            continue
+        values = value if isinstance(value, (list, tuple)) else [value]
+        words.append(flag)
+        words.extend(str(v) for v in values)
+    return shlex.join(words)
