@@ -63,7 +63,8 @@ def test_peak_memory_counts_what_a_run_allocates():
         del second
 
     peak = peak_memory_bytes(run, torch.device("cpu"))
-    assert peak is None or 8_000_000 <= peak < 12_000_000
+    assert peak is not None, "the CPU profiler path gave no figure (torch internals moved?)"
+    assert 8_000_000 <= peak < 12_000_000
 
 
 @pytest.fixture(scope="module")
