@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--inputs", type=int, default=2, help="inputs per bundled adapter")
     parser.add_argument("--out", type=Path, default=Path("docs/bench/quantized-gaps.json"))
     args = parser.parse_args(argv)
-    report = {"command": full_command("lamp_runtime.bench.quantized_gaps", parser, args), "out": str(args.out),
+    report = {"command": full_command("python -m lamp_runtime.bench.quantized_gaps", parser, args), "out": str(args.out),
               "results": {q: measure(q, args.tokens, args.inputs) for q in args.quantizations}}
     write_json(args.out, report)
     print(f"wrote {args.out}")

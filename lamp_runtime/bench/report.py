@@ -57,24 +57,28 @@ def _cell(value, spec: str) -> str:
     return format(value, spec)
 
 
-def full_command(module: str, parser, args) -> str:
-    """The command that re-runs this bench exactly: `python -m MODULE` with every option of `parser`
+def full_command(prefix: str, parser, args) -> str:
+    """The command that re-runs this bench exactly: `prefix` (`python -m MODULE`, `lamp bench NAME`) with every option of `parser`
     at the value it ran with (defaults resolved), so a later change of a default does not change
     what the recorded command means. Paths are written as given (relative to the repository root
     when run from there, as every documented command is)."""
+    import argparse
     import shlex
 
-    words = ["python", "-m", module]
+    words = prefix.split()
+    extra = []
     for action in parser._actions:
-        if not action.option_strings or action.dest in ("help",):
+        value = _relative(getattr(args, action.dest, None))
+        if not action.option_strings:  # positionals (e.g. extra arguments after --) go last
+            extra += value if isinstance(value, list) else [] if value is None else [value]
             continue
-        value = getattr(args, action.dest, None)
+        if action.dest == "help":
+            continue
         flag = max(action.option_strings, key=len)
-        if action.nargs == 0:  # a switch: written when it is on (or its --no- form when that is)
-            negative = [o for o in action.option_strings if o.startswith("--no-")]
-            if negative:  # BooleanOptionalAction
-                words.append(max((o for o in action.option_strings if o not in negative), key=len)
-                             if value else negative[0])
+        if action.nargs == 0:  # a switch: written when it is on (BooleanOptionalAction: either form)
+            if isinstance(action, argparse.BooleanOptionalAction):
+                positive = next(o for o in action.option_strings if not o.startswith("--no-"))
+                words.append(positive if value else "--no-" + positive[2:])
             elif value == action.const:
                 words.append(flag)
             continue
@@ -83,4 +87,19 @@ def full_command(module: str, parser, args) -> str:
         values = value if isinstance(value, (list, tuple)) else [value]
         words.append(flag)
         words.extend(str(v) for v in values)
-    return shlex.join(words)
+    return shlex.join(words + (["--", *map(str, extra)] if extra else []))
+
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _relative(value):
+    """A path inside the repository as the documented commands write it: relative to its root."""
+    if isinstance(value, list):
+        return [_relative(v) for v in value]
+    if isinstance(value, (str, Path)) and Path(value).is_absolute():
+        try:
+            return str(Path(value).resolve().relative_to(REPO_ROOT))
+        except ValueError:
+            return str(value)
+    return value
