@@ -8,6 +8,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -175,3 +176,32 @@ def test_every_lamp_bench_records_a_command_that_reruns_as_written(argv):
 
     args = build_parser().parse_args(argv)
     assert_recorded_command_reruns(full_command(f"lamp bench {args.bench}", args.parser, args), argv)
+
+
+BENCH_JSONS = sorted((Path(__file__).resolve().parents[2] / "docs" / "bench").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", BENCH_JSONS, ids=lambda p: p.name)
+def test_committed_bench_json_records_a_command_that_reruns_as_written(path):
+    """Each committed JSON names the command that rewrites it, with the path it wrote; a `lamp
+    bench` command parses and carries every option of its bench (defaults of its day included)."""
+    import shlex
+
+    report = json.loads(path.read_text())
+    command, relative = report["command"], f"docs/bench/{path.name}"
+    words = shlex.split(command.split(" .venv/bin/python ", 1)[-1])  # pytest-made reports: env var first
+    if "pytest" in words:
+        assert f"={relative}" in command, command
+        return
+    assert report["out"] == relative and relative in words, (report.get("out"), command)
+    temporary = [w for w in words if w.startswith("/") and not w.startswith("/tmp/llamacpp-build/")]
+    assert not temporary, f"paths of a temporary folder in {command}"
+    if words[0] == "lamp":
+        from serving.cli import build_parser
+
+        args = build_parser().parse_args(words[1:])
+        for action in args.parser._actions:
+            if action.option_strings and action.dest != "help" and getattr(args, action.dest) not in (None, False):
+                assert set(action.option_strings) & set(words), (action.option_strings, command)
+    else:
+        assert words[:2] == ["python", "-m"], command
