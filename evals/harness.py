@@ -28,6 +28,7 @@ from pathlib import Path
 
 from lamp_runtime.backbone.checkpoint import backbone_folder
 from lamp_runtime.backbone.options import BackboneOptions
+from lamp_runtime.bench.report import full_command
 from lamp_runtime.bench.workload import machine_context
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -37,14 +38,18 @@ DATA = f"prompts/data/{TASK}/eval.jsonl"
 LM_EVAL_TIMEOUT_S = 1800
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--url", required=True, help="the server, e.g. http://127.0.0.1:8000")
     p.add_argument("--limit", type=int, default=40, help="score the first N rows of each task")
     p.add_argument("--dtype", default="float32", help="backbone dtype for `lamp eval` (the server's)")
     p.add_argument("--quantization", default="none", help="backbone quantization for `lamp eval` (the server's)")
     p.add_argument("--out", help="write the JSON report here")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def lm_eval_runs(url: str, tokenizer: Path) -> dict[str, list[str]]:
@@ -105,7 +110,7 @@ def main(argv=None) -> int:
     runs = {name: run_lm_eval(cmd, args.limit) for name, cmd in lm_eval_runs(args.url, tokenizer).items()}
     lamp_eval = run_lamp_eval(args.limit, args.dtype, args.quantization)
     report = {
-        "command": "python -m evals.harness " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "command": full_command("python -m evals.harness", build_parser(), args), "out": args.out,
         "rewrite_with": "python -m evals.harness --url URL --limit 40 --out docs/bench/harness.json "
                         "(a float32 `lamp serve` of the bundled prompts/ at URL)",
         "machine": machine_context(),

@@ -45,7 +45,7 @@ INPUTS = ("The weather today is", "Tell me about the river", "My order has not a
           "A short note on prices", "The team won the match", "Please summarise this line")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tasks", type=int, default=400)
     p.add_argument("--prompt-tokens", type=int, default=32, help="soft-prompt length of every task")
@@ -60,6 +60,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="extra `lamp serve` options for both servers")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the report here")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.tasks < 2 or args.concurrency < 1 or args.phases < 1 or not 0 < args.cache_share <= 1:
         p.error("need --tasks >= 2, --concurrency >= 1, --phases >= 1 and 0 < --cache-share <= 1")
@@ -254,7 +259,7 @@ def print_table(workloads: list[dict]) -> None:
 
 
 def main(argv=None) -> int:
-    from lamp_runtime.bench.report import write_json
+    from lamp_runtime.bench.report import full_command, write_json
     from lamp_runtime.bench.workload import machine_context
     from tests.server_process import ServerProcess
 
@@ -300,8 +305,8 @@ def main(argv=None) -> int:
                     server.kill()
     print_table(results)
     if args.json:
-        command = " ".join(["python -m loadtest.affinity", *(argv if argv is not None else sys.argv[1:])])
-        write_json(args.json, {"bench": "affinity", "command": command, "context": context,
+        command = full_command("python -m loadtest.affinity", build_parser(), args)
+        write_json(args.json, {"bench": "affinity", "command": command, "out": args.json, "context": context,
                                "load_average_at_end": machine_context()["load_average"],
                                "settings": {k: v for k, v in vars(args).items() if k != "json"},
                                "replicas_per_server": 2, "caches": sizes, "workloads": results})

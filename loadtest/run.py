@@ -26,7 +26,7 @@ LOCUSTFILE = REPO_ROOT / "loadtest" / "locustfile.py"
 REPORT_PREFIX = "lamp"
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--host", help="server URL, e.g. http://127.0.0.1:8000 (default: start a server for the run)")
     p.add_argument("--users", type=int, default=4, help="concurrent simulated users (one is the admin user "
@@ -40,6 +40,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                     "\"--threads 1 --max-batch-size 8\"")
     p.add_argument("--json", help="also write the summary, with the command, revision, machine and load, here")
     p.add_argument("locust_args", nargs="*", help="extra Locust arguments, after --")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.users < 1 or args.spawn_rate <= 0 or args.max_requests < 1:
         p.error("--users and --max-requests must be >= 1 and --spawn-rate > 0")
@@ -103,7 +108,7 @@ def run_locust(args, host: str, env: dict[str, str]) -> int:
 
 def write_summary(args, host: str, code: int) -> None:
     """Locust's per-endpoint numbers as JSON, with where and how they were measured."""
-    from lamp_runtime.bench.report import write_json
+    from lamp_runtime.bench.report import full_command, write_json
     from lamp_runtime.bench.workload import machine_context
 
     fields = {"Request Count": "requests", "Failure Count": "failures", "Median Response Time": "median_ms",
@@ -112,8 +117,8 @@ def write_summary(args, host: str, code: int) -> None:
     endpoints = [{"endpoint": f"{row['Type']} {row['Name']}".strip(),
                   **{key: float(row[name]) for name, key in fields.items() if row.get(name) not in (None, "", "N/A")}}
                  for row in stats_rows(Path(args.out))]
-    command = " ".join(["python -m loadtest.run", *sys.argv[1:]]) if sys.argv[1:] else "python -m loadtest.run"
-    write_json(args.json, {"bench": "loadtest", "command": command, "context": machine_context(),
+    command = full_command("python -m loadtest.run", build_parser(), args)
+    write_json(args.json, {"bench": "loadtest", "command": command, "out": args.json, "context": machine_context(),
                            "server": "started by the run" if not args.host else host,
                            "serve_args": args.serve_args, "users": args.users, "run_time": args.run_time,
                            "max_requests": args.max_requests, "locust_exit_code": code, "endpoints": endpoints})

@@ -19,9 +19,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
-
 from serving.bench.ports import free_port
+
+from .requires import missing
 
 START_TIMEOUT_S = 60.0
 
@@ -41,7 +41,7 @@ def _as_server_user() -> list[str]:
     try:
         pwd.getpwnam("postgres")
     except KeyError:
-        pytest.skip("running as root and there is no 'postgres' user to run PostgreSQL as (initdb refuses root)")
+        missing("running as root and there is no 'postgres' user to run PostgreSQL as (initdb refuses root)")
     return ["runuser", "-u", "postgres", "--"]
 
 
@@ -50,7 +50,7 @@ def local_postgres() -> Iterator[str]:
     """Start a server on a free port; yield a `postgresql://` URL of its database; stop and remove it."""
     bin_dir = postgres_bin()
     if bin_dir is None:
-        pytest.skip("PostgreSQL is not installed (apt-get install postgresql; `make setup` does it as root)")
+        missing("PostgreSQL is not installed (apt-get install postgresql; `make setup` does it as root)")
     prefix = _as_server_user()
     folder = Path(tempfile.mkdtemp(prefix="lamp-pg-"))
     if prefix:

@@ -6,9 +6,9 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import pytest
+from .requires import require_module
 
-moto_server = pytest.importorskip("moto.server")
+moto_server = require_module("moto.server", "the S3 tests run a moto server (a dev extra: make setup)")
 
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 

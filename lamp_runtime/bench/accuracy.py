@@ -22,7 +22,7 @@ from ..requests import GenerationRequest, SamplingParams
 from ..tasks.format import answer_matches, format_input
 from ..tasks.synthetic import TASKS
 from ..training.evaluate import answer_budget
-from .report import write_json
+from .report import full_command, write_json
 from .workload import BUNDLED_PROMPTS, machine_context
 
 
@@ -41,8 +41,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=100)
     parser.add_argument("--out", help="write the report JSON here")
     args = parser.parse_args()
-    report = {"bench": "accuracy", "command": "python -m lamp_runtime.bench.accuracy " + " ".join(
-        f"--options {' '.join(args.options)} --rows {args.rows}".split()), "context": machine_context(), "tasks": {}}
+    report = {"bench": "accuracy", "command": full_command("python -m lamp_runtime.bench.accuracy", parser, args),
+              "out": args.out, "context": machine_context(), "tasks": {}}
     completions: dict[str, dict[str, list]] = {}
     for spec in args.options:
         dtype, quantization = spec.split("/")

@@ -7,9 +7,6 @@ times slower and the spread huge (docs/benchmarks.md shows by how much).
 
 from __future__ import annotations
 
-import shlex
-import sys
-
 
 def register(subparsers) -> None:
     from ..backbone.options import DTYPE_NAMES
@@ -24,7 +21,7 @@ def register(subparsers) -> None:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     p.add_argument("--no-memory", action="store_true", help="skip the (untimed, profiled) peak-memory pass")
     _generation_bench(p, new_tokens=8, repeats=3, plot="also draw measured vs theoretical ratios into this PNG")
-    p.set_defaults(func=run_pooling_command)
+    p.set_defaults(parser=p, func=run_pooling_command)
 
     b = benches.add_parser("batching", help="single- vs mixed-task batching vs one at a time vs PeftModel.generate")
     b.add_argument("--requests", type=int, default=8, help="requests (and tasks, for the mixed batch)")
@@ -32,7 +29,7 @@ def register(subparsers) -> None:
     b.add_argument("--pool", type=int, default=4, help="pool block p of every task")
     b.add_argument("--no-peft", action="store_true", help="skip the PeftModel.generate baseline")
     _generation_bench(b, new_tokens=16, repeats=5, plot="also draw tokens/s per variant into this PNG")
-    b.set_defaults(func=run_batching_command)
+    b.set_defaults(parser=b, func=run_batching_command)
 
     s = benches.add_parser("speed", help="decode tokens/s vs the bandwidth bound and llama.cpp; prefill with a "
                                           "200- vs 2-token prompt, warm and cold")
@@ -43,7 +40,7 @@ def register(subparsers) -> None:
     s.add_argument("--llama-bench", help="llama.cpp's llama-bench binary, run on the embedded GGUF for comparison")
     s.add_argument("--plot", help="also draw decode tokens/s against the bounds into this PNG")
     _common(s, repeats=3)
-    s.set_defaults(func=run_speed_command)
+    s.set_defaults(parser=s, func=run_speed_command)
 
     c = benches.add_parser("cache", help="prompt-cache miss vs hit cost and memory per task, 10 to 10,000 tasks")
     c.add_argument("--tasks", type=int, nargs="+", default=[10, 1000, 10000], help="registered task counts")
@@ -59,7 +56,7 @@ def register(subparsers) -> None:
     c.add_argument("--repeats", type=int, default=5, help="rounds, each over every task count in shuffled order")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    c.set_defaults(func=run_cache_command)
+    c.set_defaults(parser=c, func=run_cache_command)
 
 
 def _generation_bench(parser, new_tokens: int, repeats: int, plot: str) -> None:
@@ -91,15 +88,19 @@ def _set_threads(args) -> None:
         torch.set_num_threads(args.threads)
 
 
-def _command_line() -> str:
-    return shlex.join(["lamp", *sys.argv[1:]])
+def _command_line(args) -> str:
+    """`lamp bench NAME` with every option at the value it ran with (defaults resolved)."""
+    from .report import full_command
+
+    return full_command(f"lamp bench {args.bench}", args.parser, args)
 
 
 def _finish(report: dict, args, table: str, plot: str | None = None) -> int:
     """Write the report's JSON, print its table and, with --plot, draw it with plots.<plot>."""
     from .report import write_json
 
-    report["command"] = _command_line()
+    report["command"] = _command_line(args)
+    report["out"] = str(args.out)
     path = write_json(args.out, report)
     print(table)
     if plot and args.plot:

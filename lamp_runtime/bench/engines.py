@@ -23,13 +23,13 @@ import argparse
 import asyncio
 import json
 import statistics
-import sys
 import time
 
 import torch
 
 from lamp_runtime.adapters import AdapterMeta, EptAdapter, SoftPromptAdapter
 from lamp_runtime.backbone.options import BackboneOptions
+from lamp_runtime.bench.report import full_command
 from lamp_runtime.bench.stats import interleaved, safe_ratio, summarize
 from lamp_runtime.bench.workload import lamp_from_prompt, load_average, machine_context, task_inputs, vocabulary_prompt
 from lamp_runtime.engine.base import EngineConfig
@@ -184,7 +184,7 @@ def main() -> None:
               f"{ratios['ttft_p50_ms'].median:>8.2f}x")
     if args.out:
         with open(args.out, "w", encoding="utf-8") as handle:
-            json.dump({"command": "python -m lamp_runtime.bench.engines " + " ".join(sys.argv[1:]),
+            json.dump({"command": full_command("python -m lamp_runtime.bench.engines", parser, args), "out": args.out,
                        "settings": vars(args), "context": context, "summaries": summaries, "vllm_prefix_cache": prefix,
                        "samples": {f"{k}/{c}": v for (k, c), v in samples.items()}}, handle, indent=2)
         print(f"wrote {args.out}")

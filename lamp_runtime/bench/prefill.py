@@ -28,7 +28,7 @@ from lamp_runtime.requests import GenerationRequest, SamplingParams
 from lamp_runtime.tasks.format import format_input
 from lamp_runtime.tasks.synthetic import zero_shot_prompt
 
-from .report import write_json
+from .report import full_command, write_json
 from .workload import BUNDLED_PROMPTS, machine_context
 
 TASKS = ("sentiment", "topic", "extract", "support_triage")
@@ -94,9 +94,8 @@ def main() -> None:
     print(f"grouped / one batch time: median {statistics.median(ratios):.2f} "
           f"(rounds {min(ratios):.2f}..{max(ratios):.2f})")
     if args.out:
-        command = (f"python -m lamp_runtime.bench.prefill --short {args.short}{' --no-long' if args.no_long else ''} "
-                   f"--repeats {args.repeats} --out {args.out}")
-        write_json(args.out, {"bench": "prefill", "command": command, "context": machine_context(backbone),
+        command = full_command("python -m lamp_runtime.bench.prefill", parser, args)
+        write_json(args.out, {"bench": "prefill", "command": command, "out": str(args.out), "context": machine_context(backbone),
                               "rows": rows, "ratios": ratios})
 
 

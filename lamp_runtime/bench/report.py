@@ -55,3 +55,51 @@ def _cell(value, spec: str) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "-"
     return format(value, spec)
+
+
+def full_command(prefix: str, parser, args) -> str:
+    """The command that re-runs this bench exactly: `prefix` (`python -m MODULE`, `lamp bench NAME`) with every option of `parser`
+    at the value it ran with (defaults resolved), so a later change of a default does not change
+    what the recorded command means. Paths are written as given (relative to the repository root
+    when run from there, as every documented command is)."""
+    import argparse
+    import shlex
+
+    words = prefix.split()
+    extra = []
+    for action in parser._actions:
+        value = _relative(getattr(args, action.dest, None))
+        if not action.option_strings:  # positionals (e.g. extra arguments after --) go last
+            extra += value if isinstance(value, list) else [] if value is None else [value]
+            continue
+        if action.dest == "help":
+            continue
+        flag = max(action.option_strings, key=len)
+        if action.nargs == 0:  # a switch: written when it is on (BooleanOptionalAction: either form)
+            if isinstance(action, argparse.BooleanOptionalAction):
+                positive = next(o for o in action.option_strings if not o.startswith("--no-"))
+                words.append(positive if value else "--no-" + positive[2:])
+            elif value == action.const:
+                words.append(flag)
+            continue
+        if value is None:
+            continue
+        values = value if isinstance(value, (list, tuple)) else [value]
+        words.append(flag)
+        words.extend(str(v) for v in values)
+    return shlex.join(words + (["--", *map(str, extra)] if extra else []))
+
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _relative(value):
+    """A path inside the repository as the documented commands write it: relative to its root."""
+    if isinstance(value, list):
+        return [_relative(v) for v in value]
+    if isinstance(value, (str, Path)) and Path(value).is_absolute():
+        try:
+            return str(Path(value).resolve().relative_to(REPO_ROOT))
+        except ValueError:
+            return str(value)
+    return value

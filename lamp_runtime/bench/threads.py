@@ -27,7 +27,7 @@ from ..engine.base import EngineConfig
 from ..engine.streams import complete
 from ..engines import build_engine
 from ..requests import GenerationRequest, SamplingParams
-from .report import write_json
+from .report import full_command, write_json
 from .workload import machine_context
 
 PRODUCTS = 2000
@@ -79,7 +79,8 @@ def main() -> None:
     parser.add_argument("--out")
     args = parser.parse_args()
     torch.set_num_threads(1)  # the main thread starts without a pool of several threads
-    report = {"bench": "threads", "command": f"python -m lamp_runtime.bench.threads --threads {args.threads}",
+    report = {"bench": "threads", "command": full_command("python -m lamp_runtime.bench.threads", parser, args),
+              "out": args.out,
               "context": machine_context(), "threads": args.threads}
     report["product_us_alone"] = product_us(args.threads)
     report["served_ms_per_token_loaded_on_one_thread"] = served_ms_per_token(args.threads, 1)

@@ -27,7 +27,7 @@ from ..backbone.hf import load_backbone
 from ..backbone.options import BackboneOptions
 from ..prompts.prepared import assemble_embeddings, prepare
 from ..tasks.format import format_input
-from .report import format_table, write_json
+from .report import format_table, full_command, write_json
 from .workload import BUNDLED_PROMPTS, machine_context, task_inputs
 
 INPUTS_PER_TASK = 3
@@ -108,8 +108,8 @@ def main() -> None:
     if args.out:
         for row in rows:
             del row["diffs"]
-        command = f"python -m lamp_runtime.bench.vllm_logprobs --tokens {args.tokens} --top {args.top} --out {args.out}"
-        write_json(args.out, {"bench": "vllm_logprobs", "command": command,
+        command = full_command("python -m lamp_runtime.bench.vllm_logprobs", parser, args)
+        write_json(args.out, {"bench": "vllm_logprobs", "command": command, "out": str(args.out),
                               "context": machine_context(backbone), "summary": summary, "prompts": rows})
 
 

@@ -24,8 +24,15 @@ def register(subparsers) -> None:
     r.add_argument("--store", help="store folder (default: a new temporary one, removed afterwards)")
     r.add_argument("--out", required=True, help="write the report JSON here")
     r.add_argument("--seed", type=int, default=0)
-    r.set_defaults(func=run_registry_command)
+    r.set_defaults(parser=r, func=run_registry_command)
     register_savings(benches)
+
+
+def recorded(report: dict, args) -> dict:
+    """`report` with the command that re-runs it (every option, defaults resolved) and its out path."""
+    from lamp_runtime.bench.report import full_command
+
+    return {**report, "command": full_command(f"lamp bench {args.bench}", args.parser, args), "out": args.out}
 
 
 def run_registry_command(args) -> int:
@@ -36,8 +43,8 @@ def run_registry_command(args) -> int:
     config = RegistryBenchConfig(registry=args.registry, tasks=tuple(args.tasks), batch=args.batch,
                                  samples=args.samples, requests=args.requests, length=args.length, rank=args.rank,
                                  store=args.store, seed=args.seed)
-    report = run_registry_bench(config, on_progress=lambda partial: write_json(args.out, partial))
-    path = write_json(args.out, report)
+    report = run_registry_bench(config, on_progress=lambda partial: write_json(args.out, recorded(partial, args)))
+    path = write_json(args.out, recorded(report, args))
     print(format_table(report["rows"], TABLE_COLUMNS))
     print(f"wrote {path}")
     return 0
@@ -53,7 +60,7 @@ def register_savings(benches) -> None:
     s.add_argument("--warmup", type=int, default=8, help="requests per version before measuring (>= 8)")
     s.add_argument("--out", required=True, help="write the report JSON here")
     s.add_argument("--seed", type=int, default=41)
-    s.set_defaults(func=run_savings_command)
+    s.set_defaults(parser=s, func=run_savings_command)
 
 
 def run_savings_command(args) -> int:
@@ -64,7 +71,7 @@ def run_savings_command(args) -> int:
     config = SavingsBenchConfig(length=args.length, pool=args.pool, rank=args.rank, rounds=args.rounds,
                                 warmup=args.warmup, seed=args.seed)
     report = run_savings_bench(config)
-    path = write_json(args.out, report)
+    path = write_json(args.out, recorded(report, args))
     print(f"tokens saved/request {report['tokens_saved_per_request']:.0f}, KV bytes saved/request "
           f"{report['kv_bytes_saved_per_request']:.0f}; prefill saved: estimated {report['estimated_saved_ms']} ms, "
           f"measured {report['measured_saved_ms']} ms (estimate/measured {report['estimate_over_measured']})")

@@ -132,7 +132,7 @@ def run_registry_bench(config: RegistryBenchConfig, on_progress=None) -> dict:
     rows = []
     backend = "sqlite" if registry is None else "postgresql"
     report = {"bench": "registry", "config": asdict(config), "backend": backend, "machine": context,
-              "command": " ".join(["lamp", *sys.argv[1:]]), "adapter_bytes": len(files[0]), "complete": False,
+              "adapter_bytes": len(files[0]), "complete": False,
               "rows": rows}
     server = start_server(folder / "store", folder / "serve.log", [
         "--max-upload-bytes", str(64 << 20), *(["--registry", registry] if registry else [])])

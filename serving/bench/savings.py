@@ -168,4 +168,4 @@ def run_savings_bench(config: SavingsBenchConfig) -> dict:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)
     return {"bench": "savings", "config": asdict(config), "machine": context, "load_after": os.getloadavg(),
-            "command": " ".join(["lamp", *sys.argv[1:]]), **result}
+            **result}

@@ -22,7 +22,17 @@ def test_seed_outside_what_torch_accepts_is_a_request_error(seed):
 
 @pytest.mark.parametrize("seed", [MIN_SEED, -1, 0, MAX_SEED])
 def test_every_accepted_seed_seeds_a_generator(seed):
-    assert make_generator(SamplingParams(temperature=0.7, seed=seed), torch.device("cpu")) is not None
+    """The seed acts: the generator is at that seed (two made from it draw the same numbers, and
+    the same as torch's own generator seeded with it), and a different seed draws differently."""
+    params = SamplingParams(temperature=0.7, seed=seed)
+    first, second = (make_generator(params, torch.device("cpu")) for _ in range(2))
+    assert first.initial_seed() == seed % 2**64  # torch keeps a negative seed modulo 2**64
+    draws = torch.rand(8, generator=first)
+    assert torch.equal(draws, torch.rand(8, generator=second))
+    assert torch.equal(draws, torch.rand(8, generator=torch.Generator().manual_seed(seed)))
+    other = seed + 1 if seed < MAX_SEED else seed - 1
+    assert not torch.equal(draws, torch.rand(8, generator=make_generator(
+        SamplingParams(temperature=0.7, seed=other), torch.device("cpu"))))
 
 
 @pytest.mark.parametrize("model, raw", [

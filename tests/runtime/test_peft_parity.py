@@ -82,3 +82,38 @@ def test_cli_reports_a_bad_adapter_clearly(tmp_path):
     assert out.returncode == 2
     assert "lamp generate: error:" in out.stderr and "not a safetensors file" in out.stderr
     assert out.stdout == ""
+
+
+def test_peft_rows_in_one_batch_with_every_other_kind(backbone, peft_checkpoint, task_adapters):
+    """The PEFT checkpoint's requests share one batch (one `generate` call, max_batch_size 8) with
+    soft-prompt, LAMP, EPT and no-adapter rows: the PEFT rows still answer what PeftModel.generate
+    answers, and every other row what it answers alone."""
+    from lamp_runtime.adapters import AdapterMeta, EptAdapter
+    from lamp_runtime.engine.base import EngineConfig
+
+    folder, expected = peft_checkpoint
+    g = torch.Generator().manual_seed(11)
+    ept = EptAdapter(AdapterMeta(), vocab_prompt(backbone, 5, seed=12), torch.randn(4, 2, generator=g) * 0.05,
+                     torch.randn(2, backbone.hidden_size, generator=g) * 0.05)
+    engine = DecoderEngine(backbone, config=EngineConfig(max_batch_size=8))
+    for task_id, adapter in {**task_adapters, "ept": ept, "peft": load_adapter(folder, backbone.hidden_size)}.items():
+        engine.registry.register(task_id, adapter)
+    params = SamplingParams(max_new_tokens=NEW_TOKENS)
+    others = [("plain", "Water boils at"), ("lamp2", INPUTS[0]), ("ept", "List three colours:"), (None, INPUTS[1]),
+              ("lamp3", "1, 2, 3,")]
+    requests = [GenerationRequest(t, "peft", params) for t in INPUTS] + [GenerationRequest(t, task, params)
+                                                                          for task, t in others]
+    assert len(requests) <= 8
+    ids = [engine.submit(r) for r in requests]
+    results, first = {}, True
+    while len(results) < len(ids):
+        for out in engine.step():
+            if out.result is not None:
+                results[out.request_id] = out.result
+        if first:  # every request was prefilled in the first step, all six kinds in one forward
+            assert (engine.last_step.prefilled, engine.last_step.distinct_tasks) == (len(requests), 6)
+            first = False
+    mixed = [results[i] for i in ids]
+    assert [r.text for r in mixed[:len(INPUTS)]] == expected
+    alone = [engine.generate([GenerationRequest(t, task, params)])[0].token_ids for task, t in others]
+    assert [r.token_ids for r in mixed[len(INPUTS):]] == alone

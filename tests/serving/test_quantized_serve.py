@@ -1,16 +1,26 @@
-"""`lamp serve --quantization nf4` (bitsandbytes) end to end on the embedded backbone: concurrent
-requests of different tasks answer exactly what transformers' `generate` answers, alone, on the
-same quantized model; the metrics report the quantized weight bytes; and the model really holds
-bitsandbytes 4-bit linear layers. nf4 is batch-invariant here, so its requests share batches (and
-the prompt-KV cache is on).
+"""bitsandbytes nf4 and int8 on the embedded backbone: the engine's greedy answers are the
+same quantized model's greedy answers, up to near-ties whose size is bounded and measured.
 
-int8 (LLM.int8) runs through the engine in process instead of a second server (which cost ~70 s of
-the suite): the server adds nothing per quantization (`--quantization` reaches the same
-`load_backbone`, exercised end to end by nf4). int8 is not batch-invariant: it picks the outlier
-columns it keeps in 16 bits over all the rows of a forward, so a row's result depends on what else
-that forward holds (a full run of the suite once saw a mixed batch answer one request differently
-from `generate` alone): its engine runs one request per forward, prompt and input together as
-`generate` does."""
+nf4 runs end to end (`lamp serve --quantization nf4`, concurrent requests of different tasks that
+share batches, the prompt-KV cache on); int8 (LLM.int8) runs through the engine in process at
+batch 1 (a second server cost ~70 s of the suite and `--quantization` reaches the same
+`load_backbone`).
+
+Why not exact equality with `generate`: bitsandbytes' CPU kernels give bitwise-different results
+for the same row in different shapes. nf4's fused kernel rounds its input to bfloat16 and tiles
+the product by the number of rows (AVX512-BF16 here, AMX tiles where the CPU has them), and int8
+picks the outlier columns it keeps in 16 bits over all the rows of a forward and quantizes each
+row by its own absmax, so a prompt-KV split, a batch's other rows or a different attention
+kernel upstream move a row's logits, and a near-tie can flip a greedy token. An Intel Xeon (AMX)
+saw both tests' texts differ from `generate` at such near-ties. What holds on every host, and is
+asserted here: at every generated position, the token the engine chose is within `BOUND` (in
+log-probability) of the best token of one transformers forward of the same quantized model over
+[soft prompt; input; the engine's tokens]. Where the two agree to the bit (AMD EPYC: every
+position, docs/bench/quantized-gaps.json), the gap is exactly 0, so the test still catches any
+real error (a wrong prompt, position or adapter gives gaps of several nats). Where the shapes are
+the same (int8 at batch 1 without the prompt-KV cache, requests run again in another order) the
+answers must be equal to the bit.
+"""
 
 from __future__ import annotations
 
@@ -24,11 +34,13 @@ import torch
 from lamp_runtime.adapters import save_adapter
 from lamp_runtime.backbone.hf import load_backbone
 from lamp_runtime.backbone.options import BackboneOptions
+from lamp_runtime.engine.base import EngineConfig
+from lamp_runtime.hf.decoder import DecoderEngine
 from lamp_runtime.prompts.prepared import prepare
+from lamp_runtime.requests import GenerationRequest, SamplingParams
 
 from ..conftest import assert_bitsandbytes_linears
 from ..server_process import ServerProcess
-from .conftest import engine_alone
 from .test_api import metric_samples
 
 pytestmark = pytest.mark.slow
@@ -37,16 +49,32 @@ NEW_TOKENS = 6
 INPUTS = ["The capital of France is", "List three colours:"]
 
 
-def reference(quantized, adapter, text: str) -> str:
-    """Greedy transformers generate() on [pooled soft prompt; input embeddings], one request alone."""
+# The largest log-probability gap allowed between the engine's chosen token and transformers'
+# best one (see the module docstring; the measured gaps are in docs/bench/quantized-gaps.json).
+BOUND = {"nf4": 0.25, "int8": 0.5}
+
+
+def greedy_gaps(quantized, adapter, text: str, tokens: list[int]) -> list[float]:
+    """For each of `tokens` (a continuation of `text` under `adapter`), how far its
+    log-probability is below the best token's, in one transformers forward of `quantized` over
+    [pooled soft prompt; input; tokens]: 0 where it is transformers' greedy choice."""
     ids = quantized.tokenizer(text, return_tensors="pt")["input_ids"][0]
-    embeds = quantized.embed(ids)
-    if adapter is not None:
-        embeds = torch.cat([prepare(adapter).prompt.to(embeds.dtype), embeds])
+    embeds = torch.cat([prepare(adapter).prompt.float(), quantized.embed(ids).float(),
+                        quantized.embed(torch.tensor(tokens)).float()])
     with torch.no_grad():
-        out = quantized.model.generate(inputs_embeds=embeds[None], max_new_tokens=NEW_TOKENS, do_sample=False,
-                                       attention_mask=torch.ones(1, embeds.shape[0], dtype=torch.long))
-    return quantized.tokenizer.decode(out[0], skip_special_tokens=True)
+        logits = quantized.model(inputs_embeds=embeds[None],
+                                 attention_mask=torch.ones(1, embeds.shape[0], dtype=torch.long)).logits[0]
+    logprobs = torch.log_softmax(logits.float(), -1)
+    first = embeds.shape[0] - len(tokens) - 1
+    return [(logprobs[first + i].max() - logprobs[first + i, token]).item() for i, token in enumerate(tokens)]
+
+
+def assert_near_greedy(quantization: str, quantized, adapters: dict, cases, answers: list[list[int]]) -> None:
+    for (task, text), tokens in zip(cases, answers):
+        assert tokens, f"{task} {text!r}: no token generated"
+        gaps = greedy_gaps(quantized, adapters[task], text, tokens)
+        assert max(gaps) <= BOUND[quantization], (
+            f"{task} {text!r} -> {quantized.tokenizer.decode(tokens)!r}: log-probability gaps {gaps}")
 
 
 def quantized_backbone(quantization: str, backbone):
@@ -57,23 +85,26 @@ def quantized_backbone(quantization: str, backbone):
     return quantized
 
 
-def quantized_reference(quantization: str, backbone, adapters: dict, cases: list[tuple[str, str]]):
-    """Each case's greedy text from transformers on an in-process quantized backbone, and that
-    backbone's weight bytes."""
-    quantized = quantized_backbone(quantization, backbone)
-    return [reference(quantized, adapters[task], text) for task, text in cases], quantized.weights_bytes
-
-
 CASES = [(task, text) for text in INPUTS for task in ("plain", "lamp2", "lamp3")]
 
 
-def test_int8_engine_answers_like_generate_on_the_same_model(backbone, task_adapters):
+def test_int8_engine_answers_are_the_models_greedy_answers_up_to_near_ties(backbone, task_adapters):
     quantized = quantized_backbone("int8", backbone)
-    expected = [reference(quantized, task_adapters[task], text) for task, text in CASES]
-    assert engine_alone(quantized, task_adapters, CASES, NEW_TOKENS) == expected
+    engine = DecoderEngine(quantized, config=EngineConfig(max_batch_size=1, prompt_kv_cache_bytes=0))
+    for task_id, adapter in task_adapters.items():
+        engine.registry.register(task_id, adapter)
+    params = SamplingParams(max_new_tokens=NEW_TOKENS)
+    answers = [engine.generate([GenerationRequest(text, task, params)])[0].token_ids for task, text in CASES]
+    assert_near_greedy("int8", quantized, task_adapters, CASES, answers)
+    # Exact where the shapes are the same: at batch 1 without the prompt-KV cache (what README
+    # advises for int8) a request's answer does not depend on what ran before it.
+    again = [engine.generate([GenerationRequest(text, task, params)])[0].token_ids for task, text in CASES[::-1]]
+    assert again[::-1] == answers
 
 
-def test_quantized_server_answers_like_generate_on_the_same_model(backbone, task_adapters, tmp_path):
+def test_nf4_server_answers_are_the_models_greedy_answers_up_to_near_ties(backbone, task_adapters, tmp_path):
+    """The served texts, tokenized again (the server returns text; SmolLM's tokenizer gives these
+    short English answers back as the generated tokens), must each be greedy up to BOUND."""
     quantization = "nf4"
     prompts = tmp_path / "prompts"
     prompts.mkdir()
@@ -84,7 +115,7 @@ def test_quantized_server_answers_like_generate_on_the_same_model(backbone, task
     server.launch()  # Ray and the server's own quantized backbone start while the reference is computed here
     try:
         cases = CASES
-        expected, weights_bytes = quantized_reference(quantization, backbone, task_adapters, cases)
+        quantized = quantized_backbone(quantization, backbone)
     except BaseException:
         server.kill()
         raise
@@ -98,11 +129,13 @@ def test_quantized_server_answers_like_generate_on_the_same_model(backbone, task
 
         with ThreadPoolExecutor(len(cases)) as pool:  # concurrent: tasks share batches
             answers = list(pool.map(generate, cases))
-        assert answers == expected
+        tokens = [quantized.tokenizer(answer, add_special_tokens=False)["input_ids"] for answer in answers]
+        assert [quantized.tokenizer.decode(t) for t in tokens] == answers
+        assert_near_greedy(quantization, quantized, task_adapters, cases, tokens)
         time.sleep(1.5)  # replicas push their metrics every 0.5 s
         metrics = client.get("/metrics").text
     served = [s.value for s in metric_samples(metrics, "lamp_backbone_bytes")]
-    assert served == [weights_bytes]
+    assert served == [quantized.weights_bytes]
     batched = sum(s.value for s in metric_samples(metrics, "lamp_batch_tasks_count")) - sum(
         s.value for s in metric_samples(metrics, "lamp_batch_tasks_bucket") if s.labels["le"] == "1.0")
     assert batched > 0, "no step held more than one task"

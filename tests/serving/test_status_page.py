@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from ..requires import missing, require_module
 from .conftest import BUNDLED_TASKS
 from .test_api import metric_samples
 
@@ -26,13 +27,13 @@ CHROMIUM = ("/usr/lib/chromium/chromium", "/usr/bin/chromium", "/usr/bin/chromiu
 def chromium_path() -> str:
     found = next((path for path in CHROMIUM if os.access(path, os.X_OK)), None)
     if found is None:
-        pytest.skip("no Chromium: `make setup` installs Debian's chromium where apt-get runs as root")
+        missing("no Chromium: `make setup` installs Debian's chromium where apt-get runs as root")
     return found
 
 
 @pytest.fixture(scope="module")
 def browser():
-    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is a dev extra (make setup)")
+    playwright = require_module("playwright.sync_api", reason="playwright is a dev extra (make setup)")
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox"])
         yield browser

