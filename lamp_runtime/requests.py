@@ -22,6 +22,10 @@ MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1
 MAX_TEMPERATURE = 100
 MAX_LOGPROBS = 20  # top alternatives per token, as OpenAI allows
 MAX_SAMPLES = 16  # n: samples of one prompt (each holds a batch slot)
+# The engines' limits by default (EngineConfig; `lamp serve`'s settings pass theirs on): input tokens
+# per request and max_new_tokens a request may ask for.
+MAX_INPUT_TOKENS_LIMIT = 2048
+MAX_NEW_TOKENS_LIMIT = 1024
 DEFAULT_MAX_NEW_TOKENS = 64  # /generate's and `lamp generate`'s default (OpenAI's APIs have their own)
 CHAT_ROLES = ("system", "user", "assistant")
 # How a chat request's messages become the model's input text: the backbone tokenizer's own chat

@@ -18,6 +18,7 @@ import yaml
 
 from lamp_runtime.backbone.options import DTYPE_CHOICES, QUANTIZATION_CHOICES
 from lamp_runtime.engines import ENGINE_KINDS
+from lamp_runtime.requests import MAX_INPUT_TOKENS_LIMIT, MAX_NEW_TOKENS_LIMIT
 
 from .routing import ROUTING_CHOICES, effective_routing
 from .routing.affinity import LoadBound
@@ -54,8 +55,8 @@ class ServeSettings:
     batch_wait_ms: float = 5.0
     prefill_forward_cost_tokens: int = 32  # newcomers differing more in length get separate prefills
     max_queue: int = 64  # requests waiting per replica before 503
-    max_input_tokens: int = 2048
-    max_new_tokens: int = 1024
+    max_input_tokens: int = MAX_INPUT_TOKENS_LIMIT
+    max_new_tokens: int = MAX_NEW_TOKENS_LIMIT
     prompt_cache_mb: int = 256
     adapter_cache_mb: int = 64  # host memory for the factors of the adapters being served
     prompt_kv_cache_mb: int = 256  # soft-prompt keys/values kept per task version; 0 = off

@@ -1,11 +1,12 @@
 """The bundled adapters' held-out accuracy and greedy answers under several backbone options.
 
-    .venv/bin/python -m lamp_runtime.bench.accuracy [--options float32/none bfloat16/int4] [--rows 100]
+    .venv/bin/python -m lamp_runtime.bench.accuracy [--options float32/none bfloat16/int4 llamacpp] [--rows 100]
         [--out docs/bench/accuracy.json]
 
 Every bundled adapter (prompts/*.safetensors) answers the first `--rows` rows of its task's
-eval.jsonl through the serving engine, greedy, under each option; the report gives each option's
-accuracy and the share of answers identical, token for token, to the first option's.
+eval.jsonl through the serving engine, greedy, under each option (`dtype/quantization` for the HF
+engine; `llamacpp` for the llama.cpp engine on the embedded GGUF as it is); the report gives each
+option's accuracy and the share of answers identical, token for token, to the first option's.
 """
 
 from __future__ import annotations
@@ -35,6 +36,16 @@ def answers(engine, task: str, rows: list[dict]) -> list[list[int]]:
     return results
 
 
+def engine_of(spec: str):
+    """The synchronous engine core an option names."""
+    if spec == "llamacpp":
+        from ..llamacpp.engine import build_llamacpp_engine
+
+        return build_llamacpp_engine(BackboneOptions(device="cpu"))
+    dtype, quantization = spec.split("/")
+    return engine_for(load_backbone(BackboneOptions(dtype=dtype, quantization=quantization, device="cpu")))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--options", nargs="+", default=["float32/none", "bfloat16/int4"])
@@ -45,13 +56,12 @@ def main() -> None:
               "out": args.out, "context": machine_context(), "tasks": {}}
     completions: dict[str, dict[str, list]] = {}
     for spec in args.options:
-        dtype, quantization = spec.split("/")
-        backbone = load_backbone(BackboneOptions(dtype=dtype, quantization=quantization, device="cpu"))
-        engine = engine_for(backbone)
+        engine = engine_of(spec)
+        hidden_size = engine.backbone.hidden_size
         for task in sorted(TASKS):
             rows = [json.loads(line) for line in (BUNDLED_PROMPTS / "data" / task / "eval.jsonl").read_text().splitlines()]
             rows = rows[:args.rows]
-            engine.registry.register(task, load_adapter(BUNDLED_PROMPTS / f"{task}.safetensors", backbone.hidden_size))
+            engine.registry.register(task, load_adapter(BUNDLED_PROMPTS / f"{task}.safetensors", hidden_size))
             started = time.perf_counter()
             results = answers(engine, task, rows)
             labels = TASKS[task].labels

@@ -7,11 +7,6 @@ prompt-tuning initialisation), which keeps activations in the range a trained pr
 
 from __future__ import annotations
 
-import os
-import platform
-import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +14,7 @@ import torch
 
 from ..adapters import AdapterMeta, LampAdapter
 from ..errors import require_at_least
+from ..machine import load_average, machine_context  # noqa: F401 (the benches' import)
 from ..tasks.synthetic import get_task
 
 # The bundled adapters and their data (the repository's prompts/ folder).
@@ -66,58 +62,3 @@ def gaussian_prompt(hidden_size: int, length: int, seed: int, std: float = 0.05)
 def task_inputs(task: str, count: int, seed: int = 0) -> list[str]:
     """`count` distinct inputs of a bundled synthetic task (same task and seed, same inputs)."""
     return [row["input"] for row in get_task(task).generate(count, seed)]
-
-
-def machine_context(backbone=None) -> dict:
-    """Where the numbers came from. Load averages show how much other work shared the cores."""
-    context = {
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "cpu": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        # Spinning OpenMP workers slow down many-fold when other processes share the cores.
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-        "load_average": load_average(),
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "git": _git_revision(),
-    }
-    if torch.cuda.is_available():
-        context["cuda_device"] = torch.cuda.get_device_name()
-    if backbone is not None:
-        import transformers
-
-        context["transformers"] = transformers.__version__
-        context["backbone"] = {
-            "name": backbone.name, "dtype": backbone.options.dtype, "quantization": backbone.options.quantization,
-            "device": str(backbone.device), "weights_bytes": backbone.weights_bytes,
-            "layers": backbone.config.num_hidden_layers, "hidden_size": backbone.hidden_size,
-        }
-    return context
-
-
-def load_average() -> list[float] | None:
-    """1, 5 and 15 minute load averages: above the core count, other work competed for the CPU."""
-    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-
-
-def _git_revision() -> str | None:
-    """The commit measured, `-dirty` when the working tree had uncommitted changes (None outside git)."""
-    try:
-        done = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).parent,
-                              capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return done.stdout.strip() or None if done.returncode == 0 else None
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"

@@ -28,7 +28,13 @@ import torch
 from ..adapters.registry import AdapterRegistry
 from ..errors import EngineStoppedError, QueueFullError, require_at_least
 from ..prompts.cache import CacheStats
-from ..requests import GenerationRequest, GenerationResult, StepOutput
+from ..requests import (
+    MAX_INPUT_TOKENS_LIMIT,
+    MAX_NEW_TOKENS_LIMIT,
+    GenerationRequest,
+    GenerationResult,
+    StepOutput,
+)
 
 # What an engine hands a request's sink: each of its outputs, or one exception that ends it.
 Sink = Callable[[StepOutput | BaseException], None]
@@ -37,8 +43,8 @@ Sink = Callable[[StepOutput | BaseException], None]
 @dataclass(frozen=True)
 class EngineConfig:
     max_batch_size: int = 16
-    max_input_tokens: int = 2048
-    max_new_tokens: int = 1024
+    max_input_tokens: int = MAX_INPUT_TOKENS_LIMIT
+    max_new_tokens: int = MAX_NEW_TOKENS_LIMIT
     prompt_cache_bytes: int = 256 * 1024 * 1024
     # Host memory for the factors of adapters registered by reference (adapters/stored.py), loaded
     # when a request needs them (engine/resident.py).

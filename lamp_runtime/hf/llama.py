@@ -169,8 +169,9 @@ class LlamaTemplateForward:
         self.logit_dtype = torch.float32
 
     def new_slots(self, slots: int) -> KVSlots:
-        """The KV cache this model writes: float32 on the CPU (the attention's dtype, and ~5x faster
-        there than bfloat16 for these small products), the model's dtype on a GPU."""
+        """The KV cache this model writes: float32 on the CPU (the attention's dtype, and faster there
+        than bfloat16 for these small products: CPUs have no fast bfloat16 path for them), the
+        model's dtype on a GPU."""
         dtype = torch.float32 if self.device.type == "cpu" else self.model.dtype
         return KVSlots(len(self.layers), slots, self.kv_heads, self.head_dim, dtype, self.device)
 
@@ -202,8 +203,8 @@ class LlamaTemplateForward:
         write_at = torch.cat([part.write_at for part in parts]) if len(parts) > 1 else parts[0].write_at
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
         qk_width, rsqrt, silu = (heads + kv_heads) * head_dim, torch.rsqrt, F.silu
-        # One loop, locals only: at batch 1 on a 2-core CPU a decode step is ~50 small ops per
-        # layer besides the products, and Python time between them was ~1.3 ms of ~8 per step.
+        # One loop, locals only: at batch 1 a decode step is dozens of small ops per layer besides
+        # the products, and the Python time between them is a visible share of the step.
         for index, layer in enumerate(self.layers):
             (w1, e1), (w2, e2) = layer.norm1, layer.norm2
             qkv = layer.qkv((w1 * (x * rsqrt(x.pow(2).mean(-1, keepdim=True) + e1))).to(layer.dtypes[0])).float()
@@ -259,8 +260,9 @@ class _SegmentPlan:
         visible = torch.arange(self.length, device=device)[None, None, :] <= segment.positions[:, :, None]
         # Decode attention (one query per row) runs as two batched products with an additive mask
         # per (row, kv head), [R*kvh, 1, T], grouped query heads sharing their kv head without a
-        # repeat: 8 us per layer at batch 1 on the 2-core CPU against 70 us in
-        # scaled_dot_product_attention, which prefills use (its kernel never holds every score).
+        # repeat: for one query per row this is several times faster on the CPU than
+        # scaled_dot_product_attention, whose fixed cost dominates there; prefills use the latter
+        # (its kernel never holds every score).
         if self.n == 1:
             self.mask = torch.zeros(self.rows, model.kv_heads, self.length, device=device).masked_fill_(
                 ~visible, float("-inf")).view(self.rows * model.kv_heads, 1, self.length)

@@ -3,8 +3,8 @@
 The newcomers of a step are prefilled as left-padded batches: one 600-token request among
 fifteen 30-token ones would make every row 600 positions long (9x the real tokens). Sorted by
 length, rows are cut into groups wherever a separate forward is cheaper than the padding it
-saves, counting a forward's fixed cost as `forward_cost_tokens` positions (on the 2-core CPU a
-forward costs ~47 ms plus ~2.5 ms per token at batch 1, i.e. ~20 tokens; see docs/benchmarks.md).
+saves, counting a forward's fixed cost as `forward_cost_tokens` positions (a forward's fixed cost
+over its cost per token, measured in docs/benchmarks.md with docs/bench/prefill.json).
 """
 
 from __future__ import annotations

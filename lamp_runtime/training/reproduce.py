@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..machine import machine_context
 from ..tasks.synthetic import TASKS
 
 # (name, method, pool). PT is unpooled, as in the papers' baseline; EPT's prompt is its short one.
@@ -223,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     table = render_table(all_results, budget, wall, "the 2-core CPU (fp32)", load)
     print(table)
     summary = {"command": "make prompts (python -m lamp_runtime.training.reproduce)", "budget": budget.__dict__,
-               "wall_seconds": round(wall, 1), "load_average": load, "tasks": all_results}
+               "context": machine_context(), "wall_seconds": round(wall, 1), "load_average": load,
+               "tasks": all_results}
     (work_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     if not args.no_bundle:
         (prompts_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
