@@ -127,7 +127,8 @@ class Flood:
 
 
 def light_clients(url: str, args) -> tuple[list[float], Counter, int]:
-    """The three light tasks, each a sequential client; latencies of every request, statuses."""
+    """The three light tasks, each a sequential client; latencies of the answered requests, and
+    every request's status (the light clients do not retry: a refusal counts as unanswered)."""
     latencies, statuses, missing = [], Counter(), 0
     lock = threading.Lock()
 
@@ -138,7 +139,8 @@ def light_clients(url: str, args) -> tuple[list[float], Counter, int]:
                 status, seconds, _, retry = generate(http, url, task_id, INPUTS[i % len(INPUTS)],
                                                      args.light_new_tokens)
                 with lock:
-                    latencies.append(seconds)
+                    if status == "200":  # a refusal is fast and says nothing of the service
+                        latencies.append(seconds)
                     statuses[status] += 1
                     missing += status in ("429", "503") and retry is None
 
@@ -171,6 +173,8 @@ def measure(url: str, args) -> dict:
     time.sleep(args.ramp_seconds)
     window = time.perf_counter()
     light_mixed, light_mixed_statuses, missing_mixed = light_clients(url, args)
+    # the heavy task's window: the light clients' time, at least as long as the heavy-alone one
+    time.sleep(max(0.0, window + args.heavy_seconds - time.perf_counter()))
     heavy_mixed = flood.tokens_per_s(window, time.perf_counter())
     flood.close()
     return {
@@ -185,6 +189,8 @@ def measure(url: str, args) -> dict:
 
 
 def _quantiles(latencies: list[float]) -> dict:
+    if not latencies:
+        return {"p50": None, "p95": None, "count": 0}
     return {"p50": 1000 * statistics.median(latencies), "p95": 1000 * percentile(latencies, 0.95),
             "count": len(latencies)}
 
@@ -192,8 +198,9 @@ def _quantiles(latencies: list[float]) -> dict:
 def summarize(rounds: list[dict]) -> dict:
     """Pooled over rounds: light p50/p95 alone and mixed, heavy tokens/s alone and mixed, ratios."""
 
-    def pooled(key: str, q: str) -> float:
-        return statistics.median(r[key]["latency_ms"][q] for r in rounds)
+    def pooled(key: str, q: str) -> float | None:
+        values = [r[key]["latency_ms"][q] for r in rounds if r[key]["latency_ms"][q] is not None]
+        return statistics.median(values) if values else None
 
     def statuses(key: str) -> dict:
         total = Counter()
@@ -203,7 +210,7 @@ def summarize(rounds: list[dict]) -> dict:
 
     light = {q: {"alone_ms": pooled("light_alone", q), "mixed_ms": pooled("light_mixed", q)} for q in ("p50", "p95")}
     for q in light.values():
-        q["mixed_over_alone"] = q["mixed_ms"] / q["alone_ms"]
+        q["mixed_over_alone"] = q["mixed_ms"] / q["alone_ms"] if q["mixed_ms"] and q["alone_ms"] else None
     heavy_alone = statistics.median(r["heavy_alone"]["tokens_per_s"] for r in rounds)
     heavy_mixed = statistics.median(r["heavy_mixed"]["tokens_per_s"] for r in rounds)
     mixed = statuses("light_mixed")
@@ -257,8 +264,8 @@ def main(argv=None) -> int:
                     result = measure(servers[variant].url, args)
                     rounds[variant].append(result)
                     print(f"round {r + 1}/{args.rounds} fair {variant}: light p95 alone "
-                          f"{result['light_alone']['latency_ms']['p95']:.0f} ms, flooded "
-                          f"{result['light_mixed']['latency_ms']['p95']:.0f} ms "
+                          f"{result['light_alone']['latency_ms']['p95']} ms, flooded "
+                          f"{result['light_mixed']['latency_ms']['p95']} ms "
                           f"{result['light_mixed']['statuses']}; heavy {result['heavy_alone']['tokens_per_s']:.1f} "
                           f"-> {result['heavy_mixed']['tokens_per_s']:.1f} tok/s {result['heavy_mixed']['statuses']} "
                           f"({result['seconds']:.0f} s)", flush=True)
