@@ -230,5 +230,5 @@ class FairQueue(Generic[T]):
         if task.rows + width <= max(share, 1):
             return None
         return REFUSED_TASK_SHARE, TaskQueueFullError(
-            task_id, f"task {task_id!r} already has {task.rows} of the {self._rows} requests waiting (its share of "
-                     f"a full queue: {share:.0f} of {self.capacity})")
+            task_id, f"task {task_id!r} already has {task.rows} of the {self._rows} requests waiting (limit "
+                     f"{max(share, 1):.0f} for one task of {len(self._active | {task_id})} while the queue is full)")

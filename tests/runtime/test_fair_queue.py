@@ -151,3 +151,22 @@ def test_properties(ops, capacity, fair):
         mine = [item[1] for item in rest if item[0] == task]
         assert mine == sorted(mine)
     assert sum(sum(s.refused.values()) for s in q.stats().values()) == refused
+
+
+@pytest.mark.parametrize("fair", [True, False])
+def test_decoder_engine_admits_a_light_task_ahead_of_a_queued_flood(engine, fair):
+    """The real HF step core: a flood of one task queued, then one request of another; with fair
+    scheduling the light request is the second to enter the batch, without it the last."""
+    from lamp_runtime.hf.decoder import DecoderEngine
+    from lamp_runtime.requests import GenerationRequest, SamplingParams
+
+    core = DecoderEngine(engine.backbone, registry=engine.registry,
+                         config=EngineConfig(max_batch_size=1, fair_scheduling=fair))
+    params = SamplingParams(max_new_tokens=2)
+    flood = [GenerationRequest(f"flood {i}", "plain", params) for i in range(4)]
+    light = GenerationRequest("light", "lamp2", params)
+    order = [r.task_id for r in sorted(core.generate([*flood, light]), key=lambda r: r.queue_ms)]
+    assert order.index("lamp2") == (1 if fair else 4)
+    stats = core.stats().tasks
+    assert stats["plain"].admitted == 4 and stats["lamp2"].admitted == 1
+    assert 4 <= stats["plain"].generated_tokens <= 8 and stats["lamp2"].prompt_tokens > 0  # EOS may end one early
