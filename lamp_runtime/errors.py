@@ -47,7 +47,16 @@ class UnsupportedRequestError(RequestError):
 
 
 class QueueFullError(RuntimeError):
-    """Too many requests are waiting; try again later."""
+    """Too many requests are waiting; try again later (HTTP 503)."""
+
+
+class TaskQueueFullError(QueueFullError):
+    """This task holds more than its share of a full waiting queue while other tasks still get in
+    (HTTP 429): the task, not the server, should slow down."""
+
+    def __init__(self, task_id: str, message: str):
+        super().__init__(message)
+        self.task_id = task_id
 
 
 class EngineStoppedError(RuntimeError):

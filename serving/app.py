@@ -10,6 +10,8 @@ from __future__ import annotations
 import ray
 from ray.serve import Application
 
+from lamp_runtime.engine.fair_queue import queue_limit
+
 from .config import ServeSettings
 from .ingress import LampIngress
 from .metrics.hub import MetricsHub
@@ -21,6 +23,10 @@ APP_NAME = "lamp"
 # Calls besides generation that a replica must always have room for (health, info, metrics).
 CONTROL_HEADROOM = 8
 INGRESS_MIN_CAPACITY = 1000
+# The ingress holds every request in flight and the hub every replica's metrics, yet they ask for
+# no CPU: without this Ray may place them on a worker, and losing that node would fail every
+# request the ingress holds. The head node's resource pins them there (a worker may go).
+ON_HEAD_NODE = {"num_cpus": 0, "resources": {"node:__internal_head__": 0.001}}
 
 
 def replica_cpus(settings: ServeSettings) -> float:
@@ -40,8 +46,9 @@ def build_app(args: dict | None = None) -> Application:
 def application(settings: ServeSettings) -> Application:
     """The application for settings already read (`lamp serve`); they reach the deployments as
     they are, not as a mapping to read again."""
-    per_replica = settings.max_batch_size + settings.max_queue
-    hub = MetricsHub.bind()
+    # A full batch plus the engine's waiting queue, the fair queue's reserve for light tasks included.
+    per_replica = settings.max_batch_size + queue_limit(settings.engine_config())
+    hub = MetricsHub.options(ray_actor_options=ON_HEAD_NODE).bind()
     routing = request_router_config(settings.routing_in_force, settings.affinity_load_factor,
                                     settings.affinity_min_queue)
     model = LampModel.options(
@@ -60,6 +67,7 @@ def application(settings: ServeSettings) -> Application:
     # so overload is answered by our own limits (JSON 503 + Retry-After), not by Serve's proxy.
     capacity = max(INGRESS_MIN_CAPACITY, 4 * per_replica * settings.replicas)
     ingress = LampIngress.options(
+        ray_actor_options=ON_HEAD_NODE,
         max_ongoing_requests=capacity,
         max_queued_requests=capacity,
         backpressure_config={"status_code": 503, "retry_after_s": RETRY_AFTER_S},

@@ -55,6 +55,7 @@ class ServeSettings:
     batch_wait_ms: float = 5.0
     prefill_forward_cost_tokens: int = 32  # newcomers differing more in length get separate prefills
     max_queue: int = 64  # requests waiting per replica before 503
+    fair_scheduling: bool = True  # admit by tokens served per task, 429 beyond a task's share (fair_queue.py)
     max_input_tokens: int = MAX_INPUT_TOKENS_LIMIT
     max_new_tokens: int = MAX_NEW_TOKENS_LIMIT
     prompt_cache_mb: int = 256
@@ -75,6 +76,8 @@ class ServeSettings:
                      "prompt_cache_mb", "adapter_cache_mb", "max_request_bytes", "max_upload_bytes"):
             _check_range(self, name, 1, None)
         _check_range(self, "prefill_forward_cost_tokens", 0, None)
+        if not isinstance(self.fair_scheduling, bool):
+            raise ValueError(f"fair_scheduling must be true or false, got {self.fair_scheduling!r}")
         _check_range(self, "prompt_kv_cache_mb", 0, None)
         for name in ("num_cpus", "threads"):
             if getattr(self, name) is not None:
@@ -146,7 +149,8 @@ class ServeSettings:
                             adapter_cache_bytes=self.adapter_cache_mb * 1024 * 1024,
                             prompt_kv_cache_bytes=self.prompt_kv_cache_mb * 1024 * 1024,
                             prefill_forward_cost_tokens=self.prefill_forward_cost_tokens,
-                            max_waiting=self.max_queue, batch_wait_ms=self.batch_wait_ms)
+                            max_waiting=self.max_queue, batch_wait_ms=self.batch_wait_ms,
+                            fair_scheduling=self.fair_scheduling)
 
     def vllm_options(self):
         """VllmOptions for the vLLM engine; None for the HF engine."""
@@ -205,9 +209,9 @@ def _coerce(field: dataclasses.Field, value: Any, source: str) -> Any:
         if isinstance(value, bool):
             return value
         text = str(value).strip().lower()
-        if text not in ("true", "false"):
+        if text not in ("true", "false", "on", "off"):
             raise ValueError(f"{source}: {field.name} must be true or false, got {value!r}")
-        return text == "true"
+        return text in ("true", "on")
     if kind.startswith("int"):
         text = str(value).strip()
         if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and text.isdigit())):

@@ -267,7 +267,7 @@ class GenerationService:
 
 def refused(refusal: Refusal) -> ServingError:
     """The HTTP error for a replica's refusal; says which replica answered (header), like successes do."""
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if refusal.status == 503 else {}
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if refusal.status in (429, 503) else {}
     if refusal.replica:
         headers[REPLICA_HEADER] = refusal.replica
     return ServingError(refusal.status, refusal.message, headers)

@@ -64,6 +64,9 @@ def register(subparsers) -> None:
                    help="a prefill forward's fixed cost in padded positions: newcomers whose lengths differ "
                         "more are prefilled apart (default 32; a huge value = one padded batch)")
     p.add_argument("--max-queue", type=int, help="waiting requests per replica before 503 (default 64)")
+    p.add_argument("--fair-scheduling", choices=("on", "off"),
+                   help="on (default): the next request is the task's with the fewest tokens served, and a task "
+                        "beyond its share of a full queue gets 429; off: first come, first served")
     p.add_argument("--max-input-tokens", type=int, help="longest input in tokens; longer is 413 (default 2048)")
     p.add_argument("--max-new-tokens", type=int, help="largest max_new_tokens a request may ask (default 1024)")
     p.add_argument("--prompt-cache-mb", type=int, help="device memory for built prompts (default 256)")
@@ -93,7 +96,7 @@ SETTING_FLAGS = ("host", "port", "address", "num_cpus", "store", "registry", "pr
                  "quantization", "device", "replicas", "routing", "affinity_load_factor",
                  "affinity_min_queue", "replica_cpus", "threads", "max_batch_size",
                  "batch_wait_ms",
-                 "prefill_forward_cost_tokens", "max_queue", "max_input_tokens", "max_new_tokens", "prompt_cache_mb",
+                 "prefill_forward_cost_tokens", "max_queue", "fair_scheduling", "max_input_tokens", "max_new_tokens", "prompt_cache_mb",
                  "adapter_cache_mb", "prompt_kv_cache_mb", "max_request_bytes", "max_upload_bytes",
                  "serve_log_level", "engine", "vllm_kv_cache_mb", "vllm_max_model_len",
                  "vllm_block_size", "allow_random_weights")
@@ -106,6 +109,8 @@ def settings_from_args(args: argparse.Namespace):
     from .store import is_url
 
     overrides = {name: getattr(args, name) for name in SETTING_FLAGS}
+    if overrides["fair_scheduling"] is not None:
+        overrides["fair_scheduling"] = overrides["fair_scheduling"] == "on"
     overrides["log_level"] = overrides.pop("serve_log_level")
     settings = load_settings(args.config, overrides)
     absolute = {}

@@ -58,6 +58,9 @@ class Sums:
     buckets: dict[str, dict[str, dict[float, float]]] = field(default_factory=dict)  # kind -> task -> le -> count
     # Each replica's engine (`lamp_engine_info`'s labels: kind, device, the settings it chose, replica).
     engines: list[dict[str, str]] = field(default_factory=list)
+    # The fair queue by task (bounded labels): rows waiting now, requests refused since start by reason.
+    waiting: dict[str, float] = field(default_factory=dict)
+    refused: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, snapshots: list[list[Family]], at: float) -> "Sums":
@@ -72,6 +75,13 @@ class Sums:
                         sums.totals[by_sample[sample]] += value
                     if sample == "lamp_engine_info":
                         sums.engines.append(dict(labels))
+                    if sample == "lamp_task_requests_waiting":
+                        task = labels.get("task", "other")
+                        sums.waiting[task] = sums.waiting.get(task, 0.0) + value
+                    if sample == "lamp_task_requests_refused_total":
+                        per_reason = sums.refused.setdefault(labels.get("task", "other"), {})
+                        reason = labels.get("reason", "")
+                        per_reason[reason] = per_reason.get(reason, 0.0) + value
                     if sample == "lamp_requests_total" and labels.get("status", "").startswith("2"):
                         requests[labels.get("task", "other")] += value
                     kind = histograms.get(sample)
@@ -147,11 +157,26 @@ class StatusBoard:
             "other": [self._task_row(t, now, base, rate) for t in sorted(others)],
             "totals": now.totals,
             "engines": now.engines,
+            "queue": self._queue_rows(now, base),
             "rates": {k: rate(now.totals[k], base.totals[k]) if base else None for k in RATES},
             "history": [{"at": later.at, **{k: (later.totals[k] - earlier.totals[k]) / (later.at - earlier.at)
                                             for k in RATES}}
                         for earlier, later in zip(self._history, list(self._history)[1:])],
         }
+
+    @staticmethod
+    def _queue_rows(now: Sums, base: Sums | None) -> list[dict]:
+        """Who waits and who is refused: tasks with rows waiting now or refusals in the window."""
+        rows = []
+        for task in sorted(set(now.waiting) | set(now.refused)):
+            refused = now.refused.get(task, {})
+            before = base.refused.get(task, {}) if base else {}
+            recent = {reason: n - before.get(reason, 0.0) for reason, n in refused.items()}
+            waiting = now.waiting.get(task, 0.0)
+            if waiting or any(recent.values()):
+                rows.append({"task_id": task, "waiting": waiting, "refused": refused, "refused_recently": recent})
+        rows.sort(key=lambda r: (-r["waiting"], -sum(r["refused_recently"].values()), r["task_id"]))
+        return rows[:MAX_TASKS_SHOWN]
 
     @staticmethod
     def _task_row(task_id: str, now: Sums, base: Sums | None, rate) -> dict:

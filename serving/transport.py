@@ -17,17 +17,19 @@ from lamp_runtime.errors import (
     InputTooLongError,
     QueueFullError,
     RequestError,
+    TaskQueueFullError,
     UnknownTaskError,
     UnservableTaskError,
     UnsupportedRequestError,
 )
 from lamp_runtime.requests import GenerationResult
 
-# What a 503 tells the client to wait (Retry-After), ours and Serve's back-pressure alike.
+# What a 503 or 429 tells the client to wait (Retry-After), ours and Serve's back-pressure alike.
 RETRY_AFTER_S = 1
 
-# Most specific first: InputTooLongError and UnsupportedRequestError are RequestErrors.
-_STATUS_OF = ((UnknownTaskError, 404), (UnservableTaskError, 409), (InputTooLongError, 413),
+# Most specific first: InputTooLongError and UnsupportedRequestError are RequestErrors, a task over
+# its share of the queue (429: that task should slow down) is a QueueFullError (503: everyone).
+_STATUS_OF = ((TaskQueueFullError, 429), (UnknownTaskError, 404), (UnservableTaskError, 409), (InputTooLongError, 413),
               (UnsupportedRequestError, 400), (RequestError, 422), (AdapterError, 422), (QueueFullError, 503),
               (EngineStoppedError, 503))
 
@@ -57,7 +59,9 @@ def refusal_for(exc: BaseException, replica: str | None = None) -> Refusal | Non
     if status is None:
         return None
     message = str(exc)
-    if isinstance(exc, QueueFullError):
+    if isinstance(exc, TaskQueueFullError):
+        message = f"too many requests of this task waiting: {exc}; retry after {RETRY_AFTER_S} s"
+    elif isinstance(exc, QueueFullError):
         message = f"server overloaded: {exc}; retry after {RETRY_AFTER_S} s"
     elif isinstance(exc, EngineStoppedError):
         message = f"engine unavailable: {exc}"

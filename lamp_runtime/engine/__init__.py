@@ -5,6 +5,8 @@
 - streams.py: the one async adapter over `submit`: `generate`, `complete`, `complete_all`
 - step_loop.py: `StepLoopEngine`, the contract over a synchronous step core on a loop thread
 - admission.py: the checks every engine applies to a request before queueing it
+- fair_queue.py: `FairQueue`, the waiting queue of every step core: admission by a virtual token
+  counter per task, a task's share of a full queue (429 beyond it), per-task counts for stats
 - request_state.py (`RequestState`: per-request state, stop strings, streaming), sampling.py,
   logprobs.py, chat.py, resident.py (adapter factors loaded on demand)
 

@@ -35,6 +35,7 @@ from ..requests import (
     GenerationResult,
     StepOutput,
 )
+from .fair_queue import TaskQueueStats
 
 # What an engine hands a request's sink: each of its outputs, or one exception that ends it.
 Sink = Callable[[StepOutput | BaseException], None]
@@ -59,7 +60,12 @@ class EngineConfig:
     threads: int | None = None
     # Requests accepted but not yet prefilled, at most; beyond it `submit` raises QueueFullError
     # (the HTTP layer answers 503 + Retry-After) rather than letting latency and memory grow.
+    # With fair scheduling, a task alone may fill it; past it a task beyond its share gets
+    # TaskQueueFullError (429) and tasks within theirs get in, up to a reserve (fair_queue.py).
     max_waiting: int = 256
+    # Step cores admit waiting requests by a virtual token counter per task and bound each task's
+    # share of the queue (engine/fair_queue.py); False: first come, first served across tasks.
+    fair_scheduling: bool = True
     # Step-loop engines (step_loop.py): when the engine goes from idle to busy, how long to wait
     # for requests arriving together so they share one prefill. vLLM forms its batches itself.
     batch_wait_ms: float = 5.0
@@ -72,6 +78,8 @@ class EngineConfig:
         require_at_least(self, 1, "threads", prefix="EngineConfig.")
         if not isinstance(self.batch_wait_ms, (int, float)) or self.batch_wait_ms < 0:
             raise ValueError(f"batch_wait_ms must be >= 0, got {self.batch_wait_ms}")
+        if not isinstance(self.fair_scheduling, bool):
+            raise ValueError(f"fair_scheduling must be True or False, got {self.fair_scheduling!r}")
 
 
 @dataclass
@@ -125,6 +133,8 @@ class EngineStats:
     kv_cache_bytes: keys/values held by the requests in flight (None: the engine cannot tell).
     settings: what the engine chose for itself (e.g. a probed weight layout), shown as labels of
       `lamp_engine_info` on /metrics; keys are label names.
+    tasks: each task's part of the waiting queue (waiting now; admitted, refused by reason, tokens
+      served since the start), for the tasks seen; empty for an engine without a fair queue.
     """
 
     kind: str
@@ -140,6 +150,7 @@ class EngineStats:
     cuda_allocated_bytes: int | None = None  # None off CUDA
     cuda_reserved_bytes: int | None = None
     settings: dict[str, str] = field(default_factory=dict)
+    tasks: dict[str, TaskQueueStats] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.prompt_kv_unit not in ("requests", "prompt tokens"):
@@ -233,9 +244,11 @@ class Engine(abc.ABC):
             if observer.on_finish is not None:
                 observer.on_finish(result)
 
-    def _check_admission(self, waiting: int) -> None:
-        """Refuse at once when the engine is down or its queue is full (before any work)."""
+    def _check_admission(self, waiting: int, limit: int | None = None) -> None:
+        """Refuse at once when the engine is down or its queue is full (before any work); `limit`:
+        the queue's bound when not `config.max_waiting` (a fair queue's reserve included)."""
         if not self.healthy:
             raise EngineStoppedError(f"engine loop is not running ({self.stopped_reason()})")
-        if waiting >= self.config.max_waiting:
-            raise QueueFullError(f"{waiting} requests already waiting (limit {self.config.max_waiting})")
+        limit = self.config.max_waiting if limit is None else limit
+        if waiting >= limit:
+            raise QueueFullError(f"{waiting} requests already waiting (limit {limit})")

@@ -6,7 +6,8 @@ token for every running row. This module owns the thread that calls `step()` whi
 hands each output to its request's sink and the observers, and fails every request in flight if
 the core raises (the loop never dies silently; `healthy` turns False). Every request that arrives
 while the loop runs joins the same continuous batch, whatever its task; the waiting queue is
-bounded by `config.max_waiting`.
+bounded by `config.max_waiting` (plus, with fair scheduling, the reserve of fair_queue.py, which
+the core's FairQueue applies per task).
 
 Threads: the core's `on_loop_start()` runs on the loop thread before its first step; the
 transformers cores set torch's intra-op threads there, and the loop thread should be the only
@@ -29,6 +30,7 @@ from ..adapters.registry import AdapterRegistry
 from ..errors import EngineStoppedError, RequestError
 from ..requests import GenerationRequest, StepOutput
 from .base import BackboneInfo, Engine, EngineConfig, EngineStats, Sink, StepStats
+from .fair_queue import queue_limit
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +97,7 @@ class StepLoopEngine(Engine):
         return str(self._error or "stopped")
 
     def submit(self, request: GenerationRequest, sink: Sink) -> None:
-        self._check_admission(self.core.num_waiting)
+        self._check_admission(self.core.num_waiting, queue_limit(self.config))
         with self._sinks_lock:
             if request.request_id in self._sinks:
                 raise RequestError(f"request id {request.request_id!r} is already in flight")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import abc
 import threading
 import time
-from collections import deque
 
 import torch
 
@@ -24,6 +23,7 @@ from ..prompts.prepared import assemble_embeddings, prepare
 from ..requests import GenerationRequest, GenerationResult, StepOutput
 from ..engine.admission import resolve_request
 from ..engine.base import EngineConfig, EngineStats, StepStats, device_memory
+from ..engine.fair_queue import FairQueue, for_config, task_key
 from ..engine.logprobs import token_logprobs
 from ..engine.resident import ResidentAdapters
 from ..engine.sampling import make_generator, next_token
@@ -50,7 +50,8 @@ class StepEngine(abc.ABC):
         self.resident = ResidentAdapters(self.config.adapter_cache_bytes)
         self._eos_ids = backbone.eos_token_ids()
         self._lock = threading.Lock()
-        self._waiting: deque[RequestState] = deque()
+        # Fair between tasks (engine/fair_queue.py): the order newcomers enter the batch.
+        self._waiting: FairQueue[RequestState] = for_config(self.config)
         self._aborted: set[str] = set()
         self.last_step = StepStats()
         self.threads = self.config.threads or torch.get_num_threads()  # intra-op threads of its steps
@@ -74,8 +75,8 @@ class StepEngine(abc.ABC):
             sequences[0].forks = params.n - 1
         else:
             sequences = [self._sequence(request, input_ids, entry, i) for i in range(params.n)]
-        with self._lock:
-            self._waiting.extend(sequences)
+        width = sum(s.width for s in sequences)  # the n samples wait and enter together
+        self._waiting.push(task_key(request.task_id), sequences, width)
         return request.request_id
 
     def _sequence(self, request: GenerationRequest, input_ids: list[int], entry, index: int) -> RequestState:
@@ -102,7 +103,7 @@ class StepEngine(abc.ABC):
             adapter_cache=self.resident.stats(), prompt_kv=self.prompt_kv_stats(), prompt_kv_unit="requests",
             kv_cache_bytes=self.kv_cache_bytes(), backbone_bytes=self.backbone.weights_bytes,
             device=str(self.backbone.device), cuda_allocated_bytes=allocated, cuda_reserved_bytes=reserved,
-            settings={"core": self.core_name, "threads": str(self.threads)})
+            settings={"core": self.core_name, "threads": str(self.threads)}, tasks=self._waiting.stats())
 
     def on_loop_start(self) -> None:
         """The loop thread's torch intra-op pool (see engine/step_loop.py for why only there)."""
@@ -113,15 +114,11 @@ class StepEngine(abc.ABC):
         return sum(s.length - 1 for s in list(self._running_sequences())) * self.kv_bytes_per_token
 
     def has_work(self) -> bool:
-        with self._lock:
-            if self._waiting:
-                return True
-        return bool(self._running_sequences())
+        return len(self._waiting) > 0 or bool(self._running_sequences())
 
     @property
     def num_waiting(self) -> int:
-        with self._lock:
-            return len(self._waiting)
+        return len(self._waiting)
 
     @property
     def num_running(self) -> int:
@@ -138,7 +135,7 @@ class StepEngine(abc.ABC):
         now = time.perf_counter()
         for seq in newcomers:
             seq.admitted_at = now
-        outputs += self._run_model(newcomers, stats)
+        outputs += self._charge(self._run_model(newcomers, stats))
         stats.seconds = time.perf_counter() - started
         self.last_step = stats
         return outputs
@@ -178,20 +175,27 @@ class StepEngine(abc.ABC):
     def _handle_aborts(self) -> list[StepOutput]:
         with self._lock:
             aborted, self._aborted = self._aborted, set()
-            if not aborted:
-                return []
-            dropped = [s for s in self._waiting if s.request.request_id in aborted]
-            self._waiting = deque(s for s in self._waiting if s.request.request_id not in aborted)
-        return [s.abort() for s in dropped] + self._abort_running(aborted)
+        if not aborted:
+            return []
+        dropped = self._waiting.remove(lambda group: group[0].request.request_id in aborted)
+        return [s.abort() for group in dropped for s in group] + self._abort_running(aborted)
 
     def _admit(self) -> list[RequestState]:
-        with self._lock:
-            room = self.config.max_batch_size - self.num_running
-            admitted = []
-            while self._waiting and self._waiting[0].width <= room:  # a request's n samples join together
-                room -= self._waiting[0].width
-                admitted.append(self._waiting.popleft())
-            return admitted
+        """Newcomers in the fair queue's order while they fit; each is charged its context tokens."""
+        room = self.config.max_batch_size - self.num_running
+        groups = self._waiting.pop_fitting(room, prompt_tokens=lambda group: sum(s.length for s in group))
+        return [s for group in groups for s in group]
+
+    def _charge(self, outputs: list[StepOutput]) -> list[StepOutput]:
+        """Charge each sampled token to its task (every output of the model's step is one)."""
+        tasks = {s.request.request_id: s.request.task_id for s in self._running_sequences()}
+        counts: dict[str, int] = {}
+        for out in outputs:
+            task = task_key(out.result.task_id if out.result is not None else tasks.get(out.request_id))
+            counts[task] = counts.get(task, 0) + 1
+        for task, tokens in counts.items():
+            self._waiting.charge(task, generated=tokens)
+        return outputs
 
     def _embed(self, seq: RequestState) -> torch.Tensor:
         """[soft prompt ; input embeddings (+ EPT offset on the first tokens)], pinning the prompt."""

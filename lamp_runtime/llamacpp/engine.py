@@ -31,7 +31,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections import deque
 
 import numpy as np
 import torch
@@ -43,6 +42,7 @@ from ..prompts.prepared import assemble_embeddings, offset_inputs, prepare
 from ..requests import GenerationRequest, GenerationResult, StepOutput
 from ..engine.admission import resolve_request
 from ..engine.base import EngineConfig, EngineStats, StepStats
+from ..engine.fair_queue import FairQueue, for_config, task_key
 from ..engine.logprobs import prompt_logprobs, token_logprobs
 from ..engine.resident import ResidentAdapters
 from ..engine.sampling import make_generator, next_token
@@ -98,7 +98,8 @@ class LlamaCppEngine:
         self._eos_ids = backbone.eos_token_ids()
         self._table = backbone.info.table
         self._lock = threading.Lock()
-        self._waiting: deque[RequestState] = deque()
+        # Fair between tasks (engine/fair_queue.py): the order newcomers enter the batch.
+        self._waiting: FairQueue[RequestState] = for_config(self.config)
         self._aborted: set[str] = set()
         self._running: list[_Row] = []
         self.last_step = StepStats()
@@ -140,8 +141,7 @@ class LlamaCppEngine:
         if self._cells_needed(seq) > self.request_cells:
             raise RequestError(f"soft prompt + input + {params.n} x max_new_tokens need {self._cells_needed(seq)} "
                                f"KV cells; the llama.cpp engine holds {self.request_cells} for requests")
-        with self._lock:
-            self._waiting.append(seq)
+        self._waiting.push(task_key(request.task_id), seq, seq.width)
         return request.request_id
 
     def _sequence(self, request, input_ids, entry, index: int) -> RequestState:
@@ -172,7 +172,7 @@ class LlamaCppEngine:
             kind=self.kind, waiting=self.num_waiting, running=self.num_running, prompt_cache=self.cache.stats(),
             adapter_cache=self.resident.stats(), prompt_kv=self.prompt_kv_stats(), prompt_kv_unit="requests",
             kv_cache_bytes=self.kv_cache_bytes(), backbone_bytes=self.backbone.weights_bytes, device="cpu",
-            settings={**self.settings, "threads": str(self.ggml_threads)})
+            settings={**self.settings, "threads": str(self.ggml_threads)}, tasks=self._waiting.stats())
 
     def on_loop_start(self) -> None:
         """torch samples on the loop thread with one intra-op thread: ggml's threads own the cores."""
@@ -182,15 +182,11 @@ class LlamaCppEngine:
         return sum(row.pos for row in list(self._running)) * self.kv_bytes_per_token
 
     def has_work(self) -> bool:
-        with self._lock:
-            if self._waiting:
-                return True
-        return bool(self._running)
+        return len(self._waiting) > 0 or bool(self._running)
 
     @property
     def num_waiting(self) -> int:
-        with self._lock:
-            return len(self._waiting)
+        return len(self._waiting)
 
     @property
     def num_running(self) -> int:
@@ -255,8 +251,18 @@ class LlamaCppEngine:
         stats.batch_size = len(rows)
         stats.distinct_tasks = len({r.seq.request.task_id for r in rows})
         outputs, finished = self._sample(rows, logits, sample_at)
+        self._charge(rows)
         self._retire(finished)
         return outputs
+
+    def _charge(self, rows: list[_Row]) -> None:
+        """Charge each sampled token (one per row this step) to its task's fair-queue counter."""
+        counts: dict[str, int] = {}
+        for row in rows:
+            task = task_key(row.seq.request.task_id)
+            counts[task] = counts.get(task, 0) + 1
+        for task, tokens in counts.items():
+            self._waiting.charge(task, generated=tokens)
 
     def _forward(self, decoding: list[_Row], prefills: list[_Prefill]) -> np.ndarray:
         """One decode for every row (two in split mode): logits [outputs, vocab], decode rows first."""
@@ -324,26 +330,28 @@ class LlamaCppEngine:
     def _handle_aborts(self) -> list[StepOutput]:
         with self._lock:
             aborted, self._aborted = self._aborted, set()
-            if not aborted:
-                return []
-            dropped = [s for s in self._waiting if s.request.request_id in aborted]
-            self._waiting = deque(s for s in self._waiting if s.request.request_id not in aborted)
+        if not aborted:
+            return []
+        dropped = self._waiting.remove(lambda s: s.request.request_id in aborted)
         leaving = [r for r in self._running if r.seq.request.request_id in aborted]
         outputs = [s.abort() for s in dropped] + [r.seq.abort() for r in leaving]
         self._retire(leaving)
         return outputs
 
     def _admit(self) -> list[RequestState]:
-        with self._lock:
-            rows = self.config.max_batch_size - len(self._running)
-            admitted = []
-            while self._waiting and self._waiting[0].width <= rows \
-                    and self._reserved + self._cells_needed(self._waiting[0]) <= self.request_cells:
-                seq = self._waiting.popleft()
-                rows -= seq.width
-                self._reserved += self._cells_needed(seq)
-                admitted.append(seq)
-            return admitted
+        """Newcomers in the fair queue's order while batch rows and KV cells last (each reserves
+        its cells now, so no decode runs out of them); each is charged its context tokens."""
+
+        def reserve(seq: RequestState) -> bool:  # called by the queue, for the item it takes next
+            needed = self._cells_needed(seq)
+            if self._reserved + needed > self.request_cells:
+                return False
+            self._reserved += needed
+            return True
+
+        rows = self.config.max_batch_size - len(self._running)
+        return self._waiting.pop_fitting(rows, prompt_tokens=lambda s: s.soft_prompt_tokens + len(s.input_ids),
+                                         fits=reserve)
 
     def _plan(self, seq: RequestState, stats: StepStats) -> _Prefill:
         """Give the newcomer a sequence; share its task's prompt KV into it (building it on a miss)

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 REPLICA_HEADER = "x-lamp-replica"
 
 _TYPES = {
-    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 409: "conflict", 413: "payload_too_large",
+    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 409: "conflict", 413: "payload_too_large", 429: "rate_limited",
     422: "invalid_request", 500: "internal_error", 503: "overloaded",
 }
 

@@ -28,9 +28,10 @@ class EngineCollector:
     """Prompt cache, backbone, adapters and queue state of a model replica, read at collection time
     from the engine's `stats()` snapshot (the engine contract; nothing of the engine's insides)."""
 
-    def __init__(self, engine, registered: Callable[[], int]):
+    def __init__(self, engine, registered: Callable[[], int], task_labels: TaskLabels):
         self.engine = engine
         self.registered = registered
+        self.task_labels = task_labels
 
     def collect(self):
         stats = self.engine.stats()
@@ -65,11 +66,36 @@ class EngineCollector:
         if stats.cuda_reserved_bytes is not None:
             yield _gauge("lamp_cuda_memory_reserved_bytes", "CUDA memory reserved by the caching allocator",
                          stats.cuda_reserved_bytes)
+        yield from self._per_task(stats.tasks)
         labels = {"kind": stats.kind, "device": stats.device, **stats.settings}
         info = GaugeMetricFamily("lamp_engine_info", "The replica's engine: its kind, device and the settings it "
                                  "chose (always 1)", labels=list(labels))
         info.add_metric(list(labels.values()), 1)
         yield info
+
+
+    def _per_task(self, tasks):
+        """The fair queue's per-task counts, summed by bounded task label."""
+        waiting = GaugeMetricFamily("lamp_task_requests_waiting", "Batch rows waiting, by task (bounded labels)",
+                                    labels=["task"])
+        admitted = CounterMetricFamily("lamp_task_requests_admitted", "Requests that entered the batch, by task",
+                                       labels=["task"])
+        refused = CounterMetricFamily("lamp_task_requests_refused", "Requests refused at submission, by task and "
+                                      "reason (task_share: 429, queue_full: 503)", labels=["task", "reason"])
+        served = CounterMetricFamily("lamp_task_tokens_served", "Tokens served, by task and kind (prompt: "
+                                     "prefilled context, generated: sampled)", labels=["task", "kind"])
+        sums: dict[tuple, float] = {}
+        registry = self.engine.registry
+        for task_id, s in tasks.items():
+            task = self.task_labels.label(task_id, task_id in registry)
+            for key, value in ((("w", task), s.waiting), (("a", task), s.admitted),
+                               (("p", task, "prompt"), s.prompt_tokens), (("p", task, "generated"), s.generated_tokens),
+                               *((("r", task, reason), n) for reason, n in s.refused.items())):
+                sums[key] = sums.get(key, 0) + value
+        families = {"w": waiting, "a": admitted, "r": refused, "p": served}
+        for (kind, *labels), value in sorted(sums.items()):
+            families[kind].add_metric(labels, value)
+        yield from families.values()
 
 
 def _cache_counters(prefix: str, stats, docs: tuple[str, str, str]):
@@ -130,7 +156,7 @@ class ModelMetrics:
                                        "Padded positions computed in prefill beyond the real tokens", registry=r)
         self.aborted = Counter("lamp_aborted_requests_total",
                                "Requests aborted before finishing (client disconnected)", registry=r)
-        r.register(EngineCollector(engine, registered))
+        r.register(EngineCollector(engine, registered, self.task_labels))
         r.register(ProcessCollector())
 
     @property

@@ -120,13 +120,15 @@ def test_overload_is_refused_with_503_and_retry_after_and_the_server_recovers(se
     capacity = REPLICAS * (MAX_BATCH_SIZE + MAX_QUEUE)
     answers = asyncio.run(flood(server.url, 4 * capacity))
     statuses = sorted({status for status, _, _ in answers})
-    assert statuses == [200, 503], statuses
+    # 429: a task beyond its share of a full queue (fair scheduling); 503: the queue and its reserve full
+    assert 200 in statuses and set(statuses) <= {200, 429, 503} and len(statuses) > 1, statuses
     for status, retry_after, body in answers:
-        if status == 503:
-            assert retry_after == "1" and '"type":"overloaded"' in body, body
+        if status in (429, 503):
+            kind = "rate_limited" if status == 429 else "overloaded"
+            assert retry_after == "1" and f'"type":"{kind}"' in body, body
         else:
             assert '"error"' not in body, body  # accepted streams finish normally
     reply = client.post("/generate", json={"task_id": "plain", "input": "Hello", "max_new_tokens": 2})
     assert reply.status_code == 200, reply.text
     measured("overload", requests=len(answers), capacity=capacity,
-             refused_503=sum(s == 503 for s, _, _ in answers))
+             refused_503=sum(s == 503 for s, _, _ in answers), refused_429=sum(s == 429 for s, _, _ in answers))

@@ -102,13 +102,15 @@ async def bursts_until(url: str, task_id: str, enough, size: int, max_bursts: in
     `max_bursts` ran (a burst spills from the task's preferred replica: see GENERATION_BURST).
 
     Returns every answer except the ingress's overload refusals (503 with Retry-After, answered by
-    no replica), which a burst larger than one replica's batch + queue may draw by design.
+    no replica), which a burst larger than one replica's batch + queue may draw by design, and a
+    replica's 429 (one task's burst beyond its share of a full queue, fair scheduling).
     """
     answers: list[Attempt] = []
     async with httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT_S) as client:
         for _ in range(max_bursts):
             burst = await asyncio.gather(*(attempt(client, -1, task_id, "generate") for _ in range(size)))
-            answers += [a for a in burst if not (a.status == 503 and a.retry_after and a.replica is None)]
+            answers += [a for a in burst if not ((a.status == 503 and a.replica is None or a.status == 429)
+                                                 and a.retry_after)]
             if enough(answers):
                 break
     return answers
@@ -149,7 +151,8 @@ async def _stream(client: httpx.AsyncClient, record: Attempt, task_id: str, text
 
 class Load:
     """Closed-loop clients, each sending one request at a time over the tasks `tasks()` names now;
-    a refused attempt (503) is retried after its Retry-After, so each logical request either ends
+    a refused attempt (503, or 429: its task beyond its share of a full queue) is retried after its
+    Retry-After, so each logical request either ends
     served or counts as lost."""
 
     def __init__(self, url: str, tasks, workers: int, endpoints=ENDPOINTS, max_attempts: int = 20):
@@ -183,7 +186,7 @@ class Load:
                 result = await attempt(client, worker, task_id, endpoint)
                 tries.append(result)
                 self.attempts.append(result)
-                if result.status != 503:
+                if result.status not in (429, 503):
                     break
                 await asyncio.sleep(float(result.retry_after or 1))
             if tries[-1].status == 200:

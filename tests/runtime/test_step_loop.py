@@ -51,8 +51,9 @@ def test_unknown_task_raises_before_queueing_and_queue_bound(engine):
         with pytest.raises(UnknownTaskError):
             await complete(hf, GenerationRequest("x", "missing"))
         hf.core.submit(GenerationRequest("fill the queue", "plain"))  # occupies the only waiting slot
-        hf._stopping = True  # freeze the loop so the slot stays taken
-        with pytest.raises(QueueFullError, match="limit 1"):
+        hf.core.submit(GenerationRequest("within its share", "lamp2"))  # the fair queue's reserve of 1
+        hf._stopping = True  # freeze the loop so the slots stay taken
+        with pytest.raises(QueueFullError, match="limit 2"):
             await complete(hf, GenerationRequest("x", "plain"))
 
     try:

@@ -106,11 +106,12 @@ def test_overload_is_503_with_retry_after_and_the_server_recovers(server, client
     with ThreadPoolExecutor(24) as pool:  # capacity is MAX_BATCH_SIZE running + MAX_QUEUE waiting = 12
         responses = list(pool.map(generate, range(24)))
     statuses = sorted(r.status_code for r in responses)
-    assert set(statuses) == {200, 503}, statuses
-    rejected = [r for r in responses if r.status_code == 503]
-    for r in rejected:
+    # One task alone beyond a full queue: 429 for it (fair scheduling, its share); 503 only once the
+    # queue's reserve is full too (Serve's own back-pressure answers 503 as well).
+    assert 200 in statuses and set(statuses) <= {200, 429, 503} and len(set(statuses)) > 1, statuses
+    for r in (r for r in responses if r.status_code != 200):
         assert r.headers.get("retry-after") == "1", (r.headers, r.text)
-        assert "overloaded" in message(r)
+        assert ("this task" if r.status_code == 429 else "overloaded") in message(r), message(r)
     assert_healthy(client)
 
 

@@ -1,0 +1,236 @@
+"""`FairQueue`: the waiting queue of a step core, fair between tasks (one per engine, any core).
+
+Which waiting request enters the batch next is chosen by a virtual token counter (VTC; Sheng et
+al., "Fairness in Serving Large Language Models", OSDI 2024): every task has a counter that grows
+by the tokens it was served (prompt tokens when admitted, one per generated token), divided by the
+task's weight. The next request is the oldest of the waiting task with the lowest counter. A task
+that starts waiting is lifted to the lowest counter of the tasks already waiting (or, when none
+waits, to the counter of the last task that stopped waiting), so time spent idle banks no credit.
+The queue is work-conserving: it never holds a request back while there is room in the batch.
+
+How much of the queue one task may hold (the admission rule):
+- `capacity` (EngineConfig.max_waiting) is what all tasks together fill: a task alone may fill
+  it all.
+- A task's share is capacity x its weight / the weights of the tasks waiting (itself included).
+  A task beyond its share is refused (`TaskQueueFullError`, HTTP 429) once the queue holds
+  `capacity` rows, while a task within its share still gets in: up to `capacity + reserve` rows,
+  the room kept for tasks that arrive while another floods (reserve = capacity / 4, at least 1).
+- Past `capacity + reserve` rows every request is refused (`QueueFullError`, HTTP 503).
+With `fair=False` it is the first-come first-served queue of before: one global bound at
+`capacity`, admission in arrival order.
+
+A request's n samples wait as one item of `width` rows and are admitted together. Thread-safe.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from ..errors import QueueFullError, TaskQueueFullError
+
+T = TypeVar("T")
+
+REFUSED_QUEUE_FULL = "queue_full"  # the whole queue, capacity + reserve, is full (503)
+REFUSED_TASK_SHARE = "task_share"  # the task holds more than its share of a full queue (429)
+
+
+def reserve_rows(capacity: int) -> int:
+    """Rows beyond `capacity` kept for tasks within their share."""
+    return max(1, capacity // 4)
+
+
+def task_key(task_id: str | None) -> str:
+    """The queue's key for a request's task (None: no soft prompt)."""
+    return "(none)" if task_id is None else task_id
+
+
+def queue_limit(config) -> int:
+    """The most rows an engine's waiting queue holds under `config` (an EngineConfig)."""
+    capacity = config.max_waiting
+    return capacity + reserve_rows(capacity) if config.fair_scheduling else capacity
+
+
+def for_config(config) -> "FairQueue":
+    """The waiting queue an EngineConfig asks for."""
+    return FairQueue(config.max_waiting, fair=config.fair_scheduling)
+
+
+@dataclass(frozen=True)
+class TaskQueueStats:
+    """One task's part of a queue: now (waiting rows) and since the engine started (the rest)."""
+
+    waiting: int = 0
+    admitted: int = 0  # requests that entered the batch
+    refused: dict[str, int] = field(default_factory=dict)  # reason -> requests refused at submission
+    prompt_tokens: int = 0  # served: prefilled
+    generated_tokens: int = 0  # served: sampled
+    counter: float = 0.0  # the virtual token counter
+
+
+@dataclass
+class _Task:
+    items: deque = field(default_factory=deque)  # (seq, item, width)
+    rows: int = 0
+    counter: float = 0.0
+    weight: float = 1.0
+    admitted: int = 0
+    refused: dict[str, int] = field(default_factory=dict)
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+
+    def snapshot(self) -> TaskQueueStats:
+        return TaskQueueStats(self.rows, self.admitted, dict(self.refused), self.prompt_tokens,
+                              self.generated_tokens, self.counter)
+
+
+class FairQueue(Generic[T]):
+    def __init__(self, capacity: int, fair: bool = True):
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self.fair = fair
+        self.limit = capacity + reserve_rows(capacity) if fair else capacity  # rows, never more (queue_limit)
+        self._tasks: dict[str, _Task] = {}
+        self._active: set[str] = set()  # tasks with waiting items
+        self._rows = 0
+        self._floor = 0.0  # the counter of the last task that stopped waiting
+        self._seq = itertools.count()
+        self._lock = threading.RLock()
+
+    # ---- any thread ------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self._rows
+
+    def set_weight(self, task_id: str, weight: float) -> None:
+        """A task's share of service and of the queue, relative to the default 1."""
+        if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
+            raise ValueError(f"task weight must be a finite number > 0, got {weight!r}")
+        with self._lock:
+            self._task(task_id).weight = float(weight)
+
+    def push(self, task_id: str, item: T, width: int = 1) -> None:
+        """Queue `item` (a request taking `width` batch rows) or raise QueueFullError /
+        TaskQueueFullError, counting the refusal."""
+        if width < 1:
+            raise ValueError(f"width must be >= 1, got {width}")
+        with self._lock:
+            task = self._task(task_id)
+            refusal = self._refusal(task_id, task, width)
+            if refusal is not None:
+                reason, error = refusal
+                task.refused[reason] = task.refused.get(reason, 0) + 1
+                raise error
+            if task_id not in self._active:
+                self._activate(task_id, task)
+            task.items.append((next(self._seq), item, width))
+            task.rows += width
+            self._rows += width
+
+    def charge(self, task_id: str, generated: int = 0) -> None:
+        """Count tokens a task was served after its admission (one per sampled token)."""
+        with self._lock:
+            task = self._task(task_id)
+            task.generated_tokens += generated
+            task.counter += generated / task.weight
+
+    def stats(self) -> dict[str, TaskQueueStats]:
+        with self._lock:
+            return {task_id: task.snapshot() for task_id, task in self._tasks.items()}
+
+    # ---- the step core -------------------------------------------------------------------------
+
+    def pop_fitting(self, room: int, prompt_tokens: Callable[[T], int] = lambda item: 0,
+                    fits: Callable[[T], bool] = lambda item: True) -> list[T]:
+        """Take requests in turn while the next one's width fits in `room` rows and `fits(item)`
+        (another resource the core reserves, e.g. KV cells; called once per item taken, last);
+        each is charged its `prompt_tokens(item)` at once, so the next choice already sees it. The
+        next request is never skipped for a smaller one behind it (a large request would starve)."""
+        taken = []
+        with self._lock:
+            while self._active:
+                task_id = self._next_task()
+                task = self._tasks[task_id]
+                _, item, width = task.items[0]
+                if width > room or not fits(item):
+                    break
+                task.items.popleft()
+                room -= width
+                task.rows -= width
+                self._rows -= width
+                task.admitted += 1
+                tokens = prompt_tokens(item)
+                task.prompt_tokens += tokens
+                task.counter += tokens / task.weight
+                if not task.items:
+                    self._active.discard(task_id)
+                    self._floor = max(self._floor, task.counter)
+                taken.append(item)
+        return taken
+
+    def remove(self, drop: Callable[[T], bool]) -> list[T]:
+        """Take out the waiting items for which `drop` is true (aborted requests), in arrival order."""
+        removed = []
+        with self._lock:
+            for task_id in list(self._active):
+                task = self._tasks[task_id]
+                kept = deque()
+                for entry in task.items:
+                    if drop(entry[1]):
+                        removed.append(entry)
+                        task.rows -= entry[2]
+                        self._rows -= entry[2]
+                    else:
+                        kept.append(entry)
+                task.items = kept
+                if not kept:
+                    self._active.discard(task_id)
+        return [item for _, item, _ in sorted(removed, key=lambda e: e[0])]
+
+    def items(self) -> Iterable[T]:
+        with self._lock:
+            return [item for task_id in self._active for _, item, _ in self._tasks[task_id].items]
+
+    # ---- inside ------------------------------------------------------------------------------
+
+    def _task(self, task_id: str) -> _Task:
+        task = self._tasks.get(task_id)
+        if task is None:
+            task = self._tasks[task_id] = _Task()
+        return task
+
+    def _activate(self, task_id: str, task: _Task) -> None:
+        lift = min((self._tasks[t].counter for t in self._active), default=self._floor)
+        task.counter = max(task.counter, lift)
+        self._active.add(task_id)
+
+    def _next_task(self) -> str:
+        if self.fair:  # lowest counter; ties: the oldest head
+            return min(self._active, key=lambda t: (self._tasks[t].counter, self._tasks[t].items[0][0]))
+        return min(self._active, key=lambda t: self._tasks[t].items[0][0])
+
+    def share(self, task_id: str) -> float:
+        """Rows of a full queue the task may hold now (its weight over the waiting tasks')."""
+        with self._lock:
+            weights = {t: self._tasks[t].weight for t in self._active | {task_id} if t in self._tasks}
+            weights.setdefault(task_id, 1.0)
+            return self.capacity * weights[task_id] / sum(weights.values())
+
+    def _refusal(self, task_id: str, task: _Task, width: int):
+        total = self._rows + width
+        if total > self.limit:
+            return REFUSED_QUEUE_FULL, QueueFullError(f"{self._rows} requests already waiting (limit {self.limit})")
+        if total <= self.capacity or not self.fair:
+            return None
+        share = self.share(task_id)
+        if task.rows + width <= max(share, 1):
+            return None
+        return REFUSED_TASK_SHARE, TaskQueueFullError(
+            task_id, f"task {task_id!r} already has {task.rows} of the {self._rows} requests waiting (limit "
+                     f"{max(share, 1):.0f} for one task of {len(self._active | {task_id})} while the queue is full)")
