@@ -261,7 +261,7 @@ def print_table(workloads: list[dict]) -> None:
 def main(argv=None) -> int:
     from lamp_runtime.bench.report import full_command, write_json
     from lamp_runtime.bench.workload import machine_context
-    from tests.server_process import ServerProcess
+    from tests.server_process import ServerProcess, stop_all
 
     args = parse_args(argv)
     context = machine_context()
@@ -297,12 +297,7 @@ def main(argv=None) -> int:
                 print(f"warm-up {variant}: {len(warm)} requests in {time.perf_counter() - started:.1f} s", flush=True)
             results = [measure_workload(w, exponents[w], urls, args, rng) for w in workloads]
         finally:
-            for server in servers.values():
-                try:
-                    server.stop()
-                except RuntimeError as exc:
-                    print(f"warning: {exc}", file=sys.stderr)
-                    server.kill()
+            stop_all(servers.values())
     print_table(results)
     if args.json:
         command = full_command("python -m loadtest.affinity", build_parser(), args)

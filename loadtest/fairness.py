@@ -240,7 +240,7 @@ def print_table(summary: dict) -> None:
 def main(argv=None) -> int:
     from lamp_runtime.bench.report import write_json
     from lamp_runtime.bench.workload import machine_context
-    from tests.server_process import ServerProcess
+    from tests.server_process import ServerProcess, stop_all
 
     args = parse_args(argv)
     context = machine_context()
@@ -270,12 +270,7 @@ def main(argv=None) -> int:
                           f"-> {result['heavy_mixed']['tokens_per_s']:.1f} tok/s {result['heavy_mixed']['statuses']} "
                           f"({result['seconds']:.0f} s)", flush=True)
         finally:
-            for server in servers.values():
-                try:
-                    server.stop()
-                except RuntimeError as exc:
-                    print(f"warning: {exc}", file=sys.stderr)
-                    server.kill()
+            stop_all(servers.values())
     summary = {v: summarize(rounds[v]) for v in VARIANTS}
     print_table(summary)
     if args.json:

@@ -72,18 +72,36 @@ def assert_bitsandbytes_linears(model, quantization: str) -> int:
     return len(linears)
 
 
-def run_staggered(engine, requests, every: int) -> list[list[int]]:
+# (task, input, max_new_tokens): requests finishing at different steps, so rows leave mid-batch
+# (the prompt-KV and CUDA decoder tests run them staggered and together).
+STAGGERED_CASES = [
+    ("plain", "The capital of France is", 12),
+    ("long", "Write a haiku about the sea:", 8),
+    ("lamp3", "1, 2, 3,", 16),
+    (None, "Hello, my name is", 6),
+    ("ept", "Once upon a time", 10),
+    ("long", "def add(a, b):", 14),
+    ("lamp2", "Q: What is 2 + 2?\nA:", 5),
+]
+
+
+def run_staggered_results(engine, requests, every: int) -> list:
     """Submit one request every `every` engine steps while the others decode (continuous
-    batching); return each request's token ids in submission order."""
+    batching); return each request's result in submission order."""
     results, pending, steps = {}, list(requests), 0
     while len(results) < len(requests):
         if pending and steps % every == 0:
             engine.submit(pending.pop(0))
         for out in engine.step():
             if out.finished:
-                results[out.request_id] = out.result.token_ids
+                results[out.request_id] = out.result
         steps += 1
     return [results[r.request_id] for r in requests]
+
+
+def run_staggered(engine, requests, every: int) -> list[list[int]]:
+    """run_staggered_results' token ids."""
+    return [result.token_ids for result in run_staggered_results(engine, requests, every)]
 
 
 # HTTP clients of the real server that a test package starts as its own `server` fixture

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -188,3 +189,31 @@ def _kill_quietly(proc: psutil.Process) -> None:
         proc.kill()
     except psutil.Error:
         pass
+
+
+def stop_all(servers) -> None:
+    """Stop every server; one that will not stop is killed (a warning says why), so none outlives
+    the bench or test that started it."""
+    for server in servers:
+        try:
+            server.stop()
+        except RuntimeError as exc:
+            print(f"warning: {exc}", file=sys.stderr)
+            server.kill()
+
+
+def launched_over(tmp_path_factory, adapters: dict, extra_args: list[str], admin_token: str) -> Iterator["ServerProcess"]:
+    """A module fixture's body: a server over a fresh prompts folder holding `adapters` (task id ->
+    adapter), launched but not yet waited for, stopped when the fixture ends."""
+    from lamp_runtime.adapters import save_adapter
+
+    prompts = tmp_path_factory.mktemp("prompts")
+    for task_id, adapter in adapters.items():
+        save_adapter(adapter, prompts / f"{task_id}.safetensors")
+    process = ServerProcess(store=tmp_path_factory.mktemp("store"), prompts=prompts, admin_token=admin_token,
+                            log_path=tmp_path_factory.mktemp("logs") / "serve.log", extra_args=extra_args)
+    process.launch()
+    try:
+        yield process
+    finally:
+        process.stop()

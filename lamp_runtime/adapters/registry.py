@@ -40,30 +40,29 @@ def validate_task_id(task_id: str) -> str:
 
 
 @dataclass(frozen=True)
-class AdapterEntry:
-    """A task version whose factors are in host memory: what an engine builds a prompt from."""
-
+class _TaskVersion:
     task_id: str
     version: int
-    adapter: PromptAdapter
 
     @property
     def cache_key(self) -> tuple[str, int]:
+        """What every cache of what is built from this version is keyed by."""
         return (self.task_id, self.version)
 
 
 @dataclass(frozen=True)
-class StoredEntry:
+class AdapterEntry(_TaskVersion):
+    """A task version whose factors are in host memory: what an engine builds a prompt from."""
+
+    adapter: PromptAdapter
+
+
+@dataclass(frozen=True)
+class StoredEntry(_TaskVersion):
     """A task version whose factors stay in the store (`adapter` is its reference);
     engine/resident.py loads them into an `AdapterEntry` when a request needs them."""
 
-    task_id: str
-    version: int
     adapter: StoredAdapterRef
-
-    @property
-    def cache_key(self) -> tuple[str, int]:
-        return (self.task_id, self.version)
 
 
 RegisteredEntry = AdapterEntry | StoredEntry

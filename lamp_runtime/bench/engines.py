@@ -148,13 +148,7 @@ def main() -> None:
         kind, clients = variant
         return closed_loop(engines[kind], mixed_requests(max(8, 2 * clients), args.new_tokens), clients)
 
-    try:
-        samples = interleaved(variants, measure, repeats=args.repeats, description="hf vs vllm")
-    finally:
-        for engine in engines.values():
-            engine.shutdown()
-    context["load_average_before"] = context.pop("load_average")
-    context["load_average_after"] = load_average()
+    samples = interleaved_then_shut_down(variants, measure, args.repeats, "hf vs vllm", engines.values(), context)
     vllm = engines["vllm"]
     prefix = {"block_size": vllm.engine_args().block_size, "prompt_tokens_looked_up": vllm.prefix_cache_queries,
               "prompt_tokens_reused": vllm.prefix_cache_hits,
@@ -188,6 +182,19 @@ def main() -> None:
                        "settings": vars(args), "context": context, "summaries": summaries, "vllm_prefix_cache": prefix,
                        "samples": {f"{k}/{c}": v for (k, c), v in samples.items()}}, handle, indent=2)
         print(f"wrote {args.out}")
+
+
+def interleaved_then_shut_down(variants, measure, repeats: int, description: str, engines, context: dict) -> dict:
+    """`interleaved` rounds of `measure` over `variants`, then every engine shut down whatever
+    happened; the context's load average becomes the load before and after the rounds."""
+    try:
+        samples = interleaved(variants, measure, repeats=repeats, description=description)
+    finally:
+        for engine in engines:
+            engine.shutdown()
+    context["load_average_before"] = context.pop("load_average")
+    context["load_average_after"] = load_average()
+    return samples
 
 
 if __name__ == "__main__":

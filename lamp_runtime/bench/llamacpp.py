@@ -36,9 +36,9 @@ import torch
 
 from lamp_runtime.adapters import AdapterMeta, SoftPromptAdapter
 from lamp_runtime.backbone.options import BackboneOptions
-from lamp_runtime.bench.engines import bench_adapters, closed_loop, mixed_requests
-from lamp_runtime.bench.stats import interleaved, safe_ratio, summarize
-from lamp_runtime.bench.workload import load_average, machine_context, vocabulary_prompt
+from lamp_runtime.bench.engines import bench_adapters, closed_loop, interleaved_then_shut_down, mixed_requests
+from lamp_runtime.bench.stats import safe_ratio, summarize
+from lamp_runtime.bench.workload import machine_context, vocabulary_prompt
 from lamp_runtime.engine.base import EngineConfig
 from lamp_runtime.engine.step_loop import StepLoopEngine
 from lamp_runtime.engine.streams import complete as complete_async
@@ -174,13 +174,7 @@ def main() -> None:
 
     context = machine_context() | {"threads": threads, "llamacpp_settings": llama.settings,
                                    "lscpu_model": _lscpu_model(), "gguf": str(gguf)}
-    try:
-        samples = interleaved(variants, measure, repeats=args.repeats, description="llamacpp bench")
-    finally:
-        for runner in runners.values():
-            runner.shutdown()
-    context["load_average_before"] = context.pop("load_average")
-    context["load_average_after"] = load_average()
+    samples = interleaved_then_shut_down(variants, measure, args.repeats, "llamacpp bench", runners.values(), context)
 
     def med(variant, key):
         return summarize([s[key] for s in samples[variant]]).median

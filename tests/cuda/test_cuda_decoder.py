@@ -13,22 +13,14 @@ from lamp_runtime.bench.hf_engine import EngineConfig, engine_for
 from lamp_runtime.prompts.prepared import assemble_embeddings, prepare
 from lamp_runtime.requests import GenerationRequest, SamplingParams
 
-from ..conftest import run_staggered
+from ..conftest import STAGGERED_CASES, run_staggered
 from .checks import (BF16_TOLERANCE, DEVICE, FLOAT32_TOLERANCE, agreement, assert_greedy, decoder_logits,
                      needs_device)
 from .conftest import load, vocab_prompt
 
 pytestmark = [pytest.mark.cuda, needs_device]
 
-CASES = [  # (task, input, new tokens): finishing at different steps, so rows leave mid-batch
-    ("plain", "The capital of France is", 12),
-    ("long", "Write a haiku about the sea:", 8),
-    ("lamp3", "1, 2, 3,", 16),
-    (None, "Hello, my name is", 6),
-    ("ept", "Once upon a time", 10),
-    ("long", "def add(a, b):", 14),
-    ("lamp2", "Q: What is 2 + 2?\nA:", 5),
-]
+CASES = STAGGERED_CASES
 
 
 def requests():

@@ -56,7 +56,7 @@ def runtime(request, backbone, tmp_path_factory):
         engine = HfEngine(engine_for(t5, config=CONFIG))
         adapter = lamp_from_prompt(vocab_prompt(t5, 12, seed=7), rank=4, pool=2)
     elif request.param == "llamacpp":
-        pytest.importorskip("llama_cpp", reason="the llama.cpp engine needs llama-cpp-python (make setup builds it)")
+        require_module("llama_cpp", "the llama.cpp engine needs llama-cpp-python (make setup builds it)")
         from lamp_runtime.engine.step_loop import StepLoopEngine
         from lamp_runtime.llamacpp.engine import build_llamacpp_engine
         from lamp_runtime.llamacpp.options import LlamaCppOptions

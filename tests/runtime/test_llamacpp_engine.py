@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("llama_cpp", reason="the llama.cpp engine needs llama-cpp-python (make setup builds it)")
+from ..requires import require_module
+
+require_module("llama_cpp", "the llama.cpp engine needs llama-cpp-python (make setup builds it)")
 
 from lamp_runtime.adapters import AdapterMeta, EptAdapter, LampAdapter, SoftPromptAdapter, adapter_from_peft  # noqa: E402
 from lamp_runtime.engine.base import EngineConfig  # noqa: E402
@@ -21,6 +23,8 @@ from lamp_runtime.llamacpp.engine import LlamaCppEngine, build_llamacpp_engine  
 from lamp_runtime.llamacpp.native import Batch, KernelSettings, lib, new_context  # noqa: E402
 from lamp_runtime.llamacpp.options import LlamaCppOptions  # noqa: E402
 from lamp_runtime.requests import GenerationRequest, SamplingParams  # noqa: E402
+
+from ..conftest import run_staggered_results  # noqa: E402
 
 
 NEW = 12
@@ -148,19 +152,6 @@ def test_mixed_task_batches_equal_one_at_a_time_with_requests_joining(engine, ta
     staggered = run_staggered_results(engine, [GenerationRequest(r.input, r.task_id, r.params) for r in requests], 2)
     assert_all_same_or_near_tie(alone, staggered)
     assert engine.num_running == 0 and engine._reserved == 0
-
-
-def run_staggered_results(engine, requests, every: int):
-    """conftest.run_staggered, keeping whole results: one request joins every `every` steps."""
-    results, pending, steps = {}, list(requests), 0
-    while len(results) < len(requests):
-        if pending and steps % every == 0:
-            engine.submit(pending.pop(0))
-        for out in engine.step():
-            if out.finished:
-                results[out.request_id] = out.result
-        steps += 1
-    return [results[r.request_id] for r in requests]
 
 
 def test_split_mixed_steps_answer_like_one_decode(engine, tasks):
@@ -322,28 +313,27 @@ def test_probe_uses_the_cache_and_skips_a_crashing_setting(engine, tmp_path):
     assert again.chosen == report.chosen and again.source == "cached"
 
 
-def test_refusals_before_loading(tmp_path, engine):
+def tiny_gguf(path, arch: str, width: int):
+    """A GGUF holding only a 16 x 8 token-embedding table, claiming `arch` and embedding `width`."""
     import gguf
 
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_embedding_length(width)
+    writer.add_head_count(2)
+    writer.add_tensor("token_embd.weight", np.zeros((16, 8), dtype=np.float32))
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_refusals_before_loading(tmp_path, engine):
     from lamp_runtime.backbone.options import BackboneOptions
     from lamp_runtime.llamacpp.backbone import check_memory, load_llamacpp_backbone, read_gguf
 
-    path = tmp_path / "odd.gguf"
-    writer = gguf.GGUFWriter(str(path), "notanarch")
-    writer.add_embedding_length(8)
-    writer.add_head_count(2)
-    writer.add_tensor("token_embd.weight", np.zeros((16, 8), dtype=np.float32))
-    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file()
-    writer.close()
+    path = tiny_gguf(tmp_path / "odd.gguf", "notanarch", width=8)
     with pytest.raises(ValueError, match="notanarch"):
         load_llamacpp_backbone(BackboneOptions(path=str(path)), KernelSettings(), 64)
-    wide = tmp_path / "wide.gguf"
-    writer = gguf.GGUFWriter(str(wide), "llama")
-    writer.add_embedding_length(6)
-    writer.add_head_count(2)
-    writer.add_tensor("token_embd.weight", np.zeros((16, 8), dtype=np.float32))
-    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file()
-    writer.close()
+    wide = tiny_gguf(tmp_path / "wide.gguf", "llama", width=6)
     with pytest.raises(ValueError, match="mismatches"):
         read_gguf(wide)
     with pytest.raises(MemoryError, match="cannot fit"):

@@ -17,17 +17,9 @@ from lamp_runtime.hf.decoder import DecoderEngine
 from lamp_runtime.hf.kv_slots import KVSlots
 from lamp_runtime.requests import GenerationRequest, SamplingParams
 
-from ..conftest import lamp_from_prompt, run_staggered, vocab_prompt
+from ..conftest import STAGGERED_CASES, lamp_from_prompt, run_staggered, vocab_prompt
 
-CASES = [  # (task, input, max_new_tokens): finishing at different steps, so middle rows leave
-    ("plain", "The capital of France is", 12),
-    ("long", "Write a haiku about the sea:", 8),
-    ("lamp3", "1, 2, 3,", 16),
-    (None, "Hello, my name is", 6),
-    ("ept", "Once upon a time", 10),
-    ("long", "def add(a, b):", 14),
-    ("lamp2", "Q: What is 2 + 2?\nA:", 5),
-]
+CASES = STAGGERED_CASES
 
 
 @pytest.fixture(scope="module")

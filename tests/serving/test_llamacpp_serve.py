@@ -19,9 +19,11 @@ import pytest
 from lamp_runtime.adapters import save_adapter
 
 from ..conftest import lamp_from_prompt, vocab_prompt
-from ..server_process import ServerProcess
+from ..server_process import launched_over
 
-pytest.importorskip("llama_cpp", reason="the llama.cpp engine needs llama-cpp-python (make setup builds it)")
+from ..requires import require_module
+
+require_module("llama_cpp", "the llama.cpp engine needs llama-cpp-python (make setup builds it)")
 
 pytestmark = pytest.mark.slow
 
@@ -42,20 +44,8 @@ def uploaded_versions(backbone):
 
 @pytest.fixture(scope="module")
 def launched_server(tmp_path_factory, task_adapters):
-    prompts = tmp_path_factory.mktemp("prompts")
-    for task_id, adapter in task_adapters.items():
-        save_adapter(adapter, prompts / f"{task_id}.safetensors")
-    process = ServerProcess(
-        store=tmp_path_factory.mktemp("store"), prompts=prompts, admin_token=ADMIN_TOKEN,
-        log_path=tmp_path_factory.mktemp("logs") / "serve.log",
-        extra_args=["--engine", "llamacpp", "--max-batch-size", "8", "--max-new-tokens", "64",
-                    "--max-input-tokens", "512"],
-    )
-    process.launch()
-    try:
-        yield process
-    finally:
-        process.stop()
+    args = ["--engine", "llamacpp", "--max-batch-size", "8", "--max-new-tokens", "64", "--max-input-tokens", "512"]
+    yield from launched_over(tmp_path_factory, task_adapters, args, ADMIN_TOKEN)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from lamp_runtime.adapters import save_adapter
 
 from ..conftest import lamp_from_prompt, vocab_prompt
 from ..requires import require_module
-from ..server_process import ServerProcess
+from ..server_process import ServerProcess, launched_over
 from .conftest import engine_alone
 from .test_api import metric_samples
 
@@ -48,20 +48,9 @@ CASES = [("plain", "The capital of France is"), ("lamp2", "Write a haiku about t
 @pytest.fixture(scope="module")
 def launched_server(tmp_path_factory, task_adapters):
     """The vLLM server, launched but not yet waited for (see `server`)."""
-    prompts = tmp_path_factory.mktemp("prompts")
-    for task_id, adapter in task_adapters.items():
-        save_adapter(adapter, prompts / f"{task_id}.safetensors")
-    process = ServerProcess(
-        store=tmp_path_factory.mktemp("store"), prompts=prompts, admin_token=ADMIN_TOKEN,
-        log_path=tmp_path_factory.mktemp("logs") / "serve.log",
-        extra_args=["--engine", "vllm", "--vllm-kv-cache-mb", "128", "--vllm-max-model-len", "1024",
-                    "--max-batch-size", "8", "--max-new-tokens", "64", "--max-input-tokens", "512"],
-    )
-    process.launch()
-    try:
-        yield process
-    finally:
-        process.stop()
+    args = ["--engine", "vllm", "--vllm-kv-cache-mb", "128", "--vllm-max-model-len", "1024",
+            "--max-batch-size", "8", "--max-new-tokens", "64", "--max-input-tokens", "512"]
+    yield from launched_over(tmp_path_factory, task_adapters, args, ADMIN_TOKEN)
 
 
 @pytest.fixture(scope="module")
