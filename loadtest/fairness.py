@@ -42,7 +42,7 @@ INPUTS = ("The weather today is", "Tell me about the river", "My order has not a
           "A short note on prices", "The team won the match", "Please summarise this line")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=2, help="rounds of (off, on) measurements, interleaved")
     p.add_argument("--heavy-clients", type=int, default=40, help="flooding clients (>= 10x --max-batch-size)")
@@ -56,6 +56,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="extra `lamp serve` options for both servers")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the report here")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.rounds < 1 or args.heavy_clients < 1 or args.light_requests < 1 or args.heavy_seconds <= 0:
         p.error("need --rounds, --heavy-clients, --light-requests >= 1 and --heavy-seconds > 0")
@@ -238,7 +243,7 @@ def print_table(summary: dict) -> None:
 
 
 def main(argv=None) -> int:
-    from lamp_runtime.bench.report import write_json
+    from lamp_runtime.bench.report import full_command, write_json
     from lamp_runtime.bench.workload import machine_context
     from tests.server_process import ServerProcess, stop_all
 
@@ -274,8 +279,8 @@ def main(argv=None) -> int:
     summary = {v: summarize(rounds[v]) for v in VARIANTS}
     print_table(summary)
     if args.json:
-        command = " ".join(["python -m loadtest.fairness", *(argv if argv is not None else sys.argv[1:])])
-        write_json(args.json, {"bench": "fairness", "command": command, "context": context,
+        command = full_command("python -m loadtest.fairness", build_parser(), args)
+        write_json(args.json, {"bench": "fairness", "command": command, "out": args.json, "context": context,
                                "load_average_at_end": machine_context()["load_average"],
                                "settings": {k: v for k, v in vars(args).items() if k != "json"},
                                "summary": summary, "rounds": rounds})

@@ -37,6 +37,7 @@ import torch
 from lamp_runtime.adapters import AdapterMeta, SoftPromptAdapter
 from lamp_runtime.backbone.options import BackboneOptions
 from lamp_runtime.bench.engines import bench_adapters, closed_loop, interleaved_then_shut_down, mixed_requests
+from lamp_runtime.bench.report import full_command
 from lamp_runtime.bench.stats import safe_ratio, summarize
 from lamp_runtime.bench.workload import machine_context, vocabulary_prompt
 from lamp_runtime.engine.base import EngineConfig
@@ -206,7 +207,7 @@ def main() -> None:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "w", encoding="utf-8") as handle:
-            json.dump({"command": "python -m lamp_runtime.bench.llamacpp " + " ".join(sys.argv[1:]),
+            json.dump({"command": full_command("python -m lamp_runtime.bench.llamacpp", parser, args), "out": args.out,
                        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "context": context, "ratios": ratios, "medians": medians,
                        "rss_growth_bytes": rss_growth,
                        "samples": {"/".join(map(str, v)): s for v, s in samples.items()}}, handle, indent=2)

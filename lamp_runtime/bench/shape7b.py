@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import importlib.util
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -42,7 +41,7 @@ from ..engine.base import EngineConfig
 from ..hf.engine import engine_for
 from ..prompts.math import pooled_length
 from ..requests import GenerationRequest, SamplingParams
-from .report import write_json
+from .report import full_command, write_json
 from .workload import lamp_from_prompt, load_average, machine_context
 
 PROMPT_LENGTH = 100
@@ -205,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--new-tokens, --repeats, --t5-repeats and --threads must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    command = " ".join(["python -m lamp_runtime.bench.shape7b", *(argv if argv is not None else sys.argv[1:])])
+    command = full_command("python -m lamp_runtime.bench.shape7b", parser, args)
     print(f"RANDOM WEIGHTS: {args.shape}'s and {T5_SHAPES[args.shape][0]}'s shapes, benchmarks of cost only",
           flush=True)
 
@@ -249,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
         context = machine_context(backbone)
         context["load_average_before_load"] = load_before
         write_json(args.out, {
-            "bench": "shape7b", "command": command, "random_weights": True, "context": context,
+            "bench": "shape7b", "command": command, "out": args.out, "random_weights": True, "context": context,
             "backbone": {"shape": args.shape, "name": backbone.name, "random_weights": backbone.random_weights,
                          "gguf_bytes": gguf.stat().st_size, "int4_weights_bytes": backbone.weights_bytes,
                          "load_seconds": backbone.load_seconds},
