@@ -174,14 +174,26 @@ def batch_counts(server) -> dict[str, float]:
             "tokens": total("lamp_generated_tokens_total")}
 
 
+def settled_batch_counts(server, push_s: float = 0.6, reads: int = 30) -> dict[str, float]:
+    """batch_counts once two reads a metrics push apart agree: replicas push every 0.5 s, so a read
+    right after other requests may not hold their tokens yet (they would be counted later)."""
+    last = batch_counts(server)
+    for _ in range(reads):
+        time.sleep(push_s)
+        now = batch_counts(server)
+        if now == last:
+            return now
+        last = now
+    raise AssertionError(f"the batch metrics did not settle: {last}")
+
+
 def test_batch_metrics_come_from_vllm_steps(server):
     """Concurrent requests of three tasks: the batch metrics count vLLM steps that held more than
     one request and more than one task (the counters' growth during this test only)."""
-    before = batch_counts(server)
+    before = settled_batch_counts(server)  # the earlier tests' tokens all counted
     with ThreadPoolExecutor(len(CASES)) as pool:
         bodies = list(pool.map(lambda case: generate(server, *case), CASES))
-    time.sleep(1.5)  # replicas push their metrics every 0.5 s
-    after = batch_counts(server)
+    after = settled_batch_counts(server)
     grown = {key: after[key] - before[key] for key in after}
     assert grown["steps"] > 0, grown
     assert grown["multi_request"] > 0, f"no vLLM step held more than one request: {grown}"
