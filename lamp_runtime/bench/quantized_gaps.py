@@ -39,6 +39,10 @@ SHAPES = {"batch 1, no prompt-KV cache": (1, 0), "batch 8, prompt-KV cache": (8,
 
 
 def gaps(backbone, adapter, text: str, tokens: list[int]) -> list[float]:
+    """For each of `tokens` (a continuation of `text` under `adapter`), how far its
+    log-probability is below the best token's, in one transformers forward of `backbone` over
+    [pooled soft prompt; input; tokens]: 0 where it is transformers' greedy choice (the quantized
+    tests bound these too)."""
     ids = backbone.tokenizer(text, return_tensors="pt")["input_ids"][0]
     embeds = torch.cat([prepare(adapter).prompt.float(), backbone.embed(ids).float(),
                         backbone.embed(torch.tensor(tokens)).float()])
@@ -47,7 +51,7 @@ def gaps(backbone, adapter, text: str, tokens: list[int]) -> list[float]:
                                 attention_mask=torch.ones(1, embeds.shape[0], dtype=torch.long)).logits[0]
     logprobs = torch.log_softmax(logits.float(), -1)
     first = embeds.shape[0] - len(tokens) - 1
-    return [round((logprobs[first + i].max() - logprobs[first + i, t]).item(), 5) for i, t in enumerate(tokens)]
+    return [(logprobs[first + i].max() - logprobs[first + i, t]).item() for i, t in enumerate(tokens)]
 
 
 SUITE_INPUTS = ["The capital of France is", "List three colours:"]
@@ -81,7 +85,8 @@ def measure(quantization: str, which: str, tokens: int, inputs: int) -> dict:
             engine.registry.register(task, adapter)
         requests = [GenerationRequest(text, task, SamplingParams(max_new_tokens=tokens)) for task, text in cases]
         results = [engine.generate([r])[0] for r in requests] if batch == 1 else engine.generate(requests)
-        rows = [{"task": task, "text": r.text, "gaps": gaps(backbone, adapters[task], text, r.token_ids)}
+        rows = [{"task": task, "text": r.text,
+                 "gaps": [round(g, 5) for g in gaps(backbone, adapters[task], text, r.token_ids)]}
                 for (task, text), r in zip(cases, results)]
         every = [g for row in rows for g in row["gaps"]]
         shapes[name] = {"max_gap": max(every), "positions": len(every),

@@ -29,14 +29,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-import torch
 
 from lamp_runtime.adapters import save_adapter
 from lamp_runtime.backbone.hf import load_backbone
 from lamp_runtime.backbone.options import BackboneOptions
+from lamp_runtime.bench.quantized_gaps import gaps as greedy_gaps
 from lamp_runtime.engine.base import EngineConfig
 from lamp_runtime.hf.decoder import DecoderEngine
-from lamp_runtime.prompts.prepared import prepare
 from lamp_runtime.requests import GenerationRequest, SamplingParams
 
 from ..conftest import assert_bitsandbytes_linears
@@ -52,21 +51,6 @@ INPUTS = ["The capital of France is", "List three colours:"]
 # The largest log-probability gap allowed between the engine's chosen token and transformers'
 # best one (see the module docstring; the measured gaps are in docs/bench/quantized-gaps.json).
 BOUND = {"nf4": 0.25, "int8": 0.5}
-
-
-def greedy_gaps(quantized, adapter, text: str, tokens: list[int]) -> list[float]:
-    """For each of `tokens` (a continuation of `text` under `adapter`), how far its
-    log-probability is below the best token's, in one transformers forward of `quantized` over
-    [pooled soft prompt; input; tokens]: 0 where it is transformers' greedy choice."""
-    ids = quantized.tokenizer(text, return_tensors="pt")["input_ids"][0]
-    embeds = torch.cat([prepare(adapter).prompt.float(), quantized.embed(ids).float(),
-                        quantized.embed(torch.tensor(tokens)).float()])
-    with torch.no_grad():
-        logits = quantized.model(inputs_embeds=embeds[None],
-                                 attention_mask=torch.ones(1, embeds.shape[0], dtype=torch.long)).logits[0]
-    logprobs = torch.log_softmax(logits.float(), -1)
-    first = embeds.shape[0] - len(tokens) - 1
-    return [(logprobs[first + i].max() - logprobs[first + i, token]).item() for i, token in enumerate(tokens)]
 
 
 def assert_near_greedy(quantization: str, quantized, adapters: dict, cases, answers: list[list[int]]) -> None:
