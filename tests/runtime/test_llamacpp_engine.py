@@ -132,16 +132,24 @@ def tokens_reference(engine, token_ids: list[int], new: int) -> list[int]:
         L.llama_free(ctx)
 
 
-def test_soft_prompt_of_token_embeddings_answers_like_the_tokens(engine, table):
+def assert_embedding_rows_answer_like_their_tokens(engine, table, new: int = NEW) -> None:
+    """A soft prompt made of the GGUF's own embedding rows of a text, then more text, answers
+    exactly (greedy) like llama.cpp fed all of it as tokens, on every repetition (the prompt-KV
+    miss and its hits), and so does the whole text as a request without a task."""
     tok = engine.backbone.tokenizer
     head, tail = tok("The capital of France is")["input_ids"], tok(" a city called")["input_ids"]
     engine.registry.register("as-text", SoftPromptAdapter(AdapterMeta(), table[head].clone()))
-    expected = tokens_reference(engine, head + tail, NEW)
-    for _ in range(3):  # determinism: every repetition, the prompt-KV miss and its hits
-        result = engine.generate([GenerationRequest(None, "as-text", greedy(), input_ids=tail)])[0]
+    expected = tokens_reference(engine, head + tail, new)
+    assert expected  # an empty answer would compare equal to anything that stops at once
+    for _ in range(3):
+        result = engine.generate([GenerationRequest(None, "as-text", greedy(new), input_ids=tail)])[0]
         assert result.token_ids == expected
-    no_task = engine.generate([GenerationRequest(None, None, greedy(), input_ids=head + tail)])[0]
+    no_task = engine.generate([GenerationRequest(None, None, greedy(new), input_ids=head + tail)])[0]
     assert no_task.token_ids == expected
+
+
+def test_soft_prompt_of_token_embeddings_answers_like_the_tokens(engine, table):
+    assert_embedding_rows_answer_like_their_tokens(engine, table)
 
 
 def test_mixed_task_batches_equal_one_at_a_time_with_requests_joining(engine, tasks):
@@ -166,18 +174,25 @@ def test_split_mixed_steps_answer_like_one_decode(engine, tasks):
         split.close()
 
 
-def test_prompt_kv_cold_warm_and_concurrent_are_equal(engine, tasks, adapters):
-    engine.registry.register("kv", adapters["lamp2"])
+def assert_prompt_kv_cold_warm_and_concurrent_equal(engine, adapter, new: int = NEW, concurrent: int = 4) -> None:
+    """`adapter`'s prompt KV computed once (a miss), then reused by a warm request and by
+    `concurrent` requests at once (hits): all answer alike."""
+    engine.registry.register("kv", adapter)
     key = engine.registry.get("kv").cache_key
     before = engine.prompt_kv_stats()
-    cold = engine.generate([GenerationRequest(TEXTS[0], "kv", greedy())])[0]
-    warm = engine.generate([GenerationRequest(TEXTS[0], "kv", greedy())])[0]
-    concurrent = engine.generate([GenerationRequest(TEXTS[0], "kv", greedy()) for _ in range(4)])
+    cold = engine.generate([GenerationRequest(TEXTS[0], "kv", greedy(new))])[0]
+    warm = engine.generate([GenerationRequest(TEXTS[0], "kv", greedy(new))])[0]
+    together = engine.generate([GenerationRequest(TEXTS[0], "kv", greedy(new)) for _ in range(concurrent)])
     after = engine.prompt_kv_stats()
-    assert cold.soft_prompt_tokens_computed == 6 and warm.soft_prompt_tokens_computed == 0
-    assert_all_same_or_near_tie([cold] * 5, [warm, *concurrent])
-    assert after.misses == before.misses + 1 and after.hits == before.hits + 5
+    assert cold.soft_prompt_tokens_computed == adapter.pooled_tokens and warm.soft_prompt_tokens_computed == 0
+    assert_all_same_or_near_tie([cold] * (1 + concurrent), [warm, *together])
+    assert after.misses == before.misses + 1 and after.hits == before.hits + 1 + concurrent
     engine.discard(key)
+
+
+def test_prompt_kv_cold_warm_and_concurrent_are_equal(engine, tasks, adapters):
+    assert adapters["lamp2"].pooled_tokens == 6
+    assert_prompt_kv_cold_warm_and_concurrent_equal(engine, adapters["lamp2"])
 
 
 def test_prompt_kv_eviction_under_a_small_budget_frees_the_sequence(engine, tasks):
