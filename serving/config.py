@@ -64,7 +64,9 @@ class ServeSettings:
     max_request_bytes: int = 1024 * 1024  # JSON bodies of the inference API
     max_upload_bytes: int = 64 * 1024 * 1024  # one adapter upload (all its files together)
     log_level: str = "INFO"
-    engine: str = "hf"  # hf: transformers in the replica; vllm: vLLM's engine (docs/vllm.md); llamacpp: llama.cpp
+    # hf: transformers in the replica; vllm: vLLM's engine (docs/vllm.md); llamacpp: llama.cpp;
+    # auto: llamacpp for a GGUF on the CPU, else hf (lamp_runtime.engines.choose_engine)
+    engine: str = "hf"
     vllm_kv_cache_mb: int = 1024  # memory vLLM reserves for its KV cache (host memory on CPU)
     vllm_max_model_len: int | None = None  # longest sequence vLLM holds (default: the backbone's context)
     vllm_block_size: int | None = None  # vLLM KV block tokens (default: the smallest the backend takes)

@@ -102,8 +102,8 @@ class LampModel:
         self.publisher = MetricsPublisher(hub, self.metrics.registry)
         self.publisher.start()
         self._poller = asyncio.get_running_loop().create_task(self._poll_store())
-        log.info("replica %s ready: backbone %s (%s, %s, %s), %d adapters, %d torch threads", self.replica_id,
-                 self.backbone.name, self.backbone.options.dtype, self.backbone.options.quantization,
+        log.info("replica %s ready: %s engine, backbone %s (%s, %s, %s), %d adapters, %d torch threads",
+                 self.replica_id, self.engine.kind, self.backbone.name, self.backbone.options.dtype, self.backbone.options.quantization,
                  self.backbone.device, len(self.engine.registry), threads)
 
     # ---- requests -------------------------------------------------------------------------------
@@ -165,7 +165,7 @@ class LampModel:
     def info(self) -> ReplicaInfo:
         options = self.backbone.options
         return ReplicaInfo(
-            replica=self.replica_id, engine=self.settings.engine, backbone=self.backbone.name,
+            replica=self.replica_id, engine=self.engine.kind, backbone=self.backbone.name,
             hidden_size=self.backbone.hidden_size, dtype=options.dtype, quantization=options.quantization,
             device=str(self.backbone.device), max_input_tokens=self.settings.max_input_tokens,
             max_new_tokens=self.settings.max_new_tokens, registered_adapters=len(self.engine.registry),

@@ -76,8 +76,9 @@ def register(subparsers) -> None:
     p.add_argument("--prompt-kv-cache-mb", type=int,
                    help="memory for tasks' soft-prompt keys/values, computed once per version (default 256; 0 = off)")
     p.add_argument("--engine", choices=ENGINE_KINDS,
-                   help="hf (transformers, default), vllm (docs/vllm.md) or llamacpp (the GGUF on llama.cpp, "
-                        "docs/llamacpp.md)")
+                   help="hf (transformers, default), vllm (docs/vllm.md), llamacpp (the GGUF on llama.cpp, "
+                        "docs/llamacpp.md) or auto (llamacpp for a GGUF backbone on the CPU when llama-cpp-python "
+                        "is installed, else hf)")
     p.add_argument("--vllm-kv-cache-mb", type=int, help="vLLM's KV cache, host memory on CPU (default 1024)")
     p.add_argument("--vllm-max-model-len", type=int, help="longest sequence vLLM holds (default: backbone's)")
     p.add_argument("--vllm-block-size", type=int,

@@ -6,12 +6,15 @@ this module or each other):
 
 `hf`: transformers, in-process (decoder-only or T5, by the backbone; lamp_runtime/hf/);
 `vllm`: vLLM's continuous batching over prompt embeddings (lamp_runtime/vllm/); `llamacpp`: the
-GGUF on llama.cpp (lamp_runtime/llamacpp/), a step core on engine/step_loop.py's loop. Each engine's
-heavy imports (vLLM, transformers' model classes) happen only when it is built.
+GGUF on llama.cpp (lamp_runtime/llamacpp/), a step core on engine/step_loop.py's loop; `auto`: one
+of these, chosen for the backbone and device by `choose_engine` (and reported as the one chosen:
+the engine's `kind` is never "auto"). Each engine's heavy imports (vLLM, transformers' model
+classes) happen only when it is built.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -45,13 +48,73 @@ def _build_llamacpp(backbone_options: BackboneOptions | None, config: EngineConf
 
 
 BUILDERS: dict[str, Callable[..., Engine]] = {"hf": _build_hf, "vllm": _build_vllm, "llamacpp": _build_llamacpp}
-ENGINE_KINDS = tuple(BUILDERS)  # --engine choices
+AUTO = "auto"
+ENGINE_KINDS = (*BUILDERS, AUTO)  # --engine choices
+
+log = logging.getLogger(__name__)
+
+
+def choose_engine(backbone_options: BackboneOptions | None = None, *, cuda_available: bool | None = None,
+                  llama_cpp_error: str | None = None) -> str:
+    """The engine `--engine auto` builds for `backbone_options`, its reason logged.
+
+    A GGUF (a .gguf path, or the embedded default, which is one) on the CPU runs on `llamacpp`: in
+    its own formats and kernels, with no dequantized torch copy of the weights. Everything else
+    keeps `hf`: an HF folder (T5 included) is not a GGUF; on a CUDA device the hf engine runs there
+    while this llama.cpp build is CPU-only; an explicit --dtype or --quantization chooses how
+    transformers loads the weights; and llama-cpp-python may not be installed. `vllm` is never
+    chosen: it is an explicit choice with options of its own.
+
+    `cuda_available` (default: torch's answer, asked only for device "auto") and `llama_cpp_error`
+    (default: the error importing llama_cpp; "" when it imports) are the host facts, given by tests.
+    """
+    from ..backbone.options import BackboneOptions
+
+    options = backbone_options or BackboneOptions()
+    kind, reason, level = _choice(options, cuda_available, llama_cpp_error)
+    log.log(level, "--engine auto chose %s: %s", kind, reason)
+    return kind
+
+
+def _choice(options: BackboneOptions, cuda_available: bool | None,
+            llama_cpp_error: str | None) -> tuple[str, str, int]:
+    """(kind, why, log level): a warning where llama.cpp would have run the backbone but cannot."""
+    path = options.path
+    if path is not None and not str(path).endswith(".gguf"):
+        return "hf", f"{path} is an HF folder, not a GGUF file (llama.cpp runs GGUF files)", logging.INFO
+    device = options.device
+    if device == "auto":
+        if cuda_available is None:
+            import torch
+
+            cuda_available = torch.cuda.is_available()
+        device = "cuda" if cuda_available else "cpu"
+    if device != "cpu":
+        return "hf", f"device {device}: the llama.cpp engine runs on the CPU", logging.INFO
+    if options.dtype != "auto" or options.quantization != "auto":
+        return "hf", (f"--dtype {options.dtype} / --quantization {options.quantization} choose how transformers "
+                      "loads the weights; llama.cpp runs the GGUF's own types"), logging.INFO
+    if llama_cpp_error is None:
+        llama_cpp_error = _llama_cpp_import_error()
+    if llama_cpp_error:
+        return "hf", f"llama-cpp-python does not import ({llama_cpp_error}); `make setup` builds it", logging.WARNING
+    return "llamacpp", f"{'the embedded backbone' if path is None else path} is a GGUF file on the CPU", logging.INFO
+
+
+def _llama_cpp_import_error() -> str:
+    try:
+        import llama_cpp.llama_cpp  # noqa: F401  (loads the native library too)
+    except (ImportError, OSError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return ""
 
 
 def build_engine(kind: str, backbone_options: BackboneOptions | None = None, config: EngineConfig | None = None,
                  vllm_options=None, observer: EngineObserver | None = None) -> Engine:
-    """Load the backbone and start the engine of `kind`; for `vllm`, `vllm_options` is a VllmOptions.
-    `observer` sees every step and result from the first request on."""
+    """Load the backbone and start the engine of `kind` (`auto`: the one `choose_engine` picks); for
+    `vllm`, `vllm_options` is a VllmOptions. `observer` sees every step and result from the first request on."""
+    if kind == AUTO:
+        kind = choose_engine(backbone_options)
     builder = BUILDERS.get(kind)
     if builder is None:
         raise ValueError(f"engine {kind!r} unknown; use one of {', '.join(ENGINE_KINDS)}")

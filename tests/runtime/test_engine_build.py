@@ -1,14 +1,19 @@
-"""Choosing the engine: `--engine hf|vllm` in `lamp serve` settings and the engine factory's refusals.
+"""Choosing the engine: `--engine hf|vllm|llamacpp|auto` in `lamp serve` settings, what `auto`
+picks for each backbone and host, and the engine factory's refusals.
 
 Nothing here starts vLLM (tests/runtime/test_vllm_engine.py and tests/serving/test_vllm_serve.py do).
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import sys
+
 import pytest
 
 from lamp_runtime.backbone.options import BackboneOptions
-from lamp_runtime.engines import ENGINE_KINDS, build_engine
+from lamp_runtime.engines import ENGINE_KINDS, build_engine, choose_engine
 from lamp_runtime.vllm.engine import VllmOptions, _vllm_quantization
 from serving.cli import build_parser
 from serving.config import ServeSettings, load_settings
@@ -31,7 +36,7 @@ def test_serve_defaults_to_the_hf_engine_and_takes_vllm_settings_from_flags_and_
 
 
 @pytest.mark.parametrize("text, message", [
-    ("engine: tgi\n", "engine must be one of hf, vllm, llamacpp; got 'tgi'"),
+    ("engine: tgi\n", "engine must be one of hf, vllm, llamacpp, auto; got 'tgi'"),
     ("vllm_kv_cache_mb: 0\n", "vllm_kv_cache_mb must be an integer >= 1"),
     ("vllm_max_model_len: 1\n", "vllm_max_model_len must be an integer >= 2"),
 ])
@@ -39,6 +44,40 @@ def test_bad_engine_settings_name_the_key(tmp_path, text, message):
     (tmp_path / "serve.yaml").write_text(text)
     with pytest.raises(ValueError, match=message):
         load_settings(tmp_path / "serve.yaml", {})
+
+
+def hf_folder(path, model_type: str):
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"model_type": model_type, "is_encoder_decoder": model_type == "t5"}))
+    return str(path)
+
+
+@pytest.mark.parametrize("case, options, cuda, expected", [
+    ("embedded GGUF on cpu", BackboneOptions(), False, "llamacpp"),
+    ("embedded GGUF, device cpu on a CUDA host", BackboneOptions(device="cpu"), True, "llamacpp"),
+    ("a .gguf path on cpu", BackboneOptions(path="/models/llama-2-7b.Q4_K_M.gguf"), False, "llamacpp"),
+    ("HF folder", "llama", False, "hf"),
+    ("T5 folder", "t5", False, "hf"),
+    ("cuda device", BackboneOptions(device="cuda"), False, "hf"),
+    ("device auto on a CUDA host", BackboneOptions(), True, "hf"),
+    ("an explicit quantization", BackboneOptions(quantization="int4"), False, "hf"),
+    ("an explicit dtype", BackboneOptions(dtype="bfloat16"), False, "hf"),
+])
+def test_auto_runs_a_gguf_on_the_cpu_on_llamacpp_and_keeps_hf_otherwise(tmp_path, case, options, cuda, expected,
+                                                                        caplog):
+    if isinstance(options, str):  # a folder of that model type
+        options = BackboneOptions(path=hf_folder(tmp_path / options, options))
+    with caplog.at_level(logging.INFO, logger="lamp_runtime.engines"):
+        assert choose_engine(options, cuda_available=cuda, llama_cpp_error="") == expected, case
+    assert f"--engine auto chose {expected}: " in caplog.text
+
+
+def test_auto_keeps_hf_with_a_logged_reason_when_llama_cpp_does_not_import(monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # what `import llama_cpp` raises ImportError for
+    with caplog.at_level(logging.INFO, logger="lamp_runtime.engines"):
+        assert choose_engine(BackboneOptions(device="cpu")) == "hf"
+    warning = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warning) == 1 and "llama-cpp-python does not import (ModuleNotFoundError" in warning[0].getMessage()
 
 
 def test_factory_refuses_unknown_engines_and_misplaced_options():

@@ -1,9 +1,11 @@
-"""`lamp serve --engine llamacpp` end to end: a real server on a free port, real HTTP clients.
+"""`lamp serve --engine auto` on the embedded GGUF, which runs it on llama.cpp (the same builder as
+`--engine llamacpp`), end to end: a real server on a free port, real HTTP clients.
 
 Concurrent requests of several tasks answer like the llama.cpp engine run in this process one
 request at a time (tests/runtime/test_llamacpp_engine.py pins the engine down), and so do
 /v1/completions and chat; streaming streams; an adapter re-registered while a request of its task runs
-serves the new version to the next request; /metrics names the kernel settings the probe chose.
+serves the new version to the next request; /metrics and /status.json name the engine chosen
+(llamacpp, never "auto") and the kernel settings the probe chose.
 """
 
 from __future__ import annotations
@@ -44,7 +46,10 @@ def uploaded_versions(backbone):
 
 @pytest.fixture(scope="module")
 def launched_server(tmp_path_factory, task_adapters):
-    args = ["--engine", "llamacpp", "--max-batch-size", "8", "--max-new-tokens", "64", "--max-input-tokens", "512"]
+    # auto picks llama.cpp only where no torch dtype / quantization is asked (ServerProcess asks
+    # float32 / none unless told otherwise).
+    args = ["--engine", "auto", "--dtype", "auto", "--quantization", "auto", "--max-batch-size", "8",
+            "--max-new-tokens", "64", "--max-input-tokens", "512"]
     yield from launched_over(tmp_path_factory, task_adapters, args, ADMIN_TOKEN)
 
 
@@ -129,6 +134,10 @@ def test_reregistration_while_a_request_runs(server, uploaded_versions, referenc
         assert running["adapter_version"] in (1, 2) and running["finish_reason"] in ("length", "stop")
         body = generate(server, "uploaded", UPLOAD_TEXT)
         assert (body["adapter_version"], body["text"]) == (2, reference[("v2", UPLOAD_TEXT)])
+
+def test_auto_reports_the_engine_it_chose(server):
     metrics = httpx.get(f"{server.url}/metrics", timeout=60).text
     info = [line for line in metrics.splitlines() if line.startswith("lamp_engine_info{")]
     assert any('kind="llamacpp"' in line and 'weight_repack="' in line and 'n_ubatch="' in line for line in info), info
+    engines = httpx.get(f"{server.url}/status.json", timeout=60).json()["engines"]
+    assert engines and all(e["kind"] == "llamacpp" for e in engines), engines
