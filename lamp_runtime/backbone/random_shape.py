@@ -91,6 +91,8 @@ SHAPES = {
     "llama-2-7b": LlamaShape(hidden=4096, layers=32, heads=32, kv_heads=32, intermediate=11008),
     # For tests: every code path of the 7B shape (grouped-query heads included), in a second.
     "tiny": LlamaShape(hidden=128, layers=2, heads=4, kv_heads=2, intermediate=256, context=512),
+    # For tests of K-quant types (Q4_K, Q6_K: rows of 256 values), token_embd included.
+    "tiny-k": LlamaShape(hidden=256, layers=1, heads=4, kv_heads=2, intermediate=512, context=512),
 }
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from ..requires import require_module
 
@@ -42,12 +43,17 @@ NEW = 4  # tokens per answer: exactness shows within a few, and every request co
 TYPES = {"Q4_K_M": ("Q4_K - Medium", "Q8_0"), "Q8_0": ("Q8_0", "Q8_0"), "F16": ("F16", "F16")}
 
 
-def requantize(source: Path, out: Path, ftype: str) -> Path:
-    """`source` requantized to `ftype` (a LLAMA_FTYPE_MOSTLY_* suffix) by llama.cpp, written atomically."""
+def requantize(source: Path, out: Path, ftype: str, token_embd: str | None = None) -> Path:
+    """`source` requantized to `ftype` (a LLAMA_FTYPE_MOSTLY_* suffix) by llama.cpp, written
+    atomically; `token_embd` (a GGML type name) overrides the type llama.cpp gives that tensor."""
+    from gguf import GGMLQuantizationType
+
     L = lib()
     params = L.llama_model_quantize_default_params()
     params.ftype = getattr(L, f"LLAMA_FTYPE_MOSTLY_{ftype}")
     params.allow_requantize = True  # the source is quantized already
+    if token_embd is not None:
+        params.token_embedding_type = int(GGMLQuantizationType[token_embd])
     params.nthread = 2
     partial = out.with_name(out.name + ".partial")
     code = L.llama_model_quantize(str(source).encode(), str(partial).encode(), ctypes.byref(params))
@@ -62,10 +68,13 @@ def requantize(source: Path, out: Path, ftype: str) -> Path:
 def gguf_files() -> dict[str, Path]:
     """The embedded GGUF in each of TYPES, made once per source file and llama-cpp-python version
     and kept in the lamp cache folder: unchanged files keep backbone.py's table cache and the
-    tokenizer conversion warm from run to run (quantizing all three took 3.8 s here)."""
+    tokenizer conversion warm from run to run (quantizing all three took 3.8 s here). "tiny-k": a
+    random-weight 256-wide model with a Q4_K token_embd (what a Llama-2-7B Q4_K_M holds)."""
     from filelock import FileLock
 
     from lamp_runtime.backbone.checkpoint import cache_root, embedded_gguf_path
+
+    from lamp_runtime.backbone.random_shape import write_random_gguf
 
     source = embedded_gguf_path()
     folder = cache_root() / "test-ggufs" / f"{source.stem}-{source.stat().st_size}-llama-cpp-{version('llama_cpp_python')}"
@@ -75,6 +84,12 @@ def gguf_files() -> dict[str, Path]:
         for ftype in TYPES:
             path = folder / f"{source.stem.rsplit('.', 1)[0]}.{ftype}.gguf"
             files[ftype] = path if path.is_file() else requantize(source, path, ftype)
+        path = folder / "random-tiny-k-shape.Q4_K_M.gguf"
+        if not path.is_file():
+            tiny = write_random_gguf(folder / "random-tiny-k-shape.Q4_1.gguf", "tiny-k", seed=5, progress=False)
+            requantize(tiny, path, "Q4_K_M", token_embd="Q4_K")
+            tiny.unlink()
+        files["tiny-k"] = path
     return files
 
 
@@ -122,3 +137,18 @@ def test_one_request_per_adapter_kind_answers(engine, adapters, tasks):
         assert result.finish_reason in ("length", "stop") and result.token_ids, result
         assert result.soft_prompt_tokens_computed == adapter.pooled_tokens  # its prompt was built and fed
         assert all(math.isfinite(entry.logprob) for entry in result.logprobs)
+
+
+def test_a_q4_k_token_embd_is_read_as_llama_cpp_embeds_it(gguf_files):
+    """A Q4_K table (SmolLM2 cannot hold one): gguf's dequantization of it is llama.cpp's, row for
+    row, or a soft prompt of its rows would not answer like the tokens on random weights either."""
+    from gguf import GGUFReader
+
+    path = gguf_files["tiny-k"]
+    assert next(t for t in GGUFReader(path).tensors if t.name == "token_embd.weight").tensor_type.name == "Q4_K"
+    e = build_llamacpp_engine(BackboneOptions(path=str(path)), EngineConfig(max_batch_size=2, threads=1),
+                              LlamaCppOptions(kv_cells=256, probe=False))
+    try:
+        assert_embedding_rows_answer_like_their_tokens(e, torch.from_numpy(np.array(e.backbone.info.table)), 8)
+    finally:
+        e.close()
