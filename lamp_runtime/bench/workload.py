@@ -53,6 +53,13 @@ def vocabulary_prompt(embedding_weight: torch.Tensor, length: int, seed: int) ->
     return embedding_weight.detach()[rows].float().cpu().clone()
 
 
+def embedded_prompt(backbone, length: int, seed: int) -> torch.Tensor:
+    """`length` token embeddings drawn with a fixed seed, through any engine's backbone (its `embed`)."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, len(backbone.tokenizer), (length,), generator=generator)
+    return backbone.embed(ids).float().cpu().clone()
+
+
 def gaussian_prompt(hidden_size: int, length: int, seed: int, std: float = 0.05) -> torch.Tensor:
     """A prompt with embedding-like scale, for benches that never run the model."""
     generator = torch.Generator().manual_seed(seed)
