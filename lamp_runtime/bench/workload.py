@@ -23,7 +23,7 @@ BUNDLED_PROMPTS = Path(__file__).resolve().parents[2] / "prompts"
 
 @dataclass(frozen=True)
 class GenerationBenchConfig:
-    """What every bench that generates through the engine takes (`lamp bench pooling | batching`)."""
+    """What the benches that generate through a transformers step core take (`lamp bench batching`)."""
 
     rank: int = 16  # LAMP rank of the bench's adapters
     new_tokens: int = 8  # generated per request, EOS ignored
