@@ -50,6 +50,15 @@ def load_average() -> list[float] | None:
     return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
 
+def lscpu_model() -> str | None:
+    """`lscpu`'s model name (None where lscpu is missing): the CPU the bench JSONs name."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), None)
+
+
 def _git_revision() -> str | None:
     """The commit measured, `-dirty` when the working tree had uncommitted changes (None outside git)."""
     try:

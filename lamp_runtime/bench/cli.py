@@ -1,4 +1,4 @@
-"""`lamp bench pooling | batching | cache`: run a bench, write its JSON, print its table.
+"""`lamp bench pooling | batching | speed | cache`: run a bench, write its JSON, print its table.
 
 On a machine shared with other work, run with `OMP_WAIT_POLICY=PASSIVE` (set before the process
 starts) or `--threads 1`: spinning OpenMP workers that lose their core make a forward pass many
@@ -10,17 +10,26 @@ from __future__ import annotations
 
 def register(subparsers) -> None:
     from ..backbone.options import DTYPE_NAMES
+    from .pooling import ENGINE_KINDS, PoolingConfig
     from .speed import SpeedConfig
 
     bench = subparsers.add_parser("bench", help="measure pooling, mixed-task batching and prompt-cache savings")
     benches = bench.add_subparsers(dest="bench", required=True)
 
-    p = benches.add_parser("pooling", help="prefill/TTFT/latency/tokens/s/KV bytes per pool block p vs theory")
-    p.add_argument("--lengths", type=int, nargs="+", default=[100, 200], help="LAMP prompt lengths l")
-    p.add_argument("--pools", type=int, nargs="+", default=[1, 2, 4, 5, 10], help="pool blocks p (must include 1)")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--no-memory", action="store_true", help="skip the (untimed, profiled) peak-memory pass")
-    _generation_bench(p, new_tokens=8, repeats=3, plot="also draw measured vs theoretical ratios into this PNG")
+    p = benches.add_parser("pooling", help="on the engines as served: prefill cold / warm / prompt-KV cache off, "
+                                            "TTFT, KV bytes per request and decode step per pool block p, vs theory")
+    p.add_argument("--engines", nargs="+", default=list(PoolingConfig.engines), choices=ENGINE_KINDS)
+    p.add_argument("--lengths", type=int, nargs="+", default=list(PoolingConfig.lengths),
+                   help="LAMP prompt lengths l of the prefill variants")
+    p.add_argument("--pools", type=int, nargs="+", default=list(PoolingConfig.pools), help="pool blocks p (must include 1)")
+    p.add_argument("--decode-lengths", type=int, nargs="+", default=list(PoolingConfig.decode_lengths),
+                   help="LAMP prompt lengths l of the decode-step variants")
+    p.add_argument("--decode-pools", type=int, nargs="+", default=list(PoolingConfig.decode_pools))
+    p.add_argument("--decode-tokens", type=int, default=PoolingConfig.decode_tokens,
+                   help="tokens per decode request (EOS ignored)")
+    p.add_argument("--rank", type=int, default=PoolingConfig.rank, help="LAMP rank r")
+    p.add_argument("--plot", help="also draw measured vs theoretical ratios and decode steps into this PNG")
+    _common(p, repeats=PoolingConfig.repeats, threads="the engines' threads (default: the cores)")
     p.set_defaults(parser=p, func=run_pooling_command)
 
     b = benches.add_parser("batching", help="single- vs mixed-task batching vs one at a time vs PeftModel.generate")
@@ -70,13 +79,13 @@ def _generation_bench(parser, new_tokens: int, repeats: int, plot: str) -> None:
     add_backbone_arguments(parser)
 
 
-def _common(parser, repeats: int) -> None:
+def _common(parser, repeats: int, threads: str = "torch intra-op threads (default: torch's)") -> None:
     parser.add_argument("--out", required=True, help="write the report JSON here")
     parser.add_argument("--repeats", type=int, default=repeats, help="recorded rounds over every variant")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     parser.add_argument("--task", default="support_triage", help="bundled synthetic task whose inputs are used")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None, help=threads)
 
 
 def _set_threads(args) -> None:
@@ -112,26 +121,20 @@ def _finish(report: dict, args, table: str, plot: str | None = None) -> int:
 
 
 def run_pooling_command(args) -> int:
-    from ..backbone.cli_args import backbone_options
-    from ..backbone.hf import load_backbone
-    from .pooling import TABLE_COLUMNS, PoolingConfig, run_pooling, table_rows
+    import torch
+
+    from .pooling import PoolingConfig, run_pooling
+    from .pooling_report import DECODE_COLUMNS, PREFILL_COLUMNS, summary_lines, table_rows
     from .report import format_table
 
-    _set_threads(args)
-    config = PoolingConfig(lengths=tuple(args.lengths), pools=tuple(args.pools), batch_sizes=tuple(args.batch_sizes),
-                           rank=args.rank, new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup,
-                           task=args.task, seed=args.seed, measure_memory=not args.no_memory)
-    report = run_pooling(load_backbone(backbone_options(args)), config)
-    lines = [format_table(table_rows(report), TABLE_COLUMNS), ""]
-    for item in report["agreement"]:
-        lines.append(f"l={item['l']} batch {item['batch_size']}: measured - theoretical prefill ratio, mean "
-                     f"{item['wall']['mean_error']:+.3f} wall-clock / {item['cpu']['mean_error']:+.3f} CPU time; "
-                     f"max |error| {item['wall']['max_abs_error']:.3f} / {item['cpu']['max_abs_error']:.3f}")
-    for fit in report["prefill_fit"]:
-        wall, cpu = fit["wall"], fit["cpu"]
-        lines.append(f"batch {fit['batch_size']}: prefill ≈ {wall['fixed_ms']:.1f} ms + {wall['per_token_ms']:.2f} "
-                     f"ms/token wall-clock, {cpu['fixed_ms']:.1f} ms + {cpu['per_token_ms']:.2f} ms/token CPU "
-                     f"(tokens per row)")
+    config = PoolingConfig(engines=tuple(args.engines), lengths=tuple(args.lengths), pools=tuple(args.pools),
+                           decode_lengths=tuple(args.decode_lengths), decode_pools=tuple(args.decode_pools),
+                           decode_tokens=args.decode_tokens, rank=args.rank, repeats=args.repeats,
+                           warmup=args.warmup, task=args.task, seed=args.seed, threads=args.threads)
+    torch.set_num_threads(1)  # as `lamp serve` does: only the engine loops run multi-threaded work
+    report = run_pooling(config)
+    lines = [format_table(table_rows(report["prefill"]), PREFILL_COLUMNS), "",
+             format_table(table_rows(report["decode"]), DECODE_COLUMNS), "", *summary_lines(report)]
     return _finish(report, args, "\n".join(lines), plot="plot_pooling")
 
 

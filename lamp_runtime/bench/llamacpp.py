@@ -44,6 +44,7 @@ from lamp_runtime.engine.base import EngineConfig
 from lamp_runtime.engine.step_loop import StepLoopEngine
 from lamp_runtime.engine.streams import complete as complete_async
 from lamp_runtime.engines import build_engine
+from lamp_runtime.machine import lscpu_model
 from lamp_runtime.requests import GenerationRequest, SamplingParams
 
 LLAMA_BENCH = Path(sys.prefix) / "bin" / "llama-bench"  # where `make llama-bench` puts it
@@ -174,7 +175,7 @@ def main() -> None:
         return closed_loop(runners[kind], mixed_requests(max(8, 2 * clients), args.new_tokens), clients)
 
     context = machine_context() | {"threads": threads, "llamacpp_settings": llama.settings,
-                                   "lscpu_model": _lscpu_model(), "gguf": str(gguf)}
+                                   "lscpu_model": lscpu_model(), "gguf": str(gguf)}
     samples = interleaved_then_shut_down(variants, measure, args.repeats, "llamacpp bench", runners.values(), context)
 
     def med(variant, key):
@@ -212,14 +213,6 @@ def main() -> None:
                        "rss_growth_bytes": rss_growth,
                        "samples": {"/".join(map(str, v)): s for v, s in samples.items()}}, handle, indent=2)
         print(f"wrote {args.out}")
-
-
-def _lscpu_model() -> str | None:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), None)
 
 
 if __name__ == "__main__":

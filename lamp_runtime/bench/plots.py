@@ -18,42 +18,41 @@ def _pyplot():
 
 
 def plot_pooling(report: dict, path: str | Path) -> Path:
-    """Measured prefill ratios (median, IQR bars; CPU time and wall-clock) against the theoretical
-    ratio, one panel per batch size."""
+    """One row per engine. Prefill time relative to p = 1 (median, IQR bars) per state against the
+    theory (dashed), one colour per l; last column: decode step time against the cached keys."""
     plt = _pyplot()
-    rows = report["rows"]
-    batches = sorted({r["batch_size"] for r in rows})
-    lengths = sorted({r["l"] for r in rows})
-    fig, axes = plt.subplots(1, len(batches), figsize=(5.5 * len(batches), 4.8), sharey=True, squeeze=False)
-    for ax, batch in zip(axes[0], batches):
-        for index, length in enumerate(lengths):
-            mine = sorted((r for r in rows if r["batch_size"] == batch and r["l"] == length), key=lambda r: r["pool"])
-            pools = [r["pool"] for r in mine]
-            color = f"C{index}"
-            ax.plot(pools, [r["theoretical_ratio"] for r in mine], "--", color=color, label=f"l={length} theoretical")
-            if all(r.get("fixed_cost_ratio") is not None for r in mine):
-                ax.plot(pools, [r["fixed_cost_ratio"] for r in mine], "-.", color=color, alpha=0.6, lw=1,
-                        label=f"l={length} theoretical + fitted fixed cost")
-            for key, style, label in (("measured_cpu_ratio", "o-", "prefill CPU time"),
-                                      ("measured_ratio", "s:", "prefill wall-clock")):
-                spread = [r["spread"][key] for r in mine]
-                medians = [r[key] for r in mine]
-                ax.errorbar(pools, medians, yerr=[[m - s["q1"] for m, s in zip(medians, spread)],
-                                                  [s["q3"] - m for m, s in zip(medians, spread)]],
-                            fmt=style, color=color, capsize=3, alpha=1.0 if key == "measured_cpu_ratio" else 0.5,
-                            mfc="none" if key == "measured_ratio" else color, label=f"l={length} {label}")
-        ax.set_xscale("log")
-        ax.set_xticks(sorted({r["pool"] for r in rows}), [str(p) for p in sorted({r["pool"] for r in rows})])
-        ax.set_xlabel("pool block p")
-        ax.set_title(f"batch {batch}")
+    rows, decode = report["prefill"], report["decode"]
+    kinds, states = sorted({r["engine"] for r in rows}), ("cold", "off", "warm")
+    lengths, pools = sorted({r["l"] for r in rows}), sorted({r["pool"] for r in rows})
+    fig, axes = plt.subplots(len(kinds), 4, figsize=(14, 3.6 * len(kinds)), squeeze=False)
+    for axes_row, kind in zip(axes, kinds):
+        for ax, state in zip(axes_row, states):
+            for index, length in enumerate(lengths):
+                mine = sorted((r for r in rows if (r["engine"], r["state"], r["l"]) == (kind, state, length)),
+                              key=lambda r: r["pool"])
+                medians, spread = [r["measured_ratio"] for r in mine], [r["spread"]["measured_ratio"] for r in mine]
+                ax.plot([r["pool"] for r in mine], [r["theory"] for r in mine], "--", color=f"C{index}", lw=1)
+                ax.errorbar([r["pool"] for r in mine], medians, capsize=3, fmt="o-", color=f"C{index}",
+                            yerr=[[m - s["q1"] for m, s in zip(medians, spread)],
+                                  [s["q3"] - m for m, s in zip(medians, spread)]], label=f"l={length}")
+            ax.set_xscale("log")
+            ax.minorticks_off()
+            ax.set_xticks(pools, [str(p) for p in pools])
+            ax.set_xlabel("pool block p")
+            ax.set_title(f"{kind}: prefill, {state}", fontsize=9)
+            ax.grid(alpha=0.3)
+        axes_row[0].set_ylabel("prefill / p = 1's (dashed: theory)")
+        axes_row[0].legend(fontsize=7)
+        ax = axes_row[3]
+        for index, pool in enumerate(sorted({r["pool"] for r in decode})):
+            mine = sorted((r for r in decode if (r["engine"], r["pool"]) == (kind, pool)), key=lambda r: r["keys"])
+            ax.plot([r["keys"] for r in mine], [r["step_ms"] for r in mine], "o-", color=f"C{index}", label=f"p={pool}")
+        ax.set_xlabel("cached keys L_x + ceil(l/p)")
+        ax.set_ylabel("decode step ms")
+        ax.set_title(f"{kind}: decode step", fontsize=9)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("prefill time relative to p = 1")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    columns = 4
-    fig.legend(handles, labels, loc="lower center", ncol=columns, fontsize=8, frameon=False)
-    fig.suptitle("Pooled LAMP prompts: measured vs (L_x + ⌈l/p⌉) / (L_x + l)")
-    fig.tight_layout(rect=(0, 0.02 + 0.04 * -(-len(labels) // columns), 1, 1))
-    return _save(fig, plt, path, layout=False)
+        ax.legend(fontsize=7)
+    return _save(fig, plt, path)
 
 
 def plot_batching(report: dict, path: str | Path) -> Path:

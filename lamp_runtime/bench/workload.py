@@ -23,7 +23,7 @@ BUNDLED_PROMPTS = Path(__file__).resolve().parents[2] / "prompts"
 
 @dataclass(frozen=True)
 class GenerationBenchConfig:
-    """What every bench that generates through the engine takes (`lamp bench pooling | batching`)."""
+    """What the benches that generate through a transformers step core take (`lamp bench batching`)."""
 
     rank: int = 16  # LAMP rank of the bench's adapters
     new_tokens: int = 8  # generated per request, EOS ignored
@@ -51,6 +51,13 @@ def vocabulary_prompt(embedding_weight: torch.Tensor, length: int, seed: int) ->
     generator = torch.Generator().manual_seed(seed)
     rows = torch.randint(0, embedding_weight.shape[0], (length,), generator=generator)
     return embedding_weight.detach()[rows].float().cpu().clone()
+
+
+def embedded_prompt(backbone, length: int, seed: int) -> torch.Tensor:
+    """`length` token embeddings drawn with a fixed seed, through any engine's backbone (its `embed`)."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, len(backbone.tokenizer), (length,), generator=generator)
+    return backbone.embed(ids).float().cpu().clone()
 
 
 def gaussian_prompt(hidden_size: int, length: int, seed: int, std: float = 0.05) -> torch.Tensor:

@@ -15,15 +15,12 @@ import torch
 from transformers import DynamicCache
 
 from lamp_runtime.bench.batching import RATIOS, BatchingConfig, run_batching
-from lamp_runtime.bench.memory import kv_cache_bytes, peak_memory_bytes
+from lamp_runtime.backbone.hf import kv_bytes_per_token
 from lamp_runtime.bench.plots import plot_batching, plot_pooling
 from lamp_runtime.bench.pooling import PoolingConfig, run_pooling
 from lamp_runtime.bench.stats import interleaved, summarize
 from serving.cli import main
 
-POOLING_ROW_KEYS = {"l", "pool", "batch_size", "input_tokens", "soft_prompt_tokens", "prefill_ms", "ttft_ms",
-                    "e2e_ms", "tokens_per_s", "kv_bytes", "peak_bytes", "theoretical_ratio", "measured_ratio",
-                    "spread"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -53,51 +50,59 @@ def test_kv_bytes_formula_matches_a_real_cache(backbone, batch):
     with torch.inference_mode():
         backbone.model(input_ids=torch.ones(batch, tokens, dtype=torch.long), past_key_values=cache, use_cache=True)
     real = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
-    assert real == kv_cache_bytes(backbone.config, backbone.dtype, batch * tokens)
-
-
-def test_peak_memory_counts_what_a_run_allocates():
-    def run():
-        first = torch.ones(1000, 1000)  # 4 MB, freed before the 8 MB one: the peak is 8 MB, not 12
-        del first
-        second = torch.ones(2000, 1000)
-        del second
-
-    peak = peak_memory_bytes(run, torch.device("cpu"))
-    assert peak is not None, "the CPU profiler path gave no figure (torch internals moved?)"
-    assert 8_000_000 <= peak < 12_000_000
+    assert real == kv_bytes_per_token(backbone.config, backbone.dtype) * batch * tokens
 
 
 @pytest.fixture(scope="module")
-def pooling_report(backbone):
-    config = PoolingConfig(lengths=(12,), pools=(1, 4), batch_sizes=(1, 2), new_tokens=2, repeats=2, warmup=0)
-    return run_pooling(backbone, config)
+def pooling_report():
+    config = PoolingConfig(lengths=(6,), pools=(1, 4), decode_lengths=(6, 20), decode_pools=(1, 4), decode_tokens=3,
+                           repeats=2, warmup=0, threads=1)
+    return run_pooling(config)
 
 
-def test_pooling_report_rows(pooling_report):
-    rows = pooling_report["rows"]
-    assert {(r["pool"], r["batch_size"]) for r in rows} == {(1, 1), (1, 2), (4, 1), (4, 2)}
+@pytest.mark.slow  # builds four engines (hf and llamacpp, prompt-KV cache on and off)
+def test_pooling_bench_counts_positions_and_kv_bytes_exactly(pooling_report):
+    engines = pooling_report["engines"]
+    assert set(engines) == {"hf", "llamacpp"}
+    rows = pooling_report["prefill"]
+    assert sorted((r["engine"], r["state"], r["pool"]) for r in rows) == sorted(
+        (e, s, p) for e in ("hf", "llamacpp") for s in ("cold", "warm", "off") for p in (1, 4))
     for row in rows:
-        assert POOLING_ROW_KEYS <= set(row)
-        assert row["soft_prompt_tokens"] == math.ceil(12 / row["pool"])
-        lx = row["input_tokens"]
-        assert row["theoretical_ratio"] == pytest.approx((lx + math.ceil(12 / row["pool"])) / (lx + 12))
-        assert row["generated_tokens"] == 2 * row["batch_size"]  # EOS ignored: fixed work per variant
-        for key in ("prefill_ms", "prefill_cpu_ms", "ttft_ms", "e2e_ms", "tokens_per_s", "tokens_per_cpu_s",
-                    "kv_bytes", "peak_bytes", "measured_ratio", "measured_cpu_ratio"):
-            assert positive_finite(row[key]), (key, row[key])
-        assert row["spread"]["prefill_ms"]["n"] == 2
-    unpooled = [r for r in rows if r["pool"] == 1]
-    assert all(r["measured_ratio"] == r["measured_cpu_ratio"] == r["theoretical_ratio"] == 1 for r in unpooled)
-    assert all(r["fixed_cost_ratio"] == pytest.approx(1) for r in unpooled)
-    by_key = {(r["pool"], r["batch_size"]): r for r in rows}
-    assert by_key[(4, 1)]["kv_bytes"] < by_key[(1, 1)]["kv_bytes"] < by_key[(1, 2)]["kv_bytes"]
+        lx, soft, per_position = row["input_tokens"], math.ceil(6 / row["pool"]), engines[row["engine"]]["kv_bytes_per_token"]
+        assert row["soft_tokens"] == soft
+        assert row["computed_positions"] == lx + (0 if row["state"] == "warm" else soft)  # a hit runs the input alone
+        assert row["kv_bytes"] == (lx + soft) * per_position  # what the running request holds
+        if row["state"] == "cold":  # the entry the miss built, as the engine's prompt-KV cache counts it
+            assert row["prompt_kv_entry_bytes"] == soft * per_position
+        assert row["theory"] == (1 if row["state"] == "warm" else pytest.approx((lx + soft) / (lx + 6)))
+        assert positive_finite(row["prefill_ms"]) and positive_finite(row["ttft_ms"])
+        assert positive_finite(row["measured_ratio"]) and row["spread"]["prefill_ms"]["n"] == 2
+        if row["pool"] == 1:
+            assert row["measured_ratio"] == row["ttft_ratio"] == 1
+        samples = pooling_report["samples"]["/".join(map(str, ("prefill", row["engine"], row["state"], 6, row["pool"])))]
+        assert [s["soft_computed"] for s in samples] == [0 if row["state"] == "warm" else soft] * 2
+    assert len({r["input_tokens"] for r in rows}) == 1 and rows[0]["input_tokens"] > 0  # one tokenizer, one input
+    for row in pooling_report["decode"]:
+        assert row["keys"] == row["input_tokens"] + math.ceil(row["l"] / row["pool"])
+        assert row["kv_bytes"] == row["keys"] * engines[row["engine"]]["kv_bytes_per_token"]
+        assert positive_finite(row["step_ms"]) and positive_finite(row["measured_ratio"])
+    assert len(pooling_report["decode"]) == 2 * 2 * 2
+    assert {a["engine"] for a in pooling_report["agreement"]} == {"hf", "llamacpp"}
 
 
+@pytest.mark.slow
 def test_pooling_report_is_json_and_plots(pooling_report, tmp_path):
-    assert json.loads(json.dumps(pooling_report))["bench"] == "pooling"
-    assert pooling_report["machine"]["backbone"]["layers"] == 30
-    assert plot_pooling(pooling_report, tmp_path / "p.png").read_bytes().startswith(PNG_MAGIC)
+    report = json.loads(json.dumps(pooling_report))
+    assert report["bench"] == "pooling" and report["machine"]["load_average_after"] is not None
+    assert set(report["claims"]) >= {"cold", "warm", "off", "decode"}
+    assert plot_pooling(report, tmp_path / "p.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_pooling_config_refuses_what_it_cannot_compare():
+    with pytest.raises(ValueError, match="decode_pools must include 1"):
+        PoolingConfig(decode_pools=(4,))
+    with pytest.raises(ValueError, match="engines"):
+        PoolingConfig(engines=("vllm",))
 
 
 def test_batching_report_ratios_and_peft_parity(backbone, tmp_path):
@@ -164,7 +169,7 @@ def assert_recorded_command_reruns(recorded: str, ran: list[str]) -> None:
 
 
 @pytest.mark.parametrize("argv", [
-    ["bench", "pooling", "--out", "docs/bench/p.json", "--plot", "p.png", "--no-memory", "--threads", "1"],
+    ["bench", "pooling", "--out", "docs/bench/p.json", "--plot", "p.png", "--engines", "llamacpp", "--threads", "1"],
     ["bench", "batching", "--out", "b.json", "--no-peft", "--pool", "2"],
     ["bench", "speed", "--out", "s.json", "--llama-bench", "/opt/llama bench/llama-bench"],
     ["bench", "savings", "--out", "docs/bench/savings.json"],
