@@ -14,8 +14,10 @@ One run interleaves, round after round in a shuffled order (lamp_runtime/bench/s
 - warm prefill of a 200-token vs a 2-token soft prompt (both prompts' KV cached), and the cold
   prompt-KV build of the 200-token one;
 - torch threads in the engine loop (1 vs the cores) with sampled requests;
-and reports each engine's RSS growth when it was built. The JSON holds the command (every
-flag), git revision, CPU model, load averages and every sample.
+and reports each engine's RSS growth when it was built. Each engine runs in a process of its own
+(bench/engine_process.py: as a replica holds one engine; in one process, one engine's thread
+pools disturb the other's), and the rounds interleave the processes. The JSON holds the command
+(every flag), git revision, CPU model, load averages and every sample.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -36,15 +37,18 @@ import torch
 
 from lamp_runtime.adapters import AdapterMeta, SoftPromptAdapter
 from lamp_runtime.backbone.options import BackboneOptions
-from lamp_runtime.bench.engines import bench_adapters, closed_loop, interleaved_then_shut_down, mixed_requests
+from lamp_runtime.bench.engine_process import EngineProcess
+from lamp_runtime.bench.engines import bench_adapters, closed_loop, mixed_requests
 from lamp_runtime.bench.report import full_command
-from lamp_runtime.bench.stats import safe_ratio, summarize
-from lamp_runtime.bench.workload import machine_context, vocabulary_prompt
+from lamp_runtime.bench.stats import interleaved, safe_ratio, summarize
+from lamp_runtime.bench.workload import vocabulary_prompt
 from lamp_runtime.engine.base import EngineConfig
 from lamp_runtime.engine.step_loop import StepLoopEngine
 from lamp_runtime.engine.streams import complete as complete_async
 from lamp_runtime.engines import build_engine
-from lamp_runtime.machine import lscpu_model
+from lamp_runtime.llamacpp.engine import LlamaCppEngine
+from lamp_runtime.llamacpp.options import LlamaCppOptions
+from lamp_runtime.machine import load_average, lscpu_model, machine_context
 from lamp_runtime.requests import GenerationRequest, SamplingParams
 
 LLAMA_BENCH = Path(sys.prefix) / "bin" / "llama-bench"  # where `make llama-bench` puts it
@@ -89,6 +93,103 @@ def rss() -> int:
     return psutil.Process().memory_info().rss
 
 
+def engine_config(settings: dict) -> EngineConfig:
+    clients_max = max(settings["clients"])
+    return EngineConfig(max_batch_size=max(16, clients_max), max_input_tokens=1024,
+                        max_new_tokens=max(settings["new_tokens"], settings["decode_tokens"]),
+                        threads=settings["threads"], max_waiting=1024)
+
+
+class LlamaCppSide:
+    """The llama.cpp engine's side (in its own process: engine_process.py): the engine as served,
+    the same engine with split mixed steps, and one with `threads` torch threads in its loop."""
+
+    def __init__(self, settings: dict):
+        torch.set_num_threads(1)  # as lamp serve does: only engine loop threads run multi-threaded torch work
+        self.settings = settings
+        config = engine_config(settings)
+        before = rss()
+        main = build_engine("llamacpp", BackboneOptions(), config)
+        self.rss_growth = rss() - before
+        core = main.core
+        extra = LlamaCppOptions(kv_cells=4096)
+        split = LlamaCppEngine(core.backbone, core.registry, config, options=dataclasses.replace(extra, mixed_steps="split"))
+        torch_many = LlamaCppEngine(core.backbone, core.registry, config, options=extra)
+        torch_many.threads = settings["threads"]
+        self.core = core
+        self.runners = {"llamacpp": main, "split": StepLoopEngine(split), "torch-many": StepLoopEngine(torch_many)}
+        table = gguf_table()
+        for task, adapter in bench_adapters(table).items():
+            core.registry.register(task, adapter)
+        core.registry.register("p200", SoftPromptAdapter(AdapterMeta(), vocabulary_prompt(table, 200, seed=8)))
+        core.registry.register("p2", SoftPromptAdapter(AdapterMeta(), vocabulary_prompt(table, 2, seed=9)))
+
+    def info(self) -> dict:
+        return {"settings": self.core.settings, "gguf": str(self.core.backbone.path), "rss_growth": self.rss_growth}
+
+    def measure(self, variant) -> dict:
+        part, name = variant[0], variant[1]
+        new_tokens, clients_max = self.settings["new_tokens"], max(self.settings["clients"])
+        main = self.runners["llamacpp"]
+        if part == "decode":
+            return {"tokens_per_s": engine_decode(main, self.settings["decode_tokens"])}
+        if part == "prefill":
+            return {"ms": cold_build_ms(main, "p200") if name == "cold-p200" else prefill_ms(main, name)}
+        if part == "mixed":
+            runner = main if name == "embed" else self.runners["split"]
+            return closed_loop(runner, mixed_requests(2 * clients_max, new_tokens), clients_max)
+        if part == "torch":
+            sampled = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True, temperature=0.8, top_p=0.95, seed=1)
+            requests = [GenerationRequest(r.input, r.task_id, sampled) for r in mixed_requests(2 * clients_max, 1)]
+            return closed_loop(main if name == 1 else self.runners["torch-many"], requests, clients_max)
+        return clients_sample(main, variant[2], new_tokens)
+
+    def close(self) -> None:
+        for runner in self.runners.values():
+            runner.shutdown()
+
+
+class OtherEngineSide:
+    """The HF int4 engine's or vLLM's side: throughput at each client count."""
+
+    def __init__(self, settings: dict):
+        torch.set_num_threads(1)
+        self.settings = settings
+        config = engine_config(settings)
+        before = rss()
+        if settings["kind"] == "vllm":
+            from lamp_runtime.vllm.engine import VllmOptions
+
+            self.engine = build_engine("vllm", BackboneOptions(dtype="float32", quantization="none", device="cpu"),
+                                       config, VllmOptions(kv_cache_mb=settings["kv_cache_mb"], max_model_len=2048))
+        else:
+            self.engine = build_engine("hf", BackboneOptions(dtype="bfloat16", quantization="int4", device="cpu"),
+                                       config)
+        self.rss_growth = rss() - before
+        for task, adapter in bench_adapters(gguf_table()).items():
+            self.engine.registry.register(task, adapter)
+
+    def info(self) -> dict:
+        return {"rss_growth": self.rss_growth}
+
+    def measure(self, variant) -> dict:
+        return clients_sample(self.engine, variant[2], self.settings["new_tokens"])
+
+    def close(self) -> None:
+        self.engine.shutdown()
+
+
+def gguf_table() -> torch.Tensor:
+    """The embedded GGUF's token-embedding table: every side draws the same adapters from it."""
+    from lamp_runtime.llamacpp.backbone import gguf_path, read_gguf
+
+    return torch.from_numpy(np.array(read_gguf(gguf_path(BackboneOptions())[0]).table))  # a writable copy
+
+
+def clients_sample(runner, clients: int, new_tokens: int) -> dict:
+    return closed_loop(runner, mixed_requests(max(8, 2 * clients), new_tokens), clients)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
@@ -101,82 +202,53 @@ def main() -> None:
     parser.add_argument("--llama-bench", type=Path, default=LLAMA_BENCH, help=f"llama-bench binary (default {LLAMA_BENCH})")
     parser.add_argument("--out", help="write settings, samples and summaries as JSON here")
     args = parser.parse_args()
+    if "llamacpp" not in args.engines:
+        parser.error("--engines must include llamacpp (the engine this bench compares)")
     threads = args.threads or len(os.sched_getaffinity(0))
-    torch.set_num_threads(1)  # as lamp serve does: only engine loop threads run multi-threaded torch work
+    shared = {"clients": args.clients, "new_tokens": args.new_tokens, "decode_tokens": args.decode_tokens,
+              "threads": threads, "kv_cache_mb": args.kv_cache_mb}
+    sides = {}
+    try:
+        for kind in args.engines:  # one process per engine, built one after the other
+            factory = "LlamaCppSide" if kind == "llamacpp" else "OtherEngineSide"
+            sides[kind] = EngineProcess(f"lamp_runtime.bench.llamacpp:{factory}", shared | {"kind": kind}, name=kind)
+        samples, context = _run(args, threads, sides)
+    finally:
+        for side in sides.values():
+            side.close()
+    _report(args, parser, threads, sides, samples, context)
+
+
+def _run(args, threads: int, sides: dict) -> tuple[dict, dict]:
+    llama = sides["llamacpp"]
+    gguf = Path(llama.info["gguf"])
     clients_max = max(args.clients)
-    config = EngineConfig(max_batch_size=max(16, clients_max), max_input_tokens=1024,
-                          max_new_tokens=max(args.new_tokens, args.decode_tokens), threads=threads, max_waiting=1024)
-    engines, rss_growth = {}, {}
-    for kind in args.engines:
-        before = rss()
-        if kind == "vllm":
-            from lamp_runtime.vllm.engine import VllmOptions
-
-            engines[kind] = build_engine("vllm", BackboneOptions(dtype="float32", quantization="none", device="cpu"),
-                                         config, VllmOptions(kv_cache_mb=args.kv_cache_mb, max_model_len=2048))
-        elif kind == "hf":
-            engines[kind] = build_engine("hf", BackboneOptions(dtype="bfloat16", quantization="int4", device="cpu"),
-                                         config)
-        else:
-            engines[kind] = build_engine("llamacpp", BackboneOptions(), config)
-        rss_growth[kind] = rss() - before
-    llama = engines["llamacpp"].core
-    from lamp_runtime.llamacpp.engine import LlamaCppEngine
-    from lamp_runtime.llamacpp.options import LlamaCppOptions
-
-    extra = LlamaCppOptions(kv_cells=4096)
-    split = LlamaCppEngine(llama.backbone, llama.registry, config, options=dataclasses.replace(extra, mixed_steps="split"))
-    # The same engine with `threads` torch threads in its loop (the default runs torch on one).
-    torch_many = LlamaCppEngine(llama.backbone, llama.registry, config, options=extra)
-    torch_many.threads = threads
-    table = torch.from_numpy(np.array(llama.backbone.info.table))  # a writable copy of the mmap'ed table
-    adapters = bench_adapters(table)
-    for engine in engines.values():
-        for task, adapter in adapters.items():
-            engine.registry.register(task, adapter)
-    llama.registry.register("p200", SoftPromptAdapter(AdapterMeta(), vocabulary_prompt(table, 200, seed=8)))
-    llama.registry.register("p2", SoftPromptAdapter(AdapterMeta(), vocabulary_prompt(table, 2, seed=9)))
-    runners = dict(engines)
-    runners["llamacpp-split"] = StepLoopEngine(split)
-    runners["llamacpp-torch-many"] = StepLoopEngine(torch_many)
-    sampled = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True, temperature=0.8, top_p=0.95, seed=1)
-
-    def sampled_loop(torch_threads: int) -> dict:
-        runner = runners["llamacpp" if torch_threads == 1 else "llamacpp-torch-many"]
-        requests = [GenerationRequest(r.input, r.task_id, sampled) for r in mixed_requests(2 * clients_max, 1)]
-        return closed_loop(runner, requests, clients_max)
-
-    gguf = llama.backbone.path
     variants = [("decode", "engine"), ("decode", "llama-bench-repack"), ("decode", "llama-bench-norepack"),
                 ("prefill", "p200"), ("prefill", "p2"), ("prefill", "cold-p200"),
                 ("mixed", "embed"), ("mixed", "split"), ("torch", 1), ("torch", threads)]
-    variants += [("clients", kind, clients) for kind in engines for clients in args.clients]
-    has_bench = args.llama_bench.is_file()
-    if not has_bench:
+    variants += [("clients", kind, clients) for kind in sides for clients in args.clients]
+    if not args.llama_bench.is_file():
         variants = [v for v in variants if not str(v[1]).startswith("llama-bench")]
         print(f"no {args.llama_bench}: run `make llama-bench` for the llama-bench comparison")
 
     def measure(variant):
-        part = variant[0]
-        if part == "decode":
-            if variant[1] == "engine":
-                return {"tokens_per_s": engine_decode(runners["llamacpp"], args.decode_tokens)}
-            return {"tokens_per_s": llama_bench_tg(args.llama_bench, gguf, threads, variant[1].endswith("-repack"), args.decode_tokens)}
-        if part == "prefill":
-            if variant[1] == "cold-p200":
-                return {"ms": cold_build_ms(runners["llamacpp"], "p200")}
-            return {"ms": prefill_ms(runners["llamacpp"], variant[1])}
-        if part == "mixed":
-            runner = runners["llamacpp" if variant[1] == "embed" else "llamacpp-split"]
-            return closed_loop(runner, mixed_requests(2 * clients_max, args.new_tokens), clients_max)
-        if part == "torch":
-            return sampled_loop(variant[1])
-        _, kind, clients = variant
-        return closed_loop(runners[kind], mixed_requests(max(8, 2 * clients), args.new_tokens), clients)
+        if str(variant[1]).startswith("llama-bench"):
+            return {"tokens_per_s": llama_bench_tg(args.llama_bench, gguf, threads, variant[1].endswith("-repack"),
+                                                   args.decode_tokens)}
+        side = sides[variant[1]] if variant[0] == "clients" else llama
+        return side.measure(variant)
 
-    context = machine_context() | {"threads": threads, "llamacpp_settings": llama.settings,
-                                   "lscpu_model": lscpu_model(), "gguf": str(gguf)}
-    samples = interleaved_then_shut_down(variants, measure, args.repeats, "llamacpp bench", runners.values(), context)
+    context = machine_context() | {"threads": threads, "llamacpp_settings": llama.info["settings"],
+                                   "lscpu_model": lscpu_model(), "gguf": str(gguf), "clients_max": clients_max,
+                                   "engines_in": "one process per engine (bench/engine_process.py)"}
+    samples = interleaved(variants, measure, repeats=args.repeats, description="llamacpp bench")
+    context["load_average_before"] = context.pop("load_average")
+    context["load_average_after"] = load_average()
+    return samples, context
+
+
+def _report(args, parser, threads: int, sides: dict, samples: dict, context: dict) -> None:
+    variants = list(samples)
 
     def med(variant, key):
         return summarize([s[key] for s in samples[variant]]).median
@@ -185,13 +257,13 @@ def main() -> None:
         return summarize([safe_ratio(x[key], y[key]) for x, y in zip(samples[a], samples[b])]).median
 
     ratios = {}
-    if has_bench:
+    if ("decode", "llama-bench-repack") in samples:
         best = max(("llama-bench-repack", "llama-bench-norepack"), key=lambda v: med(("decode", v), "tokens_per_s"))
         ratios["decode_b1_vs_llama_bench_best"] = paired(("decode", "engine"), ("decode", best), "tokens_per_s")
         ratios["llama_bench_best"] = best
     for clients in args.clients:
         for other in ("hf", "vllm"):
-            if other in engines:
+            if other in sides:
                 ratios[f"clients{clients}_llamacpp_vs_{other}"] = paired(("clients", "llamacpp", clients),
                                                                          ("clients", other, clients), "tokens_per_s")
     ratios["warm_prefill_p200_vs_p2"] = paired(("prefill", "p200"), ("prefill", "p2"), "ms")
@@ -199,6 +271,7 @@ def main() -> None:
     ratios["mixed_embed_vs_split_tokens_per_s"] = paired(("mixed", "embed"), ("mixed", "split"), "tokens_per_s")
     ratios[f"torch_threads_1_vs_{threads}_tokens_per_s"] = paired(("torch", 1), ("torch", threads), "tokens_per_s")
     medians = {"/".join(map(str, v)): {k: med(v, k) for k in samples[v][0]} for v in variants}
+    rss_growth = {kind: side.info["rss_growth"] for kind, side in sides.items()}
     for name, value in medians.items():
         print(f"{name:>32}: " + ", ".join(f"{k} {v:.1f}" for k, v in value.items()))
     for name, value in ratios.items():
@@ -209,8 +282,8 @@ def main() -> None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "w", encoding="utf-8") as handle:
             json.dump({"command": full_command("python -m lamp_runtime.bench.llamacpp", parser, args), "out": args.out,
-                       "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "context": context, "ratios": ratios, "medians": medians,
-                       "rss_growth_bytes": rss_growth,
+                       "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                       "context": context, "ratios": ratios, "medians": medians, "rss_growth_bytes": rss_growth,
                        "samples": {"/".join(map(str, v)): s for v, s in samples.items()}}, handle, indent=2)
         print(f"wrote {args.out}")
 
