@@ -27,9 +27,9 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 def default_store_dir() -> Path:
-    from platformdirs import user_data_dir
+    from .store import state_dir
 
-    return Path(user_data_dir("lamp-serve")) / "adapters"
+    return state_dir() / "adapters"
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class ServeSettings:
     address: str | None = None  # join this Ray cluster instead of starting a local one
     num_cpus: int | None = None  # logical CPUs of the local Ray cluster (default: all)
     store: str | None = None  # adapter store directory or fsspec URL (default: user data dir / adapters)
-    registry: str | None = None  # registry database URL (default: SQLite inside a local store's folder)
+    registry: str | None = None  # registry database URL (default: store.registry.default_registry_url)
     prompts: str | None = "prompts"  # bundled adapters registered at start; missing folder = none
     backbone: str | None = None  # local HF folder or .gguf (default: the embedded SmolLM2)
     dtype: str = "auto"

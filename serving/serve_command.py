@@ -41,7 +41,8 @@ def register(subparsers) -> None:
     p.add_argument("--store", help="adapter store: a directory or an fsspec URL such as s3://bucket/prefix "
                                      "(default: user data dir / lamp-serve / adapters)")
     p.add_argument("--registry", help="adapter registry database: postgresql://USER:PASSWORD@HOST/DB for a "
-                                      "cluster, or sqlite:///PATH (default: SQLite inside a local --store)")
+                                      "cluster, or sqlite:///PATH (default: SQLite inside a local --store; for an "
+                                      "object store, in this machine's lamp-serve data folder)")
     p.add_argument("--prompts", help="folder of bundled adapters registered at start (default: prompts; '' = none)")
     add_backbone_arguments(p)
     # None = "not given", so values from --config are not overridden by flag defaults.

@@ -23,12 +23,25 @@ def local_s3() -> Iterator[str]:
     endpoint = f"http://{host}:{port}"
     saved = {k: os.environ.get(k) for k in (*S3_ENV, "AWS_ENDPOINT_URL")}
     os.environ.update(S3_ENV, AWS_ENDPOINT_URL=endpoint)
+    _forget_s3_clients()
     try:
         yield endpoint
     finally:
         server.stop()
+        _forget_s3_clients()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def _forget_s3_clients() -> None:
+    """fsspec keeps one S3FileSystem per set of options, and the endpoint read from the environment
+    is not one of them: a client made for an earlier server (another test module's) would call a
+    port that is closed now."""
+    try:
+        import s3fs
+    except ImportError:
+        return
+    s3fs.S3FileSystem.clear_instance_cache()

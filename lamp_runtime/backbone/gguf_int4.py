@@ -31,9 +31,9 @@ SUPPORTED_ARCHITECTURES = ("llama",)
 
 
 def gguf_architecture(path: str | os.PathLike) -> str | None:
-    from gguf import GGUFReader
+    from .gguf_file import gguf_reader
 
-    field = GGUFReader(str(path)).fields.get("general.architecture")
+    field = gguf_reader(path).fields.get("general.architecture")
     return field.contents() if field is not None else None
 
 
@@ -69,16 +69,18 @@ def _set_weight(module: torch.nn.Module, value: torch.Tensor) -> None:
 
 def load_gguf_int4(path: str | os.PathLike, progress: bool = True):
     """The int4 transformers model and tokenizer of a Llama-architecture GGUF, built tensor by tensor."""
-    from gguf import GGMLQuantizationType, GGUFReader
+    from gguf import GGMLQuantizationType
     from tqdm import tqdm
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .gguf_file import gguf_reader
 
     path = Path(path)
     config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     inner = model.model
-    reader = GGUFReader(str(path))
+    reader = gguf_reader(path)
     by_name = {t.name: t for t in reader.tensors}
     modules = dict(model.named_modules())
     with tqdm(total=len(by_name), desc=f"loading {path.name} (int4)", unit="tensor", disable=not progress) as bar:

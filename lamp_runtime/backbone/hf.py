@@ -134,6 +134,13 @@ def _quantization_config(quantization: str, dtype: torch.dtype):
 def load_backbone(options: BackboneOptions | None = None, int4: bool = True) -> Backbone:
     """Load the backbone once: resolve `auto` options (to int4 on CPU unless `int4` is False:
     training needs a backward pass), convert GGUF if needed, quantize if asked."""
+    from .gguf_file import shared_gguf_readers
+
+    with shared_gguf_readers():  # the checks and the load share one parse of a GGUF's header
+        return _load_backbone(options, int4)
+
+
+def _load_backbone(options: BackboneOptions | None, int4: bool) -> Backbone:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     options = (options or BackboneOptions()).resolved(int4=int4)

@@ -34,17 +34,17 @@ def _with_margin(nbytes: float) -> int:
 
 
 def gguf_parameter_count(path: str | Path) -> int:
-    from gguf import GGUFReader
+    from .gguf_file import gguf_reader
 
-    return sum(int(t.n_elements) for t in GGUFReader(str(path)).tensors)
+    return sum(int(t.n_elements) for t in gguf_reader(path).tensors)
 
 
 def gguf_direct_int4_bytes(path: str | Path) -> int:
     """Peak bytes of gguf_int4.load_gguf_int4 for this file (before the margin)."""
-    from gguf import GGUFReader
+    from .gguf_file import gguf_reader
 
     total, largest = 0.0, 0
-    for t in GGUFReader(str(path)).tensors:
+    for t in gguf_reader(path).tensors:
         n = int(t.n_elements)
         largest = max(largest, n)
         is_matrix = t.name.startswith("blk.") and len(t.shape) == 2

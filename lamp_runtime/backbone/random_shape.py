@@ -220,9 +220,9 @@ def write_random_gguf(path: str | os.PathLike | None = None, shape: str = "llama
 
 def gguf_is_random(path: str | os.PathLike) -> bool:
     """Whether a GGUF file says its weights are random (`lamp.random_weights`); reads the header only."""
-    from gguf import GGUFReader
+    from .gguf_file import gguf_reader
 
-    field = GGUFReader(str(path)).fields.get(RANDOM_WEIGHTS_KEY)
+    field = gguf_reader(path).fields.get(RANDOM_WEIGHTS_KEY)
     return bool(field is not None and field.contents())
 
 

@@ -138,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     # a shared 2-core machine needs longer, and still fits pytest's 900 s per test.
     parser.add_argument("--tests-timeout", type=float, default=None, help="seconds (180 on cuda, 480 on cpu)")
     parser.add_argument("--bench-timeout", type=float, default=None, help="seconds (270 on cuda, 300 on cpu)")
-    parser.add_argument("--new-tokens", type=int, default=None, help="decode tokens per request (64 on cuda, 8 on cpu)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="decode tokens per request (64 on cuda, 4 on cpu)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="interleaved rounds of the decode batches (2 on cuda, 1 on cpu)")
     args = parser.parse_args(argv)
     on_cuda = args.device.startswith("cuda")
     shape = args.shape or ("7b" if on_cuda else "tiny")
@@ -171,10 +173,12 @@ def main(argv: list[str] | None = None) -> int:
                      env, tests_timeout)
     report["parts"]["cuda_tests"] = {**tests, **junit_results(junit)}
     bench_json = scratch / "gpu-7b.json"
-    new_tokens = args.new_tokens or (64 if on_cuda else 8)
+    new_tokens = args.new_tokens or (64 if on_cuda else 4)
+    # A dry run proves every step runs, not a rate: one round of the decode batches is enough.
+    rounds = args.rounds or (2 if on_cuda else 1)
     bench = run_part("7B-shaped benchmark", [sys.executable, "-m", "lamp_runtime.bench.gpu_bench", "--device",
                                             args.device, "--shape", shape, "--new-tokens", str(new_tokens),
-                                            "--json", str(bench_json)], env, bench_timeout)
+                                            "--rounds", str(rounds), "--json", str(bench_json)], env, bench_timeout)
     result = json.loads(bench_json.read_text()) if bench_json.is_file() else None
     report["parts"]["bench"] = {**bench, "result_file": "gpu-7b.json" if result else None}
     report["seconds"] = round(time.perf_counter() - started, 1)

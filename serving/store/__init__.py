@@ -1,12 +1,11 @@
 """The persistent adapter store, shared by the ingress (admin API) and every model replica.
 
 - base.py: the `AdapterStore` contract, `StoredAdapter` / `StoreIndex` records, `StoreError`
-- registry/: the default, and `open_store` (which picks the backend): metadata and the change
-  sequence in SQL (SQLite under the store folder, or PostgreSQL), version files in a folder or an
+- registry/: the store, and `open_store`: metadata and the change sequence in SQL (SQLite under
+  the store folder or this machine's state folder, or PostgreSQL), version files in a folder or an
   object store; replicas sync by change number
-- local.py: a directory (atomic writes under a file lock); s3.py: S3 or any fsspec URL (CAS on the index):
-  the index.json stores, imported into the registry on first start (and still used for an object
-  store given without `--registry`)
+- local.py, s3.py: the version files' folder and object-store helpers, and the reader of an index.json
+  (the store's format before the registry), imported into the registry once on first start
 - files.py: adapters in and out of the store (uploads, bundled `prompts/`, stored versions)
 - sync.py: keeps a replica's in-memory registry equal to the store
 
@@ -16,8 +15,17 @@ The admin API's logic over the store is serving/admin.py.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from .base import AdapterStore, StoredAdapter, StoreError
+
+
+def state_dir() -> Path:
+    """This machine's lamp-serve folder (the user data dir): the default local store, and the
+    default registries of object stores given without one."""
+    from platformdirs import user_data_dir
+
+    return Path(user_data_dir("lamp-serve"))
 
 
 def is_url(location: str | os.PathLike | None) -> bool:
@@ -25,4 +33,4 @@ def is_url(location: str | os.PathLike | None) -> bool:
     return location is not None and "://" in str(location)
 
 
-__all__ = ["AdapterStore", "StoreError", "StoredAdapter", "is_url"]
+__all__ = ["AdapterStore", "StoreError", "StoredAdapter", "is_url", "state_dir"]

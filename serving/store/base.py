@@ -1,5 +1,6 @@
-"""The adapter store's contract and the records every backend keeps: the registry (registry/, the
-default: metadata in SQL) and the index.json stores (local.py, s3.py).
+"""The adapter store's contract and the records every backend keeps: the registry (registry/: metadata
+in SQL, the one store the server opens) and the index.json stores of earlier versions (local.py,
+s3.py), whose index the registry imports once.
 
 Files (the same on a local disk and on an object store): `<task>/v<N>.safetensors`, one file per
 adapter version, written once and never modified, with its sha256 recorded. The current version of
@@ -224,9 +225,10 @@ class AdapterStore(abc.ABC):
 
 
 class IndexFileStore(AdapterStore):
-    """A store whose state is one `index.json` (local.py, s3.py): what the registry imports on its
-    first start (registry/store.py), and the store of an object store given without a registry.
-    Every read is the whole index."""
+    """A store whose state is one `index.json` (local.py, s3.py), as lamp-serve kept it before the
+    registry: the server never opens one as its store (`open_store` always builds a registry); the
+    registry reads its index once, to import it on first start (registry/store.py), and uses its
+    file helpers for the version files (registry/versions.py). Every read is the whole index."""
 
     @abc.abstractmethod
     def read_index(self) -> StoreIndex:

@@ -1,4 +1,6 @@
-"""The persistent adapter store: immutable versioned files plus one index, shared by all replicas.
+"""The index.json store of a local folder, as lamp-serve kept it before the registry: the registry
+(registry/) imports its index once and writes its version files with the helpers here; the server
+never opens it as its store.
 
 Layout of `<root>`:
 - `<task>/v<N>.safetensors`: one adapter version in our own safetensors format (PEFT uploads are

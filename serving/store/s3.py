@@ -1,4 +1,6 @@
-"""The adapter store on an object store or any other fsspec URL (`s3://bucket/prefix`, `gs://...`).
+"""The index.json store on an object store or any other fsspec URL (`s3://bucket/prefix`, `gs://...`),
+as lamp-serve kept it before the registry: the registry (registry/) imports its index once and
+stores its version objects with the helpers here; the server never opens it as its store.
 
 Same layout and the same contract (base.AdapterStore) as the local store (local.py), so the rest
 of serving never branches on the backend: `<prefix>/<task>/v<N>.safetensors` objects, written once and

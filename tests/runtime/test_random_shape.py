@@ -24,8 +24,35 @@ def tiny_gguf(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny_int4(tiny_gguf):
-    return load_backbone(BackboneOptions(path=str(tiny_gguf), quantization="int4", device="cpu"))
+def gguf_parses():
+    """Who built a GGUFReader during `tiny_int4`'s load: the calling modules, in order."""
+    return []
+
+
+@pytest.fixture(scope="module")
+def tiny_int4(tiny_gguf, gguf_parses):
+    import sys
+
+    import gguf
+
+    real = gguf.GGUFReader
+
+    def counted(*args, **kwargs):
+        gguf_parses.append(sys._getframe(1).f_globals["__name__"])
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gguf, "GGUFReader", counted)
+        return load_backbone(BackboneOptions(path=str(tiny_gguf), quantization="int4", device="cpu"))
+
+
+def test_a_direct_int4_load_parses_the_header_once_and_keeps_no_reader(tiny_int4, gguf_parses):
+    """The architecture check, the memory estimate, the load and the random-weights mark share one
+    reader (transformers' config and tokenizer reads are its own), dropped when the load ends."""
+    from lamp_runtime.backbone import gguf_file
+
+    assert [m for m in gguf_parses if m.startswith("lamp_runtime")] == ["lamp_runtime.backbone.gguf_file"]
+    assert gguf_file.kept_readers() == 0
 
 
 def test_the_gguf_has_the_shape_and_says_it_is_random(tiny_gguf):

@@ -60,16 +60,22 @@ def object_names(bucket: str, prefix: str) -> list[str]:
     return sorted(o["Key"] for o in listing.get("Contents", []))
 
 
-def test_open_store_picks_the_backend_by_location(tmp_path, bucket):
+def test_open_store_picks_the_backend_by_location(tmp_path, bucket, monkeypatch):
     """A local folder (path or file:// URL) gets the SQLite registry inside it; an object store
-    without a registry keeps its index.json, and with one keeps its files there."""
+    without a registry one in this machine's state folder (one per store URL), and with one keeps
+    only its files there."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "state"))
     local = open_store(tmp_path / "a")
     assert isinstance(local, RegistryAdapterStore) and (tmp_path / "a" / "registry.sqlite3").is_file()
     assert isinstance(open_store(f"file://{tmp_path}/b"), RegistryAdapterStore)
     assert open_store(f"file://{tmp_path}/b").files.root == tmp_path / "b"
-    assert isinstance(open_store(f"s3://{bucket}/x"), ObjectAdapterStore)
+    default = open_store(f"s3://{bucket}/x")
+    registries = tmp_path / "state" / "lamp-serve" / "registries"
+    assert isinstance(default, RegistryAdapterStore) and default.db.url.startswith(f"sqlite:///{registries}/s3-")
+    assert open_store(f"s3://{bucket}/x/").db.url == default.db.url != open_store(f"s3://{bucket}/z").db.url
     with_registry = open_store(f"s3://{bucket}/y", f"sqlite:///{tmp_path}/y.sqlite3")
     assert isinstance(with_registry, RegistryAdapterStore)
+    assert object_names(bucket, "") == []  # no database, and no index.json, in the bucket
 
 
 def test_round_trip_and_immutable_versions(store, bucket):
@@ -186,19 +192,21 @@ def test_a_store_url_reaches_the_replicas_as_written(tmp_path, monkeypatch):
     assert local.store_location == str(tmp_path / "st")
 
 
-def test_other_fsspec_backends_use_the_same_layout_with_plain_writes(tmp_path, caplog):
-    """A backend without conditional PUTs (fsspec's in-memory one): same objects, same answers."""
+def test_other_fsspec_backends_use_the_same_layout_with_plain_writes(tmp_path, caplog, monkeypatch):
+    """A backend without conditional PUTs (fsspec's in-memory one): same objects, same answers, and
+    the default registry in this machine's state folder."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "state"))
     with caplog.at_level("WARNING"):
         store = open_store(f"memory://lamp-{tmp_path.name}/adapters")
-    assert isinstance(store, ObjectAdapterStore) and not store.conditional
-    assert "one admin writer at a time" in caplog.text
+    objects = store.files.index_store
+    assert isinstance(store, RegistryAdapterStore) and not objects.conditional
+    assert "one admin writer at a time" in caplog.text and "on this machine only" in caplog.text
     assert [put(store, "t", soft(3, s)).version for s in range(3)] == [1, 2, 3]
-    assert sorted(p.rsplit("/", 1)[-1] for p in store.fs.find(store.root)) == [
-        "index.json", "v2.safetensors", "v3.safetensors"]
+    assert sorted(p.rsplit("/", 1)[-1] for p in objects.fs.find(objects.root)) == ["v2.safetensors",
+                                                                                  "v3.safetensors"]
     registry = AdapterRegistry()
     sync = StoreSync(store, registry, PromptCache(1 << 20), HIDDEN, LIMITS)
     assert sync.refresh().loaded == ["t v3"]
-    put(store, "t", soft(3, 9))  # an index of the very same size: the change must still be seen
-    time.sleep(CHECK_INTERVAL_S)
+    put(store, "t", soft(3, 9))
     assert sync.refresh_if_changed().loaded == ["t v4"]
     assert store.delete("t").version == 4 and store.list() == []

@@ -3,21 +3,24 @@
 - tables.py: the schema (one row per task, one state row with the change sequence)
 - database.py: `RegistryDatabase`, every read and write as one short transaction
 - versions.py: the version files, in a local folder or an object store
-- store.py: `RegistryAdapterStore`, the `AdapterStore` contract over the two
-- `open_store` (here): the store at a location, the registry's or (an object store given without a
-  registry) an index.json store
+- store.py: `RegistryAdapterStore`, the `AdapterStore` contract over the two (and the one-time
+  import of a store written as index.json before the registry existed)
+- `open_store` (here): the store at a location, with its registry
 
-SQLite (WAL) under the store folder by default, so a single machine needs nothing else;
-PostgreSQL (`--registry postgresql://...`) for a cluster, next to an S3 / fsspec file store.
+Every store has a registry. By default an SQLite file (WAL): inside a local store's folder, or, for
+an object store, in this machine's state folder (`default_registry_url`), so a single machine needs
+nothing else; PostgreSQL (`--registry postgresql://...`) for a cluster, next to an S3 / fsspec file store.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import re
 from pathlib import Path
 
-from .. import is_url
+from .. import is_url, state_dir
 from ..base import REGISTRY_NAME, AdapterStore, StoreError
 
 log = logging.getLogger(__name__)
@@ -25,9 +28,18 @@ log = logging.getLogger(__name__)
 DEFAULT_SCHEMES = ("sqlite", "postgresql")
 
 
-def default_registry_url(store_dir: str | Path) -> str:
-    """The embedded SQLite database inside a local store's folder."""
-    return f"sqlite:///{Path(store_dir).expanduser().resolve() / REGISTRY_NAME}"
+def default_registry_url(location: str | os.PathLike) -> str:
+    """The SQLite registry of a store given without one: inside a local store's folder (it moves
+    with the folder), or for an object store in this machine's state folder, one file per store URL
+    (the bucket holds no database: SQLite over an object store would not lock)."""
+    text = str(location)
+    if not is_url(text):
+        return f"sqlite:///{Path(text).expanduser().resolve() / REGISTRY_NAME}"
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:80]
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+    folder = state_dir() / "registries"
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / f'{readable}-{digest}.sqlite3'}"
 
 
 def check_registry_url(url: str) -> str:
@@ -43,10 +55,8 @@ def check_registry_url(url: str) -> str:
 
 def open_store(location: str | os.PathLike, registry: str | None = None) -> AdapterStore:
     """The store at `location` (a local directory, a `file://` URL or any other fsspec URL), with its
-    metadata in the registry database `registry` (default: SQLite inside a local `location`).
-
-    An object store without a registry keeps its index.json (one writer-serialised file, O(tasks)
-    per change): a cluster should name a PostgreSQL registry."""
+    metadata in the registry database `registry` (default: `default_registry_url`). An index.json
+    found there (a store written before the registry) is imported once, on first start."""
     from .database import RegistryDatabase
     from .store import RegistryAdapterStore
     from .versions import LocalVersionFiles, ObjectVersionFiles
@@ -54,17 +64,12 @@ def open_store(location: str | os.PathLike, registry: str | None = None) -> Adap
     text = str(location)
     if text.startswith("file://"):
         text = text[len("file://"):]
-    if is_url(text):
-        if registry is None:
-            from ..s3 import ObjectAdapterStore
-
-            log.warning("adapter store %s has no --registry: using its index.json (every change rewrites it; "
-                        "give a postgresql:// registry for many tasks)", text)
-            return ObjectAdapterStore(text)
-        files = ObjectVersionFiles(text)
-    else:
-        files = LocalVersionFiles(text)
-        registry = registry or default_registry_url(files.root)
+    files = ObjectVersionFiles(text) if is_url(text) else LocalVersionFiles(text)
+    if registry is None:
+        registry = default_registry_url(files.location)
+        if is_url(text):
+            log.warning("adapter store %s has no --registry: its registry is %s, on this machine only; a "
+                        "cluster must share one (--registry postgresql://...)", text, registry)
     try:
         url = check_registry_url(registry)
     except ValueError as exc:

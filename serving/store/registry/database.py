@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 CREATE_ATTEMPTS = 5
 CHUNK = 500  # task ids per IN (...) query: under SQLite's and PostgreSQL's parameter limits
+PROGRESS_ABOVE_ROWS = 10 * CHUNK  # an index.json import of more rows shows a progress bar
 BUSY_TIMEOUT_MS = 30_000  # how long an SQLite writer waits for another's transaction
 RECORD_FIELDS = ("task_id", "version", "kind", "prompt_tokens", "pooled_tokens", "bytes", "sha256", "created_at",
                  "source", "pool")
@@ -265,9 +266,22 @@ class RegistryDatabase:
             conn.execute(update(state).where(state.c.id == STATE_ROW).values(seq=seq, current=lock.current - 1))
             return _stored(row)
 
+    def imported_index(self) -> str | None:
+        """The label of the index.json this registry imported (None: none)."""
+        with self._read() as conn:
+            return conn.execute(select(state.c.imported_index).where(state.c.id == STATE_ROW)).scalar_one()
+
+    def has_rows(self) -> bool:
+        """Whether any task was ever registered here (a counter outlives a delete)."""
+        with self._read() as conn:
+            return conn.execute(select(adapters.c.task_id).limit(1)).first() is not None
+
     def import_index(self, index: StoreIndex, reserved: dict[str, int], label: str) -> bool:
         """Import an `index.json` store once (False: this registry already holds an import, or
-        tasks of its own). `reserved`: version numbers taken by files the index never named."""
+        tasks of its own), in one transaction. `reserved`: version numbers taken by files the index
+        never named."""
+        from tqdm import tqdm
+
         with self._write() as conn:
             lock = self._lock_state(conn)
             if lock.imported_index is not None or conn.execute(select(func.count()).select_from(adapters)).scalar():
@@ -284,8 +298,11 @@ class RegistryDatabase:
                     seq += 1
                     row.update({name: getattr(stored, name) for name in RECORD_FIELDS[1:]}, seq=seq)
                 rows.append(row)
-            if rows:
-                conn.execute(insert(adapters), rows)
+            with tqdm(total=len(rows), desc=f"importing {label}", unit="task",
+                      disable=len(rows) <= PROGRESS_ABOVE_ROWS) as bar:
+                for start in range(0, len(rows), CHUNK):
+                    conn.execute(insert(adapters), rows[start:start + CHUNK])
+                    bar.update(len(rows[start:start + CHUNK]))
             conn.execute(update(state).where(state.c.id == STATE_ROW)
                          .values(seq=seq, current=len(index.tasks), imported_index=label[:200]))
             return True

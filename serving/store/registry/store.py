@@ -157,13 +157,19 @@ class RegistryAdapterStore(AdapterStore):
 
     def _import_index(self) -> None:
         """A store written before the registry (an index.json) is imported once, on first start:
-        versions, hashes, the version counters and the bundled-import record."""
+        versions, hashes, the version counters and the bundled-import record. index.json is only
+        ever read, here: never written, and not read again once imported."""
+        if self.db.imported_index() is not None or self.db.has_rows():
+            return
         legacy = self.files.index_store
-        key = legacy.change_key()
-        if key is None:
+        if legacy.change_key() is None:
             return
         index = legacy.read_index()
         label = f"{self.files.location}/index.json generation {index.generation}"
-        if self.db.import_index(index, self.files.versions_on_disk(), label):
-            log.info("imported %s into the adapter registry %s: %d tasks (index.json is kept, no longer read)",
-                     label, self.db.name, len(index.tasks))
+        reserved = self.files.versions_on_disk()
+        if self.db.import_index(index, reserved, label):
+            counters = set(index.last_versions) | set(reserved) | set(index.bundled)
+            log.info("imported %s into the adapter registry %s: %d current tasks, %d version counters "
+                     "(%d of deleted tasks), %d bundled-file records; index.json is kept as it was and no "
+                     "longer read", label, self.db.name, len(index.tasks), len(counters | set(index.tasks)),
+                     len(counters - set(index.tasks)), len(index.bundled))
