@@ -5,10 +5,14 @@ registry's change number, or one `stat` of an index file, when nothing changed) 
 in the background. So once an admin call has returned, any request on any replica already sees the
 new state, and idle replicas also drop deleted adapters from memory promptly. A registry store
 hands over only the rows changed after the last change number the replica applied. A version is
-read and checked (hash, shapes against this backbone, values) once here, then registered by
-reference (`StoredAdapterRef`: ~1.4 KB of Python objects per task, tracemalloc over a 3,000-task
-sync; not its factors): the engine loads the factors of the tasks it serves into its bounded
-resident cache, so a replica's memory does not grow with the factors of every task. Requests already running keep the `AdapterEntry` they resolved, so they finish
+registered by reference (`StoredAdapterRef`, not its factors). At a replica's start it comes from
+its row alone: kind, lengths, pool, hidden size (checked against this backbone), factor bytes and
+header metadata are recorded when it is written, so a replica starting on 100,000 tasks opens no
+adapter file. A change applied later has its file read and checked here (one file per change), so
+a damaged file leaves the previous version serving. The engine reads a task's file (hash and shapes
+checked) into its bounded resident cache when a request first needs it, so a replica's memory does
+not grow with the factors of every task. Rows written before those facts were recorded (registry
+schema 1, old index.json files) have their file read once here. Requests already running keep the `AdapterEntry` they resolved, so they finish
 on the version they started with.
 """
 
@@ -28,7 +32,7 @@ from lamp_runtime.adapters.stored import StoredAdapterRef
 from lamp_runtime.errors import AdapterError, UnknownTaskError
 
 from .base import AdapterStore, StoreError
-from .files import load_stored
+from .files import load_stored, stored_reference
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +115,9 @@ class StoreSync:
                 log.error("%s", exc)
                 self._seen_key = key
                 return report
+            starting = self._cursor is None
             for stored in changes.current:
-                self._load(stored, report)
+                self._load(stored, report, from_row=starting)
             removed = set(changes.removed)
             if changes.complete:
                 listed = {stored.task_id for stored in changes.current}
@@ -128,7 +133,7 @@ class StoreSync:
                      _summary(report.loaded), _summary(report.removed), _summary(report.failed))
         return report
 
-    def _load(self, stored, report: SyncReport) -> None:
+    def _load(self, stored, report: SyncReport, from_row: bool) -> None:
         try:
             current = self.registry.get(stored.task_id)
         except UnknownTaskError:
@@ -138,9 +143,8 @@ class StoreSync:
         if (stored.task_id, stored.version) in self._failed:
             return
         try:
-            adapter = self._read(stored)
-            self.registry.register_stored(stored.task_id, StoredAdapterRef.of(adapter, partial(self._read, stored)),
-                                          stored.version)
+            ref = self._reference(stored, from_row)
+            self.registry.register_stored(stored.task_id, ref, stored.version)
         except (AdapterError, OSError) as exc:
             self._failed.add((stored.task_id, stored.version))
             report.failed.append(f"{stored.task_id} v{stored.version}")
@@ -150,15 +154,26 @@ class StoreSync:
                       f"v{current.version} keeps serving" if current else "the task is not served", exc)
             return
         self.unservable.pop(stored.task_id, None)
-        self._loads_since_trim += 1
-        if self._loads_since_trim >= TRIM_AFTER_LOADS:  # also within one large sync (a replica's start)
-            self._loads_since_trim = 0
-            _return_free_heap()
-        if self.backbone_options is not None and (warning := serving_mismatch(adapter, self.backbone_options)):
+        if self.backbone_options is not None and (warning := serving_mismatch(ref, self.backbone_options)):
             log.warning("adapter %s v%d: %s", stored.task_id, stored.version, warning)
         if current is not None:
             self.built.discard(current.cache_key)  # pinned by running requests? then LRU takes it later
         report.loaded.append(f"{stored.task_id} v{stored.version}")
+
+    def _reference(self, stored, from_row: bool) -> StoredAdapterRef:
+        """At a replica's start, from the version's record alone when it says enough (no file
+        opened). A change a running replica applies has its file read and checked here, so a bad
+        file never replaces the version it holds; so has a record written before those facts were
+        recorded (heap trimmed every TRIM_AFTER_LOADS reads, also within one large sync)."""
+        load = partial(self._read, stored)
+        if from_row and stored.registers_from_row:
+            return stored_reference(stored, self.hidden_size, self.limits, load)
+        adapter = load()
+        self._loads_since_trim += 1
+        if self._loads_since_trim >= TRIM_AFTER_LOADS:
+            self._loads_since_trim = 0
+            _return_free_heap()
+        return StoredAdapterRef.of(adapter, load)
 
     def _read(self, stored) -> PromptAdapter:
         """The version's adapter from its file, hash-checked and validated against this backbone."""
