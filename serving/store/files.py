@@ -16,7 +16,7 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 
 import torch
@@ -122,16 +122,22 @@ def stored_reference(stored: StoredAdapter, hidden_size: int, limits: AdapterLim
     """A version registered from its record alone (`stored.registers_from_row`): its facts checked
     against this backbone and these limits, its file not opened; `load` reads and hash-checks it
     when a request first needs its factors (engine/resident.py)."""
-    source = f"{stored.task_id} v{stored.version} in the store"
     check_fit(stored.hidden_size, stored.prompt_tokens, stored.pool, hidden_size, limits)
     try:
-        metadata = json.loads(stored.metadata)
-        if not isinstance(metadata, dict):
-            raise ValueError(f"a JSON object was expected, got {type(metadata).__name__}")
-    except ValueError as exc:
-        raise AdapterError(f"{source}: recorded metadata is damaged ({exc})") from None
-    return StoredAdapterRef(stored.kind, stored.prompt_tokens, stored.pooled_tokens,
-                            AdapterMeta.from_metadata(metadata, source), stored.host_bytes, load)
+        meta = _recorded_meta(stored.metadata)
+    except (ValueError, AdapterError) as exc:
+        raise AdapterError(f"{stored.task_id} v{stored.version}: its recorded metadata is damaged ({exc})") from None
+    return StoredAdapterRef(stored.kind, stored.prompt_tokens, stored.pooled_tokens, meta, stored.host_bytes, load)
+
+
+@lru_cache(maxsize=4096)
+def _recorded_meta(text: str) -> AdapterMeta:
+    """Parsed once per distinct text: tasks tuned the same way record the same metadata, and a start
+    parses it for each of 100,000 rows. The shared AdapterMeta is frozen and never changed."""
+    metadata = json.loads(text)
+    if not isinstance(metadata, dict):
+        raise ValueError(f"a JSON object was expected, got {type(metadata).__name__}")
+    return AdapterMeta.from_metadata(metadata, "recorded metadata")
 
 
 @dataclass(frozen=True)
