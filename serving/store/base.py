@@ -72,6 +72,9 @@ class StoredAdapter:
     hidden_size: int | None = None
     host_bytes: int | None = None
     metadata: str | None = None
+    # The task's limits (registry stores; None: the defaults), not the version's: see set_limits.
+    weight: float | None = None
+    max_waiting: int | None = None
 
     @classmethod
     def written(cls, task_id: str, version: int, facts: AdapterFacts, size: int, sha256: str,
@@ -228,7 +231,13 @@ class AdapterStore(abc.ABC):
 
     @abc.abstractmethod
     def delete(self, task_id: str) -> StoredAdapter | None:
-        """Remove `task_id`; its version counter is kept. None if it was not stored."""
+        """Remove `task_id`; its version counter is kept, its limits cleared. None if it was not stored."""
+
+    def set_limits(self, task_id: str, weight: float | None, max_waiting: int | None) -> StoredAdapter | None:
+        """Record a stored task's fair-queue limits (None: the default) as a change every replica
+        applies; they stay across its new versions. None if the task is not stored."""
+        raise StoreError(f"{self!r} keeps no per-task limits: they need the registry (--registry, or a local "
+                         f"store folder)")
 
     @staticmethod
     def sha256_of(path: Path) -> str:

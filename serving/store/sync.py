@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Protocol
@@ -29,6 +30,7 @@ from lamp_runtime.adapters import AdapterLimits, PromptAdapter
 from lamp_runtime.adapters.provenance import serving_mismatch
 from lamp_runtime.adapters.registry import AdapterRegistry
 from lamp_runtime.adapters.stored import StoredAdapterRef
+from lamp_runtime.engine.fair_queue import TaskLimits
 from lamp_runtime.errors import AdapterError, UnknownTaskError
 
 from .base import AdapterStore, StoreError
@@ -72,15 +74,19 @@ class Discards(Protocol):
 
 class StoreSync:
     def __init__(self, store: AdapterStore, registry: AdapterRegistry, built: Discards,
-                 hidden_size: int, limits: AdapterLimits, backbone_options=None):
+                 hidden_size: int, limits: AdapterLimits, backbone_options=None,
+                 apply_limits: Callable[[str, TaskLimits], bool] | None = None):
         """`built` forgets what was built for a replaced or deleted version: the engine (its
-        prompt and prompt-KV caches) or a PromptCache alone."""
+        prompt and prompt-KV caches) or a PromptCache alone. `apply_limits` (the engine's
+        `set_task_limits`) gets each task's limits recorded through the admin API."""
         self.store = store
         self.registry = registry
         self.built = built
         self.hidden_size = hidden_size
         self.limits = limits
         self.backbone_options = backbone_options  # resolved; None: no numerics check
+        self.apply_limits = apply_limits
+        self._limited: set[str] = set()  # tasks given other limits than the defaults
         self._lock = threading.Lock()
         self._seen_key: object = ()  # () = never read; None = no index file yet
         self._cursor = None  # the last change applied (None: load everything)
@@ -118,6 +124,7 @@ class StoreSync:
             starting = self._cursor is None
             for stored in changes.current:
                 self._load(stored, report, from_row=starting)
+                self._set_limits(stored.task_id, stored.weight, stored.max_waiting)
             removed = set(changes.removed)
             if changes.complete:
                 listed = {stored.task_id for stored in changes.current}
@@ -125,6 +132,7 @@ class StoreSync:
                 removed |= {t for t in self.unservable if t not in listed}
             for task_id in sorted(removed):
                 self._remove(task_id, report)
+                self._set_limits(task_id, None, None)
                 self.unservable.pop(task_id, None)
             self._cursor = changes.cursor
             self._seen_key = changes.cursor
@@ -178,6 +186,23 @@ class StoreSync:
     def _read(self, stored) -> PromptAdapter:
         """The version's adapter from its file, hash-checked and validated against this backbone."""
         return load_stored(self.store.path_of(stored), stored.sha256, self.hidden_size, self.limits)
+
+    def _set_limits(self, task_id: str, weight: float | None, max_waiting: int | None) -> None:
+        """Hand the engine a task's limits when they are not the defaults, or no longer are."""
+        if self.apply_limits is None or (weight is None and max_waiting is None and task_id not in self._limited):
+            return
+        try:
+            limits = TaskLimits(1.0 if weight is None else weight, max_waiting)
+        except ValueError as exc:  # validated when written: only a hand-edited row gets here
+            log.error("task %s: recorded limits ignored: %s", task_id, exc)
+            return
+        if not self.apply_limits(task_id, limits):
+            log.warning("task %s: this engine has no fair queue; its limits (weight %s, max_waiting %s) are not "
+                        "applied", task_id, limits.weight, limits.max_waiting)
+        if limits == TaskLimits():
+            self._limited.discard(task_id)
+        else:
+            self._limited.add(task_id)
 
     def _remove(self, task_id: str, report: SyncReport) -> None:
         try:

@@ -9,6 +9,7 @@ WAL mode, PostgreSQL MVCC).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -38,8 +39,11 @@ def redacted(url: str) -> str:
         return "<unparseable registry URL>"
 
 
+LIMIT_FIELDS = ("weight", "max_waiting")  # the task's, kept across its versions: not written with one
+
+
 def _stored(row) -> StoredAdapter:
-    return StoredAdapter(**{name: getattr(row, name) for name in RECORD_FIELDS})
+    return StoredAdapter(**{name: getattr(row, name) for name in (*RECORD_FIELDS, *LIMIT_FIELDS)})
 
 
 def _switch_to_wal(cursor) -> None:
@@ -276,9 +280,24 @@ class RegistryDatabase:
             if row is None or row.version is None:
                 return None
             seq = lock.seq + 1
-            conn.execute(update(adapters).where(adapters.c.task_id == task_id).values(version=None, seq=seq))
+            conn.execute(update(adapters).where(adapters.c.task_id == task_id)
+                         .values(version=None, seq=seq, **dict.fromkeys(LIMIT_FIELDS)))
             conn.execute(update(state).where(state.c.id == STATE_ROW).values(seq=seq, current=lock.current - 1))
             return _stored(row)
+
+    def set_limits(self, task_id: str, weight: float | None, max_waiting: int | None) -> StoredAdapter | None:
+        """The current task's limits, as a change (its row gets the next change number, so every
+        replica's next sync applies them). None, changing nothing, if the task is not current."""
+        with self._write() as conn:
+            lock = self._lock_state(conn)
+            row = conn.execute(select(adapters).where(adapters.c.task_id == task_id)).first()
+            if row is None or row.version is None:
+                return None
+            seq = lock.seq + 1
+            conn.execute(update(adapters).where(adapters.c.task_id == task_id)
+                         .values(weight=weight, max_waiting=max_waiting, seq=seq))
+            conn.execute(update(state).where(state.c.id == STATE_ROW).values(seq=seq))
+            return dataclasses.replace(_stored(row), weight=weight, max_waiting=max_waiting)
 
     def import_index(self, index: StoreIndex, reserved: dict[str, int], label: str) -> bool:
         """Import an `index.json` store once (False: this registry already holds an import, or

@@ -149,6 +149,13 @@ class RegistryAdapterStore(AdapterStore):
         log.info("deleted adapter %s (was v%d)", task_id, stored.version)
         return stored
 
+    def set_limits(self, task_id: str, weight: float | None, max_waiting: int | None) -> StoredAdapter | None:
+        self.check_task_id(task_id)
+        stored = self.db.set_limits(task_id, weight, max_waiting)
+        if stored is not None:
+            log.info("task %s limits: weight %s, max_waiting %s", task_id, weight, max_waiting)
+        return stored
+
     # ---- migration -------------------------------------------------------------------------------
 
     def _import_index(self) -> None:

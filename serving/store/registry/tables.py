@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from sqlalchemy import BigInteger, Column, Float, Index, Integer, MetaData, String, Table, Text
 
-# 2: hidden_size, host_bytes, metadata (a replica registers a version from its row alone)
+# 2: hidden_size, host_bytes, metadata (a replica registers a version from its row alone); weight,
+#    max_waiting (a task's limits, set through the admin API)
 SCHEMA_VERSION = 2
 STATE_ROW = 1
 
@@ -34,6 +35,10 @@ adapters = Table(
     Column("hidden_size", Integer, nullable=True),
     Column("host_bytes", BigInteger, nullable=True),
     Column("metadata", Text, nullable=True),  # the file's safetensors header metadata, JSON
+    # The task's fair-queue limits (engine/fair_queue.py TaskLimits; NULL: the defaults), kept
+    # across new versions, cleared when the task is deleted:
+    Column("weight", Float, nullable=True),
+    Column("max_waiting", Integer, nullable=True),
     Column("bytes", BigInteger),
     Column("sha256", String(64)),
     Column("created_at", Float),
@@ -53,4 +58,4 @@ state = Table(
 )
 
 # Columns later schema versions added, in order: a database of an older version gets them (database.py).
-ADDED_COLUMNS = ("hidden_size", "host_bytes", "metadata")
+ADDED_COLUMNS = ("hidden_size", "host_bytes", "metadata", "weight", "max_waiting")
