@@ -12,7 +12,8 @@ adapter file. A change applied later has its file read and checked here (one fil
 a damaged file leaves the previous version serving. The engine reads a task's file (hash and shapes
 checked) into its bounded resident cache when a request first needs it, so a replica's memory does
 not grow with the factors of every task. Rows written before those facts were recorded (registry
-schema 1, old index.json files) have their file read once here. Requests already running keep the `AdapterEntry` they resolved, so they finish
+schema 1, old index.json files) have their file read once here. A task's limits set through the
+admin API (weight, max_waiting) are a change too: the sync hands them to the engine's fair queue. Requests already running keep the `AdapterEntry` they resolved, so they finish
 on the version they started with.
 """
 
