@@ -1,5 +1,6 @@
-"""The admin API's logic: adapter registration, listing and deletion against the store, with each
-outcome as the HTTP error the route answers (it sits beside generation.py, above the store).
+"""The admin API's logic: adapter registration, listing and deletion against the store, and each
+task's fair-queue limits, with each outcome as the HTTP error the route answers (it sits beside
+generation.py, above the store).
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import logging
 
 from lamp_runtime.adapters import AdapterLimits
 from lamp_runtime.adapters.registry import validate_task_id
+from lamp_runtime.engine.fair_queue import TaskLimits
 from lamp_runtime.errors import AdapterError
 
 from .http.errors import ServingError
@@ -16,6 +18,14 @@ from .store.base import AdapterPage
 from .store.files import adapter_from_upload, parse_pool_field, store_adapter, store_adapters
 
 log = logging.getLogger(__name__)
+
+LIMIT_KEYS = frozenset({"weight", "max_waiting"})
+
+
+def limits_json(stored: StoredAdapter) -> dict:
+    """A task's limits as the admin API shows them (the defaults filled in)."""
+    return {"task_id": stored.task_id, "weight": 1.0 if stored.weight is None else stored.weight,
+            "max_waiting": stored.max_waiting}
 
 
 class AdapterAdmin:
@@ -97,6 +107,28 @@ class AdapterAdmin:
     def delete(self, task_id: str) -> StoredAdapter:
         try:
             stored = self.store.delete(task_id)
+        except AdapterError:  # an invalid id cannot name a stored task
+            stored = None
+        except StoreError as exc:
+            raise ServingError(500, str(exc)) from None
+        if stored is None:
+            raise ServingError(404, f"no adapter registered for task {task_id!r}")
+        return stored
+
+    def set_limits(self, task_id: str, body) -> StoredAdapter:
+        """A registered task's fair-queue limits from a JSON body {"weight", "max_waiting"} (each
+        optional; absent or null: the default), validated as the engines take them (TaskLimits)."""
+        if not isinstance(body, dict) or set(body) - LIMIT_KEYS:
+            unknown = sorted(set(body) - LIMIT_KEYS) if isinstance(body, dict) else type(body).__name__
+            raise ServingError(422, f"task limits must be a JSON object with 'weight' and/or 'max_waiting'; "
+                                    f"got {unknown}")
+        weight, max_waiting = body.get("weight"), body.get("max_waiting")
+        try:
+            TaskLimits(1.0 if weight is None else weight, max_waiting)
+        except ValueError as exc:
+            raise ServingError(422, f"limits for task {task_id!r} rejected: {exc}") from None
+        try:
+            stored = self.store.set_limits(task_id, weight, max_waiting)
         except AdapterError:  # an invalid id cannot name a stored task
             stored = None
         except StoreError as exc:

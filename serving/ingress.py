@@ -19,7 +19,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from ray import serve
 
-from .admin import AdapterAdmin
+from .admin import AdapterAdmin, limits_json
 from .chat_completions import ChatCompletions
 from .config import ServeSettings
 from .generation import EventStream, GenerationService, Reply
@@ -191,6 +191,22 @@ class LampIngress:
         self.auth.check(request.headers.get("authorization"))
         stored = await asyncio.to_thread(self.admin.delete, task_id)
         return {"task_id": stored.task_id, "deleted_version": stored.version}
+
+    @app.get("/admin/tasks/{task_id}/limits")
+    async def get_task_limits(self, task_id: str, request: Request):
+        self.auth.check(request.headers.get("authorization"))
+        return limits_json(await asyncio.to_thread(self.admin.get, task_id))
+
+    @app.put("/admin/tasks/{task_id}/limits")
+    async def put_task_limits(self, task_id: str, request: Request):
+        """The task's weight and queue limit, recorded in the registry; every replica applies them
+        with its next sync (before its next request)."""
+        self.auth.check(request.headers.get("authorization"))
+        try:
+            body = await request.json()
+        except ValueError:
+            raise ServingError(422, "task limits must be a JSON object with 'weight' and/or 'max_waiting'") from None
+        return limits_json(await asyncio.to_thread(self.admin.set_limits, task_id, body))
 
     async def _backbone_hidden_size(self) -> int:
         if self._hidden_size is None:

@@ -95,7 +95,7 @@ class LampModel:
         store = open_store(settings.store_location, settings.registry)
         import_bundled(store, settings.prompts_dir, self.backbone.hidden_size, self.limits)
         self.sync = StoreSync(store, self.engine.registry, self.engine, self.backbone.hidden_size, self.limits,
-                              self.backbone.options)
+                              self.backbone.options, apply_limits=self.engine.set_task_limits)
         self.sync.refresh()
         self.metrics = ModelMetrics(self.engine, registered=lambda: len(self.engine.registry))
         self.engine.observe(self.metrics.observer)

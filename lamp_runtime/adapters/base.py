@@ -143,14 +143,19 @@ class PromptAdapter:
     def check_fits(self, hidden_size: int, limits: AdapterLimits) -> "PromptAdapter":
         """The shape checks alone (cheap: no value is read): this backbone and these limits may
         differ from the ones the version was validated for when it was written."""
-        d = self.hidden_size(limits)
-        if d != hidden_size:
-            raise AdapterError(f"hidden size d={d} does not match the backbone's hidden size {hidden_size}")
-        if not 1 <= self.prompt_tokens <= limits.max_prompt_tokens:
-            raise AdapterError(f"prompt length l={self.prompt_tokens} outside 1..{limits.max_prompt_tokens}")
-        if self.meta.pool > limits.max_pool:
-            raise AdapterError(f"pool p={self.meta.pool} above the limit {limits.max_pool}")
+        check_fit(self.hidden_size(limits), self.prompt_tokens, self.meta.pool, hidden_size, limits)
         return self
+
+
+def check_fit(d: int, prompt_tokens: int, pool: int, hidden_size: int, limits: AdapterLimits) -> None:
+    """An adapter of hidden size `d`, length `prompt_tokens` and block `pool` fits this backbone and
+    these limits (an adapter's `check_fits`, and a stored version's record: serving/store/files.py)."""
+    if d != hidden_size:
+        raise AdapterError(f"hidden size d={d} does not match the backbone's hidden size {hidden_size}")
+    if not 1 <= prompt_tokens <= limits.max_prompt_tokens:
+        raise AdapterError(f"prompt length l={prompt_tokens} outside 1..{limits.max_prompt_tokens}")
+    if pool > limits.max_pool:
+        raise AdapterError(f"pool p={pool} above the limit {limits.max_pool}")
 
 
 def check_values(name: str, tensor: torch.Tensor, limits: AdapterLimits) -> None:

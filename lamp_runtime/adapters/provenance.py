@@ -9,6 +9,7 @@ bfloat16 and lost a little on int8, but on nf4 extract fell from 0.86 to 0.00.
 from __future__ import annotations
 
 from .base import PromptAdapter
+from .stored import StoredAdapterRef
 
 # Metadata key written by `lamp train`: "<dtype>/<quantization>" of the backbone it trained on.
 TRAINED_ON_KEY = "trained_on"
@@ -27,9 +28,10 @@ def _same_gguf_weights(recorded: str, options) -> bool:
     return from_gguf and options.quantization == "int4" and recorded == "float32/none"
 
 
-def serving_mismatch(adapter: PromptAdapter, options) -> str | None:
-    """A warning when the adapter records other training numerics than `options`; None when they
-    match or the adapter does not say (files from other tools)."""
+def serving_mismatch(adapter: PromptAdapter | StoredAdapterRef, options) -> str | None:
+    """A warning when the adapter (or a stored version's reference: its meta is the file's) records
+    other training numerics than `options`; None when they match or the adapter does not say (files
+    from other tools)."""
     recorded = adapter.meta.extra.get(TRAINED_ON_KEY)
     serving = numerics(options)
     if not recorded or recorded == serving or _same_gguf_weights(recorded, options):

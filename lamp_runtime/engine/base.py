@@ -35,7 +35,7 @@ from ..requests import (
     GenerationResult,
     StepOutput,
 )
-from .fair_queue import TaskQueueStats
+from .fair_queue import TaskLimits, TaskQueueStats
 
 # What an engine hands a request's sink: each of its outputs, or one exception that ends it.
 Sink = Callable[[StepOutput | BaseException], None]
@@ -229,6 +229,11 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the engine; requests in flight end with EngineStoppedError. Idempotent."""
+
+    def set_task_limits(self, task_id: str, limits: TaskLimits) -> bool:
+        """Apply an operator's weight and queue limit for a task (engine/fair_queue.py); False: this
+        engine has no fair queue to apply them to (vLLM admits first come, first served)."""
+        return False
 
     def observe(self, observer: EngineObserver) -> None:
         """Add an observer (call before submitting: steps already run are not replayed)."""

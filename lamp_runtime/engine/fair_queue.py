@@ -16,6 +16,8 @@ How much of the queue one task may hold (the admission rule):
   `capacity` rows, while a task within its share still gets in: up to `capacity + reserve` rows,
   the room kept for tasks that arrive while another floods (reserve = capacity / 4, at least 1).
 - Past `capacity + reserve` rows every request is refused (`QueueFullError`, HTTP 503).
+- A task with its own `max_waiting` (TaskLimits, set through the admin API) is refused (429)
+  beyond it at any time, even while the queue has room.
 With `fair=False` it is the first-come first-served queue of before: one global bound at
 `capacity`, admission in arrival order.
 
@@ -38,6 +40,11 @@ T = TypeVar("T")
 
 REFUSED_QUEUE_FULL = "queue_full"  # the whole queue, capacity + reserve, is full (503)
 REFUSED_TASK_SHARE = "task_share"  # the task holds more than its share of a full queue (429)
+REFUSED_TASK_LIMIT = "task_limit"  # the task holds its own max_waiting (429)
+
+# Bounds of what an operator may set per task (TaskLimits).
+MAX_TASK_WEIGHT = 1000.0
+MAX_TASK_WAITING = 100_000
 
 
 def reserve_rows(capacity: int) -> int:
@@ -62,6 +69,24 @@ def for_config(config) -> "FairQueue":
 
 
 @dataclass(frozen=True)
+class TaskLimits:
+    """A task's weight (its share of service and of a full queue, relative to the default 1) and
+    the most requests it may have waiting at any time (None: only its share bounds it)."""
+
+    weight: float = 1.0
+    max_waiting: int | None = None
+
+    def __post_init__(self):
+        weight, waiting = self.weight, self.max_waiting
+        if (isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight)
+                or not 0 < weight <= MAX_TASK_WEIGHT):
+            raise ValueError(f"weight must be a number in (0, {MAX_TASK_WEIGHT:g}], got {weight!r}")
+        if waiting is not None and (isinstance(waiting, bool) or not isinstance(waiting, int)
+                                    or not 1 <= waiting <= MAX_TASK_WAITING):
+            raise ValueError(f"max_waiting must be an integer in 1..{MAX_TASK_WAITING}, got {waiting!r}")
+
+
+@dataclass(frozen=True)
 class TaskQueueStats:
     """One task's part of a queue: now (waiting rows) and since the engine started (the rest)."""
 
@@ -79,6 +104,7 @@ class _Task:
     rows: int = 0
     counter: float = 0.0
     weight: float = 1.0
+    max_waiting: int | None = None
     admitted: int = 0
     refused: dict[str, int] = field(default_factory=dict)
     prompt_tokens: int = 0
@@ -108,12 +134,12 @@ class FairQueue(Generic[T]):
     def __len__(self) -> int:
         return self._rows
 
-    def set_weight(self, task_id: str, weight: float) -> None:
-        """A task's share of service and of the queue, relative to the default 1."""
-        if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
-            raise ValueError(f"task weight must be a finite number > 0, got {weight!r}")
+    def set_limits(self, task_id: str, limits: TaskLimits) -> None:
+        """A task's weight and queue limit (the operator's, through the admin API); requests
+        already waiting stay."""
         with self._lock:
-            self._task(task_id).weight = float(weight)
+            task = self._task(task_id)
+            task.weight, task.max_waiting = float(limits.weight), limits.max_waiting
 
     def push(self, task_id: str, item: T, width: int = 1) -> None:
         """Queue `item` (a request taking `width` batch rows) or raise QueueFullError /
@@ -223,6 +249,10 @@ class FairQueue(Generic[T]):
             return self.capacity * weights[task_id] / sum(weights.values())
 
     def _refusal(self, task_id: str, task: _Task, width: int):
+        if task.max_waiting is not None and task.rows + width > task.max_waiting:
+            return REFUSED_TASK_LIMIT, TaskQueueFullError(
+                task_id, f"task {task_id!r} already has {task.rows} requests waiting (its limit "
+                         f"max_waiting={task.max_waiting})")
         total = self._rows + width
         if total > self.limit:
             return REFUSED_QUEUE_FULL, QueueFullError(f"{self._rows} requests already waiting (limit {self.limit})")

@@ -30,7 +30,7 @@ from ..adapters.registry import AdapterRegistry
 from ..errors import EngineStoppedError, RequestError
 from ..requests import GenerationRequest, StepOutput
 from .base import BackboneInfo, Engine, EngineConfig, EngineStats, Sink, StepStats
-from .fair_queue import queue_limit
+from .fair_queue import TaskLimits, queue_limit
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,8 @@ class StepCore(Protocol):
     def discard(self, cache_key) -> None: ...
 
     def stats(self) -> EngineStats: ...
+
+    def set_task_limits(self, task_id: str, limits: TaskLimits) -> None: ...
 
     def on_loop_start(self) -> None:
         """Per-thread setup (e.g. torch's intra-op threads), on the loop thread."""
@@ -123,6 +125,10 @@ class StepLoopEngine(Engine):
 
     def discard(self, cache_key) -> None:
         self.core.discard(cache_key)
+
+    def set_task_limits(self, task_id: str, limits: TaskLimits) -> bool:
+        self.core.set_task_limits(task_id, limits)
+        return True
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stopping = True

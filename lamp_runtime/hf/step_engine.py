@@ -23,7 +23,7 @@ from ..prompts.prepared import assemble_embeddings, prepare
 from ..requests import GenerationRequest, GenerationResult, StepOutput
 from ..engine.admission import resolve_request
 from ..engine.base import EngineConfig, EngineStats, StepStats, device_memory
-from ..engine.fair_queue import FairQueue, for_config, task_key
+from ..engine.fair_queue import FairQueue, TaskLimits, for_config, task_key
 from ..engine.logprobs import token_logprobs
 from ..engine.resident import ResidentAdapters
 from ..engine.sampling import make_generator, next_token
@@ -86,6 +86,9 @@ class StepEngine(abc.ABC):
     def abort(self, request_id: str) -> None:
         with self._lock:
             self._aborted.add(request_id)
+
+    def set_task_limits(self, task_id: str, limits: TaskLimits) -> None:
+        self._waiting.set_limits(task_key(task_id), limits)
 
     def discard(self, cache_key) -> None:
         """Forget what was built for an adapter version (it was replaced or deleted); a request

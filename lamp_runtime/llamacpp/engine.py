@@ -42,7 +42,7 @@ from ..prompts.prepared import assemble_embeddings, offset_inputs, prepare
 from ..requests import GenerationRequest, GenerationResult, StepOutput
 from ..engine.admission import resolve_request
 from ..engine.base import EngineConfig, EngineStats, StepStats
-from ..engine.fair_queue import FairQueue, for_config, task_key
+from ..engine.fair_queue import FairQueue, TaskLimits, for_config, task_key
 from ..engine.logprobs import prompt_logprobs, token_logprobs
 from ..engine.resident import ResidentAdapters
 from ..engine.sampling import make_generator, next_token
@@ -155,6 +155,9 @@ class LlamaCppEngine:
     def abort(self, request_id: str) -> None:
         with self._lock:
             self._aborted.add(request_id)
+
+    def set_task_limits(self, task_id: str, limits: TaskLimits) -> None:
+        self._waiting.set_limits(task_key(task_id), limits)
 
     def discard(self, cache_key) -> None:
         """Forget an adapter version's prompt and prompt KV (re-registered or deleted); its cells are

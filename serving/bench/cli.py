@@ -1,4 +1,4 @@
-"""`lamp bench registry` and `lamp bench savings` (the benches that need a real server) add
+"""`lamp bench registry`, `lamp bench savings` and `lamp bench start` (the benches that need a real server) add
 themselves to `lamp bench` (lamp_runtime/bench/cli.py), which sits on a lower layer and so cannot
 import serving."""
 
@@ -26,6 +26,7 @@ def register(subparsers) -> None:
     r.add_argument("--seed", type=int, default=0)
     r.set_defaults(parser=r, func=run_registry_command)
     register_savings(benches)
+    register_start(benches)
 
 
 def recorded(report: dict, args) -> dict:
@@ -75,5 +76,36 @@ def run_savings_command(args) -> int:
     print(f"tokens saved/request {report['tokens_saved_per_request']:.0f}, KV bytes saved/request "
           f"{report['kv_bytes_saved_per_request']:.0f}; prefill saved: estimated {report['estimated_saved_ms']} ms, "
           f"measured {report['measured_saved_ms']} ms (estimate/measured {report['estimate_over_measured']})")
+    print(f"wrote {path}")
+    return 0
+
+
+def register_start(benches) -> None:
+    s = benches.add_parser("start", help="a replica's start with many registered tasks: its store sync, and a "
+                                         "real server's launch to healthy, empty vs filled store")
+    s.add_argument("--registry", default="sqlite",
+                   help="'sqlite' (the default, under the store folder) or a postgresql:// URL of an empty database")
+    s.add_argument("--tasks", type=int, default=100_000, help="registered tasks")
+    s.add_argument("--rounds", type=int, default=1, help="rounds of every variant, interleaved")
+    s.add_argument("--length", type=int, default=100, help="LAMP prompt length l of every adapter")
+    s.add_argument("--rank", type=int, default=8, help="LAMP rank r of every adapter")
+    s.add_argument("--out", required=True, help="write the report JSON here")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(parser=s, func=run_start_command)
+
+
+def run_start_command(args) -> int:
+    from lamp_runtime.bench.report import write_json
+
+    from .start import StartBenchConfig, run_start_bench
+
+    config = StartBenchConfig(registry=args.registry, tasks=args.tasks, rounds=args.rounds, length=args.length,
+                              rank=args.rank, seed=args.seed)
+    report = run_start_bench(config)
+    path = write_json(args.out, recorded(report, args))
+    for row in report["rounds"]:
+        print(f"{config.tasks} tasks: start sync from rows {row['sync_from_rows_s']} s (reading every file "
+              f"{row['read_every_file_s']} s more); healthy {row['healthy_filled_s']} s vs "
+              f"{row['healthy_empty_s']} s empty")
     print(f"wrote {path}")
     return 0

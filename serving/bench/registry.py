@@ -105,7 +105,7 @@ def _sync_cost(store, config: RegistryBenchConfig, files: list[bytes], samples: 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "a.safetensors"
         path.write_bytes(files[0])
-        facts = facts_of(load_adapter(path, 576, limits))
+        facts = facts_of(load_adapter(path, 576, limits), 576)
         for i in range(samples):
             store.put(f"sync-probe-{i % 4}", lambda p: shutil.copyfile(path, p), facts)
             began = time.perf_counter()

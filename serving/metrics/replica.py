@@ -81,7 +81,7 @@ class EngineCollector:
         admitted = CounterMetricFamily("lamp_task_requests_admitted", "Requests that entered the batch, by task",
                                        labels=["task"])
         refused = CounterMetricFamily("lamp_task_requests_refused", "Requests refused at submission, by task and "
-                                      "reason (task_share: 429, queue_full: 503)", labels=["task", "reason"])
+                                      "reason (task_share, task_limit: 429; queue_full: 503)", labels=["task", "reason"])
         served = CounterMetricFamily("lamp_task_tokens_served", "Tokens served, by task and kind (prompt: "
                                      "prefilled context, generated: sampled)", labels=["task", "kind"])
         sums: dict[tuple, float] = {}

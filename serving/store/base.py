@@ -14,6 +14,7 @@ from __future__ import annotations
 import abc
 import hashlib
 import json
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,18 +34,27 @@ INDEX_FORMAT = 1
 KEEP_VERSIONS = 2
 
 
+REQUIRED_RECORD_FIELDS = ("task_id", "version", "kind", "prompt_tokens", "pooled_tokens", "bytes", "sha256",
+                          "created_at", "source")
+
+
 class StoreError(RuntimeError):
     """The store cannot be read or written (corrupt index, disk full, lock timeout)."""
 
 
 @dataclass(frozen=True)
 class AdapterFacts:
-    """What the validated adapter looks like; recorded in the index next to its file."""
+    """What the validated adapter looks like; recorded in the index next to its file. With
+    `hidden_size`, `host_bytes` and `metadata` recorded too, a replica registers the version from
+    its row alone and reads the file on the task's first request (serving/store/sync.py)."""
 
     kind: str
     prompt_tokens: int
     pooled_tokens: int
     pool: int = 1
+    hidden_size: int | None = None  # d of the backbone it was validated for
+    host_bytes: int | None = None  # of its factors once loaded
+    metadata: str | None = None  # its safetensors header metadata, as JSON
 
 
 @dataclass(frozen=True)
@@ -58,18 +68,37 @@ class StoredAdapter:
     sha256: str
     created_at: float
     source: str  # "upload" or "bundled:<file name>"
-    pool: int | None = None  # the pooling block p; None in indexes written before it was recorded
+    # None in rows and indexes written before each was recorded:
+    pool: int | None = None  # the pooling block p
+    hidden_size: int | None = None
+    host_bytes: int | None = None
+    metadata: str | None = None
+    # The task's limits (registry stores; None: the defaults), not the version's: see set_limits.
+    weight: float | None = None
+    max_waiting: int | None = None
+
+    @classmethod
+    def written(cls, task_id: str, version: int, facts: AdapterFacts, size: int, sha256: str,
+                source: str) -> "StoredAdapter":
+        """The record of a version file just written and verified."""
+        return cls(task_id, version, facts.kind, facts.prompt_tokens, facts.pooled_tokens, size, sha256, time.time(),
+                   source, facts.pool, facts.hidden_size, facts.host_bytes, facts.metadata)
 
     @property
     def relative_path(self) -> str:
         return f"{self.task_id}/v{self.version}.safetensors"
+
+    @property
+    def registers_from_row(self) -> bool:
+        """Whether the record says all a replica needs to register it without reading its file."""
+        return None not in (self.pool, self.hidden_size, self.host_bytes, self.metadata)
 
     def to_json(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_json(cls, data: dict) -> "StoredAdapter":
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k != "pool"}, pool=data.get("pool"))
+        return cls(**{k: data[k] if k in REQUIRED_RECORD_FIELDS else data.get(k) for k in cls.__dataclass_fields__})
 
 
 @dataclass
@@ -203,7 +232,13 @@ class AdapterStore(abc.ABC):
 
     @abc.abstractmethod
     def delete(self, task_id: str) -> StoredAdapter | None:
-        """Remove `task_id`; its version counter is kept. None if it was not stored."""
+        """Remove `task_id`; its version counter is kept, its limits cleared. None if it was not stored."""
+
+    def set_limits(self, task_id: str, weight: float | None, max_waiting: int | None) -> StoredAdapter | None:
+        """Record a stored task's fair-queue limits (None: the default) as a change every replica
+        applies; they stay across its new versions. None if the task is not stored."""
+        raise StoreError(f"{self!r} keeps no per-task limits: they need the registry (--registry, or a local "
+                         f"store folder)")
 
     @staticmethod
     def sha256_of(path: Path) -> str:

@@ -3,17 +3,20 @@
 Everything that enters the store is parsed and validated against the backbone's hidden size and
 `AdapterLimits` once, then written in our own safetensors format (PEFT checkpoints become
 `soft_prompt` files) and read back once, to check the file holds exactly the validated tensors,
-before the store records it with its sha256. Reading a stored version (a replica's sync, a resident
-miss) checks that hash and the shapes against this backbone, not the values again: the hash says
-they are the bytes that were validated.
+before the store records it with its sha256 and the facts a replica registers it by. A replica
+registers a version from that record alone (`stored_reference`: no file opened) and reads the file
+on a resident miss (`load_stored`), checking its hash and its shapes against this backbone, not the
+values again: the hash says they are the bytes that were validated.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 
 import torch
@@ -21,6 +24,7 @@ import torch
 from lamp_runtime.adapters import (
     MAX_CONFIG_BYTES,
     AdapterLimits,
+    AdapterMeta,
     PromptAdapter,
     adapter_from_peft,
     adapter_from_safetensors,
@@ -29,9 +33,11 @@ from lamp_runtime.adapters import (
     save_adapter,
     validate,
 )
+from lamp_runtime.adapters.base import check_fit
 from lamp_runtime.adapters.peft import CONFIG_FILE, MODEL_FILE
 from lamp_runtime.adapters.registry import is_valid_task_id
 from lamp_runtime.adapters.safetensors_io import read_limited
+from lamp_runtime.adapters.stored import StoredAdapterRef
 from lamp_runtime.errors import AdapterError
 
 from .base import AdapterFacts, AdapterStore, NewAdapter, StoredAdapter
@@ -65,16 +71,18 @@ def adapter_from_upload(adapter: bytes | None, adapter_config: bytes | None, ada
     return validate(parsed, hidden_size, limits)
 
 
-def facts_of(adapter: PromptAdapter) -> AdapterFacts:
+def facts_of(adapter: PromptAdapter, hidden_size: int) -> AdapterFacts:
+    """What the store records of a validated adapter: all a replica registers it by (sync.py)."""
     return AdapterFacts(kind=adapter.kind, prompt_tokens=adapter.prompt_tokens, pooled_tokens=adapter.pooled_tokens,
-                        pool=adapter.meta.pool)
+                        pool=adapter.meta.pool, hidden_size=hidden_size, host_bytes=adapter.host_bytes,
+                        metadata=json.dumps(adapter.meta.to_metadata(adapter.kind), sort_keys=True))
 
 
 def store_adapter(store: AdapterStore, task_id: str, adapter: PromptAdapter, hidden_size: int,
                   limits: AdapterLimits, source: str = "upload",
                   bundled_sha: str | None = None) -> StoredAdapter | None:
     """Write a validated adapter as the next version of `task_id` (see AdapterStore.put)."""
-    return store.put(task_id, lambda path: save_adapter(adapter, path), facts_of(adapter), source=source,
+    return store.put(task_id, lambda path: save_adapter(adapter, path), facts_of(adapter, hidden_size), source=source,
                      verify=partial(_verify, adapter=adapter, hidden_size=hidden_size, limits=limits),
                      bundled_sha=bundled_sha)
 
@@ -82,7 +90,7 @@ def store_adapter(store: AdapterStore, task_id: str, adapter: PromptAdapter, hid
 def store_adapters(store: AdapterStore, adapters: list[tuple[str, PromptAdapter]], hidden_size: int,
                    limits: AdapterLimits) -> list[StoredAdapter | Exception]:
     """Write many validated adapters (a batch registration; see AdapterStore.put_many)."""
-    items = [NewAdapter(task_id, partial(save_adapter, adapter), facts_of(adapter),
+    items = [NewAdapter(task_id, partial(save_adapter, adapter), facts_of(adapter, hidden_size),
                         verify=partial(_verify, adapter=adapter, hidden_size=hidden_size, limits=limits))
              for task_id, adapter in adapters]
     return store.put_many(items)
@@ -107,6 +115,29 @@ def load_stored(path: Path, expected_sha256: str, hidden_size: int, limits: Adap
     if actual != expected_sha256:
         raise AdapterError(f"{path}: content hash {actual[:12]}… does not match the index ({expected_sha256[:12]}…)")
     return adapter_from_safetensors(data, path.name).check_fits(hidden_size, limits)
+
+
+def stored_reference(stored: StoredAdapter, hidden_size: int, limits: AdapterLimits,
+                     load: Callable[[], PromptAdapter]) -> StoredAdapterRef:
+    """A version registered from its record alone (`stored.registers_from_row`): its facts checked
+    against this backbone and these limits, its file not opened; `load` reads and hash-checks it
+    when a request first needs its factors (engine/resident.py)."""
+    check_fit(stored.hidden_size, stored.prompt_tokens, stored.pool, hidden_size, limits)
+    try:
+        meta = _recorded_meta(stored.metadata)
+    except (ValueError, AdapterError) as exc:
+        raise AdapterError(f"{stored.task_id} v{stored.version}: its recorded metadata is damaged ({exc})") from None
+    return StoredAdapterRef(stored.kind, stored.prompt_tokens, stored.pooled_tokens, meta, stored.host_bytes, load)
+
+
+@lru_cache(maxsize=4096)
+def _recorded_meta(text: str) -> AdapterMeta:
+    """Parsed once per distinct text: tasks tuned the same way record the same metadata, and a start
+    parses it for each of 100,000 rows. The shared AdapterMeta is frozen and never changed."""
+    metadata = json.loads(text)
+    if not isinstance(metadata, dict):
+        raise ValueError(f"a JSON object was expected, got {type(metadata).__name__}")
+    return AdapterMeta.from_metadata(metadata, "recorded metadata")
 
 
 @dataclass(frozen=True)

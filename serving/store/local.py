@@ -25,7 +25,6 @@ import os
 import re
 import shutil
 import tempfile
-import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -141,8 +140,8 @@ class LocalAdapterStore(IndexFileStore):
             target = task_dir / f"v{version}.safetensors"
 
             write_verified(target, write_file, verify)
-            stored = StoredAdapter(task_id, version, facts.kind, facts.prompt_tokens, facts.pooled_tokens,
-                                   target.stat().st_size, self.sha256_of(target), time.time(), source, facts.pool)
+            stored = StoredAdapter.written(task_id, version, facts, target.stat().st_size, self.sha256_of(target),
+                                           source)
             index.tasks[task_id] = stored
             index.last_versions[task_id] = version
             if bundled_sha is not None:

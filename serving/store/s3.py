@@ -181,8 +181,7 @@ class ObjectAdapterStore(IndexFileStore):
             return None
         data, sha = staged_upload(write_file, verify)
         version = self._upload_version(task_id, data)
-        stored = StoredAdapter(task_id, version, facts.kind, facts.prompt_tokens, facts.pooled_tokens,
-                               len(data), sha, time.time(), source, facts.pool)
+        stored = StoredAdapter.written(task_id, version, facts, len(data), sha, source)
 
         def make_current(index: StoreIndex) -> bool:
             if bundled_sha is not None and index.bundled.get(task_id) == bundled_sha:

@@ -84,7 +84,7 @@ def registry_main(store_dir: str, task_id: str, adapter_file: str, point: str, r
     database.RegistryDatabase.make_current = make_current
     database._Transaction.__exit__ = exit_
     LocalVersionFiles.prune = prune
-    stored = store.put(task_id, write_adapter, facts_of(adapter),
+    stored = store.put(task_id, write_adapter, facts_of(adapter, 576),
                        verify=lambda path: load_adapter(path, 576, AdapterLimits()))
     print(f"STORED v{stored.version}", flush=True)
 
@@ -134,7 +134,7 @@ def main(store_dir: str, task_id: str, adapter_file: str, point: str) -> None:
     Path.write_bytes = write_bytes
     LocalAdapterStore._prune = staticmethod(prune)
     store = LocalAdapterStore(store_dir)
-    stored = store.put(task_id, write_adapter, facts_of(adapter),
+    stored = store.put(task_id, write_adapter, facts_of(adapter, 576),
                        verify=lambda path: load_adapter(path, 576, AdapterLimits()))
     print(f"STORED v{stored.version}", flush=True)
 

@@ -43,7 +43,7 @@ def soft_prompt(seed: int, tmp_path: Path) -> Path:
 def put_file(store: LocalAdapterStore, task_id: str, source: Path):
     adapter = load_adapter(source, HIDDEN, LIMITS)
     data = source.read_bytes()
-    return store.put(task_id, lambda path: path.write_bytes(data), facts_of(adapter),
+    return store.put(task_id, lambda path: path.write_bytes(data), facts_of(adapter, 576),
                      verify=lambda path: load_adapter(path, HIDDEN, LIMITS))
 
 

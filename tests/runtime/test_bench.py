@@ -174,6 +174,7 @@ def assert_recorded_command_reruns(recorded: str, ran: list[str]) -> None:
     ["bench", "speed", "--out", "s.json", "--llama-bench", "/opt/llama bench/llama-bench"],
     ["bench", "savings", "--out", "docs/bench/savings.json"],
     ["bench", "registry", "--registry", "postgresql://lamp@db:5432/lamp", "--tasks", "10", "--out", "r.json"],
+    ["bench", "start", "--tasks", "10", "--rounds", "2", "--out", "docs/bench/s.json"],
 ])
 def test_every_lamp_bench_records_a_command_that_reruns_as_written(argv):
     from lamp_runtime.bench.report import full_command

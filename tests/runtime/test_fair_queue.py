@@ -7,8 +7,10 @@ from hypothesis import strategies as st
 from lamp_runtime.engine.base import EngineConfig
 from lamp_runtime.engine.fair_queue import (
     REFUSED_QUEUE_FULL,
+    REFUSED_TASK_LIMIT,
     REFUSED_TASK_SHARE,
     FairQueue,
+    TaskLimits,
     queue_limit,
     reserve_rows,
 )
@@ -45,7 +47,7 @@ def test_fcfs_when_off():
 
 def test_generated_tokens_count_and_weights():
     q = FairQueue(capacity=100)
-    q.set_weight("b", 2.0)
+    q.set_limits("b", TaskLimits(weight=2.0))
     for i in range(6):
         q.push("a", ("a", i))
         q.push("b", ("b", i))
@@ -97,6 +99,22 @@ def test_a_task_alone_fills_the_queue_then_others_still_get_in():
     assert queue_limit(EngineConfig(max_waiting=8, fair_scheduling=False)) == 8
 
 
+@pytest.mark.parametrize("fair", [True, False])
+def test_a_task_limit_refuses_beyond_it_while_the_queue_has_room(fair):
+    q = FairQueue(capacity=100, fair=fair)
+    q.set_limits("capped", TaskLimits(max_waiting=3))
+    for i in range(3):
+        q.push("capped", i)
+    with pytest.raises(TaskQueueFullError, match=r"task 'capped' already has 3 requests waiting .*max_waiting=3"):
+        q.push("capped", 3)
+    q.push("other", 0)  # the limit is the task's own
+    assert q.stats()["capped"].refused == {REFUSED_TASK_LIMIT: 1}
+    q.pop_fitting(1)
+    q.push("capped", 4)  # room under its limit again once one entered the batch
+    q.set_limits("capped", TaskLimits())  # back to the default: only its share bounds it
+    q.push("capped", 5)
+
+
 def test_off_refuses_at_capacity_for_everyone():
     q = FairQueue(capacity=4, fair=False)
     for i in range(4):
@@ -117,8 +135,12 @@ def test_remove_keeps_order_and_counts():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="capacity"):
         FairQueue(0)
-    with pytest.raises(ValueError, match="weight"):
-        FairQueue(4).set_weight("a", 0)
+    for bad, message in [({"weight": 0}, r"weight must be a number in \(0, 1000\], got 0"),
+                         ({"weight": float("nan")}, "got nan"), ({"weight": 1001}, "got 1001"),
+                         ({"weight": True}, "got True"), ({"max_waiting": 0}, r"max_waiting .* 1..100000, got 0"),
+                         ({"max_waiting": 2.5}, "got 2.5"), ({"max_waiting": 100_001}, "got 100001")]:
+        with pytest.raises(ValueError, match=message):
+            TaskLimits(**bad)
     with pytest.raises(ValueError, match="fair_scheduling"):
         EngineConfig(fair_scheduling="yes")
 

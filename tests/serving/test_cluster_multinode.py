@@ -204,11 +204,11 @@ def test_register_once_serve_everywhere_survive_a_node_loss(cluster):
     # clients keep sending requests: the ingress re-sends a request whose replica died
     # (serving/generation.py), so no client sees a failure.
     sim = cluster["cluster"]
-    # The ingress and the metrics hub ask for no CPU, so Ray may place them on a worker node; losing
-    # the ingress's own node fails the requests it holds (the proxy has no other ingress). The test
-    # kills the model-replica node that does not hold them (docs/cluster.md says so).
+    # The ingress and the metrics hub are pinned to the head node (serving/app.py): losing a worker
+    # fails none of the requests the ingress holds, whichever worker it is.
     front = set(replica_nodes("LampIngress").values()) | set(replica_nodes("MetricsHub").values())
-    victim_replica, victim_node_id = sorted(placement.items(), key=lambda item: (item[1] in front, item[0]))[0]
+    assert front == {sim.head_node.node_id}, f"the ingress and the hub run on {front}, not the head node"
+    victim_replica, victim_node_id = sorted(placement.items())[0]
     survivor = next(r for r in placement if r != victim_replica)
     victim = next(n for n in cluster["workers"] if n.node_id == victim_node_id)
     stop, during = threading.Event(), []

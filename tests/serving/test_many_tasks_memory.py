@@ -48,7 +48,7 @@ def task_id(index: int) -> str:
 def fill(store, hidden: int) -> None:
     for start in range(0, TASKS, BATCH):
         adapters = [(task_id(i), lamp_adapter(i, hidden)) for i in range(start, start + BATCH)]
-        outcomes = store.put_many([NewAdapter(task, partial(save_adapter, adapter), facts_of(adapter))
+        outcomes = store.put_many([NewAdapter(task, partial(save_adapter, adapter), facts_of(adapter, hidden))
                                    for task, adapter in adapters])
         assert not [o for o in outcomes if isinstance(o, Exception)]
 

@@ -253,3 +253,35 @@ def test_servers_starting_at_once_create_the_schema_once(tmp_path, registry_url)
     assert {db.current_seq() for db in opened} == {0}
     for db in opened:
         db.close()
+
+
+# ---- per-task limits -----------------------------------------------------------------------------
+
+
+def test_task_limits_are_a_change_every_replica_applies_kept_across_versions_cleared_on_delete(store):
+    from lamp_runtime.engine.fair_queue import TaskLimits
+
+    put(store, "a")
+    put(store, "b")
+    applied = []
+    sync = StoreSync(store, AdapterRegistry(), PromptCache(1 << 20), HIDDEN, LIMITS,
+                     apply_limits=lambda task_id, limits: applied.append((task_id, limits)) or True)
+    sync.refresh()
+    assert applied == []  # defaults are not handed to the engine, task by task
+    before = store.change_key()
+    assert store.set_limits("a", 2.5, 3).weight == 2.5
+    assert store.change_key() == before + 1 and store.set_limits("missing", 1.0, None) is None
+    assert sync.refresh_if_changed().loaded == [] and applied == [("a", TaskLimits(2.5, 3))]
+
+    put(store, "a")  # a new version keeps the task's limits
+    assert (store.get("a").version, store.get("a").weight, store.get("a").max_waiting) == (2, 2.5, 3)
+    fresh = []  # a replica starting now gets them from the rows
+    StoreSync(store, AdapterRegistry(), PromptCache(1 << 20), HIDDEN, LIMITS,
+              apply_limits=lambda task_id, limits: fresh.append((task_id, limits)) or True).refresh()
+    assert fresh == [("a", TaskLimits(2.5, 3))]
+
+    store.delete("a")
+    sync.refresh_if_changed()
+    assert applied[-1] == ("a", TaskLimits())  # back to the defaults on the replica
+    put(store, "a")
+    assert (store.get("a").weight, store.get("a").max_waiting) == (None, None)

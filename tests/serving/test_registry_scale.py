@@ -68,7 +68,7 @@ def assert_indexed(store, statement: str, parameters) -> None:
 def fill(store, tmp_path, start: int, stop: int) -> None:
     adapter = SoftPromptAdapter(AdapterMeta(), torch.randn(2, HIDDEN))
     data = save_adapter(adapter, tmp_path / "src.safetensors").read_bytes()
-    facts = facts_of(adapter)
+    facts = facts_of(adapter, HIDDEN)
     outcomes = store.put_many([NewAdapter(f"task-{i:05d}", lambda p: p.write_bytes(data), facts)
                                for i in range(start, stop)])
     assert not [o for o in outcomes if isinstance(o, Exception)]

@@ -9,15 +9,16 @@ WAL mode, PostgreSQL MVCC).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
-from sqlalchemy import bindparam, create_engine, event, func, insert, select, update
+from sqlalchemy import bindparam, create_engine, event, func, insert, inspect, select, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, ProgrammingError, SQLAlchemyError
 
 from ..base import AdapterPage, ChangeSet, StoredAdapter, StoreError, StoreIndex
-from .tables import SCHEMA_VERSION, STATE_ROW, adapters, metadata, state
+from .tables import ADDED_COLUMNS, SCHEMA_VERSION, STATE_ROW, adapters, metadata, state
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ CHUNK = 500  # task ids per IN (...) query: under SQLite's and PostgreSQL's para
 PROGRESS_ABOVE_ROWS = 10 * CHUNK  # an index.json import of more rows shows a progress bar
 BUSY_TIMEOUT_MS = 30_000  # how long an SQLite writer waits for another's transaction
 RECORD_FIELDS = ("task_id", "version", "kind", "prompt_tokens", "pooled_tokens", "bytes", "sha256", "created_at",
-                 "source", "pool")
+                 "source", "pool", "hidden_size", "host_bytes", "metadata")
 
 
 def redacted(url: str) -> str:
@@ -39,8 +40,11 @@ def redacted(url: str) -> str:
         return "<unparseable registry URL>"
 
 
+LIMIT_FIELDS = ("weight", "max_waiting")  # the task's, kept across its versions: not written with one
+
+
 def _stored(row) -> StoredAdapter:
-    return StoredAdapter(**{name: getattr(row, name) for name in RECORD_FIELDS})
+    return StoredAdapter(**{name: getattr(row, name) for name in (*RECORD_FIELDS, *LIMIT_FIELDS)})
 
 
 def _switch_to_wal(cursor) -> None:
@@ -106,18 +110,33 @@ class RegistryDatabase:
                 # read first could not upgrade to a write while another process creates the tables.
                 with self.engine.connect().execution_options(lamp_write=True) as conn, conn.begin():
                     metadata.create_all(conn)
-                    row = conn.execute(select(state).where(state.c.id == STATE_ROW)).first()
+                    # FOR UPDATE: PostgreSQL's writers upgrading an old schema take turns (SQLite's already do)
+                    row = conn.execute(select(state).where(state.c.id == STATE_ROW).with_for_update()).first()
                     if row is None:
                         conn.execute(insert(state).values(id=STATE_ROW, seq=0, current=0,
                                                           schema_version=SCHEMA_VERSION))
                     elif row.schema_version > SCHEMA_VERSION:
                         raise StoreError(f"adapter registry {self.name} has schema version {row.schema_version}; "
                                          f"this lamp-serve knows up to {SCHEMA_VERSION}: upgrade lamp-serve")
+                    elif row.schema_version < SCHEMA_VERSION:
+                        self._upgrade(conn, row.schema_version)
                 return
             except (IntegrityError, ProgrammingError):
                 if attempt == CREATE_ATTEMPTS - 1:
                     raise
                 time.sleep(0.2 * (attempt + 1))
+
+    def _upgrade(self, conn: Connection, version: int) -> None:
+        """Add the columns later schema versions brought (NULL in existing rows: such a row's file
+        is read once when a replica registers it, as before), in the writers' transaction."""
+        present = {column["name"] for column in inspect(conn).get_columns(adapters.name)}
+        for name in ADDED_COLUMNS:
+            if name not in present:
+                column = adapters.c[name]
+                conn.exec_driver_sql(f"ALTER TABLE {adapters.name} ADD COLUMN {name} "
+                                     f"{column.type.compile(dialect=conn.dialect)}")
+        conn.execute(update(state).where(state.c.id == STATE_ROW).values(schema_version=SCHEMA_VERSION))
+        log.info("adapter registry %s upgraded from schema version %d to %d", self.name, version, SCHEMA_VERSION)
 
     def __repr__(self) -> str:
         return f"RegistryDatabase({self.name!r})"
@@ -262,7 +281,8 @@ class RegistryDatabase:
             if row is None or row.version is None:
                 return None
             seq = lock.seq + 1
-            conn.execute(update(adapters).where(adapters.c.task_id == task_id).values(version=None, seq=seq))
+            conn.execute(update(adapters).where(adapters.c.task_id == task_id)
+                         .values(version=None, seq=seq, **dict.fromkeys(LIMIT_FIELDS)))
             conn.execute(update(state).where(state.c.id == STATE_ROW).values(seq=seq, current=lock.current - 1))
             return _stored(row)
 
@@ -275,6 +295,20 @@ class RegistryDatabase:
         """Whether any task was ever registered here (a counter outlives a delete)."""
         with self._read() as conn:
             return conn.execute(select(adapters.c.task_id).limit(1)).first() is not None
+
+    def set_limits(self, task_id: str, weight: float | None, max_waiting: int | None) -> StoredAdapter | None:
+        """The current task's limits, as a change (its row gets the next change number, so every
+        replica's next sync applies them). None, changing nothing, if the task is not current."""
+        with self._write() as conn:
+            lock = self._lock_state(conn)
+            row = conn.execute(select(adapters).where(adapters.c.task_id == task_id)).first()
+            if row is None or row.version is None:
+                return None
+            seq = lock.seq + 1
+            conn.execute(update(adapters).where(adapters.c.task_id == task_id)
+                         .values(weight=weight, max_waiting=max_waiting, seq=seq))
+            conn.execute(update(state).where(state.c.id == STATE_ROW).values(seq=seq))
+            return dataclasses.replace(_stored(row), weight=weight, max_waiting=max_waiting)
 
     def import_index(self, index: StoreIndex, reserved: dict[str, int], label: str) -> bool:
         """Import an `index.json` store once (False: this registry already holds an import, or

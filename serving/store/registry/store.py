@@ -14,7 +14,6 @@ version is current and complete. The SQL is O(1): single rows by primary key.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -88,8 +87,7 @@ class RegistryAdapterStore(AdapterStore):
                     version += 1
             else:
                 raise StoreError(f"adapter store {self.files.location}: no free version number for {task_id}")
-            stored = StoredAdapter(task_id, version, facts.kind, facts.prompt_tokens, facts.pooled_tokens, size, sha,
-                                   time.time(), source, facts.pool)
+            stored = StoredAdapter.written(task_id, version, facts, size, sha, source)
             made_current = self.db.make_current(stored, bundled_sha)
             self._after_commit(stored, made_current)
         if bundled_sha is not None and not made_current:
@@ -121,10 +119,8 @@ class RegistryAdapterStore(AdapterStore):
                     results[i] = outcome
                     continue
                 size, sha = outcome
-                facts = item.facts
-                stored_ok.append((i, StoredAdapter(new.task_id, new.version, facts.kind, facts.prompt_tokens,
-                                                   facts.pooled_tokens, size, sha, time.time(), item.source,
-                                                   facts.pool)))
+                stored_ok.append((i, StoredAdapter.written(new.task_id, new.version, item.facts, size, sha,
+                                                           item.source)))
             made = self.db.make_current_many([s for _, s in stored_ok])
             for (i, stored), made_current in zip(stored_ok, made):
                 self._after_commit(stored, made_current)
@@ -151,6 +147,13 @@ class RegistryAdapterStore(AdapterStore):
                 return None
             self.files.remove_task(task_id)
         log.info("deleted adapter %s (was v%d)", task_id, stored.version)
+        return stored
+
+    def set_limits(self, task_id: str, weight: float | None, max_waiting: int | None) -> StoredAdapter | None:
+        self.check_task_id(task_id)
+        stored = self.db.set_limits(task_id, weight, max_waiting)
+        if stored is not None:
+            log.info("task %s limits: weight %s, max_waiting %s", task_id, weight, max_waiting)
         return stored
 
     # ---- migration -------------------------------------------------------------------------------

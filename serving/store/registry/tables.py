@@ -1,16 +1,19 @@
 """The registry's SQL schema (SQLAlchemy Core; the same tables on SQLite and PostgreSQL).
 
 One row per task ever registered: its current version (NULL once deleted, so the row keeps the
-task's version counter and its change sequence number), what the file holds, and `seq`, the change
+task's version counter and its change sequence number), what the file holds (all a replica needs to
+register it: kind, lengths, pool, hidden size, factor bytes, header metadata), and `seq`, the change
 number of the row's last visible change. One state row holds the last change number handed out and
 the number of current tasks, so a write, a count and "anything new?" are each O(1).
 """
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Column, Float, Index, Integer, MetaData, String, Table
+from sqlalchemy import BigInteger, Column, Float, Index, Integer, MetaData, String, Table, Text
 
-SCHEMA_VERSION = 1
+# 2: hidden_size, host_bytes, metadata (a replica registers a version from its row alone); weight,
+#    max_waiting (a task's limits, set through the admin API)
+SCHEMA_VERSION = 2
 STATE_ROW = 1
 
 metadata = MetaData()
@@ -28,6 +31,14 @@ adapters = Table(
     Column("prompt_tokens", Integer),
     Column("pooled_tokens", Integer),
     Column("pool", Integer, nullable=True),
+    # What a replica registers the version by without reading its file (NULL in rows of schema 1):
+    Column("hidden_size", Integer, nullable=True),
+    Column("host_bytes", BigInteger, nullable=True),
+    Column("metadata", Text, nullable=True),  # the file's safetensors header metadata, JSON
+    # The task's fair-queue limits (engine/fair_queue.py TaskLimits; NULL: the defaults), kept
+    # across new versions, cleared when the task is deleted:
+    Column("weight", Float, nullable=True),
+    Column("max_waiting", Integer, nullable=True),
     Column("bytes", BigInteger),
     Column("sha256", String(64)),
     Column("created_at", Float),
@@ -45,3 +56,6 @@ state = Table(
     Column("schema_version", Integer, nullable=False),
     Column("imported_index", String(200), nullable=True),  # the index.json imported, if any
 )
+
+# Columns later schema versions added, in order: a database of an older version gets them (database.py).
+ADDED_COLUMNS = ("hidden_size", "host_bytes", "metadata", "weight", "max_waiting")
