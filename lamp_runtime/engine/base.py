@@ -150,6 +150,7 @@ class EngineStats:
     cuda_allocated_bytes: int | None = None  # None off CUDA
     cuda_reserved_bytes: int | None = None
     settings: dict[str, str] = field(default_factory=dict)
+    compute_threads: int | None = None  # threads the engine computes with now (None: not reported)
     tasks: dict[str, TaskQueueStats] = field(default_factory=dict)
 
     def __post_init__(self):

@@ -18,9 +18,11 @@ Decode-only steps use a token batch. Which is faster is not settled: the one mea
 clients, one round, load average 14 on 2 cores) had "embed" at 0.64x "split"'s tokens/s, a single
 noisy sample; docs/llamacpp.md says how to rerun it before changing the default.
 
-Threads: ggml's threads (`ggml_threads`: EngineConfig.threads or the cores) do the model's work;
-torch only samples and scores rows, in the loop thread with one intra-op thread (`threads`, set in
-`on_loop_start`), so the two thread pools never compete for the cores.
+Threads: ggml's threads (at most `ggml_threads`: EngineConfig.threads or the cores) do the model's
+work, as many per step as threads.py's `ThreadChooser` finds fastest on the host now (a busy host
+makes ggml's spin barriers slow with every core in use); torch only samples and scores rows, in
+the loop thread with one intra-op thread (`threads`, set in `on_loop_start`), so the two thread
+pools never compete for the cores.
 
 `LlamaCppEngine` is a synchronous step core; `build_llamacpp_engine` returns it, and
 lamp_runtime/engines/ wraps it in engine/step_loop.py's `StepLoopEngine` like the HF cores.
@@ -50,6 +52,7 @@ from ..engine.request_state import RequestState
 from .native import Batch, lib, new_context
 from .options import LLAMA_MAX_SEQ, LlamaCppOptions
 from .prompt_kv import PromptSeq, PromptSeqCache
+from .threads import ThreadChooser, thread_candidates
 
 
 class _Row:
@@ -94,6 +97,8 @@ class LlamaCppEngine:
         self.settings = dict(backbone.settings.as_dict())
         self.threads = 1  # torch's, for sampling in the loop thread (see the module docstring)
         self.ggml_threads = self.config.threads or available_cores()
+        self.thread_chooser = ThreadChooser(thread_candidates(self.ggml_threads, self.options.adaptive_threads))
+        self._threads_set = self.ggml_threads  # what the context runs with (new_context's count)
         self.kv_bytes_per_token = backbone.info.kv_bytes_per_cell
         self._eos_ids = backbone.eos_token_ids()
         self._table = backbone.info.table
@@ -175,7 +180,9 @@ class LlamaCppEngine:
             kind=self.kind, waiting=self.num_waiting, running=self.num_running, prompt_cache=self.cache.stats(),
             adapter_cache=self.resident.stats(), prompt_kv=self.prompt_kv_stats(), prompt_kv_unit="requests",
             kv_cache_bytes=self.kv_cache_bytes(), backbone_bytes=self.backbone.weights_bytes, device="cpu",
-            settings={**self.settings, "threads": str(self.ggml_threads)}, tasks=self._waiting.stats())
+            settings={**self.settings, "threads": str(self.ggml_threads),
+                      "threads_policy": "adaptive" if self.thread_chooser.adaptive else "fixed"},
+            compute_threads=self.thread_chooser.current, tasks=self._waiting.stats())
 
     def on_loop_start(self) -> None:
         """torch samples on the loop thread with one intra-op thread: ggml's threads own the cores."""
@@ -228,13 +235,19 @@ class LlamaCppEngine:
     def _run(self, newcomers: list[RequestState], stats: StepStats) -> list[StepOutput]:
         started = time.perf_counter()
         decoding = list(self._running)
+        decode_only = bool(decoding) and not newcomers
+        threads = self.thread_chooser.choose(len(decoding)) if decode_only else self.thread_chooser.current
+        self._set_threads(threads)
         prefills = [self._plan(seq, stats) for seq in newcomers]  # may decode prompt-KV builds
         if not decoding and not prefills:
             return []
         stats.prefill_tokens += sum(p.embeds.shape[0] for p in prefills)
         stats.prefill_forwards += 1 if prefills else 0
         stats.computed_tokens = len(decoding) + stats.prefill_tokens
+        forward_started = time.perf_counter()
         logits = self._forward(decoding, prefills)  # decode rows' logits first, then each newcomer's
+        if decode_only:
+            self.thread_chooser.record(threads, len(decoding), time.perf_counter() - forward_started)
         elapsed = time.perf_counter() - started
         for row in decoding:
             row.pos += 1
@@ -257,6 +270,11 @@ class LlamaCppEngine:
         self._charge(rows)
         self._retire(finished)
         return outputs
+
+    def _set_threads(self, threads: int) -> None:
+        if threads != self._threads_set:
+            self._lib.llama_set_n_threads(self.ctx, threads, threads)
+            self._threads_set = threads
 
     def _charge(self, rows: list[_Row]) -> None:
         """Charge each sampled token (one per row this step) to its task's fair-queue counter."""

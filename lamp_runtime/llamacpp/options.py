@@ -25,6 +25,9 @@ class LlamaCppOptions:
     mixed_steps: str = "embed"
     # llama.cpp's flash attention (native.new_context says why it is on by default).
     flash_attention: bool = True
+    # Choose ggml's thread count per step from measured step times (threads.py); False always
+    # runs EngineConfig.threads (or the cores).
+    adaptive_threads: bool = True
 
     def __post_init__(self):
         require_at_least(self, 16, "kv_cells", prefix="LlamaCppOptions.")

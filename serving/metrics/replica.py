@@ -66,6 +66,9 @@ class EngineCollector:
         if stats.cuda_reserved_bytes is not None:
             yield _gauge("lamp_cuda_memory_reserved_bytes", "CUDA memory reserved by the caching allocator",
                          stats.cuda_reserved_bytes)
+        if stats.compute_threads is not None:
+            yield _gauge("lamp_engine_compute_threads", "Threads the engine computes with now (the llama.cpp "
+                         "engine chooses them from its measured step times)", stats.compute_threads)
         yield from self._per_task(stats.tasks)
         labels = {"kind": stats.kind, "device": stats.device, **stats.settings}
         info = GaugeMetricFamily("lamp_engine_info", "The replica's engine: its kind, device and the settings it "
