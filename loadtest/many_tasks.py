@@ -29,6 +29,7 @@ import argparse
 import math
 import random
 import shlex
+import shutil
 import statistics
 import sys
 import tempfile
@@ -265,24 +266,27 @@ def main(argv=None) -> int:
     from tests.server_process import ServerProcess
 
     args = parse_args(argv)
-    context = machine_context()
-    with tempfile.TemporaryDirectory(prefix="lamp-many-tasks-") as tmp:
-        server = ServerProcess(store=Path(tmp) / "store", admin_token=ADMIN_TOKEN, log_path=Path(tmp) / "serve.log",
+    context, began = machine_context(), time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix="lamp-many-tasks-"))
+    try:
+        server = ServerProcess(store=tmp / "store", admin_token=ADMIN_TOKEN, log_path=tmp / "serve.log",
                                extra_args=[*shlex.split(args.serve_args), "--prompt-kv-cache-mb",
                                            str(args.prompt_kv_cache_mb), "--max-upload-bytes", str(64 << 20)])
         with server.start(timeout=START_TIMEOUT_S):
             report = run(args, server)
-    print_tables(report)
-    command = full_command("python -m loadtest.many_tasks", build_parser(), args)
-    report = {"bench": "many-tasks", "command": command, "out": args.json, "context": context,
-              "load_average_at_end": machine_context()["load_average"],
-              "settings": {k: v for k, v in vars(args).items() if k not in ("json", "plot")}, **report}
-    if args.json:
-        write_json(args.json, report)
-    if args.plot:
-        from lamp_runtime.bench.plots import plot_many_tasks
+        print_tables(report)
+        command = full_command("python -m loadtest.many_tasks", build_parser(), args)
+        report = {"bench": "many-tasks", "command": command, "out": args.json, "context": context,
+                  "load_average_at_end": machine_context()["load_average"],
+                  "elapsed_s": round(time.perf_counter() - began), "settings": {k: v for k, v in vars(args).items() if k not in ("json", "plot")}, **report}
+        if args.json:
+            write_json(args.json, report)
+        if args.plot:
+            from lamp_runtime.bench.plots import plot_many_tasks
 
-        plot_many_tasks(report, args.plot)
+            plot_many_tasks(report, args.plot)
+    finally:  # tens of thousands of stored adapters take a while to remove: after the report
+        shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 
