@@ -253,7 +253,7 @@ def print_tables(report: dict) -> None:
     print(format_table(rows, [("tasks", "tasks", "d"), ("traffic", "traffic", "s"), ("pool", "p", "d"),
                               ("hit_ratio", "prompt-KV hit ratio", ".3f"), ("p50", "TTFT p50 ms", ".0f"),
                               ("p95", "TTFT p95 ms", ".0f"), ("requests_per_s", "req/s", ".2f"),
-                              ("tasks_resident", "tasks resident", "d"), ("server_rss_mb", "RSS MB", ".0f")]))
+                              ("tasks_resident", "tasks resident", "d"), ("server_rss_mb", "RSS MiB", ".0f")]))
     print(format_table(report["capacity"], [("pool", "p", "d"), ("computed_per_gb", "tasks/GB computed", ".0f"),
                                             ("measured_per_gb", "tasks/GB measured", ".0f"),
                                             ("computed_in_budget", "in budget computed", "d"),
