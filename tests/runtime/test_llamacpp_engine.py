@@ -22,6 +22,7 @@ from lamp_runtime.errors import InputTooLongError, RequestError, UnknownTaskErro
 from lamp_runtime.llamacpp.engine import LlamaCppEngine, build_llamacpp_engine  # noqa: E402
 from lamp_runtime.llamacpp.native import Batch, KernelSettings, lib, new_context  # noqa: E402
 from lamp_runtime.llamacpp.options import LlamaCppOptions  # noqa: E402
+from lamp_runtime.prompts.prompt_kv import TaskHits  # noqa: E402
 from lamp_runtime.requests import GenerationRequest, SamplingParams  # noqa: E402
 
 from ..conftest import run_staggered_results  # noqa: E402
@@ -177,6 +178,9 @@ def test_prompt_kv_cold_warm_and_concurrent_are_equal(engine, tasks, adapters):
     assert cold.soft_prompt_tokens_computed == 6 and warm.soft_prompt_tokens_computed == 0
     assert_all_same_or_near_tie([cold] * 5, [warm, *concurrent])
     assert after.misses == before.misses + 1 and after.hits == before.hits + 5
+    assert after.by_task["kv"] == TaskHits(hits=5, misses=1)
+    unpooled = adapters["lamp2"].prompt_tokens  # 6 cells held instead of l
+    assert after.pooling_saved_bytes - before.pooling_saved_bytes == (unpooled - 6) * engine.kv_bytes_per_token > 0
     engine.discard(key)
 
 
