@@ -22,27 +22,24 @@ replica, and (affinity) requests routed to the preferred replica vs spilled.
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import shlex
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+
+from .common import percentile, run_phase
 
 VARIANTS = ("affinity", "random")
 COUNTERS = ("lamp_prompt_cache_hits_total", "lamp_prompt_cache_misses_total", "lamp_prompt_kv_cache_hits_total",
             "lamp_prompt_kv_cache_misses_total", "lamp_request_seconds_count")
 MIB = 1024 * 1024
 START_TIMEOUT_S = 900.0  # 4 replicas of two servers loading on a shared 2-core machine
-INPUTS = ("The weather today is", "Tell me about the river", "My order has not arrived yet",
-          "A short note on prices", "The team won the match", "Please summarise this line")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,49 +131,6 @@ def counters(url: str) -> dict[str, dict[str, float]]:
 def delta(after: dict, before: dict) -> dict:
     return {key: {name: value - before.get(key, {}).get(name, 0.0) for name, value in values.items()}
             for key, values in after.items()}
-
-
-def one_request(client: httpx.Client, url: str, task_id: str, text: str, max_new_tokens: int) -> float:
-    """Client-side time to first token (s): the first SSE event of a streamed /generate."""
-    started = time.perf_counter()
-    first = None
-    with client.stream("POST", f"{url}/generate", json={"task_id": task_id, "input": text, "stream": True,
-                                                        "max_new_tokens": max_new_tokens}) as response:
-        if response.status_code != 200:
-            raise RuntimeError(f"{task_id}: HTTP {response.status_code} {response.read()[:200]!r}")
-        for line in response.iter_lines():
-            if line.startswith("data:"):
-                if first is None:
-                    first = time.perf_counter() - started
-                if '"error"' in line:
-                    raise RuntimeError(f"{task_id}: {line[:200]}")
-    return first
-
-
-def run_phase(url: str, sequence: list[str], args) -> list[float]:
-    """The sequence's requests from `--concurrency` closed-loop clients; TTFTs in sequence order."""
-    ttfts = [0.0] * len(sequence)
-    cursor = iter(range(len(sequence)))
-    lock = threading.Lock()
-
-    def client_loop():
-        with httpx.Client(timeout=120) as client:
-            while True:
-                with lock:
-                    i = next(cursor, None)
-                if i is None:
-                    return
-                ttfts[i] = one_request(client, url, sequence[i], INPUTS[i % len(INPUTS)], args.max_new_tokens)
-
-    with ThreadPoolExecutor(args.concurrency) as pool:
-        for future in [pool.submit(client_loop) for _ in range(args.concurrency)]:
-            future.result()
-    return ttfts
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
 def summarize_variant(ttfts: list[float], counts: dict) -> dict:

@@ -19,7 +19,6 @@ heavy phase's seconds and a per-phase deadline.
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import shlex
 import statistics
@@ -33,13 +32,13 @@ from pathlib import Path
 
 import httpx
 
+from .common import INPUTS, percentile
+
 VARIANTS = ("off", "on")
 HEAVY = "heavy"
 LIGHT = ("light1", "light2", "light3")
 START_TIMEOUT_S = 900.0
 PHASE_DEADLINE_S = 240.0
-INPUTS = ("The weather today is", "Tell me about the river", "My order has not arrived yet",
-          "A short note on prices", "The team won the match", "Please summarise this line")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,13 +152,6 @@ def light_clients(url: str, args) -> tuple[list[float], Counter, int]:
         for future in [pool.submit(client, task) for task in LIGHT]:
             future.result()
     return latencies, statuses, missing
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
 def measure(url: str, args) -> dict:

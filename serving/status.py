@@ -40,12 +40,15 @@ TOTALS = {
     "prompt_kv_cache_hits": "lamp_prompt_kv_cache_hits_total",
     "prompt_kv_cache_misses": "lamp_prompt_kv_cache_misses_total",
     "prompt_kv_cache_bytes": "lamp_prompt_kv_cache_bytes",
+    "prompt_kv_cache_tasks": "lamp_prompt_kv_cache_tasks",
+    "prompt_kv_pooling_saved_bytes": "lamp_prompt_kv_cache_pooling_saved_bytes",
     "backbone_bytes": "lamp_backbone_bytes",
     "requests_running": "lamp_requests_running",
     "requests_waiting": "lamp_requests_waiting",
 }
 RATES = ("requests", "generated_tokens", "soft_prompt_tokens_saved", "prefill_seconds_saved")
 LATENCIES = {"latency": "lamp_request_seconds", "ttft": "lamp_time_to_first_token_seconds"}
+PROMPT_KV_BY_TASK = {"lamp_task_prompt_kv_hits_total": 0, "lamp_task_prompt_kv_misses_total": 1}
 
 
 @dataclass
@@ -61,6 +64,8 @@ class Sums:
     # The fair queue by task (bounded labels): rows waiting now, requests refused since start by reason.
     waiting: dict[str, float] = field(default_factory=dict)
     refused: dict[str, dict[str, float]] = field(default_factory=dict)
+    # The prompt-KV cache's lookups by task (bounded labels) since start: task -> [hits, misses].
+    prompt_kv: dict[str, list[float]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, snapshots: list[list[Family]], at: float) -> "Sums":
@@ -82,6 +87,9 @@ class Sums:
                         per_reason = sums.refused.setdefault(labels.get("task", "other"), {})
                         reason = labels.get("reason", "")
                         per_reason[reason] = per_reason.get(reason, 0.0) + value
+                    if sample in PROMPT_KV_BY_TASK:
+                        counts = sums.prompt_kv.setdefault(labels.get("task", "other"), [0.0, 0.0])
+                        counts[PROMPT_KV_BY_TASK[sample]] += value
                     if sample == "lamp_requests_total" and labels.get("status", "").startswith("2"):
                         requests[labels.get("task", "other")] += value
                     kind = histograms.get(sample)
@@ -183,6 +191,9 @@ class StatusBoard:
         row = {"task_id": task_id, "requests": now.requests.get(task_id, 0.0),
                "requests_per_s": rate(now.requests.get(task_id, 0.0), base.requests.get(task_id, 0.0))
                if base else None}
+        hits, misses = now.prompt_kv.get(task_id, (0.0, 0.0))
+        row.update(prompt_kv_hits=hits, prompt_kv_misses=misses,
+                   prompt_kv_hit_ratio=hits / (hits + misses) if hits + misses else None)
         for kind in LATENCIES:
             current = now.buckets[kind].get(task_id, {})
             window = _minus(current, base.buckets[kind].get(task_id) if base else None)

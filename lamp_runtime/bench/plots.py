@@ -108,3 +108,29 @@ def _save(fig, plt, path, layout: bool = True) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_many_tasks(report: dict, path: str | Path) -> Path:
+    """Prompt-KV hit ratio and TTFT p95 against the pool block p, one line per (task count, traffic)."""
+    plt = _pyplot()
+    rows = report["rows"]
+    fig, (hits, ttft) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for index, key in enumerate(sorted({(r["tasks"], r["traffic"]) for r in rows})):
+        mine = sorted((r for r in rows if (r["tasks"], r["traffic"]) == key), key=lambda r: r["pool"])
+        pools = [r["pool"] for r in mine]
+        style = "o-" if key[1] == "zipf" else "s--"
+        label = f"{key[0]:,} tasks, {key[1]}"
+        hits.plot(pools, [r["hit_ratio"] for r in mine], style, color=f"C{index // 2}", label=label)
+        ttft.plot(pools, [r["ttft_ms"]["p95"] for r in mine], style, color=f"C{index // 2}", label=label)
+    budget = report["settings"]["prompt_kv_cache_mb"]
+    for ax, title in ((hits, f"prompt-KV hit ratio ({budget} MiB budget)"), (ttft, "TTFT p95 (ms)")):
+        ax.set_xscale("log")
+        pools = sorted({r["pool"] for r in rows})
+        ax.set_xticks(pools, [str(p) for p in pools])
+        ax.set_xlabel("pool block p")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    ttft.set_yscale("log")
+    hits.set_ylim(0, 1)
+    hits.legend(fontsize=8)
+    return _save(fig, plt, path)

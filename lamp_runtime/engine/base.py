@@ -129,7 +129,8 @@ class EngineStats:
 
     prompt_kv: reuse of tasks' soft-prompt keys/values (None: the engine keeps none), counted in
       `prompt_kv_unit`: whole requests (the HF decoder's prompt-KV cache) or prompt tokens (a
-      block-granular prefix cache such as vLLM's).
+      block-granular prefix cache such as vLLM's). A cache of whole prompts (the HF decoder's, llama.cpp's) gives a
+      PromptKVStats (prompts/prompt_kv.py): also its lookups by task and the bytes pooling saves.
     kv_cache_bytes: keys/values held by the requests in flight (None: the engine cannot tell).
     settings: what the engine chose for itself (e.g. a probed weight layout), shown as labels of
       `lamp_engine_info` on /metrics; keys are label names.

@@ -139,14 +139,14 @@ class DecoderEngine(StepEngine):
             return _Row(seq, None, assemble_embeddings(seq.prepared, inputs))
         key = seq.entry.cache_key
         hit = key in self.prompt_kv
-        prefix = self.prompt_kv.acquire(key, lambda: self._compute_prompt_kv(seq.prepared.prompt, stats))
+        prefix = self.prompt_kv.acquire(key, lambda: self._compute_prompt_kv(seq.prepared.prompt, adapter, stats))
         if hit:
             seq.prompt_reused = True
             stats.prompt_kv_hits += 1
             stats.prompt_tokens_reused += prefix.tokens
         return _Row(seq, prefix, offset_inputs(seq.prepared, inputs))
 
-    def _compute_prompt_kv(self, prompt: torch.Tensor, stats: StepStats) -> PromptKV:
+    def _compute_prompt_kv(self, prompt: torch.Tensor, adapter, stats: StepStats) -> PromptKV:
         """Run the prompt alone through the model (in the first free slot) and keep its keys/values."""
         slot, length = len(self._running), prompt.shape[0]
         self._reserve(slot + 1, length)
@@ -154,7 +154,7 @@ class DecoderEngine(StepEngine):
                            torch.tensor([length - 1], device=prompt.device))
         stats.prefill_forwards += 1
         stats.prefill_tokens += length
-        return PromptKV(*self.kv.read(slot, length))
+        return PromptKV(*self.kv.read(slot, length), unpooled_tokens=adapter.prompt_tokens)
 
     def _place(self, rows: list[_Row], stats: StepStats) -> list[tuple[int, list[_Row]]]:
         """Group the newcomers by length (prefill_groups.py), give each group the slots after the

@@ -14,13 +14,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ..prompts.cache import PinnedLRU
+from ..prompts.prompt_kv import PromptKVLRU
 
 
 @dataclass(frozen=True)
 class PromptKV:
     keys: torch.Tensor  # [layers, kv_heads, m, head_dim]
     values: torch.Tensor
+    unpooled_tokens: int  # the task's prompt length before pooling (l)
 
     @property
     def tokens(self) -> int:
@@ -31,5 +32,5 @@ class PromptKV:
         return 2 * self.keys.numel() * self.keys.element_size()
 
 
-class PromptKVCache(PinnedLRU):
+class PromptKVCache(PromptKVLRU):
     """PromptKV entries by the adapter entry's cache key (task id, version)."""

@@ -405,7 +405,8 @@ class LlamaCppEngine:
                 return None
             self._free_prompt_seqs()
         try:
-            shared = self.prompt_kv.acquire(key, lambda: self._build_prompt(prompt.numpy(), stats))
+            shared = self.prompt_kv.acquire(
+                key, lambda: self._build_prompt(prompt.numpy(), seq.entry.adapter.prompt_tokens, stats))
         except _NoPromptSeq:  # discarded by another thread between the lookup and here, with no id free
             return None
         if hit:
@@ -414,7 +415,7 @@ class LlamaCppEngine:
             stats.prompt_tokens_reused += shared.tokens
         return shared
 
-    def _build_prompt(self, prompt: np.ndarray, stats: StepStats) -> PromptSeq:
+    def _build_prompt(self, prompt: np.ndarray, unpooled_tokens: int, stats: StepStats) -> PromptSeq:
         if not self.prompt_kv.free_ids:
             raise _NoPromptSeq
         seq_id = self.prompt_kv.free_ids.pop()
@@ -425,7 +426,7 @@ class LlamaCppEngine:
         batch.decode(self.ctx)
         stats.prefill_forwards += 1
         stats.prefill_tokens += prompt.shape[0]
-        return PromptSeq(seq_id, prompt.shape[0], prompt.shape[0] * self.kv_bytes_per_token)
+        return PromptSeq(seq_id, prompt.shape[0], prompt.shape[0] * self.kv_bytes_per_token, unpooled_tokens)
 
     def _free_prompt_seqs(self) -> None:
         if self.prompt_kv is None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Hashable
 from dataclasses import dataclass
 
-from ..prompts.cache import PinnedLRU
+from ..prompts.prompt_kv import PromptKVLRU
 
 
 @dataclass(frozen=True)
@@ -24,9 +24,10 @@ class PromptSeq:
     seq_id: int
     tokens: int
     nbytes: int
+    unpooled_tokens: int  # the task's prompt length before pooling (l)
 
 
-class PromptSeqCache(PinnedLRU):
+class PromptSeqCache(PromptKVLRU):
     def __init__(self, max_bytes: int, seq_ids: list[int]):
         super().__init__(max_bytes)
         self.max_entries = len(seq_ids)

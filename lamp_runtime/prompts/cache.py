@@ -66,6 +66,7 @@ class PinnedLRU:
         """
         with self._lock:
             entry = self._entries.get(key)
+            self._looked_up(key, entry is not None)
             if entry is None:
                 self._stats.misses += 1
                 started = time.perf_counter()
@@ -80,6 +81,9 @@ class PinnedLRU:
             entry.pins += 1
             self._evict_locked()
             return entry.value
+
+    def _looked_up(self, key: Hashable, hit: bool) -> None:
+        """Called under the lock on every `acquire` (subclasses count by key)."""
 
     def release(self, key: Hashable) -> None:
         with self._lock:
@@ -111,9 +115,12 @@ class PinnedLRU:
 
     def stats(self) -> CacheStats:
         with self._lock:
-            s = self._stats
-            return CacheStats(s.hits, s.misses, s.evictions, s.bytes, len(self._entries),
-                              sum(1 for e in self._entries.values() if e.pins), s.build_seconds_total)
+            return self._stats_locked()
+
+    def _stats_locked(self) -> CacheStats:
+        s = self._stats
+        return CacheStats(s.hits, s.misses, s.evictions, s.bytes, len(self._entries),
+                          sum(1 for e in self._entries.values() if e.pins), s.build_seconds_total)
 
     def __contains__(self, key: Hashable) -> bool:
         with self._lock:

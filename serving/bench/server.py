@@ -49,15 +49,7 @@ class BenchServer:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
     def rss_bytes(self) -> int:
-        """Resident memory of the server and every process it started (Ray's too)."""
-        total = 0
-        root = psutil.Process(self.process.pid)
-        for proc in [root, *root.children(recursive=True)]:
-            try:
-                total += proc.memory_info().rss
-            except psutil.NoSuchProcess:
-                pass
-        return total
+        return process_tree_rss(self.process.pid)
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -67,6 +59,18 @@ class BenchServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait(10)
+
+
+def process_tree_rss(pid: int) -> int:
+    """Resident memory of a server and every process it started (Ray's too)."""
+    total = 0
+    root = psutil.Process(pid)
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            total += proc.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
 
 
 def start_server(store: Path, log: Path, extra_args: list[str], attempts: int = 3) -> BenchServer:

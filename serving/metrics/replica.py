@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
 
 from lamp_runtime.engine.base import EngineObserver
+from lamp_runtime.prompts.prompt_kv import PromptKVStats
 
 from .labels import TaskLabels
 from .process import ProcessCollector
@@ -53,6 +54,8 @@ class EngineCollector:
                                                                     f"Soft-prompt keys/values computed ({unit})",
                                                                     "Prompt-KV entries evicted"))
             yield _gauge("lamp_prompt_kv_cache_bytes", "Bytes held by cached soft-prompt keys/values", kv.bytes)
+        if isinstance(kv, PromptKVStats):  # a cache of whole prompts (not vLLM's prefix blocks)
+            yield from self._prompt_kv_detail(kv)
         if stats.kv_cache_bytes is not None:
             yield _gauge("lamp_kv_cache_bytes", "Keys/values held by the requests in flight (positions in use)",
                          stats.kv_cache_bytes)
@@ -76,6 +79,29 @@ class EngineCollector:
         info.add_metric(list(labels.values()), 1)
         yield info
 
+
+    def _prompt_kv_detail(self, kv: PromptKVStats):
+        """Tasks resident, bytes pooling saves, and hits / misses by task (summed by bounded label)."""
+        yield _gauge("lamp_prompt_kv_cache_tasks", "Task versions whose soft-prompt keys/values are cached",
+                     kv.entries)
+        yield _gauge("lamp_prompt_kv_cache_pooling_saved_bytes", "Bytes the cached soft-prompt keys/values would "
+                     "take more at their unpooled lengths (l instead of ceil(l/p) positions each)",
+                     kv.pooling_saved_bytes)
+        hits = CounterMetricFamily("lamp_task_prompt_kv_hits", "Requests whose soft-prompt keys/values were "
+                                   "reused from the prompt-KV cache, by task (bounded labels)", labels=["task"])
+        misses = CounterMetricFamily("lamp_task_prompt_kv_misses", "Requests whose soft-prompt keys/values were "
+                                     "computed for the prompt-KV cache, by task (bounded labels)", labels=["task"])
+        sums: dict[str, list[int]] = {}
+        registry = self.engine.registry
+        for task_id, counts in kv.by_task.items():
+            total = sums.setdefault(self.task_labels.label(task_id, task_id in registry), [0, 0])
+            total[0] += counts.hits
+            total[1] += counts.misses
+        for task, (hit, miss) in sorted(sums.items()):
+            hits.add_metric([task], hit)
+            misses.add_metric([task], miss)
+        yield hits
+        yield misses
 
     def _per_task(self, tasks):
         """The fair queue's per-task counts, summed by bounded task label."""

@@ -22,6 +22,7 @@ from lamp_runtime.errors import InputTooLongError, RequestError, UnknownTaskErro
 from lamp_runtime.llamacpp.engine import LlamaCppEngine, build_llamacpp_engine  # noqa: E402
 from lamp_runtime.llamacpp.native import Batch, KernelSettings, lib, new_context  # noqa: E402
 from lamp_runtime.llamacpp.options import LlamaCppOptions  # noqa: E402
+from lamp_runtime.prompts.prompt_kv import TaskHits  # noqa: E402
 from lamp_runtime.requests import GenerationRequest, SamplingParams  # noqa: E402
 
 from ..conftest import run_staggered_results  # noqa: E402
@@ -187,6 +188,10 @@ def assert_prompt_kv_cold_warm_and_concurrent_equal(engine, adapter, new: int = 
     assert cold.soft_prompt_tokens_computed == adapter.pooled_tokens and warm.soft_prompt_tokens_computed == 0
     assert_all_same_or_near_tie([cold] * (1 + concurrent), [warm, *together])
     assert after.misses == before.misses + 1 and after.hits == before.hits + 1 + concurrent
+    was = before.by_task.get("kv", TaskHits(hits=0, misses=0))
+    assert after.by_task["kv"] == TaskHits(hits=was.hits + 1 + concurrent, misses=was.misses + 1)
+    saved = (adapter.prompt_tokens - adapter.pooled_tokens) * engine.kv_bytes_per_token  # cells held instead of l
+    assert after.pooling_saved_bytes - before.pooling_saved_bytes == saved
     engine.discard(key)
 
 

@@ -89,7 +89,9 @@ def test_status_page_shows_live_numbers_that_match_metrics(server, browser, bund
         assert shown == metric_total(metrics, name) > 0, key
     for key, name in (("kv_cache_bytes_saved", "lamp_kv_cache_bytes_saved_total"),
                       ("prefill_seconds_saved", "lamp_prefill_seconds_saved_total"),
-                      ("prompt_cache_bytes", "lamp_prompt_cache_bytes")):
+                      ("prompt_cache_bytes", "lamp_prompt_cache_bytes"),
+                      ("prompt_kv_cache_tasks", "lamp_prompt_kv_cache_tasks"),
+                      ("prompt_kv_pooling_saved_bytes", "lamp_prompt_kv_cache_pooling_saved_bytes")):
         shown = float(page.locator(f"#t-{key}").get_attribute("data-value"))
         assert shown == pytest.approx(metric_total(metrics, name), rel=1e-9), key
     hits = metric_total(metrics, "lamp_prompt_cache_hits_total")
@@ -105,6 +107,10 @@ def test_status_page_shows_live_numbers_that_match_metrics(server, browser, bund
         assert number(cell("requests")) == metric_total(metrics, "lamp_requests_total", task=task, status="200")
         assert number(cell("requests")) >= counts[task]
         assert float(cell("latency-p95")) >= float(cell("latency-p50")) > 0  # requests within the window
+        hits = metric_total(metrics, "lamp_task_prompt_kv_hits_total", task=task)
+        misses = metric_total(metrics, "lamp_task_prompt_kv_misses_total", task=task)
+        assert hits + misses >= counts[task]
+        assert cell("prompt-kv-hit-ratio") == f"{hits / (hits + misses):.2f}"
 
     page.locator("#chart polyline").first.wait_for(timeout=20_000)  # the history has two points
     shot = tmp_path / "status-page.png"
