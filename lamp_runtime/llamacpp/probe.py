@@ -6,9 +6,11 @@ AVX2) are faster where they work, but on some hosts a decode of more than one ro
 micro-batch crashes in them (a segfault in ggml_backend_amx_mul_mat on the Xeon), and with one-row
 micro-batches they run. So each candidate setting runs a small workload in a child process
 (`python -m lamp_runtime.llamacpp.probe GGUF SETTING THREADS`): a multi-row prefill of embedding
-rows, rows of four sequences in one micro-batch, single-row token decodes; finite logits and the
-same greedy tokens as a second identical run. A child that dies (signal, abort, nonzero exit) or
-times out fails its setting. The fastest passing setting is used; results are cached per (GGUF,
+rows, rows of four sequences in one micro-batch, single-row token decodes, each part timed; finite
+logits and the same greedy tokens as a second identical run. A child that dies (signal, abort,
+nonzero exit) or times out fails its setting. The passing setting fastest on a serving mix
+(`MIX`: decodes weigh most, as a request of a cached prompt prefills a few rows and decodes many
+tokens) is used; results are cached per (GGUF,
 llama-cpp-python version, CPU model, threads, setting) in the lamp cache folder, so a restart
 does not probe again.
 """
@@ -55,7 +57,8 @@ def host_key(path: Path, threads: int) -> str:
     except Exception:  # noqa: BLE001 - an unknown version only means "probe again"
         lib_version = "unknown"
     stat = path.stat()
-    return f"{path.resolve()}|{stat.st_size}|{int(stat.st_mtime)}|{lib_version}|{cpu_model()}|{platform.machine()}|{threads}"
+    return (f"{path.resolve()}|{stat.st_size}|{int(stat.st_mtime)}|{lib_version}|{cpu_model()}|{platform.machine()}"
+            f"|{threads}|workload{WORKLOAD_VERSION}")
 
 
 def cpu_model() -> str:
@@ -129,8 +132,22 @@ def run_child(path: Path, settings: KernelSettings, threads: int, command: list[
     return answer
 
 
+# What a serving step mix costs, from the workload's timed parts: a request of a cached prompt
+# prefills some tens of input rows and then decodes many more tokens, alone or beside others.
+# Weighted so: one 64-row prefill, 64 single-row decodes, 32 four-row decodes.
+MIX = {"prefill_64_s": 1, "decode_1_s": 64, "decode_4_s": 32}
+WORKLOAD_VERSION = 2  # part of the cache key: results of another workload are probed again
+
+
+def serving_seconds(result: dict) -> float:
+    """The weighted serving mix a passing probe result stands for (the lower, the faster)."""
+    return sum(weight * result[part] for part, weight in MIX.items())
+
+
 def workload(path: str, settings: KernelSettings, threads: int) -> dict:
-    """The child's work: load with `settings`, run the workload twice; its time and whether it passed."""
+    """The child's work: load with `settings`, then twice: a 64-row embedding prefill, 8 decode
+    steps of four sequences in one micro-batch, 16 single-row decodes. Each part timed (the faster
+    of the two runs, per step); it passes with finite logits and the same greedy tokens both times."""
     import numpy as np
 
     from .native import Batch, lib, load_model, new_context
@@ -141,7 +158,7 @@ def workload(path: str, settings: KernelSettings, threads: int) -> dict:
     vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
     rng = np.random.default_rng(0)
     rows = (rng.standard_normal((64, width)) * 0.02).astype(np.float32)
-    answers, seconds = [], []
+    answers, parts = [], {part: [] for part in MIX}
     for _ in range(2):
         ctx = new_context(model, n_ctx=512, n_batch=256, n_ubatch=settings.n_ubatch, n_seq_max=4, threads=threads)
         mem = L.llama_get_memory(ctx)
@@ -150,28 +167,30 @@ def workload(path: str, settings: KernelSettings, threads: int) -> dict:
         embeds.add(64, 0, 0)
         embeds.embd[:64] = rows
         embeds.decode(ctx)
+        parts["prefill_64_s"].append(time.perf_counter() - started)
         logits = np.ctypeslib.as_array(L.llama_get_logits(ctx), shape=(1, vocab))
-        token = int(np.argmax(logits[0]))
-        got = [token]
+        got = [int(np.argmax(logits[0]))]
         for s in range(1, 4):
             L.llama_memory_seq_cp(mem, 0, s, -1, -1)
-        for step in range(16):  # four sequences per micro-batch, then one
-            live = 4 if step < 8 else 1
-            tokens.clear()
-            for s in range(live):
-                tokens.add(1, s, 64 + step)
-                tokens.tokens[s] = got[-1]
-            tokens.decode(ctx)
-            logits = np.ctypeslib.as_array(L.llama_get_logits(ctx), shape=(live, vocab))
-            if not np.isfinite(logits).all():
-                raise FloatingPointError("non-finite logits")
-            got.append(int(np.argmax(logits[0])))
-        seconds.append(time.perf_counter() - started)
+        for live, steps, first in ((4, 8, 0), (1, 16, 8)):  # four sequences per micro-batch, then one
+            started = time.perf_counter()
+            for step in range(first, first + steps):
+                tokens.clear()
+                for s in range(live):
+                    tokens.add(1, s, 64 + step)
+                    tokens.tokens[s] = got[-1]
+                tokens.decode(ctx)
+                logits = np.ctypeslib.as_array(L.llama_get_logits(ctx), shape=(live, vocab))
+                if not np.isfinite(logits).all():
+                    raise FloatingPointError("non-finite logits")
+                got.append(int(np.argmax(logits[0])))
+            parts[f"decode_{live}_s"].append((time.perf_counter() - started) / steps)
         answers.append(got)
         L.llama_free(ctx)
     if answers[0] != answers[1]:
         return {"ok": False, "error": f"answers differ between identical runs: {answers}"}
-    return {"ok": True, "seconds": min(seconds)}
+    result = {part: min(times) for part, times in parts.items()}
+    return {"ok": True, **result, "seconds": serving_seconds(result)}
 
 
 def main(argv: list[str]) -> None:

@@ -316,7 +316,7 @@ LOGPROB_BOUND = 0.5
 
 
 def test_probe_uses_the_cache_and_skips_a_crashing_setting(engine, tmp_path):
-    from lamp_runtime.llamacpp.probe import probe_settings, setting_key
+    from lamp_runtime.llamacpp.probe import MIX, probe_settings, serving_seconds, setting_key
 
     crashing = tmp_path / "child.py"
     crashing.write_text("import json, os, sys\n"
@@ -328,7 +328,9 @@ def test_probe_uses_the_cache_and_skips_a_crashing_setting(engine, tmp_path):
     assert report.chosen == KernelSettings(False, 512) and report.source == "probed"
     failed = report.results[setting_key(candidates[0])]
     assert not failed["ok"] and "signal 6" in failed["error"]
-    assert report.results[setting_key(candidates[1])]["ok"]
+    passed = report.results[setting_key(candidates[1])]
+    assert passed["ok"] and all(passed[part] > 0 for part in MIX)  # each part of the mix timed
+    assert passed["seconds"] == serving_seconds(passed)  # the choice is made on the serving mix
     again = probe_settings(engine.backbone.path, 2, candidates, cache, ["/bin/false"])  # no child runs
     assert again.chosen == report.chosen and again.source == "cached"
 
