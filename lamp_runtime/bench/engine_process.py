@@ -29,8 +29,8 @@ class EngineProcess:
         self.timeout_s = timeout_s
         context = multiprocessing.get_context("spawn")  # no inherited thread pools or loaded libraries
         self._conn, child = context.Pipe()
-        self._process = context.Process(target=_serve, args=(child, factory, settings), name=f"bench-{self.name}",
-                                        daemon=True)
+        # Not a daemon: an engine may start processes of its own (vLLM's engine core); close() ends it.
+        self._process = context.Process(target=_serve, args=(child, factory, settings), name=f"bench-{self.name}")
         self._process.start()
         child.close()
         self.info: dict = self._receive()  # what the side reports once built (settings, RSS growth)
