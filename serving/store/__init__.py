@@ -1,11 +1,13 @@
 """The persistent adapter store, shared by the ingress (admin API) and every model replica.
 
-- base.py: the `AdapterStore` contract, `StoredAdapter` / `StoreIndex` records, `StoreError`
+- base.py: the `AdapterStore` contract, the `StoredAdapter` record, `StoreError`
+- index_json.py: the reader of an index.json (the store's format before the registry), for the
+  one-time import
 - registry/: the store, and `open_store`: metadata and the change sequence in SQL (SQLite under
   the store folder or this machine's state folder, or PostgreSQL), version files in a folder or an
   object store; replicas sync by change number
-- local.py, s3.py: the version files' folder and object-store helpers, and the reader of an index.json
-  (the store's format before the registry), imported into the registry once on first start
+- local.py, s3.py: the version files in a folder or an object store, and where an index.json is read
+  from, to import it into the registry once on first start
 - files.py: adapters in and out of the store (uploads, bundled `prompts/`, stored versions)
 - sync.py: keeps a replica's in-memory registry equal to the store
 

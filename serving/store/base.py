@@ -1,22 +1,20 @@
-"""The adapter store's contract and the records every backend keeps: the registry (registry/: metadata
-in SQL, the one store the server opens) and the index.json stores of earlier versions (local.py,
-s3.py), whose index the registry imports once.
+"""The adapter store's contract and its records, shaped on the registry (registry/: metadata in SQL,
+the one store the server opens). The index.json of stores written before the registry is only read,
+to import it once (index_json.py).
 
 Files (the same on a local disk and on an object store): `<task>/v<N>.safetensors`, one file per
 adapter version, written once and never modified, with its sha256 recorded. The current version of
-each task is a registry row (or, in an index.json store, an entry of that one small file). A version
-becomes current only once its file is stored and verified, so a failed or bad upload, or a crash at
-any point, leaves the previous version serving.
+each task is a registry row. A version becomes current only once its file is stored and verified, so
+a failed or bad upload, or a crash at any point, leaves the previous version serving.
 """
 
 from __future__ import annotations
 
 import abc
 import hashlib
-import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lamp_runtime.adapters.registry import validate_task_id
@@ -28,9 +26,8 @@ REGISTRY_NAME = "registry.sqlite3"  # the embedded registry database of a local 
 # Names of the store's own files, which a task's folder must never take.
 RESERVED_NAMES = frozenset({INDEX_NAME, LOCK_NAME, REGISTRY_NAME, *(f"{REGISTRY_NAME}-{s}" for s in ("wal", "shm",
                                                                                                    "journal"))})
-INDEX_FORMAT = 1
 # Versions kept per task: the current one and the one before it, so a replica that read the
-# previous index a moment ago can still open the file it names.
+# previous version a moment ago can still open its file.
 KEEP_VERSIONS = 2
 
 
@@ -39,12 +36,13 @@ REQUIRED_RECORD_FIELDS = ("task_id", "version", "kind", "prompt_tokens", "pooled
 
 
 class StoreError(RuntimeError):
-    """The store cannot be read or written (corrupt index, disk full, lock timeout)."""
+    """The store cannot be read or written (registry unreachable, disk full, lock timeout, a damaged
+    index.json to import)."""
 
 
 @dataclass(frozen=True)
 class AdapterFacts:
-    """What the validated adapter looks like; recorded in the index next to its file. With
+    """What the validated adapter looks like; recorded in the registry next to its file. With
     `hidden_size`, `host_bytes` and `metadata` recorded too, a replica registers the version from
     its row alone and reads the file on the task's first request (serving/store/sync.py)."""
 
@@ -99,48 +97,6 @@ class StoredAdapter:
     @classmethod
     def from_json(cls, data: dict) -> "StoredAdapter":
         return cls(**{k: data[k] if k in REQUIRED_RECORD_FIELDS else data.get(k) for k in cls.__dataclass_fields__})
-
-
-@dataclass
-class StoreIndex:
-    generation: int = 0
-    tasks: dict[str, StoredAdapter] = field(default_factory=dict)
-    last_versions: dict[str, int] = field(default_factory=dict)
-    bundled: dict[str, str] = field(default_factory=dict)  # task id -> sha256 of the imported source
-
-    def to_json(self) -> dict:
-        return {
-            "format": INDEX_FORMAT,
-            "generation": self.generation,
-            "tasks": {t: a.to_json() for t, a in sorted(self.tasks.items())},
-            "last_versions": dict(sorted(self.last_versions.items())),
-            "bundled": dict(sorted(self.bundled.items())),
-        }
-
-    @classmethod
-    def parse(cls, text: str, source: str) -> "StoreIndex":
-        """The index from its file's text; any problem is a StoreError naming `source`."""
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise StoreError(f"adapter index {source} is not valid JSON ({exc}); fix or remove it") from None
-        if not isinstance(data, dict):
-            raise StoreError(f"adapter index {source} must be a JSON object")
-        return cls.from_json(data, source)
-
-    @classmethod
-    def from_json(cls, data: dict, source: str) -> "StoreIndex":
-        try:
-            if data.get("format") != INDEX_FORMAT:
-                raise ValueError(f"format {data.get('format')!r}, expected {INDEX_FORMAT}")
-            return cls(
-                generation=int(data["generation"]),
-                tasks={t: StoredAdapter.from_json(a) for t, a in data["tasks"].items()},
-                last_versions={t: int(v) for t, v in data["last_versions"].items()},
-                bundled={t: str(s) for t, s in data.get("bundled", {}).items()},
-            )
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise StoreError(f"adapter index {source} is damaged ({exc!r}); fix or remove it") from None
 
 
 @dataclass(frozen=True)
@@ -242,7 +198,7 @@ class AdapterStore(abc.ABC):
 
     @staticmethod
     def sha256_of(path: Path) -> str:
-        """The content hash the index records for a version file."""
+        """The content hash the registry records for a version file."""
         digest = hashlib.sha256()
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
@@ -252,38 +208,8 @@ class AdapterStore(abc.ABC):
     @staticmethod
     def check_task_id(task_id: str) -> None:
         """A valid task id that is not also the name of one of the store's own files: a task's folder
-        named `index.json` would make the index unwritable (or, in a store without an index yet, turn
-        it into a folder, so that no later read or write of the store could succeed)."""
+        named `index.json` would hide a store's index from its import, one named after the registry's
+        SQLite files would collide with them."""
         validate_task_id(task_id)
         if task_id in RESERVED_NAMES:
             raise AdapterError(f"task id {task_id!r} is reserved by the adapter store; choose another name")
-
-
-class IndexFileStore(AdapterStore):
-    """A store whose state is one `index.json` (local.py, s3.py), as lamp-serve kept it before the
-    registry: the server never opens one as its store (`open_store` always builds a registry); the
-    registry reads its index once, to import it on first start (registry/store.py), and uses its
-    file helpers for the version files (registry/versions.py). Every read is the whole index."""
-
-    @abc.abstractmethod
-    def read_index(self) -> StoreIndex:
-        """The whole index (an empty one before the first write)."""
-
-    def list(self) -> list[StoredAdapter]:
-        return sorted(self.read_index().tasks.values(), key=lambda a: a.task_id)
-
-    def page(self, limit: int, after: str | None = None) -> AdapterPage:
-        tasks = self.list()
-        later = [a for a in tasks if after is None or a.task_id > after]
-        return AdapterPage(later[:limit], len(tasks), len(later) > limit)
-
-    def changes_since(self, cursor) -> ChangeSet:
-        """An index file has no change log: the whole index, under the key it was read at."""
-        key = self.change_key()
-        return ChangeSet(key, list(self.read_index().tasks.values()), [], complete=True)
-
-    def get(self, task_id: str) -> StoredAdapter | None:
-        return self.read_index().tasks.get(task_id)
-
-    def bundled_sha(self, task_id: str) -> str | None:
-        return self.read_index().bundled.get(task_id)

@@ -113,7 +113,8 @@ def load_stored(path: Path, expected_sha256: str, hidden_size: int, limits: Adap
     data = read_limited(path, limits.max_file_bytes)
     actual = hashlib.sha256(data).hexdigest()
     if actual != expected_sha256:
-        raise AdapterError(f"{path}: content hash {actual[:12]}… does not match the index ({expected_sha256[:12]}…)")
+        raise AdapterError(f"{path}: content hash {actual[:12]}… does not match the store's record "
+                           f"({expected_sha256[:12]}…)")
     return adapter_from_safetensors(data, path.name).check_fits(hidden_size, limits)
 
 

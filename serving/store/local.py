@@ -1,29 +1,23 @@
-"""The index.json store of a local folder, as lamp-serve kept it before the registry: the registry
-(registry/) imports its index once and writes its version files with the helpers here; the server
-never opens it as its store.
+"""A local store folder's files: the version files the registry writes (registry/versions.py), the
+writers' lock, and the reader of an index.json the folder may hold from before the registry.
 
 Layout of `<root>`:
 - `<task>/v<N>.safetensors`: one adapter version in our own safetensors format (PEFT uploads are
   normalised to `soft_prompt` first). Written once, never modified.
-- `index.json`: which version of each task is current, the last version ever issued per task (so
-  versions stay monotonic across delete + re-register), and which bundled files were imported.
 - `.lock`: a file lock serialising writers (the ingress on uploads, every model replica importing
   the bundled `prompts/` at start).
+- `index.json` (stores written before the registry only): read once, by the registry's import.
 
-Every write goes to a temporary file that is fsynced and then `os.replace`d, with the directory
-fsynced after, so a reader (or a crash) sees the old or the new state, never half of one. The
-adapter file is written and verified *before* the index names it: a failed or bad upload leaves the
-previous version current. Readers take no lock; a replica notices a change by `stat`ing the index
-(`change_key`) and rereads it only then.
+Every file is written to a temporary file that is fsynced and then `os.replace`d, with the directory
+fsynced after, so a reader (or a crash) sees the old file or the new one, never half of one; the
+adapter file is verified before it takes its name.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
-import shutil
 import tempfile
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -31,23 +25,15 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from .base import (
-    INDEX_NAME,
-    KEEP_VERSIONS,
-    LOCK_NAME,
-    AdapterFacts,
-    IndexFileStore,
-    StoredAdapter,
-    StoreError,
-    StoreIndex,
-)
+from .base import INDEX_NAME, LOCK_NAME, StoredAdapter, StoreError
+from .index_json import StoreIndex
 
 log = logging.getLogger(__name__)
 
 LOCK_TIMEOUT_S = 30.0
 VERSION_FILE = re.compile(r"v(\d+)\.safetensors")
-# `_write_atomically`'s temporary files: `.v3.k2j1x.tmp.safetensors`, `.index.q8w.tmp.json`.
-TEMP_FILE = re.compile(r"\..+\.tmp\.(safetensors|json)")
+# `_write_atomically`'s temporary files: `.v3.k2j1x.tmp.safetensors`.
+TEMP_FILE = re.compile(r"\..+\.tmp\.safetensors")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -86,7 +72,9 @@ def _write_atomically(target: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-class LocalAdapterStore(IndexFileStore):
+class StoreFolder:
+    """The files of a local store folder, without its metadata (that is the registry's)."""
+
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root).expanduser()
         try:
@@ -96,76 +84,12 @@ class LocalAdapterStore(IndexFileStore):
         self.index_path = self.root / INDEX_NAME
         self._lock = FileLock(str(self.root / LOCK_NAME), timeout=LOCK_TIMEOUT_S)
 
-    # ---- reading (no lock: the index is replaced atomically) ------------------------------------
-
-    def change_key(self) -> tuple[int, int, int] | None:
-        """Cheap fingerprint of the index file; changes whenever a writer replaces it."""
-        try:
-            st = os.stat(self.index_path)
-        except FileNotFoundError:
-            return None
-        return (st.st_ino, st.st_mtime_ns, st.st_size)
-
-    def read_index(self) -> StoreIndex:
-        try:
-            text = self.index_path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return StoreIndex()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise StoreError(f"cannot read adapter index {self.index_path}: {exc}") from None
-        return StoreIndex.parse(text, str(self.index_path))
-
     def path_of(self, stored: StoredAdapter) -> Path:
         return self.root / stored.relative_path
 
-    # ---- writing (under the file lock) ----------------------------------------------------------
-
-    def put(self, task_id: str, write_file: Callable[[Path], None], facts: AdapterFacts, source: str = "upload",
-            verify: Callable[[Path], None] | None = None, bundled_sha: str | None = None) -> StoredAdapter | None:
-        """Store a new version of `task_id` and make it current.
-
-        `write_file(path)` writes the adapter file; `verify(path)` (optional) re-reads it and raises
-        if it is not what was meant, in which case nothing changes. With `bundled_sha`, the write is
-        skipped (None returned) when that bundled source was already imported for this task.
-        """
-        self.check_task_id(task_id)
-        with self._locked():
-            index = self.read_index()
-            if bundled_sha is not None and index.bundled.get(task_id) == bundled_sha:
-                return None
-            task_dir = self.root / task_id
-            task_dir.mkdir(exist_ok=True)
-            self._remove_dead_writers_files(task_dir)
-            version = max(index.last_versions.get(task_id, 0), self._max_version_on_disk(task_dir)) + 1
-            target = task_dir / f"v{version}.safetensors"
-
-            write_verified(target, write_file, verify)
-            stored = StoredAdapter.written(task_id, version, facts, target.stat().st_size, self.sha256_of(target),
-                                           source)
-            index.tasks[task_id] = stored
-            index.last_versions[task_id] = version
-            if bundled_sha is not None:
-                index.bundled[task_id] = bundled_sha
-            self._write_index(index)
-            self._prune(task_dir, keep_from=version - KEEP_VERSIONS + 1)
-            log.info("stored adapter %s v%d (%s, %d bytes)", task_id, version, facts.kind, stored.bytes)
-            return stored
-
-    def delete(self, task_id: str) -> StoredAdapter | None:
-        """Remove `task_id` (its files too); its version counter is kept. None if it was not stored."""
-        self.check_task_id(task_id)
-        with self._locked():
-            index = self.read_index()
-            stored = index.tasks.pop(task_id, None)
-            if stored is None:
-                return None
-            self._write_index(index)
-            shutil.rmtree(self.root / task_id, ignore_errors=True)
-            log.info("deleted adapter %s (was v%d)", task_id, stored.version)
-            return stored
-
     @contextmanager
-    def _locked(self):
+    def locked(self):
+        """The folder's writers take turns: a temporary file seen under the lock is a dead writer's."""
         try:
             self._lock.acquire()
         except Timeout:
@@ -176,20 +100,24 @@ class LocalAdapterStore(IndexFileStore):
         finally:
             self._lock.release()
 
-    def _write_index(self, index: StoreIndex) -> None:
-        self._remove_dead_writers_files(self.root)
-        index.generation += 1
-        payload = json.dumps(index.to_json(), indent=1).encode("utf-8")
-        _write_atomically(self.index_path, lambda tmp: tmp.write_bytes(payload))
+    def read_index(self) -> StoreIndex | None:
+        """The folder's index.json, for the registry's one-time import (None: there is none)."""
+        try:
+            text = self.index_path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise StoreError(f"cannot read adapter index {self.index_path}: {exc}") from None
+        return StoreIndex.parse(text, str(self.index_path))
 
     @staticmethod
-    def _max_version_on_disk(task_dir: Path) -> int:
-        """Files of versions whose index write never happened (a crash) still reserve their number."""
+    def max_version_on_disk(task_dir: Path) -> int:
+        """Files of versions no record names (a crashed writer's) still reserve their number."""
         versions = [int(m.group(1)) for p in task_dir.iterdir() if (m := VERSION_FILE.fullmatch(p.name))]
         return max(versions, default=0)
 
     @staticmethod
-    def _remove_dead_writers_files(folder: Path) -> None:
+    def remove_dead_writers_files(folder: Path) -> None:
         """Every write happens under the store lock, so a temporary file seen while holding it
         belongs to a writer that died mid-write; nothing reads it, and it would pile up."""
         for p in folder.iterdir():
@@ -198,9 +126,8 @@ class LocalAdapterStore(IndexFileStore):
                 log.info("removed %s, left by a writer that died mid-write", p)
 
     @staticmethod
-    def _prune(task_dir: Path, keep_from: int) -> None:
+    def prune(task_dir: Path, keep_from: int) -> None:
         for p in task_dir.iterdir():
             m = VERSION_FILE.fullmatch(p.name)
             if m and int(m.group(1)) < keep_from:
                 p.unlink(missing_ok=True)
-

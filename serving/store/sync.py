@@ -1,7 +1,7 @@
 """Keep one replica's in-memory registry equal to the persistent store.
 
 Each model replica calls `refresh_if_changed()` on every request (one single-row read of the
-registry's change number, or one `stat` of an index file, when nothing changed) and every ~200 ms
+registry's change number when nothing changed) and every ~200 ms
 in the background. So once an admin call has returned, any request on any replica already sees the
 new state, and idle replicas also drop deleted adapters from memory promptly. A registry store
 hands over only the rows changed after the last change number the replica applied. A version is
@@ -12,7 +12,7 @@ adapter file. A change applied later has its file read and checked here (one fil
 a damaged file leaves the previous version serving. The engine reads a task's file (hash and shapes
 checked) into its bounded resident cache when a request first needs it, so a replica's memory does
 not grow with the factors of every task. Rows written before those facts were recorded (registry
-schema 1, old index.json files) have their file read once here. A task's limits set through the
+schema 1, rows imported from an old index.json) have their file read once here. A task's limits set through the
 admin API (weight, max_waiting) are a change too: the sync hands them to the engine's fair queue. Requests already running keep the `AdapterEntry` they resolved, so they finish
 on the version they started with.
 """
@@ -89,7 +89,7 @@ class StoreSync:
         self.apply_limits = apply_limits
         self._limited: set[str] = set()  # tasks given other limits than the defaults
         self._lock = threading.Lock()
-        self._seen_key: object = ()  # () = never read; None = no index file yet
+        self._seen_key: object = ()  # () = never read
         self._cursor = None  # the last change applied (None: load everything)
         self._loads_since_trim = 0
         self._failed: set[tuple[str, int]] = set()  # versions that failed to load: not retried
@@ -108,8 +108,7 @@ class StoreSync:
     def refresh(self) -> SyncReport:
         """Bring the registry up to date with the store; problems are logged, never raised.
 
-        A registry store answers with the rows changed since the last change this replica applied
-        (O(changes)); an index.json store with its whole index."""
+        The store answers with the rows changed since the last change this replica applied (O(changes))."""
         report = SyncReport()
         with self._lock:
             key = self.store.change_key()
@@ -118,7 +117,7 @@ class StoreSync:
             try:
                 changes = self.store.changes_since(self._cursor)
             except StoreError as exc:
-                # Keep serving what we have; a writer will replace the index (and the key) later.
+                # Keep serving what we have; the next change (a new key) tries again.
                 log.error("%s", exc)
                 self._seen_key = key
                 return report

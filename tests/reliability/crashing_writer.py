@@ -1,19 +1,13 @@
-"""A store writer that stops dead at a chosen point of `LocalAdapterStore.put`, for SIGKILL tests.
+"""A store writer that stops dead at a chosen point of the registry store's `put`, for SIGKILL tests.
 
-    python -m tests.reliability.crashing_writer STORE TASK ADAPTER_FILE POINT [REGISTRY_URL]
+    python -m tests.reliability.crashing_writer STORE TASK ADAPTER_FILE POINT REGISTRY_URL
 
-registers ADAPTER_FILE as the next version of TASK through the real `LocalAdapterStore.put`, but at
-POINT it prints `PAUSED POINT` and sleeps, so the parent can SIGKILL it exactly there. POINT `none`
-completes the write. The points cover every state a crash can leave on disk:
+registers ADAPTER_FILE as the next version of TASK through the real store (`open_store`, as the
+server opens it), but at POINT it prints `PAUSED POINT` and sleeps, so the parent can SIGKILL it
+exactly there. POINT `none` completes the write. REGISTRY_POINTS cover every state a crash can leave:
 
 - `adapter-partial`: half the adapter bytes are in the temporary file
 - `adapter-rename`: the adapter temporary file is complete and fsynced, not yet renamed
-- `index-partial`: the new adapter file is in place; half the new index is in its temporary file
-- `index-rename`: the new index is complete in its temporary file, not yet renamed
-- `prune`: the new index is in place; older versions not yet pruned
-
-With REGISTRY_URL the writer is the registry store (serving/store/registry/) instead, at REGISTRY_POINTS:
-- `adapter-partial`, `adapter-rename`: as above
 - `row-uncommitted`: the row making the version current is written, its transaction not committed
 - `prune`: committed; older versions not yet pruned
 """
@@ -25,7 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-POINTS = ("adapter-partial", "adapter-rename", "index-partial", "index-rename", "prune")
 REGISTRY_POINTS = ("adapter-partial", "adapter-rename", "row-uncommitted", "prune")
 
 
@@ -89,58 +82,5 @@ def registry_main(store_dir: str, task_id: str, adapter_file: str, point: str, r
     print(f"STORED v{stored.version}", flush=True)
 
 
-def main(store_dir: str, task_id: str, adapter_file: str, point: str) -> None:
-    from lamp_runtime.adapters import AdapterLimits, load_adapter
-    from serving import store as store_module
-    from serving.store.files import facts_of
-    from serving.store.local import LocalAdapterStore
-
-    data = Path(adapter_file).read_bytes()
-    adapter = load_adapter(adapter_file, hidden_size=576)
-    renames = 0
-    real_replace = os.replace
-
-    def replace(src, dst):
-        nonlocal renames
-        renames += 1
-        if (point, renames) in (("adapter-rename", 1), ("index-rename", 2)):
-            pause(point)
-        real_replace(src, dst)
-
-    def write_adapter(path: Path) -> None:
-        with open(path, "wb") as f:
-            if point == "adapter-partial":
-                f.write(data[: len(data) // 2])
-                f.flush()
-                os.fsync(f.fileno())
-                pause(point)
-            f.write(data)
-
-    real_write_bytes = Path.write_bytes
-
-    def write_bytes(path: Path, payload: bytes) -> int:
-        if point == "index-partial" and path.name.startswith(".index."):  # the index's temporary file
-            real_write_bytes(path, payload[: len(payload) // 2])
-            pause(point)
-        return real_write_bytes(path, payload)
-
-    def prune(task_dir, keep_from):
-        if point == "prune":
-            pause(point)
-        real_prune(task_dir, keep_from)
-
-    real_prune = LocalAdapterStore._prune
-    store_module.os.replace = replace
-    Path.write_bytes = write_bytes
-    LocalAdapterStore._prune = staticmethod(prune)
-    store = LocalAdapterStore(store_dir)
-    stored = store.put(task_id, write_adapter, facts_of(adapter, 576),
-                       verify=lambda path: load_adapter(path, 576, AdapterLimits()))
-    print(f"STORED v{stored.version}", flush=True)
-
-
 if __name__ == "__main__":
-    if len(sys.argv) > 5:
-        registry_main(*sys.argv[1:6])
-    else:
-        main(*sys.argv[1:5])
+    registry_main(*sys.argv[1:6])

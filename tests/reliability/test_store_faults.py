@@ -1,8 +1,9 @@
 """The adapter store under crashes: a writer SIGKILLed at any point of `put` leaves the old or the
 new version current, never a torn file; the lock dies with it; versions stay monotonic.
 
-Also a regression test: task ids that name the store's own files (`index.json`) are refused; a
-first upload named `index.json` used to turn the index path into a folder and break the store.
+Also a regression test: task ids that name the store's own files (`index.json`, the registry's
+SQLite file) are refused; a first upload named `index.json` once turned the index path into a folder
+and broke the store.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ from lamp_runtime.adapters.registry import AdapterRegistry
 from lamp_runtime.errors import AdapterError
 from lamp_runtime.prompts.cache import PromptCache
 from serving.store.files import facts_of, load_stored
-from serving.store.local import LocalAdapterStore
+from serving.store.base import AdapterStore
+from serving.store.registry import open_store
 from serving.store.sync import StoreSync
 
-from .crashing_writer import POINTS, REGISTRY_POINTS
+from .crashing_writer import REGISTRY_POINTS
 from .hostile_files import HIDDEN
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -40,17 +42,17 @@ def soft_prompt(seed: int, tmp_path: Path) -> Path:
     return save_adapter(SoftPromptAdapter(AdapterMeta(), prompt), tmp_path / f"seed{seed}.safetensors")
 
 
-def put_file(store: LocalAdapterStore, task_id: str, source: Path):
+def put_file(store: AdapterStore, task_id: str, source: Path):
     adapter = load_adapter(source, HIDDEN, LIMITS)
     data = source.read_bytes()
     return store.put(task_id, lambda path: path.write_bytes(data), facts_of(adapter, 576),
                      verify=lambda path: load_adapter(path, HIDDEN, LIMITS))
 
 
-def crash_writer_at(store_dir: Path, task_id: str, source: Path, point: str, registry_url: str | None = None) -> str:
+def crash_writer_at(store_dir: Path, task_id: str, source: Path, point: str, registry_url: str) -> str:
     """Run the writer until it reports `point`, SIGKILL it there; return its last line."""
     writer = subprocess.Popen([sys.executable, "-m", "tests.reliability.crashing_writer", str(store_dir), task_id,
-                               str(source), point, *([registry_url] if registry_url else [])], cwd=REPO_ROOT,
+                               str(source), point, registry_url], cwd=REPO_ROOT,
                               stdout=subprocess.PIPE, text=True)
     deadline = time.monotonic() + PAUSE_TIMEOUT_S
     line = ""
@@ -74,58 +76,19 @@ def same_prompt(path: Path, source: Path) -> bool:
     return torch.equal(load_adapter(path, HIDDEN).prompt, load_adapter(source, HIDDEN).prompt)
 
 
-@pytest.mark.parametrize("point", POINTS)
-def test_sigkill_at_any_point_of_a_write_leaves_old_or_new_never_torn(tmp_path, point):
-    store_dir = tmp_path / "store"
-    old, new = soft_prompt(1, tmp_path), soft_prompt(2, tmp_path)
-    store = LocalAdapterStore(store_dir)
-    put_file(store, "task", old)
-    before = put_file(store, "task", old)  # v2: two versions on disk, so pruning has work to do
-
-    assert crash_writer_at(store_dir, "task", new, point) == f"PAUSED {point}"
-
-    current = store.get("task")  # the index parses: never half written
-    completed = point == "prune"  # the only point after the index rename
-    assert current.version == before.version + (1 if completed else 0)
-    assert same_prompt(store.path_of(current), new if completed else old)
-    load_stored(store.path_of(current), current.sha256, HIDDEN, LIMITS)  # bytes are the ones indexed
-
-    # Every file a reader could ever open (vN.safetensors) is complete; temporary files are
-    # dot-files that no reader lists.
-    for path in (store_dir / "task").iterdir():
-        if not path.name.startswith("."):
-            load_adapter(path, HIDDEN, LIMITS)
-
-    # The dead writer's lock is gone and its version number is never reused.
-    on_disk = max(int(p.stem[1:]) for p in (store_dir / "task").glob("v*.safetensors"))
-    after = put_file(store, "task", new)
-    assert after.version > max(on_disk, current.version)
-    assert same_prompt(store.path_of(after), new)
-    # ...and the next write removed whatever temporary file the dead writer left.
-    leftovers = [p.name for folder in (store_dir, store_dir / "task") for p in folder.iterdir()
-                 if ".tmp." in p.name]
-    assert leftovers == []
-
-    # A replica starting now loads exactly the index's state.
-    registry = AdapterRegistry()
-    StoreSync(store, registry, PromptCache(1 << 20), HIDDEN, LIMITS).refresh()
-    assert registry.get("task").version == after.version
-
-
-def test_the_writer_completes_when_not_killed(tmp_path):
-    """The crash points above are real points of the write path: without a kill it stores."""
+def test_the_writer_completes_when_not_killed(tmp_path, registry_url):
+    """The crash points below are real points of the write path: without a kill it stores."""
     store_dir = tmp_path / "store"
     source = soft_prompt(3, tmp_path)
-    assert crash_writer_at(store_dir, "task", source, "none") == "STORED v1"
-    assert same_prompt(LocalAdapterStore(store_dir).path_of(LocalAdapterStore(store_dir).get("task")), source)
+    assert crash_writer_at(store_dir, "task", source, "none", registry_url) == "STORED v1"
+    store = open_store(store_dir, registry_url)
+    assert same_prompt(store.path_of(store.get("task")), source)
 
 
 @pytest.mark.parametrize("point", REGISTRY_POINTS)
 def test_sigkill_at_any_point_of_a_registry_write_leaves_old_or_new(tmp_path, registry_url, point):
-    """The same against the registry store (SQLite and PostgreSQL): the row that makes a version
-    current commits only after its file is complete, so a kill anywhere leaves old or new."""
-    from serving.store.registry import open_store
-
+    """The registry store (SQLite and PostgreSQL): the row that makes a version current commits only
+    after its file is complete, so a kill anywhere leaves old or new, never a torn file."""
     store_dir = tmp_path / "store"
     old, new = soft_prompt(1, tmp_path), soft_prompt(2, tmp_path)
     store = open_store(store_dir, registry_url)
@@ -158,14 +121,15 @@ def test_sigkill_at_any_point_of_a_registry_write_leaves_old_or_new(tmp_path, re
     assert registry.get("task").version == after.version
 
 
-@pytest.mark.parametrize("reserved", ["index.json"])
+@pytest.mark.parametrize("reserved", ["index.json", "registry.sqlite3"])
 def test_task_ids_naming_store_files_are_refused_and_the_store_keeps_working(tmp_path, reserved):
-    store = LocalAdapterStore(tmp_path / "store")  # fresh: no index yet, the case that used to break it
+    store = open_store(tmp_path / "store")
     source = soft_prompt(4, tmp_path)
     with pytest.raises(AdapterError, match="reserved by the adapter store"):
         put_file(store, reserved, source)
     with pytest.raises(AdapterError, match="reserved by the adapter store"):
         store.delete(reserved)
-    assert not (tmp_path / "store" / reserved).exists()
+    assert not (tmp_path / "store" / reserved).is_dir()  # no task folder took the name
+    assert (tmp_path / "store" / reserved).exists() == (reserved == "registry.sqlite3")  # only the registry's own
     assert put_file(store, "fine", source).version == 1
     assert [a.task_id for a in store.list()] == ["fine"]

@@ -65,7 +65,7 @@ def test_the_factors_in_memory_stay_within_their_budget(backbone, adapters):
 
 def test_a_version_that_cannot_be_read_makes_its_task_unservable_not_the_engine(backbone, adapters):
     def damaged():
-        raise AdapterError("content hash 0123… does not match the index")
+        raise AdapterError("content hash 0123… does not match the store's record")
 
     engine = DecoderEngine(backbone, config=EngineConfig(max_batch_size=8))
     engine.registry.register_stored("bad", by_reference(adapters["t0"], damaged))
@@ -73,7 +73,7 @@ def test_a_version_that_cannot_be_read_makes_its_task_unservable_not_the_engine(
     with pytest.raises(UnservableTaskError) as caught:
         engine.submit(GenerationRequest("Hi", "bad", PARAMS))
     assert caught.value.task_id == "bad" and "v1 cannot be read from the store" in caught.value.reason
-    assert "does not match the index" in caught.value.reason
+    assert "does not match the store's record" in caught.value.reason
     assert engine.generate([GenerationRequest("Hi", "good", PARAMS)])[0].finish_reason == "length"
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import fsspec
 
 from lamp_runtime.adapters import PromptAdapter, save_adapter
-from serving.store.base import INDEX_NAME, StoredAdapter, StoreIndex
+from serving.store.base import INDEX_NAME, StoredAdapter
+from serving.store.index_json import INDEX_FORMAT, StoreIndex
 
 
 def write_index_store(location: str | Path, versions: dict[str, list[PromptAdapter]], deleted: tuple[str, ...] = (),
@@ -38,5 +39,16 @@ def write_index_store(location: str | Path, versions: dict[str, list[PromptAdapt
             if task_id not in deleted:
                 index.tasks[task_id] = stored
             index.last_versions[task_id] = len(adapters)
-    fs.pipe_file(f"{root}/{INDEX_NAME}", json.dumps(index.to_json(), indent=1).encode("utf-8"))
+    fs.pipe_file(f"{root}/{INDEX_NAME}", json.dumps(index_json(index), indent=1).encode("utf-8"))
     return index
+
+
+def index_json(index: StoreIndex) -> dict:
+    """The index.json document, as the store before the registry wrote it."""
+    return {
+        "format": INDEX_FORMAT,
+        "generation": index.generation,
+        "tasks": {t: a.to_json() for t, a in sorted(index.tasks.items())},
+        "last_versions": dict(sorted(index.last_versions.items())),
+        "bundled": dict(sorted(index.bundled.items())),
+    }

@@ -15,9 +15,10 @@ from lamp_runtime.prompts.cache import PromptCache
 from serving.store.registry import open_store
 from serving.store.base import StoreError
 from serving.store.files import import_bundled, store_adapter
-from serving.store.local import LocalAdapterStore
 from serving.store.registry.store import RegistryAdapterStore
 from serving.store.sync import StoreSync
+
+from .index_json_store import write_index_store
 
 HIDDEN = 16
 LIMITS = AdapterLimits()
@@ -189,19 +190,17 @@ def test_bundled_files_are_imported_once(store, tmp_path):
 
 def test_a_store_written_as_index_json_is_imported_on_first_start(tmp_path, registry_url):
     from lamp_runtime.adapters import save_adapter
+    from serving.store.files import BundledAdapter
 
     folder = tmp_path / "files"
-    old = LocalAdapterStore(folder)  # the store as the code before the registry wrote it
     prompts = tmp_path / "prompts"
     prompts.mkdir()
     save_adapter(soft(4, 7), prompts / "bundled.safetensors")
-    import_bundled(old, prompts, HIDDEN, LIMITS)
-    for _ in range(3):
-        put(old, "a", soft(4, 1))
-    put(old, "gone")
-    old.delete("gone")
+    bundled_sha = BundledAdapter("bundled", prompts / "bundled.safetensors").sha256(LIMITS)
+    # The store as the code before the registry left it: three versions of a, a deleted task, a bundled import.
+    before = write_index_store(folder, {"a": [soft(4, 1)] * 3, "bundled": [soft(4, 7)], "gone": [soft(4, 0)]},
+                               deleted=("gone",), bundled={"bundled": bundled_sha})
     (folder / "a" / "v4.safetensors").write_bytes(b"an orphan of a crash, never indexed")
-    before = old.read_index()
 
     store = open_store(folder, registry_url)
     assert {a.task_id: a for a in store.list()} == before.tasks  # versions, hashes, sources, times

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from lamp_runtime.adapters import AdapterLimits, AdapterMeta, LampAdapter, SoftPromptAdapter, save_adapter
 from lamp_runtime.errors import AdapterError
 from serving.store.files import adapter_from_upload, discover_bundled, import_bundled, parse_pool_field
-from serving.store.local import LocalAdapterStore
+from serving.store.registry import open_store
 
 HIDDEN = 16
 LIMITS = AdapterLimits()
@@ -53,7 +53,7 @@ def test_discovery_finds_files_and_peft_folders_only(prompts):
 
 
 def test_import_is_idempotent_respects_admin_changes_and_picks_up_retrained_files(prompts, tmp_path):
-    store = LocalAdapterStore(tmp_path / "store")
+    store = open_store(tmp_path / "store")
     imported = import_bundled(store, prompts, HIDDEN, LIMITS)
     assert sorted((s.task_id, s.version, s.kind) for s in imported) == [
         ("lamp", 1, "lamp"), ("peft", 1, "soft_prompt"), ("plain", 1, "soft_prompt")]
@@ -69,7 +69,7 @@ def test_import_is_idempotent_respects_admin_changes_and_picks_up_retrained_file
 
 def test_a_broken_bundled_file_is_skipped_and_the_rest_imported(prompts, tmp_path, caplog):
     (prompts / "wide.safetensors").write_bytes(b"\x08" + b"\x00" * 7 + b"not json")
-    store = LocalAdapterStore(tmp_path / "store")
+    store = open_store(tmp_path / "store")
     imported = import_bundled(store, prompts, HIDDEN, LIMITS)
     assert sorted(s.task_id for s in imported) == ["lamp", "peft", "plain"]
     assert "wide.safetensors not registered" in caplog.text

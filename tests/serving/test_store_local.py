@@ -1,9 +1,9 @@
-"""The persistent adapter store and the replica-side sync: atomic, versioned, never half-written."""
+"""The persistent adapter store of a local folder (as `open_store` opens it: a registry inside the
+folder) and the replica-side sync: atomic, versioned, never half-written."""
 
 from __future__ import annotations
 
 import json
-import threading
 
 import pytest
 import torch
@@ -13,8 +13,11 @@ from lamp_runtime.adapters.registry import AdapterRegistry
 from lamp_runtime.errors import AdapterError, UnknownTaskError
 from lamp_runtime.prompts.cache import PromptCache
 from serving.store.files import store_adapter
-from serving.store.local import LocalAdapterStore, StoreError
+from serving.store.base import AdapterStore, RESERVED_NAMES
+from serving.store.registry import open_store
 from serving.store.sync import StoreSync
+
+from .index_json_store import write_index_store
 
 HIDDEN = 16
 LIMITS = AdapterLimits()
@@ -24,25 +27,23 @@ def soft(rows: int, seed: int) -> SoftPromptAdapter:
     return SoftPromptAdapter(AdapterMeta(), torch.randn(rows, HIDDEN, generator=torch.Generator().manual_seed(seed)))
 
 
-def put(store: LocalAdapterStore, task_id: str, adapter=None):
+def put(store: AdapterStore, task_id: str, adapter=None):
     return store_adapter(store, task_id, adapter or soft(4, 0), HIDDEN, LIMITS)
 
 
 @pytest.fixture()
 def store(tmp_path):
-    return LocalAdapterStore(tmp_path / "store")
+    return open_store(tmp_path / "store")
 
 
 def test_versions_are_monotonic_across_delete_and_files_are_pruned(store):
     assert [put(store, "a").version for _ in range(3)] == [1, 2, 3]
     assert store.get("a").version == 3
-    assert sorted(p.name for p in (store.root / "a").iterdir()) == ["v2.safetensors", "v3.safetensors"]
+    assert sorted(p.name for p in (store.files.root / "a").iterdir()) == ["v2.safetensors", "v3.safetensors"]
     assert store.delete("a").version == 3
     assert store.get("a") is None and store.delete("a") is None
-    assert not (store.root / "a").exists()
-    assert put(store, "a").version == 4
-    index = json.loads(store.index_path.read_text())
-    assert index["last_versions"] == {"a": 4} and index["tasks"]["a"]["version"] == 4
+    assert not (store.files.root / "a").exists()
+    assert put(store, "a").version == 4 and store.get("a").version == 4
 
 
 def test_stored_entry_describes_the_file(store):
@@ -53,19 +54,22 @@ def test_stored_entry_describes_the_file(store):
     assert [a.task_id for a in store.list()] == ["t"]
 
 
-def test_the_pool_is_recorded_and_an_older_index_reads_it_as_unknown(store):
+def test_the_pool_is_recorded_and_an_older_index_reads_it_as_unknown(store, tmp_path):
     pooled = SoftPromptAdapter(AdapterMeta(pool=3), torch.randn(7, HIDDEN))
     stored = put(store, "p3", pooled)
     assert (stored.pool, stored.pooled_tokens) == (3, 3)
-    index = json.loads(store.index_path.read_text())
+    old = tmp_path / "old"
+    write_index_store(old, {"p3": [pooled]})
+    index = json.loads((old / "index.json").read_text())
     del index["tasks"]["p3"]["pool"]  # as the release before this field wrote it
-    store.index_path.write_text(json.dumps(index))
-    assert store.get("p3").pool is None and store.get("p3").pooled_tokens == 3
+    (old / "index.json").write_text(json.dumps(index))
+    imported = open_store(old).get("p3")
+    assert imported.pool is None and imported.pooled_tokens == 3
 
 
 def test_a_failed_write_changes_nothing(store):
     first = put(store, "t")
-    index_before = store.index_path.read_bytes()
+    seq_before = store.change_key()
 
     def broken_write(path):
         path.write_bytes(b"partial")
@@ -73,12 +77,12 @@ def test_a_failed_write_changes_nothing(store):
 
     with pytest.raises(OSError, match="No space left"):
         store.put("t", broken_write, facts=None)
-    assert store.index_path.read_bytes() == index_before
+    assert store.change_key() == seq_before
     assert store.get("t") == first
-    assert sorted(p.name for p in (store.root / "t").iterdir()) == ["v1.safetensors"]  # no temp file left
+    assert sorted(p.name for p in (store.files.root / "t").iterdir()) == ["v1.safetensors"]  # no temp file left
 
 
-def test_a_file_that_fails_verification_is_never_indexed(store):
+def test_a_file_that_fails_verification_is_never_made_current(store):
     put(store, "t")
 
     def corrupt_write(path):
@@ -97,7 +101,7 @@ def store_verify(path):
 
 def test_an_orphan_file_from_a_crash_reserves_its_version(store):
     put(store, "t")
-    (store.root / "t" / "v2.safetensors").write_bytes(b"written before a crash, never indexed")
+    (store.files.root / "t" / "v2.safetensors").write_bytes(b"written before a crash, never indexed")
     assert put(store, "t").version == 3
 
 
@@ -105,50 +109,15 @@ def test_invalid_task_ids_never_reach_the_filesystem(store):
     for bad in ("../escape", "a/b", "", ".hidden"):
         with pytest.raises(AdapterError, match="invalid task id"):
             put(store, bad)
-    assert list(store.root.iterdir()) == []
-
-
-def test_a_damaged_index_is_reported_and_never_overwritten(store):
-    put(store, "t")
-    store.index_path.write_text("{ not json")
-    with pytest.raises(StoreError, match="index.json is not valid JSON"):
-        store.list()
-    with pytest.raises(StoreError, match="not valid JSON"):
-        put(store, "t")
-    assert store.index_path.read_text() == "{ not json"
-    store.index_path.write_text(json.dumps({"format": 99}))
-    with pytest.raises(StoreError, match="damaged"):
-        store.list()
-
-
-def test_concurrent_writers_from_separate_handles_never_collide(tmp_path):
-    """Each thread has its own LocalAdapterStore (own lock handle), like the ingress and replica processes."""
-    errors = []
-
-    def writer(task_id):
-        try:
-            own = LocalAdapterStore(tmp_path / "store")
-            for _ in range(4):
-                store_adapter(own, task_id, soft(3, 2), HIDDEN, LIMITS)
-                store_adapter(own, "shared", soft(3, 3), HIDDEN, LIMITS)
-        except Exception as exc:  # collected: an assert in a thread would be lost
-            errors.append(exc)
-
-    threads = [threading.Thread(target=writer, args=(f"t{i}",)) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
-    index = LocalAdapterStore(tmp_path / "store").read_index()
-    assert index.last_versions == {"t0": 4, "t1": 4, "t2": 4, "shared": 12}
-    assert index.generation == 24
+    assert [p.name for p in store.files.root.iterdir() if p.name not in RESERVED_NAMES] == []
+    assert store.list() == []
 
 
 def test_change_key_moves_on_every_write(store):
-    assert store.change_key() is None
+    before = store.change_key()
     put(store, "a")
     first = store.change_key()
+    assert first != before
     put(store, "a")
     assert store.change_key() != first
 
@@ -192,8 +161,8 @@ def test_sync_keeps_the_previous_version_when_a_file_is_bad(store, sync, caplog)
     report = sync.refresh()
     assert report.failed == ["a v2"]
     assert sync.registry.get("a").version == 1
-    assert "does not match the index" in caplog.text
-    assert sync.refresh().failed == []  # not retried (and not logged) again until the index changes
+    assert "does not match the store's record" in caplog.text
+    assert sync.refresh().failed == []  # not retried (and not logged) again until the store changes
 
 
 def test_a_task_made_for_another_backbone_is_reported_with_its_reason(store):
@@ -236,10 +205,14 @@ def test_sync_warns_when_an_adapter_was_trained_on_other_numerics(store, caplog)
     assert "--dtype bfloat16 --quantization nf4" in warnings[0]
 
 
-def test_sync_survives_a_damaged_index(store, sync, caplog):
+def test_sync_survives_a_damaged_registry(store, sync, caplog):
+    import sqlite3
+
     put(store, "a")
     sync.refresh()
-    store.index_path.write_text("garbage")
+    put(store, "a", soft(4, 5))  # a change the replica has not applied yet...
+    with sqlite3.connect(store.files.root / "registry.sqlite3") as conn:
+        conn.execute("ALTER TABLE lamp_adapters RENAME TO lamp_adapters_damaged")  # ...and its rows are gone
     assert sync.refresh().loaded == []
-    assert sync.registry.get("a").version == 1
-    assert "not valid JSON" in caplog.text
+    assert sync.registry.get("a").version == 1  # what it had keeps serving
+    assert "adapter registry" in caplog.text and "failed" in caplog.text

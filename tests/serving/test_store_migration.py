@@ -12,6 +12,7 @@ import torch
 from lamp_runtime.adapters import AdapterLimits, AdapterMeta, SoftPromptAdapter
 from lamp_runtime.adapters.registry import AdapterRegistry
 from lamp_runtime.prompts.cache import PromptCache
+from serving.store.base import StoreError
 from serving.store.files import load_stored, store_adapter
 from serving.store.registry import open_store
 from serving.store.sync import StoreSync
@@ -110,3 +111,19 @@ def test_a_second_start_does_not_import_again(old_store, caplog):
     assert IMPORTED not in caplog.text
     assert [a.task_id for a in second.list()] == ["b"]
     assert second.db.imported_index() == f"{first.files.location}/index.json generation {index.generation}"
+
+
+def test_a_damaged_index_json_is_reported_left_as_it_was_and_imported_once_fixed(old_store):
+    import fsspec
+
+    location, index, _ = old_store
+    fs, root = fsspec.core.url_to_fs(location)
+    good = index_bytes(location)
+    for damaged, message in ((b"{ not json", "index.json is not valid JSON"), (b'{"format": 99}', "damaged")):
+        fs.pipe_file(f"{root}/index.json", damaged)
+        with pytest.raises(StoreError, match=message):  # the server does not start on half a store
+            open_store(location)
+        assert index_bytes(location) == damaged  # never overwritten
+    fs.pipe_file(f"{root}/index.json", good)
+    store = open_store(location)
+    assert {a.task_id: a for a in store.list()} == index.tasks

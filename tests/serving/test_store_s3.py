@@ -1,7 +1,8 @@
-"""The adapter store on S3, against a real S3-compatible server (moto's server mode) on loopback.
+"""The adapter store on S3 (as `open_store` opens it: version objects in the bucket, metadata in the
+registry), against a real S3-compatible server (moto's server mode) on loopback.
 
 Nothing of fsspec or s3fs is mocked: every call below is an HTTP request to that server, with the
-same conditional PUTs (If-None-Match / If-Match) that AWS S3 answers.
+same conditional PUTs (If-None-Match) that AWS S3 answers.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from lamp_runtime.prompts.cache import PromptCache
 from serving.store.registry import open_store
 from serving.store.files import load_stored, store_adapter
 from serving.store.registry.store import RegistryAdapterStore
-from serving.store.s3 import CHECK_INTERVAL_S, ObjectAdapterStore
 from serving.store.sync import StoreSync
 
 from ..local_s3 import local_s3
@@ -51,8 +51,21 @@ def bucket(s3_endpoint, request):
 
 
 @pytest.fixture()
-def store(bucket, tmp_path):
-    return ObjectAdapterStore(f"s3://{bucket}/adapters", cache_dir=tmp_path / "cache")
+def registry_db(tmp_path) -> str:
+    """One registry shared by every view of the bucket below, as a cluster shares its PostgreSQL."""
+    return f"sqlite:///{tmp_path / 'registry.sqlite3'}"
+
+
+def open_view(bucket: str, registry_db: str, cache_dir) -> RegistryAdapterStore:
+    """One node's view of the store: its own connections and its own local cache of version objects."""
+    store = open_store(f"s3://{bucket}/adapters", registry_db)
+    store.files.objects.cache_dir = cache_dir
+    return store
+
+
+@pytest.fixture()
+def store(bucket, registry_db, tmp_path):
+    return open_view(bucket, registry_db, tmp_path / "cache")
 
 
 def object_names(bucket: str, prefix: str) -> list[str]:
@@ -88,45 +101,43 @@ def test_round_trip_and_immutable_versions(store, bucket):
 
     assert [put(store, "t", soft(6, s)).version for s in (2, 3)] == [2, 3]
     assert store.get("t").version == 3
-    # The current version and the one before it stay; a replica that read the older index can still load v2.
-    assert object_names(bucket, "adapters/") == ["adapters/index.json", "adapters/t/v2.safetensors",
-                                                 "adapters/t/v3.safetensors"]
+    # The current version and the one before it stay; a replica that read the older row can still load v2.
+    assert object_names(bucket, "adapters/") == ["adapters/t/v2.safetensors", "adapters/t/v3.safetensors"]
     assert v1_bytes != boto3.client("s3").get_object(Bucket=bucket, Key="adapters/t/v2.safetensors")["Body"].read()
 
     assert store.delete("t").version == 3 and store.get("t") is None and store.delete("t") is None
-    assert object_names(bucket, "adapters/") == ["adapters/index.json"]
+    assert object_names(bucket, "adapters/") == []
     assert put(store, "t").version == 4  # numbers are never reused after a delete
 
 
 def test_a_version_written_by_a_crashed_writer_keeps_its_number(store, bucket):
     put(store, "t")
-    # An object whose index update never happened (the writer died between the two PUTs).
+    # An object no row names (its writer died between the PUT and the registry's commit).
     boto3.client("s3").put_object(Bucket=bucket, Key="adapters/t/v2.safetensors", Body=b"orphan")
     assert store.get("t").version == 1
     assert put(store, "t").version == 3
 
 
-def test_a_failed_verification_leaves_the_index_alone(store, bucket):
-    put(store, "t")
-    before = store.read_index().to_json()
+def test_a_failed_verification_leaves_the_store_alone(store, bucket):
+    first = put(store, "t")
+    before = store.change_key()
 
     def refuse(path):
         raise ValueError("not what was meant")
 
     with pytest.raises(ValueError):
         store.put("t", lambda p: p.write_bytes(b"x"), facts=None, verify=refuse)
-    assert store.read_index().to_json() == before
+    assert store.change_key() == before and store.get("t") == first
     assert object_names(bucket, "adapters/t/") == ["adapters/t/v1.safetensors"]
 
 
-def test_concurrent_writers_with_their_own_views_lose_nothing(bucket, tmp_path):
-    """Writers with their own store objects (as on different nodes) race on the index: the
+def test_concurrent_writers_with_their_own_views_lose_nothing(bucket, registry_db, tmp_path):
+    """Writers with their own store objects (as on different nodes) race on version numbers: the
     conditional PUT makes every registration land, each under its own version number."""
-    url = f"s3://{bucket}/adapters"
     writers, per_writer, errors, results = 4, 3, [], []
 
     def work(w: int):
-        own = ObjectAdapterStore(url, cache_dir=tmp_path / f"c{w}")
+        own = open_view(bucket, registry_db, tmp_path / f"c{w}")
         try:
             for i in range(per_writer):
                 results.append(put(own, f"task{i % 2}", soft(3, w * 10 + i)))
@@ -140,44 +151,42 @@ def test_concurrent_writers_with_their_own_views_lose_nothing(bucket, tmp_path):
     for t in threads:
         t.join()
     assert not errors
-    index = ObjectAdapterStore(url, cache_dir=tmp_path / "check").read_index()
-    assert index.generation == writers * per_writer * 2
+    check = open_view(bucket, registry_db, tmp_path / "check")
+    assert check.change_key() == writers * per_writer * 2
     for task, count in (("task0", 2 * writers), ("task1", writers)):
         versions = [r.version for r in results if r.task_id == task]
         assert sorted(versions) == list(range(1, count + 1))  # no version number handed out twice
-    assert index.last_versions["task0"] == max(r.version for r in results if r.task_id == "task0")
-    assert {f"w{w}" for w in range(writers)} <= set(index.tasks)
-    assert all(index.tasks[f"w{w}"].version == per_writer for w in range(writers))
+        assert check.get(task).version == count  # the highest version is current
+    assert check.db.last_versions()["task0"] == max(r.version for r in results if r.task_id == "task0")
+    assert {f"w{w}" for w in range(writers)} <= {a.task_id for a in check.list()}
+    assert all(check.get(f"w{w}").version == per_writer for w in range(writers))
 
 
-def test_replica_sync_follows_the_index_with_a_head_request(store, tmp_path):
+def test_replica_sync_follows_the_registry_and_downloads_from_the_bucket(store, bucket, registry_db, tmp_path):
     """The replica side: StoreSync over a second store object (another node's view of the bucket)."""
     put(store, "a", soft(4, 1))
-    replica_view = ObjectAdapterStore(store.url, cache_dir=tmp_path / "replica")
+    replica_view = open_view(bucket, registry_db, tmp_path / "replica")
     registry = AdapterRegistry()
     sync = StoreSync(replica_view, registry, PromptCache(1 << 20), HIDDEN, LIMITS)
     assert sync.refresh().loaded == ["a v1"]
-    time.sleep(CHECK_INTERVAL_S)
     assert not sync.changed()
 
     put(store, "a", soft(4, 2))
     put(store, "b", soft(2, 3))
-    # docs/cluster.md: a registration is seen within one ETag check (CHECK_INTERVAL_S). Once that
-    # interval has passed since the replica's last HEAD, its very next check must see both.
-    time.sleep(CHECK_INTERVAL_S)
+    # A registration is committed before `put` returns: the replica's very next check sees both.
     report = sync.refresh_if_changed()
-    assert report is not None, f"new versions not seen at the first ETag check after {CHECK_INTERVAL_S} s"
+    assert report is not None, "new versions not seen at the first check after they were stored"
     assert sorted(report.loaded) == ["a v2", "b v1"]
     assert registry.get("a").version == 2 and registry.get("b").version == 1
+    torch.testing.assert_close(registry.get("a").adapter.load().prompt, soft(4, 2).prompt)  # from the bucket
 
     store.delete("b")
-    time.sleep(CHECK_INTERVAL_S)
     assert sync.refresh_if_changed().removed == ["b"]
-    # A restarted replica (empty registry, empty local cache) is restored from the bucket alone.
+    # A restarted replica (empty registry, empty local cache) is restored from the registry and the bucket.
     fresh = AdapterRegistry()
-    restarted = StoreSync(ObjectAdapterStore(store.url, cache_dir=tmp_path / "new"), fresh, PromptCache(1 << 20),
-                          HIDDEN, LIMITS)
+    restarted = StoreSync(open_view(bucket, registry_db, tmp_path / "new"), fresh, PromptCache(1 << 20), HIDDEN, LIMITS)
     assert restarted.refresh().loaded == ["a v2"]
+    torch.testing.assert_close(fresh.get("a").adapter.load().prompt, soft(4, 2).prompt)
 
 
 def test_a_store_url_reaches_the_replicas_as_written(tmp_path, monkeypatch):
@@ -198,7 +207,7 @@ def test_other_fsspec_backends_use_the_same_layout_with_plain_writes(tmp_path, c
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "state"))
     with caplog.at_level("WARNING"):
         store = open_store(f"memory://lamp-{tmp_path.name}/adapters")
-    objects = store.files.index_store
+    objects = store.files.objects
     assert isinstance(store, RegistryAdapterStore) and not objects.conditional
     assert "one admin writer at a time" in caplog.text and "on this machine only" in caplog.text
     assert [put(store, "t", soft(3, s)).version for s in range(3)] == [1, 2, 3]

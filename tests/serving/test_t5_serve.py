@@ -28,7 +28,7 @@ from lamp_runtime.backbone.checkpoint import backbone_folder
 from lamp_runtime.backbone.options import BackboneOptions
 from lamp_runtime.prompts.math import average_pool
 from serving.store.files import store_adapter
-from serving.store.local import LocalAdapterStore
+from serving.store.registry import open_store
 
 from ..server_process import ServerProcess
 from ..tiny_t5 import D_MODEL, build_tiny_t5
@@ -90,7 +90,7 @@ def adapters():
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, t5_folder):
     store = tmp_path_factory.mktemp("store")
-    store_adapter(LocalAdapterStore(store), FOREIGN_TASK, make_adapters(DECODER_HIDDEN, seed=3)["t5-lamp"], DECODER_HIDDEN,
+    store_adapter(open_store(store), FOREIGN_TASK, make_adapters(DECODER_HIDDEN, seed=3)["t5-lamp"], DECODER_HIDDEN,
                   AdapterLimits())
     process = ServerProcess(
         store=store, prompts=tmp_path_factory.mktemp("empty-prompts"),

@@ -17,7 +17,8 @@ from sqlalchemy import bindparam, create_engine, event, func, insert, inspect, s
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, ProgrammingError, SQLAlchemyError
 
-from ..base import AdapterPage, ChangeSet, StoredAdapter, StoreError, StoreIndex
+from ..base import AdapterPage, ChangeSet, StoredAdapter, StoreError
+from ..index_json import StoreIndex
 from .tables import ADDED_COLUMNS, SCHEMA_VERSION, STATE_ROW, adapters, metadata, state
 
 log = logging.getLogger(__name__)

@@ -164,10 +164,9 @@ class RegistryAdapterStore(AdapterStore):
         ever read, here: never written, and not read again once imported."""
         if self.db.imported_index() is not None or self.db.has_rows():
             return
-        legacy = self.files.index_store
-        if legacy.change_key() is None:
+        index = self.files.read_index()
+        if index is None:
             return
-        index = legacy.read_index()
         label = f"{self.files.location}/index.json generation {index.generation}"
         reserved = self.files.versions_on_disk()
         if self.db.import_index(index, reserved, label):

@@ -1,8 +1,8 @@
 """Where the registry's version files live: a local folder or an object store (fsspec URL).
 
-The layout is the index stores' (`<task>/v<N>.safetensors`, written once, never modified), so a
-store written before the registry existed is read in place. These classes reuse the index stores'
-file helpers (local.py, s3.py) and add nothing of their own but the write of one numbered file.
+The layout (`<task>/v<N>.safetensors`, written once, never modified) is the one stores had before
+the registry existed, so such a store's files are read in place. These classes use the folder and
+object-store helpers (local.py, s3.py) and add the write of one numbered file.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..base import AdapterStore, StoredAdapter, StoreError
-from ..local import VERSION_FILE, LocalAdapterStore, write_verified
+from ..index_json import StoreIndex
+from ..local import VERSION_FILE, StoreFolder, write_verified
 
 
 def _sync_filesystem(folder: Path) -> None:
@@ -55,12 +56,15 @@ class NewVersion:
 class VersionFiles(abc.ABC):
     """The file half of a registry store."""
 
-    index_store: AdapterStore  # the same location read as an index.json store (migration)
     location: str
 
     def writers_lock(self):
         """Held around a whole put or delete: a cross-process lock where the backend has one."""
         return nullcontext()
+
+    @abc.abstractmethod
+    def read_index(self) -> StoreIndex | None:
+        """The location's index.json, from before the registry (None: there is none): import only."""
 
     @abc.abstractmethod
     def write(self, task_id: str, version: int, write_file: Callable[[Path], None],
@@ -97,19 +101,22 @@ class VersionFiles(abc.ABC):
 
 class LocalVersionFiles(VersionFiles):
     def __init__(self, root: str | Path):
-        self.index_store = LocalAdapterStore(root)
-        self.root = self.index_store.root
+        self.folder = StoreFolder(root)
+        self.root = self.folder.root
         self.location = str(self.root)
 
     def writers_lock(self):
-        # The folder's writers (the ingress, replicas importing bundled files) take turns, as they
-        # did before the registry: a temporary file seen under the lock is a dead writer's.
-        return self.index_store._locked()
+        # The folder's writers (the ingress, replicas importing bundled files) take turns: a
+        # temporary file seen under the lock is a dead writer's.
+        return self.folder.locked()
+
+    def read_index(self):
+        return self.folder.read_index()
 
     def write(self, task_id, version, write_file, verify):
         task_dir = self.root / task_id
         task_dir.mkdir(exist_ok=True)
-        self.index_store._remove_dead_writers_files(task_dir)
+        self.folder.remove_dead_writers_files(task_dir)
         target = task_dir / f"v{version}.safetensors"
         write_verified(target, write_file, verify)
         return target.stat().st_size, AdapterStore.sha256_of(target)
@@ -126,7 +133,7 @@ class LocalVersionFiles(VersionFiles):
             try:
                 if task_dir not in cleaned:  # before this batch writes its own temporary files there
                     task_dir.mkdir(exist_ok=True)
-                    self.index_store._remove_dead_writers_files(task_dir)
+                    self.folder.remove_dead_writers_files(task_dir)
                     cleaned.add(task_dir)
                 fd, name = tempfile.mkstemp(prefix=f".v{new.version}.", suffix=".tmp.safetensors", dir=task_dir)
                 os.close(fd)
@@ -150,13 +157,13 @@ class LocalVersionFiles(VersionFiles):
         task_dir = self.root / task_id
         if not task_dir.is_dir():
             return 0
-        return self.index_store._max_version_on_disk(task_dir)
+        return self.folder.max_version_on_disk(task_dir)
 
     def path_of(self, stored):
-        return self.index_store.path_of(stored)
+        return self.folder.path_of(stored)
 
     def prune(self, task_id, keep_from):
-        self.index_store._prune(self.root / task_id, keep_from)
+        self.folder.prune(self.root / task_id, keep_from)
 
     def remove_task(self, task_id):
         shutil.rmtree(self.root / task_id, ignore_errors=True)
@@ -173,14 +180,17 @@ class LocalVersionFiles(VersionFiles):
 
 class ObjectVersionFiles(VersionFiles):
     def __init__(self, url: str):
-        from ..s3 import ObjectAdapterStore
+        from ..s3 import ObjectFolder  # fsspec is imported only for an object store
 
-        self.index_store = ObjectAdapterStore(url)
-        self.location = self.index_store.url
+        self.objects = ObjectFolder(url)
+        self.location = self.objects.url
+
+    def read_index(self):
+        return self.objects.read_index()
 
     def write(self, task_id, version, write_file, verify):
-        objects = self.index_store
-        from ..s3 import staged_upload  # with its backend, like ObjectAdapterStore above
+        objects = self.objects
+        from ..s3 import staged_upload  # with its backend, like ObjectFolder above
 
         data, sha = staged_upload(write_file, verify)
         try:
@@ -192,19 +202,19 @@ class ObjectVersionFiles(VersionFiles):
         return len(data), sha
 
     def max_version(self, task_id):
-        return max(self.index_store._version_objects(task_id), default=0)
+        return max(self.objects.version_objects(task_id), default=0)
 
     def path_of(self, stored):
-        return self.index_store.path_of(stored)
+        return self.objects.path_of(stored)
 
     def prune(self, task_id, keep_from):
-        self.index_store._prune_versions(task_id, keep_from)
+        self.objects.prune_versions(task_id, keep_from)
 
     def remove_task(self, task_id):
-        self.index_store._remove_objects(self.index_store._version_objects(task_id).values())
+        self.objects.remove_objects(self.objects.version_objects(task_id).values())
 
     def versions_on_disk(self):
-        objects = self.index_store
+        objects = self.objects
         try:
             names = objects.fs.find(objects.root)
         except FileNotFoundError:
