@@ -55,29 +55,37 @@ log = logging.getLogger(__name__)
 
 
 def choose_engine(backbone_options: BackboneOptions | None = None, *, cuda_available: bool | None = None,
-                  llama_cpp_error: str | None = None) -> str:
+                  llama_cpp_error: str | None = None, gguf_file_type: int | None = None) -> str:
     """The engine `--engine auto` builds for `backbone_options`, its reason logged.
 
-    A GGUF (a .gguf path, or the embedded default, which is one) on the CPU runs on `llamacpp`: in
-    its own formats and kernels, with no dequantized torch copy of the weights. Everything else
-    keeps `hf`: an HF folder (T5 included) is not a GGUF; on a CUDA device the hf engine runs there
-    while this llama.cpp build is CPU-only; an explicit --dtype or --quantization chooses how
-    transformers loads the weights; and llama-cpp-python may not be installed. `vllm` is never
-    chosen: it is an explicit choice with options of its own.
+    A GGUF (a .gguf path, or the embedded default, which is one) on the CPU runs on `llamacpp` in
+    its own types and kernels, with no torch copy of the weights, unless its weights are Q4_1: the
+    hf engine's int4 kernels serve those blocks as they are, and on the measured host they were
+    faster at every client count (docs/bench/llamacpp.json; docs/llamacpp.md says why: llama.cpp's
+    unified KV cache). Any other GGUF type (Q4_K, Q8_0, F16...) the int4 engine would requantize to
+    4 bits, and the float32 route needs several times the memory. Everything else keeps `hf`: an
+    HF folder (T5 included) is not a GGUF; on a CUDA device the hf engine runs there while this
+    llama.cpp build is CPU-only; an explicit --dtype or --quantization chooses how transformers
+    loads the weights; and llama-cpp-python may not be installed. `vllm` is never chosen: it is an
+    explicit choice with options of its own.
 
-    `cuda_available` (default: torch's answer, asked only for device "auto") and `llama_cpp_error`
-    (default: the error importing llama_cpp; "" when it imports) are the host facts, given by tests.
+    `cuda_available` (default: torch's answer, asked only for device "auto"), `llama_cpp_error`
+    (default: the error importing llama_cpp; "" when it imports) and `gguf_file_type` (default: the
+    GGUF's `general.file_type`, read from its header) are the host facts, given by tests.
     """
     from ..backbone.options import BackboneOptions
 
     options = backbone_options or BackboneOptions()
-    kind, reason, level = _choice(options, cuda_available, llama_cpp_error)
+    kind, reason, level = _choice(options, cuda_available, llama_cpp_error, gguf_file_type)
     log.log(level, "--engine auto chose %s: %s", kind, reason)
     return kind
 
 
-def _choice(options: BackboneOptions, cuda_available: bool | None,
-            llama_cpp_error: str | None) -> tuple[str, str, int]:
+LLAMA_FTYPE_MOSTLY_Q4_1 = 3  # llama.h: a GGUF whose 2-D weights are Q4_1
+
+
+def _choice(options: BackboneOptions, cuda_available: bool | None, llama_cpp_error: str | None,
+            gguf_file_type: int | None) -> tuple[str, str, int]:
     """(kind, why, log level): a warning where llama.cpp would have run the backbone but cannot."""
     path = options.path
     if path is not None and not str(path).endswith(".gguf"):
@@ -94,11 +102,30 @@ def _choice(options: BackboneOptions, cuda_available: bool | None,
     if options.dtype != "auto" or options.quantization != "auto":
         return "hf", (f"--dtype {options.dtype} / --quantization {options.quantization} choose how transformers "
                       "loads the weights; llama.cpp runs the GGUF's own types"), logging.INFO
+    name = "the embedded backbone" if path is None else path
+    if gguf_file_type is None:
+        gguf_file_type = _gguf_file_type(options)
+    if gguf_file_type == LLAMA_FTYPE_MOSTLY_Q4_1:
+        return "hf", (f"{name} is a Q4_1 GGUF, which the int4 engine serves as it is, faster than llama.cpp at "
+                      "every client count measured (docs/bench/llamacpp.json)"), logging.INFO
     if llama_cpp_error is None:
         llama_cpp_error = _llama_cpp_import_error()
     if llama_cpp_error:
         return "hf", f"llama-cpp-python does not import ({llama_cpp_error}); `make setup` builds it", logging.WARNING
-    return "llamacpp", f"{'the embedded backbone' if path is None else path} is a GGUF file on the CPU", logging.INFO
+    return "llamacpp", f"{name} is a GGUF of type {gguf_file_type} on the CPU: llama.cpp runs it as it is", logging.INFO
+
+
+def _gguf_file_type(options: BackboneOptions) -> int:
+    """The GGUF's `general.file_type` (-1 when the file cannot be read: its builder then says why)."""
+    from ..backbone.gguf_file import gguf_reader
+    from ..llamacpp.backbone import gguf_path
+
+    try:
+        field = gguf_reader(gguf_path(options)[0]).fields.get("general.file_type")
+    except (OSError, ValueError) as exc:
+        log.info("--engine auto could not read the GGUF's file type: %s", exc)
+        return -1
+    return int(field.contents()) if field is not None else -1
 
 
 def _llama_cpp_import_error() -> str:

@@ -52,30 +52,39 @@ def hf_folder(path, model_type: str):
     return str(path)
 
 
-@pytest.mark.parametrize("case, options, cuda, expected", [
-    ("embedded GGUF on cpu", BackboneOptions(), False, "llamacpp"),
-    ("embedded GGUF, device cpu on a CUDA host", BackboneOptions(device="cpu"), True, "llamacpp"),
-    ("a .gguf path on cpu", BackboneOptions(path="/models/llama-2-7b.Q4_K_M.gguf"), False, "llamacpp"),
-    ("HF folder", "llama", False, "hf"),
-    ("T5 folder", "t5", False, "hf"),
-    ("cuda device", BackboneOptions(device="cuda"), False, "hf"),
-    ("device auto on a CUDA host", BackboneOptions(), True, "hf"),
-    ("an explicit quantization", BackboneOptions(quantization="int4"), False, "hf"),
-    ("an explicit dtype", BackboneOptions(dtype="bfloat16"), False, "hf"),
+Q4_1, Q8_0, Q4_K_M = 3, 7, 15  # llama.h's LLAMA_FTYPE_MOSTLY_*
+
+
+def test_auto_reads_the_embedded_ggufs_file_type_and_keeps_it_on_the_int4_engine():
+    assert choose_engine(BackboneOptions(device="cpu"), llama_cpp_error="") == "hf"  # SmolLM2's Q4_1
+
+
+@pytest.mark.parametrize("case, options, cuda, file_type, expected", [
+    ("embedded Q4_1 GGUF on cpu: the int4 engine serves its blocks as they are", BackboneOptions(), False, Q4_1, "hf"),
+    ("a Q8_0 GGUF on cpu", BackboneOptions(), False, Q8_0, "llamacpp"),
+    ("a Q8_0 GGUF, device cpu on a CUDA host", BackboneOptions(device="cpu"), True, Q8_0, "llamacpp"),
+    ("a Q4_K_M .gguf path on cpu", BackboneOptions(path="/models/llama-2-7b.Q4_K_M.gguf"), False, Q4_K_M, "llamacpp"),
+    ("a GGUF whose type cannot be read", BackboneOptions(path="/models/missing.gguf"), False, -1, "llamacpp"),
+    ("HF folder", "llama", False, None, "hf"),
+    ("T5 folder", "t5", False, None, "hf"),
+    ("cuda device", BackboneOptions(device="cuda"), False, Q8_0, "hf"),
+    ("device auto on a CUDA host", BackboneOptions(), True, Q8_0, "hf"),
+    ("an explicit quantization", BackboneOptions(quantization="int4"), False, Q8_0, "hf"),
+    ("an explicit dtype", BackboneOptions(dtype="bfloat16"), False, Q8_0, "hf"),
 ])
-def test_auto_runs_a_gguf_on_the_cpu_on_llamacpp_and_keeps_hf_otherwise(tmp_path, case, options, cuda, expected,
-                                                                        caplog):
+def test_auto_runs_a_gguf_on_the_cpu_on_llamacpp_and_keeps_hf_otherwise(tmp_path, case, options, cuda, file_type,
+                                                                        expected, caplog):
     if isinstance(options, str):  # a folder of that model type
         options = BackboneOptions(path=hf_folder(tmp_path / options, options))
     with caplog.at_level(logging.INFO, logger="lamp_runtime.engines"):
-        assert choose_engine(options, cuda_available=cuda, llama_cpp_error="") == expected, case
+        assert choose_engine(options, cuda_available=cuda, llama_cpp_error="", gguf_file_type=file_type) == expected, case
     assert f"--engine auto chose {expected}: " in caplog.text
 
 
 def test_auto_keeps_hf_with_a_logged_reason_when_llama_cpp_does_not_import(monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # what `import llama_cpp` raises ImportError for
     with caplog.at_level(logging.INFO, logger="lamp_runtime.engines"):
-        assert choose_engine(BackboneOptions(device="cpu")) == "hf"
+        assert choose_engine(BackboneOptions(device="cpu"), gguf_file_type=Q8_0) == "hf"
     warning = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warning) == 1 and "llama-cpp-python does not import (ModuleNotFoundError" in warning[0].getMessage()
 

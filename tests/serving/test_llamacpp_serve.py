@@ -46,9 +46,9 @@ def uploaded_versions(backbone):
 
 @pytest.fixture(scope="module")
 def launched_server(tmp_path_factory, task_adapters):
-    # auto picks llama.cpp only where no torch dtype / quantization is asked (ServerProcess asks
-    # float32 / none unless told otherwise).
-    args = ["--engine", "auto", "--dtype", "auto", "--quantization", "auto", "--max-batch-size", "8",
+    # The llama.cpp engine takes no torch dtype / quantization (ServerProcess asks float32 / none
+    # unless told otherwise).
+    args = ["--engine", "llamacpp", "--dtype", "auto", "--quantization", "auto", "--max-batch-size", "8",
             "--max-new-tokens", "64", "--max-input-tokens", "512"]
     yield from launched_over(tmp_path_factory, task_adapters, args, ADMIN_TOKEN)
 
@@ -135,9 +135,12 @@ def test_reregistration_while_a_request_runs(server, uploaded_versions, referenc
         body = generate(server, "uploaded", UPLOAD_TEXT)
         assert (body["adapter_version"], body["text"]) == (2, reference[("v2", UPLOAD_TEXT)])
 
-def test_auto_reports_the_engine_it_chose(server):
+def test_the_engine_its_settings_and_its_threads_are_reported(server):
     metrics = httpx.get(f"{server.url}/metrics", timeout=60).text
     info = [line for line in metrics.splitlines() if line.startswith("lamp_engine_info{")]
-    assert any('kind="llamacpp"' in line and 'weight_repack="' in line and 'n_ubatch="' in line for line in info), info
+    assert any('kind="llamacpp"' in line and 'weight_repack="' in line and 'n_ubatch="' in line
+               and 'threads_policy="adaptive"' in line for line in info), info
+    threads = [line for line in metrics.splitlines() if line.startswith("lamp_engine_compute_threads")]
+    assert threads and all(float(line.split()[-1]) in (1, 2) for line in threads), threads  # the cores (2), half, one
     engines = httpx.get(f"{server.url}/status.json", timeout=60).json()["engines"]
     assert engines and all(e["kind"] == "llamacpp" for e in engines), engines
