@@ -105,8 +105,13 @@ class AdapterAdmin:
         return self._read(self.store.list)
 
     def delete(self, task_id: str) -> StoredAdapter:
+        return self._on_task(task_id, lambda: self.store.delete(task_id))
+
+    def _on_task(self, task_id: str, change) -> StoredAdapter:
+        """`change()` on the store for one task: an invalid id or a task not registered is a 404,
+        a store failure a 500."""
         try:
-            stored = self.store.delete(task_id)
+            stored = change()
         except AdapterError:  # an invalid id cannot name a stored task
             stored = None
         except StoreError as exc:
@@ -127,15 +132,7 @@ class AdapterAdmin:
             TaskLimits(1.0 if weight is None else weight, max_waiting)
         except ValueError as exc:
             raise ServingError(422, f"limits for task {task_id!r} rejected: {exc}") from None
-        try:
-            stored = self.store.set_limits(task_id, weight, max_waiting)
-        except AdapterError:  # an invalid id cannot name a stored task
-            stored = None
-        except StoreError as exc:
-            raise ServingError(500, str(exc)) from None
-        if stored is None:
-            raise ServingError(404, f"no adapter registered for task {task_id!r}")
-        return stored
+        return self._on_task(task_id, lambda: self.store.set_limits(task_id, weight, max_waiting))
 
     @staticmethod
     def _read(read):

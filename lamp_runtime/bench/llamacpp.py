@@ -39,7 +39,7 @@ from lamp_runtime.adapters import AdapterMeta, SoftPromptAdapter
 from lamp_runtime.backbone.options import BackboneOptions
 from lamp_runtime.bench.engine_process import EngineProcess
 from lamp_runtime.bench.engines import bench_adapters, closed_loop, mixed_requests
-from lamp_runtime.bench.report import full_command
+from lamp_runtime.bench.report import full_command, write_json
 from lamp_runtime.bench.stats import interleaved, safe_ratio, summarize
 from lamp_runtime.bench.workload import vocabulary_prompt
 from lamp_runtime.engine.base import EngineConfig
@@ -279,12 +279,10 @@ def _report(args, parser, threads: int, sides: dict, samples: dict, context: dic
     print(f"RSS growth per engine (MB): { {k: round(v / 1e6) for k, v in rss_growth.items()} }; "
           f"load average {context['load_average_before']} -> {context['load_average_after']}")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "w", encoding="utf-8") as handle:
-            json.dump({"command": full_command("python -m lamp_runtime.bench.llamacpp", parser, args), "out": args.out,
+        write_json(args.out, {"command": full_command("python -m lamp_runtime.bench.llamacpp", parser, args), "out": args.out,
                        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                        "context": context, "ratios": ratios, "medians": medians, "rss_growth_bytes": rss_growth,
-                       "samples": {"/".join(map(str, v)): s for v, s in samples.items()}}, handle, indent=2)
+                       "samples": {"/".join(map(str, v)): s for v, s in samples.items()}})
         print(f"wrote {args.out}")
 
 

@@ -16,14 +16,12 @@ command, revision, machine and load.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 
-from lamp_runtime.bench.report import full_command
+from lamp_runtime.bench.report import full_command, write_json
 from lamp_runtime.bench.stats import interleaved, safe_ratio, summarize
 from lamp_runtime.machine import load_average, lscpu_model, machine_context
 
@@ -94,12 +92,9 @@ def main() -> None:
     for name, value in ratios.items():
         print(f"{name:>28}: {value:.2f}x")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "w", encoding="utf-8") as handle:
-            json.dump({"command": full_command("python -m lamp_runtime.bench.llamacpp_kv_layout", parser, args),
+        write_json(args.out, {"command": full_command("python -m lamp_runtime.bench.llamacpp_kv_layout", parser, args),
                        "out": args.out, "settings": vars(args), "context": context, "medians_ms_per_step": medians,
-                       "ratios": ratios, "samples": {f"{r}/{layout}": s for (r, layout), s in samples.items()}},
-                      handle, indent=2)
+                       "ratios": ratios, "samples": {f"{r}/{layout}": s for (r, layout), s in samples.items()}})
         print(f"wrote {args.out}")
 
 

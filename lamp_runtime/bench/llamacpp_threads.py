@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import multiprocessing
 import os
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 import torch
 
 from lamp_runtime.bench.llamacpp import LLAMA_BENCH, llama_bench_tg
-from lamp_runtime.bench.report import full_command
+from lamp_runtime.bench.report import full_command, write_json
 from lamp_runtime.bench.stats import interleaved, safe_ratio, summarize
 from lamp_runtime.engine.base import EngineConfig
 from lamp_runtime.engine.step_loop import StepLoopEngine
@@ -134,14 +133,12 @@ def main() -> None:
     print(f"adaptive engine ended on {chooser.current} threads after {chooser.switches} switches; "
           f"load average {context['load_average_before']} -> {context['load_average_after']}")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "w", encoding="utf-8") as handle:
-            json.dump({"command": full_command("python -m lamp_runtime.bench.llamacpp_threads", parser, args),
+        write_json(args.out, {"command": full_command("python -m lamp_runtime.bench.llamacpp_threads", parser, args),
                        "out": args.out, "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                        "context": context, "medians_tokens_per_s": medians, "ratios": ratios,
                        "adaptive_end": {"threads": chooser.current, "switches": chooser.switches,
                                         "step_seconds": chooser.seconds()},
-                       "samples": {"/".join(map(str, v)): s for v, s in samples.items()}}, handle, indent=2)
+                       "samples": {"/".join(map(str, v)): s for v, s in samples.items()}})
         print(f"wrote {args.out}")
 
 

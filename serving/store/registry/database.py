@@ -276,16 +276,22 @@ class RegistryDatabase:
 
     def delete(self, task_id: str) -> StoredAdapter | None:
         """Stop serving `task_id`; the row stays (version NULL) with its version counter."""
+        row = self._change_current(task_id, {"version": None, **dict.fromkeys(LIMIT_FIELDS)}, current_delta=-1)
+        return _stored(row) if row is not None else None
+
+    def _change_current(self, task_id: str, values: dict, current_delta: int = 0):
+        """Update the current task's row as a change (the next change number, so every replica's
+        next sync sees it); its row as it was, or None, changing nothing, if the task is not current."""
         with self._write() as conn:
             lock = self._lock_state(conn)
             row = conn.execute(select(adapters).where(adapters.c.task_id == task_id)).first()
             if row is None or row.version is None:
                 return None
             seq = lock.seq + 1
-            conn.execute(update(adapters).where(adapters.c.task_id == task_id)
-                         .values(version=None, seq=seq, **dict.fromkeys(LIMIT_FIELDS)))
-            conn.execute(update(state).where(state.c.id == STATE_ROW).values(seq=seq, current=lock.current - 1))
-            return _stored(row)
+            conn.execute(update(adapters).where(adapters.c.task_id == task_id).values(seq=seq, **values))
+            conn.execute(update(state).where(state.c.id == STATE_ROW)
+                         .values(seq=seq, current=lock.current + current_delta))
+            return row
 
     def imported_index(self) -> str | None:
         """The label of the index.json this registry imported (None: none)."""
@@ -300,16 +306,8 @@ class RegistryDatabase:
     def set_limits(self, task_id: str, weight: float | None, max_waiting: int | None) -> StoredAdapter | None:
         """The current task's limits, as a change (its row gets the next change number, so every
         replica's next sync applies them). None, changing nothing, if the task is not current."""
-        with self._write() as conn:
-            lock = self._lock_state(conn)
-            row = conn.execute(select(adapters).where(adapters.c.task_id == task_id)).first()
-            if row is None or row.version is None:
-                return None
-            seq = lock.seq + 1
-            conn.execute(update(adapters).where(adapters.c.task_id == task_id)
-                         .values(weight=weight, max_waiting=max_waiting, seq=seq))
-            conn.execute(update(state).where(state.c.id == STATE_ROW).values(seq=seq))
-            return dataclasses.replace(_stored(row), weight=weight, max_waiting=max_waiting)
+        row = self._change_current(task_id, {"weight": weight, "max_waiting": max_waiting})
+        return dataclasses.replace(_stored(row), weight=weight, max_waiting=max_waiting) if row is not None else None
 
     def import_index(self, index: StoreIndex, reserved: dict[str, int], label: str) -> bool:
         """Import an `index.json` store once (False: this registry already holds an import, or
