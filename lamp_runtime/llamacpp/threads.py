@@ -3,9 +3,9 @@
 ggml's threads meet at a spin barrier after every operation of the graph (hundreds per token). On
 a host whose cores are all busy with something else too (the HTTP ingress and proxy of the same
 server, another replica, a neighbour), one of the threads is often descheduled while the others
-spin for it, and a decode with as many threads as cores becomes many times slower than one with
-fewer: llama-bench on the embedded GGUF, 2 cores at load average 4, decoded at 4-33 tok/s with 2
-threads and 52-57 with 1 (docs/llamacpp.md has the table and the command). On an idle host the
+spin for it, and a decode with as many threads as cores becomes
+many times slower than one with fewer (docs/llamacpp.md, "Threads on a busy host", has the
+measurements and their JSON). On an idle host the
 cores' count is the fastest. Which holds changes while a server runs, so the engine measures it:
 
 - decode-only steps are timed per (thread count, batch rows rounded to a power of two);
