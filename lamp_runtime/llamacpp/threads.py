@@ -3,10 +3,9 @@
 ggml's threads meet at a spin barrier after every operation of the graph (hundreds per token). On
 a host whose cores are all busy with something else too (the HTTP ingress and proxy of the same
 server, another replica, a neighbour), one of the threads is often descheduled while the others
-spin for it, and a decode with as many threads as cores becomes
-many times slower than one with fewer (docs/llamacpp.md, "Threads on a busy host", has the
-measurements and their JSON). On an idle host the
-cores' count is the fastest. Which holds changes while a server runs, so the engine measures it:
+spin for it, and a decode with as many threads as cores becomes many times slower than one with
+fewer (docs/llamacpp.md, "Threads on a busy host", has the measurements and their JSON). On an
+idle host the cores' count is the fastest. Which holds changes while a server runs, so the engine measures it:
 
 - decode-only steps are timed per (thread count, batch rows rounded to a power of two);
 - the fastest count so far runs the steps; now and then one step runs with another count, more
