@@ -9,14 +9,12 @@ newcomers' rows; (4) samples a token per row (greedy: numpy argmax on llama.cpp'
 sampled rows and log-probabilities: the shared torch helpers, so seeds and semantics are the HF
 engine's); (5) forks the n - 1 siblings of a request by seq_cp and retires finished rows (seq_rm).
 
-A llama_batch holds token ids or embedding rows, not both. A step with newcomers turns the
-decode rows' tokens into embedding rows (the GGUF's own dequantized table: llama.cpp's logits are
-bitwise those of the tokens) and runs one decode, one pass over the weights;
-`LlamaCppOptions.mixed_steps = "split"` runs a token decode and an embedding decode instead.
-Decode-only steps use a token batch. Which is faster is not settled: the one measurement so far
-(lamp_runtime/bench/llamacpp.py, docs/bench/llamacpp.json: 16 mixed-task requests of 8 tokens at 4
-clients, one round, load average 14 on 2 cores) had "embed" at 0.64x "split"'s tokens/s, a single
-noisy sample; docs/llamacpp.md says how to rerun it before changing the default.
+A llama_batch holds token ids or embedding rows, not both. A step with newcomers runs, by default
+(`LlamaCppOptions.mixed_steps = "split"`), a token decode for the running rows and an embedding
+decode for the newcomers' rows; "embed" instead turns the decode rows' tokens into embedding rows
+(the GGUF's own dequantized table: llama.cpp's logits are bitwise those of the tokens) and runs one
+decode. Split measured faster (docs/llamacpp.md's benchmark, `mixed` variants). Decode-only steps
+use a token batch.
 
 Threads: ggml's threads (at most `ggml_threads`: EngineConfig.threads or the cores) do the model's
 work, as many per step as threads.py's `ThreadChooser` finds fastest on the host now (a busy host

@@ -20,9 +20,10 @@ class LlamaCppOptions:
     # Try the weight-repack / micro-batch settings in a child process at start (probe.py); False
     # runs llama.cpp's defaults untried.
     probe: bool = True
-    # Mixed steps (decode rows + newcomers' prefills): "embed" turns the decode rows' tokens into
-    # embedding rows and runs one llama_decode; "split" runs a token decode and an embedding decode.
-    mixed_steps: str = "embed"
+    # Mixed steps (decode rows + newcomers' prefills): "split" runs a token decode and an embedding
+    # decode; "embed" turns the decode rows' tokens into embedding rows and runs one llama_decode.
+    # Split measured faster (docs/llamacpp.md's benchmark).
+    mixed_steps: str = "split"
     # llama.cpp's flash attention (native.new_context says why it is on by default).
     flash_attention: bool = True
     # Choose ggml's thread count per step from measured step times (threads.py); False always

@@ -163,16 +163,17 @@ def test_mixed_task_batches_equal_one_at_a_time_with_requests_joining(engine, ta
     assert engine.num_running == 0 and engine._reserved == 0
 
 
-def test_split_mixed_steps_answer_like_one_decode(engine, tasks):
-    split = LlamaCppEngine(engine.backbone, engine.registry, engine.config,
-                           options=LlamaCppOptions(kv_cells=4096, mixed_steps="split"))
+def test_mixed_steps_as_one_decode_answer_like_split_ones(engine, tasks):
+    assert engine.options.mixed_steps == "split"  # the default
+    embed = LlamaCppEngine(engine.backbone, engine.registry, engine.config,
+                           options=LlamaCppOptions(kv_cells=4096, mixed_steps="embed"))
     try:
         requests = [GenerationRequest(t, task, greedy()) for t, task in zip(TEXTS, ["plain", "ept", None, "lamp2"])]
         assert_all_same_or_near_tie(
-            run_staggered_results(split, requests, 3),
+            run_staggered_results(embed, requests, 3),
             run_staggered_results(engine, [GenerationRequest(r.input, r.task_id, r.params) for r in requests], 3))
     finally:
-        split.close()
+        embed.close()
 
 
 def assert_prompt_kv_cold_warm_and_concurrent_equal(engine, adapter, new: int = NEW, concurrent: int = 4) -> None:
