@@ -119,7 +119,7 @@ class LlamaCppSide:
         torch_many.threads = settings["threads"]
         self.core = core
         self.runners = {"llamacpp": main, "embed": StepLoopEngine(embed), "torch-many": StepLoopEngine(torch_many)}
-        table = gguf_table()
+        table = torch.from_numpy(np.array(core.backbone.info.table))  # gguf_table()'s rows, already in memory
         for task, adapter in bench_adapters(table).items():
             core.registry.register(task, adapter)
         core.registry.register("p200", SoftPromptAdapter(AdapterMeta(), vocabulary_prompt(table, 200, seed=8)))

@@ -27,19 +27,11 @@ from lamp_runtime.machine import load_average, lscpu_model, machine_context
 
 
 def step_ms(model, unified: bool, rows: int, context: int, steps: int, threads: int) -> float:
-    from lamp_runtime.llamacpp.native import Batch, lib
+    from lamp_runtime.llamacpp.native import Batch, lib, new_context
 
-    L = lib()
-    params = L.llama_context_default_params()
-    params.n_ctx = 8192 if unified else 512 * rows  # a stream of 512 cells per sequence
-    params.n_batch, params.n_ubatch, params.n_seq_max = 2048, 512, rows
-    params.n_threads = params.n_threads_batch = threads
-    params.kv_unified = unified
-    params.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_ENABLED  # as the engine runs
-    params.no_perf = True
-    ctx = L.llama_init_from_model(model, params)
-    if not ctx:
-        raise RuntimeError(f"no llama.cpp context for {rows} rows (unified={unified})")
+    # A stream of 512 cells per sequence when not unified; flash attention on, as the engine runs.
+    ctx = new_context(model, n_ctx=8192 if unified else 512 * rows, n_batch=2048, n_ubatch=512, n_seq_max=rows,
+                      threads=threads, unified=unified)
     try:
         batch = Batch(max(context, rows), 0)
         for seq in range(rows):
@@ -55,7 +47,7 @@ def step_ms(model, unified: bool, rows: int, context: int, steps: int, threads: 
             batch.decode(ctx)
         return (time.perf_counter() - started) / steps * 1000
     finally:
-        L.llama_free(ctx)
+        lib().llama_free(ctx)
 
 
 def main() -> None:

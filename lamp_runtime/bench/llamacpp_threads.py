@@ -18,7 +18,6 @@ ratios adaptive / fixed per neighbour count, and the thread count the adaptive e
 from __future__ import annotations
 
 import argparse
-import asyncio
 import multiprocessing
 import os
 import time
@@ -26,12 +25,12 @@ from pathlib import Path
 
 import torch
 
+from lamp_runtime.bench.engines import closed_loop
 from lamp_runtime.bench.llamacpp import LLAMA_BENCH, llama_bench_tg
 from lamp_runtime.bench.report import full_command, write_json
 from lamp_runtime.bench.stats import interleaved, safe_ratio, summarize
 from lamp_runtime.engine.base import EngineConfig
 from lamp_runtime.engine.step_loop import StepLoopEngine
-from lamp_runtime.engine.streams import complete
 from lamp_runtime.llamacpp.engine import build_llamacpp_engine
 from lamp_runtime.llamacpp.options import LlamaCppOptions
 from lamp_runtime.machine import load_average, lscpu_model, machine_context
@@ -72,13 +71,9 @@ class Neighbours:
 
 def decode_rate(engine, clients: int, tokens: int) -> float:
     """Tokens per second of `clients` concurrent requests of `tokens` new tokens each."""
-    async def run():
-        requests = [GenerationRequest(f"Once upon a time {i}", None,
-                                      SamplingParams(max_new_tokens=tokens, ignore_eos=True)) for i in range(clients)]
-        started = time.perf_counter()
-        results = await asyncio.gather(*(complete(engine, r) for r in requests))
-        return sum(len(r.token_ids) for r in results) / (time.perf_counter() - started)
-    return asyncio.run(run())
+    requests = [GenerationRequest(f"Once upon a time {i}", None, SamplingParams(max_new_tokens=tokens, ignore_eos=True))
+                for i in range(clients)]
+    return closed_loop(engine, requests, clients)["tokens_per_s"]
 
 
 def main() -> None:

@@ -75,9 +75,11 @@ KV_TYPES = {"f32": GGML_TYPE_F32, "f16": GGML_TYPE_F16}
 
 
 def new_context(model, n_ctx: int, n_batch: int, n_ubatch: int, n_seq_max: int, threads: int,
-                flash_attention: bool = True, kv_type: str = "f16"):
+                flash_attention: bool = True, kv_type: str = "f16", unified: bool = True):
     """A context whose sequences share one unified KV cache of `n_ctx` cells (so a prompt's cells
     can be shared by seq_cp), with `threads` ggml threads for decode and prefill alike.
+    `unified=False` gives each sequence a KV stream of its own instead (n_ctx / n_seq_max cells each;
+    bench/llamacpp_kv_layout.py compares the two).
 
     Flash attention is on: without it (llama-cpp-python 0.3.36's vendored llama.cpp), a sequence's
     logits changed visibly (whole tokens apart within a few steps) when another sequence decoded in
@@ -91,7 +93,7 @@ def new_context(model, n_ctx: int, n_batch: int, n_ubatch: int, n_seq_max: int, 
     params.n_ubatch = min(n_ubatch, n_batch)
     params.n_seq_max = n_seq_max
     params.n_threads = params.n_threads_batch = threads
-    params.kv_unified = True
+    params.kv_unified = unified
     params.type_k = params.type_v = KV_TYPES[kv_type]
     params.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attention else L.LLAMA_FLASH_ATTN_TYPE_DISABLED
     params.no_perf = True
