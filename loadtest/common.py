@@ -31,14 +31,18 @@ def one_request(client: httpx.Client, url: str, task_id: str, text: str, max_new
     return first
 
 
+REQUEST_TIMEOUT_S = 120.0
+
+
 def run_phase(url: str, sequence: list[str], args) -> list[float]:
-    """The sequence's requests from `--concurrency` closed-loop clients; TTFTs in sequence order."""
+    """The sequence's requests from `--concurrency` closed-loop clients; TTFTs in sequence order
+    (each request given `args.request_timeout` seconds where the bench has that option)."""
     ttfts = [0.0] * len(sequence)
     cursor = iter(range(len(sequence)))
     lock = threading.Lock()
 
     def client_loop():
-        with httpx.Client(timeout=120) as client:
+        with httpx.Client(timeout=getattr(args, "request_timeout", REQUEST_TIMEOUT_S)) as client:
             while True:
                 with lock:
                     i = next(cursor, None)

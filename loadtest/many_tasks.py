@@ -20,7 +20,9 @@ requests), time to first token as the client sees it (first SSE event) p50 / p95
 second, the server's resident memory and the prompt-KV gauges (bytes, tasks resident). Computed:
 tasks a GB of prompt KV keeps hot at each p, KV bytes per position (measured by a first probe on
 an empty cache) x ceil(l/p), next to the measured one (tasks resident per byte held, at the end of
-the largest uniform run, where every entry is that p's).
+the largest uniform run, where every entry is that p's; of the last `--traffic` when uniform is not run).
+A 7B-shaped random backbone on the llama.cpp engine: `--hidden-size 4096 --serve-args "--backbone
+X.gguf --engine llamacpp --allow-random-weights --llamacpp-row-cells 512 ..."` (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -38,12 +40,12 @@ from pathlib import Path
 
 import httpx
 
-from .common import INPUTS, one_request, percentile, run_phase
+from .common import INPUTS, REQUEST_TIMEOUT_S, one_request, percentile, run_phase
 
 TRAFFIC = ("zipf", "uniform")
 GB = 1e9
 BATCH = 500  # adapters per batch registration
-EMBEDDED_HIDDEN = 576  # the embedded backbone's hidden size (SmolLM2-135M): the factors' width
+EMBEDDED_HIDDEN = 576  # the embedded backbone's hidden size (SmolLM2-135M): the factors' default width
 ADMIN_TOKEN = "many-tasks-bench"
 START_TIMEOUT_S = 900.0
 GAUGES = ("lamp_prompt_kv_cache_hits_total", "lamp_prompt_kv_cache_misses_total", "lamp_prompt_kv_cache_bytes",
@@ -56,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pools", type=int, nargs="+", default=[1, 2, 4, 10], help="pool blocks p (one task set each)")
     p.add_argument("--prompt-tokens", type=int, default=100, help="l of every task")
     p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--hidden-size", type=int, default=EMBEDDED_HIDDEN,
+                   help="the served backbone's hidden size, the factors' width (4096 for a 7B; default: the "
+                        "embedded backbone's)")
+    p.add_argument("--traffic", nargs="+", choices=TRAFFIC, default=list(TRAFFIC), help="traffic shapes to run")
     p.add_argument("--prompt-kv-cache-mb", type=int, default=16, help="the server's prompt-KV budget")
     p.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent of the skewed traffic")
     p.add_argument("--rounds", type=int, default=2, help="rounds over every p, per task count and traffic")
@@ -63,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=int, default=30, help="measured requests per phase")
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=2)
+    p.add_argument("--request-timeout", type=float, default=REQUEST_TIMEOUT_S,
+                   help="seconds a client waits for a request (a 7B miss on a loaded CPU takes minutes)")
     p.add_argument("--serve-args", default="--threads 2 --max-batch-size 8",
                    help="extra `lamp serve` options")
     p.add_argument("--seed", type=int, default=0)
@@ -76,9 +84,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if sorted(args.tasks) != args.tasks or args.tasks[0] < 1 or min(args.pools) < 1:
         p.error("--tasks must be increasing positive counts and --pools positive")
-    if min(args.rounds, args.requests, args.concurrency, args.prompt_kv_cache_mb, args.prompt_tokens) < 1 \
+    if min(args.rounds, args.requests, args.concurrency, args.prompt_kv_cache_mb, args.prompt_tokens,
+           args.hidden_size, args.request_timeout) < 1 \
             or args.warmup < 0:
-        p.error("need --rounds, --requests, --concurrency, --prompt-kv-cache-mb, --prompt-tokens >= 1, --warmup >= 0")
+        p.error("need --rounds, --requests, --concurrency, --prompt-kv-cache-mb, --prompt-tokens, --hidden-size, "
+                "--request-timeout >= 1, --warmup >= 0")
     return args
 
 
@@ -98,7 +108,7 @@ def adapter_files(args, pool: int, count: int = 8) -> list[bytes]:
             g = torch.Generator().manual_seed(args.seed * 1000 + i)
             adapter = LampAdapter(AdapterMeta(pool=pool), torch.randn(args.prompt_tokens, args.rank, generator=g) * 0.1,
                                   torch.rand(args.rank, generator=g) + 0.5,
-                                  torch.randn(args.rank, EMBEDDED_HIDDEN, generator=g) * 0.01)
+                                  torch.randn(args.rank, args.hidden_size, generator=g) * 0.01)
             files.append(save_adapter(adapter, Path(tmp) / f"{i}.safetensors").read_bytes())
     return files
 
@@ -123,15 +133,24 @@ def read_gauges(url: str) -> dict[str, float]:
     return values
 
 
-def settled_gauges(url: str, tries: int = 40) -> dict[str, float]:
-    """The counters once two reads a metrics push apart agree (replicas push every 0.5 s)."""
-    last = read_gauges(url)
-    for _ in range(tries):
-        time.sleep(0.7)
+SETTLE_WINDOW_S = 0.7  # longer than a metrics push interval (replicas push every 0.5 s)
+SETTLE_POLL_S = 0.15
+SETTLE_TIMEOUT_S = 30.0
+
+
+def settled_gauges(url: str) -> dict[str, float]:
+    """The counters once every read over a metrics push interval and more agrees. Reads are
+    frequent, so a push landing just after the first read restarts the window at once rather than
+    one whole window later."""
+    last, since = read_gauges(url), time.monotonic()
+    deadline = since + SETTLE_TIMEOUT_S
+    while time.monotonic() < deadline:
+        time.sleep(SETTLE_POLL_S)
         now = read_gauges(url)
-        if now == last:
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= SETTLE_WINDOW_S:
             return now
-        last = now
     raise RuntimeError("the prompt-KV counters did not settle")
 
 
@@ -179,7 +198,7 @@ def probe_kv_bytes_per_position(server, args) -> float:
     before = settled_gauges(server.url)
     if before["lamp_prompt_kv_cache_tasks"]:
         raise RuntimeError("the probe needs an empty prompt-KV cache")
-    with httpx.Client(timeout=120) as client:
+    with httpx.Client(timeout=args.request_timeout) as client:
         one_request(client, server.url, task_id(min(args.pools), 0), INPUTS[0], args.max_new_tokens)
     after = settled_gauges(server.url)
     return after["lamp_prompt_kv_cache_bytes"] / math.ceil(args.prompt_tokens / min(args.pools))
@@ -187,9 +206,11 @@ def probe_kv_bytes_per_position(server, args) -> float:
 
 def capacity(args, per_position: float, rows: list[dict]) -> list[dict]:
     """Tasks kept hot per GB of prompt KV by p: computed (bytes per position x ceil(l/p)) and
-    measured (tasks resident per byte held at the end of the largest uniform run)."""
+    measured (tasks resident per byte held at the end of the largest uniform run, or of the last
+    traffic run when uniform is not)."""
     budget = args.prompt_kv_cache_mb * 2**20
-    largest = [r for r in rows if r["tasks"] == args.tasks[-1] and r["traffic"] == "uniform"]
+    traffic = "uniform" if "uniform" in args.traffic else args.traffic[-1]
+    largest = [r for r in rows if r["tasks"] == args.tasks[-1] and r["traffic"] == traffic]
     table = []
     for pool in args.pools:
         entry = per_position * math.ceil(args.prompt_tokens / pool)
@@ -217,7 +238,7 @@ def run(args, server) -> dict:
             registered = count
             if per_position is None:
                 per_position = probe_kv_bytes_per_position(server, args)
-            for traffic in TRAFFIC:
+            for traffic in args.traffic:
                 exponent = args.zipf if traffic == "zipf" else 0.0
                 phases = {pool: [] for pool in args.pools}
                 for r in range(args.rounds):
@@ -277,6 +298,8 @@ def main(argv=None) -> int:
         print_tables(report)
         command = full_command("python -m loadtest.many_tasks", build_parser(), args)
         report = {"bench": "many-tasks", "command": command, "out": args.json, "context": context,
+                  # a random-weight backbone (made for benchmarks) is served only with this flag
+                  "random_weights": "--allow-random-weights" in shlex.split(args.serve_args),
                   "load_average_at_end": machine_context()["load_average"],
                   "elapsed_s": round(time.perf_counter() - began), "settings": {k: v for k, v in vars(args).items() if k not in ("json", "plot")}, **report}
         if args.json:

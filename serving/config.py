@@ -56,6 +56,7 @@ class ServeSettings:
     prefill_forward_cost_tokens: int = 32  # newcomers differing more in length get separate prefills
     max_queue: int = 64  # requests waiting per replica before 503
     fair_scheduling: bool = True  # admit by tokens served per task, 429 beyond a task's share (fair_queue.py)
+    fair_preemption: bool = True  # a task below its share of the rows pauses a row of the one most over its share
     max_input_tokens: int = MAX_INPUT_TOKENS_LIMIT
     max_new_tokens: int = MAX_NEW_TOKENS_LIMIT
     prompt_cache_mb: int = 256
@@ -70,6 +71,9 @@ class ServeSettings:
     vllm_kv_cache_mb: int = 1024  # memory vLLM reserves for its KV cache (host memory on CPU)
     vllm_max_model_len: int | None = None  # longest sequence vLLM holds (default: the backbone's context)
     vllm_block_size: int | None = None  # vLLM KV block tokens (default: the smallest the backend takes)
+    # KV cells of each batch row of the llama.cpp engine (a stream of its own, allocated at start):
+    # the most soft prompt + input + answer one request may hold (docs/llamacpp.md)
+    llamacpp_row_cells: int | None = None  # None: the engine's default (LlamaCppOptions.row_cells)
     allow_random_weights: bool = False  # serve a random-weight (benchmark-only) backbone anyway
 
     def __post_init__(self):
@@ -78,8 +82,9 @@ class ServeSettings:
                      "prompt_cache_mb", "adapter_cache_mb", "max_request_bytes", "max_upload_bytes"):
             _check_range(self, name, 1, None)
         _check_range(self, "prefill_forward_cost_tokens", 0, None)
-        if not isinstance(self.fair_scheduling, bool):
-            raise ValueError(f"fair_scheduling must be true or false, got {self.fair_scheduling!r}")
+        for name in ("fair_scheduling", "fair_preemption"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         _check_range(self, "prompt_kv_cache_mb", 0, None)
         for name in ("num_cpus", "threads"):
             if getattr(self, name) is not None:
@@ -103,6 +108,10 @@ class ServeSettings:
             _check_range(self, "vllm_max_model_len", 2, None)
         if self.vllm_block_size is not None:
             _check_range(self, "vllm_block_size", 16, None)
+        if self.llamacpp_row_cells is not None:
+            _check_range(self, "llamacpp_row_cells", 16, None)
+            if self.engine not in ("llamacpp", "auto"):
+                raise ValueError(f"llamacpp_row_cells is a setting of the llamacpp engine, not of {self.engine!r}")
         object.__setattr__(self, "log_level", str(self.log_level).upper())
         _check_choice(self, "log_level", LOG_LEVELS)
         if not self.host:
@@ -152,7 +161,7 @@ class ServeSettings:
                             prompt_kv_cache_bytes=self.prompt_kv_cache_mb * 1024 * 1024,
                             prefill_forward_cost_tokens=self.prefill_forward_cost_tokens,
                             max_waiting=self.max_queue, batch_wait_ms=self.batch_wait_ms,
-                            fair_scheduling=self.fair_scheduling)
+                            fair_scheduling=self.fair_scheduling, fair_preemption=self.fair_preemption)
 
     def vllm_options(self):
         """VllmOptions for the vLLM engine; None for the HF engine."""
@@ -162,6 +171,15 @@ class ServeSettings:
 
         return VllmOptions(kv_cache_mb=self.vllm_kv_cache_mb, max_model_len=self.vllm_max_model_len,
                            block_size=self.vllm_block_size)
+
+    def llamacpp_options(self):
+        """LlamaCppOptions for the llama.cpp engine (also for auto, which may choose it); None when
+        no llama.cpp setting was given (the engine's defaults)."""
+        if self.llamacpp_row_cells is None:
+            return None
+        from lamp_runtime.llamacpp.options import LlamaCppOptions
+
+        return LlamaCppOptions(row_cells=self.llamacpp_row_cells)
 
     def to_args(self) -> dict[str, Any]:
         """Plain values, to hand to the Serve app builder (and back through `from_mapping`)."""

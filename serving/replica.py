@@ -87,7 +87,7 @@ class LampModel:
         self.limits = AdapterLimits(max_file_bytes=settings.max_upload_bytes)
         self.engine = build_engine(settings.engine, settings.backbone_options(),
                                    dataclasses.replace(settings.engine_config(), threads=threads),
-                                   settings.vllm_options())
+                                   settings.vllm_options(), llamacpp_options=settings.llamacpp_options())
         self.backbone = self.engine.backbone
         # Adapter loads (tensor checks) run on this one thread, single-threaded like the loading.
         self._store_thread = ThreadPoolExecutor(1, thread_name_prefix="store-poll",

@@ -68,6 +68,10 @@ def register(subparsers) -> None:
     p.add_argument("--fair-scheduling", choices=("on", "off"),
                    help="on (default): the next request is the task's with the fewest tokens served, and a task "
                         "beyond its share of a full queue gets 429; off: first come, first served")
+    p.add_argument("--fair-preemption", choices=("on", "off"),
+                   help="on (default, with fair scheduling): a request of a task below its share of the batch "
+                        "rows enters at the next step, pausing a row of the task most over its share (kept, "
+                        "resumed later, same answer); off: it waits for a free row")
     p.add_argument("--max-input-tokens", type=int, help="longest input in tokens; longer is 413 (default 2048)")
     p.add_argument("--max-new-tokens", type=int, help="largest max_new_tokens a request may ask (default 1024)")
     p.add_argument("--prompt-cache-mb", type=int, help="device memory for built prompts (default 256)")
@@ -85,6 +89,10 @@ def register(subparsers) -> None:
     p.add_argument("--vllm-block-size", type=int,
                    help="vLLM KV block tokens: only whole blocks of a prompt are reused (default: the smallest "
                         "the backend takes, 32 on CPU, 16 on CUDA)")
+    p.add_argument("--llamacpp-row-cells", type=int,
+                   help="KV cells of each batch row of the llama.cpp engine: the most soft prompt + input + "
+                        "answer one request may hold; the KV cache is max-batch-size x this, allocated at start "
+                        "(default 1024)")
     p.add_argument("--allow-random-weights", action="store_true", default=None,
                    help="serve a backbone whose weights are random (made for benchmarks: it generates noise)")
     p.add_argument("--max-request-bytes", type=int, help="largest inference request body (default 1 MiB)")
@@ -98,10 +106,10 @@ SETTING_FLAGS = ("host", "port", "address", "num_cpus", "store", "registry", "pr
                  "quantization", "device", "replicas", "routing", "affinity_load_factor",
                  "affinity_min_queue", "replica_cpus", "threads", "max_batch_size",
                  "batch_wait_ms",
-                 "prefill_forward_cost_tokens", "max_queue", "fair_scheduling", "max_input_tokens", "max_new_tokens", "prompt_cache_mb",
+                 "prefill_forward_cost_tokens", "max_queue", "fair_scheduling", "fair_preemption", "max_input_tokens", "max_new_tokens", "prompt_cache_mb",
                  "adapter_cache_mb", "prompt_kv_cache_mb", "max_request_bytes", "max_upload_bytes",
                  "serve_log_level", "engine", "vllm_kv_cache_mb", "vllm_max_model_len",
-                 "vllm_block_size", "allow_random_weights")
+                 "vllm_block_size", "llamacpp_row_cells", "allow_random_weights")
 
 
 def settings_from_args(args: argparse.Namespace):
@@ -111,8 +119,9 @@ def settings_from_args(args: argparse.Namespace):
     from .store import is_url
 
     overrides = {name: getattr(args, name) for name in SETTING_FLAGS}
-    if overrides["fair_scheduling"] is not None:
-        overrides["fair_scheduling"] = overrides["fair_scheduling"] == "on"
+    for name in ("fair_scheduling", "fair_preemption"):
+        if overrides[name] is not None:
+            overrides[name] = overrides[name] == "on"
     overrides["log_level"] = overrides.pop("serve_log_level")
     settings = load_settings(args.config, overrides)
     absolute = {}

@@ -148,11 +148,13 @@ GGUF_LLAMA_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", 
 
 
 def _gguf_q4_1_blocks(gguf_path) -> dict[str, np.ndarray]:
-    """The Q4_1 tensors of a GGUF file by name (memory-mapped, read once each)."""
-    from gguf import GGMLQuantizationType, GGUFReader
+    """The Q4_1 tensors of a GGUF file by name (memory-mapped, read once each), from its tensor
+    table alone: parsing every metadata field cost seconds per load."""
+    from gguf import GGMLQuantizationType
 
-    reader = GGUFReader(str(gguf_path))
-    return {t.name: t.data for t in reader.tensors if t.tensor_type == GGMLQuantizationType.Q4_1}
+    from .gguf_file import gguf_tensor_data
+
+    return gguf_tensor_data(gguf_path, GGMLQuantizationType.Q4_1)
 
 
 def _replace(parent: torch.nn.Module, dotted: str, module: torch.nn.Module) -> None:

@@ -7,7 +7,8 @@ The estimate counts what the chosen load path holds at its peak:
   (packed 4-bit + bfloat16 scale and zero per 32), other matrices the same after one float32
   tensor at a time, embeddings and norms float32, and the largest tensor's float32 copy;
 - any other GGUF: dequantized to a float32 HF folder, which transformers holds twice while
-  converting (the dequantized tensors and the model);
+  converting (the dequantized tensors and the model); once converted, the folder's parameters
+  (from its safetensors headers) at the load dtype;
 - an HF folder: every parameter at the load dtype (int4 loads float32, then quantizes).
 """
 
@@ -79,10 +80,13 @@ def estimate_load_bytes(options: BackboneOptions, direct_int4: bool) -> tuple[in
     if gguf is not None and direct_int4:
         return _with_margin(gguf_direct_int4_bytes(gguf)), f"{gguf.name} loaded tensor by tensor into int4"
     if gguf is not None:
-        params = gguf_parameter_count(gguf)
-        if backbone_folder_if_cached(gguf) is None:
+        folder = backbone_folder_if_cached(gguf)
+        if folder is None:
             what = f"{gguf.name} converted to a float32 HF folder (held twice while converting)"
-            return _with_margin(params * 8), what
+            return _with_margin(gguf_parameter_count(gguf) * 8), what
+        # The load reads the converted folder: count its safetensors headers (a few bytes) rather
+        # than parse the GGUF's header again (every metadata field: seconds per load, per replica).
+        params = safetensors_parameter_count(folder) or gguf_parameter_count(gguf)
         return _with_margin(params * _bytes_per_parameter(options)), f"{gguf.name}'s float32 HF folder"
     params = safetensors_parameter_count(options.path)
     if params is None:

@@ -102,8 +102,8 @@ def engine_config(settings: dict) -> EngineConfig:
 
 class LlamaCppSide:
     """The llama.cpp engine's side (in its own process: engine_process.py): the engine as served,
-    the same engine with mixed steps as one decode ("embed"; the default splits them), and one with
-    `threads` torch threads in its loop."""
+    the same engine with the other mode of mixed steps (LlamaCppOptions.mixed_steps: "embed", one
+    decode, or "split"), and one with `threads` torch threads in its loop."""
 
     def __init__(self, settings: dict):
         torch.set_num_threads(1)  # as lamp serve does: only engine loop threads run multi-threaded torch work
@@ -113,12 +113,14 @@ class LlamaCppSide:
         main = build_engine("llamacpp", BackboneOptions(), config)
         self.rss_growth = rss() - before
         core = main.core
-        extra = LlamaCppOptions(kv_cells=4096)
-        embed = LlamaCppEngine(core.backbone, core.registry, config, options=dataclasses.replace(extra, mixed_steps="embed"))
+        extra = LlamaCppOptions(row_cells=512)
+        self.other_mode = "split" if core.options.mixed_steps == "embed" else "embed"
+        other = LlamaCppEngine(core.backbone, core.registry, config,
+                               options=dataclasses.replace(extra, mixed_steps=self.other_mode))
         torch_many = LlamaCppEngine(core.backbone, core.registry, config, options=extra)
         torch_many.threads = settings["threads"]
         self.core = core
-        self.runners = {"llamacpp": main, "embed": StepLoopEngine(embed), "torch-many": StepLoopEngine(torch_many)}
+        self.runners = {"llamacpp": main, "other-mixed": StepLoopEngine(other), "torch-many": StepLoopEngine(torch_many)}
         table = torch.from_numpy(np.array(core.backbone.info.table))  # gguf_table()'s rows, already in memory
         for task, adapter in bench_adapters(table).items():
             core.registry.register(task, adapter)
@@ -137,7 +139,7 @@ class LlamaCppSide:
         if part == "prefill":
             return {"ms": cold_build_ms(main, "p200") if name == "cold-p200" else prefill_ms(main, name)}
         if part == "mixed":
-            runner = self.runners["embed"] if name == "embed" else main  # the engine as served splits
+            runner = self.runners["other-mixed"] if name == self.other_mode else main  # the served mode on main
             return closed_loop(runner, mixed_requests(2 * clients_max, new_tokens), clients_max)
         if part == "torch":
             sampled = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True, temperature=0.8, top_p=0.95, seed=1)

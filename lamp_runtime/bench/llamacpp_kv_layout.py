@@ -3,11 +3,11 @@
     .venv/bin/python -m lamp_runtime.bench.llamacpp_kv_layout [--rows 1 16 64] [--context 100]
         [--repeats 3] [--out docs/bench/llamacpp-kv-layout.json]
 
-The llama.cpp engine keeps every sequence in one unified KV cache (`kv_unified`), so that a task's
-prompt keys/values can be shared into a request's sequence by seq_cp. In that layout a decode
-row attends over every used cell of the cache (other sequences' cells masked out), so a step's
-attention grows with rows x all cells; with one stream per sequence a row attends over its own
-cells only. This bench runs the embedded GGUF in both layouts, straight on llama.cpp: `rows`
+The llama.cpp engine first kept every sequence in one unified KV cache (`kv_unified`), so that a
+task's prompt keys/values could be shared into a request's sequence by seq_cp. In that layout a
+decode row attends over every used cell of the cache (other sequences' cells masked out), so a
+step's attention grows with rows x all cells; with one stream per sequence a row attends over its
+own cells only. This measurement moved the engine to a stream per row (engine.py). This bench runs the embedded GGUF in both layouts, straight on llama.cpp: `rows`
 sequences each prefilled with `context` tokens, then decode steps of one token per sequence,
 interleaved round after round; the JSON has ms per step for each (rows, layout), the ratio, the
 command, revision, machine and load.

@@ -91,7 +91,7 @@ def main() -> None:
     config = EngineConfig(max_batch_size=16, max_new_tokens=args.tokens, threads=threads)
     cores = {}
     for policy, adaptive in (("adaptive", True), ("fixed", False)):
-        cores[policy] = build_llamacpp_engine(None, config, LlamaCppOptions(kv_cells=2048, adaptive_threads=adaptive))
+        cores[policy] = build_llamacpp_engine(None, config, LlamaCppOptions(row_cells=256, adaptive_threads=adaptive))
     engines = {policy: StepLoopEngine(core) for policy, core in cores.items()}
     gguf = cores["adaptive"].backbone.path
     runs = [("engine", policy, clients) for policy in engines for clients in (1, 8)]

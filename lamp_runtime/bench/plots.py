@@ -133,4 +133,6 @@ def plot_many_tasks(report: dict, path: str | Path) -> Path:
     ttft.set_yscale("log")
     hits.set_ylim(0, 1)
     hits.legend(fontsize=8)
+    if report.get("random_weights"):
+        fig.suptitle("random-weight backbone: costs, not quality", fontsize=9)
     return _save(fig, plt, path)

@@ -2,10 +2,12 @@
 (backbone/random_shape.py) served by the int4 engine on the CPU, and a T5-base-shaped one.
 
     python -m lamp_runtime.bench.shape7b [--gguf PATH] [--new-tokens 4] [--repeats 2] [--out FILE]
+    python -m lamp_runtime.bench.shape7b --engines llamacpp --out docs/bench/shape7b-llamacpp.json
 
 Random weights: every number here is a cost (bytes, seconds), never a quality; the JSON and the
-printout say `random_weights: true`. Measured, with the HF int4 engine (and the llama.cpp engine
-when lamp_runtime.llamacpp is installed):
+printout say `random_weights: true`. Measured on each of `--engines`: the HF int4 engine (the
+JSON's top level) and the llama.cpp engine on the very same GGUF (its `llamacpp` key; a KV stream
+of `--llamacpp-row-cells` cells, f16, per batch row):
 
 - backbone bytes: the GGUF file, and the int4 model's weights in memory;
 - KV bytes per position: computed at fp16 (what Llama-2-7B's 0.5 MB is quoted at) and as the
@@ -36,7 +38,7 @@ import torch
 from ..adapters import LampAdapter
 from ..backbone.hf import kv_bytes_per_token, load_backbone
 from ..backbone.options import BackboneOptions
-from ..backbone.random_shape import default_path, write_random_gguf
+from ..backbone.random_shape import SHAPES, default_path, write_random_gguf
 from ..engine.base import EngineConfig
 from ..hf.engine import engine_for
 from ..prompts.math import pooled_length
@@ -59,6 +61,7 @@ T5_SHAPES = {
 }
 T5_INPUT_TOKENS = 24
 PROMPT_KV_CACHE_BYTES = 2 * 1024**3
+ENGINES = ("hf", "llamacpp")
 
 
 def random_lamp(hidden: int, pool: int, seed: int) -> LampAdapter:
@@ -164,54 +167,60 @@ def t5_encoder(shape: str, repeats: int, seed: int) -> dict:
             "median_s": medians, "unpooled_over_pooled": medians["unpooled"] / medians["pooled_p10"]}
 
 
-def llamacpp_rows(gguf: Path, new_tokens: int) -> dict | None:
-    """The llama.cpp engine on the very same GGUF, where that engine is installed (None: it is not)."""
-    if importlib.util.find_spec("lamp_runtime.llamacpp") is None:
-        return None
-    from ..engine.streams import complete
-    from ..engines import build_engine
+def fp16_kv_bytes_per_position(shape: str) -> int:
+    """Keys and values of one position over all layers at fp16, from the shape's dimensions."""
+    dims = SHAPES[shape]
+    return 2 * dims.layers * dims.kv_heads * dims.head_dim * 2
 
+
+def engine_rows(engine, hidden: int, fp16: int, args) -> dict:
+    """Prompt-KV bytes per task, decode tok/s, cold vs warm prefill: on any engine's step core."""
+    kv_rows = prompt_kv_bytes(engine, hidden, fp16)
+    for row in kv_rows:
+        print(f"  prompt KV per task, l={PROMPT_LENGTH} p={row['pool']:>2}: {row['prompt_tokens']:>3} positions, "
+              f"{row['fp16_bytes'] / 1e6:6.1f} MB fp16, "
+              f"{row['engine_bytes_reported'] / 1e6:6.1f} MB held by the engine",
+              flush=True)
+    decode = []
+    for batch in DECODE_BATCHES:
+        decode.append(decode_tokens_per_second(engine, batch, args.new_tokens))
+        print(f"  decode batch {batch}: {decode[-1]['tokens_per_s']:.2f} tok/s", flush=True)
+    prefill = prefill_cold_vs_warm(engine, hidden, args.repeats)
+    prefill_summary = summarize_prefill(prefill)
+    for name, row in prefill_summary.items():
+        print(f"  prefill {name}: cold {row['cold_s_median']:.2f} s, warm {row['warm_s_median']:.2f} s, "
+              f"cold / warm {row['cold_over_warm']:.1f}x", flush=True)
+    return {"kv_bytes_per_position": {"fp16_computed": fp16, "engine": engine.kv_bytes_per_token},
+            "prompt_kv_per_task": kv_rows, "decode": decode, "new_tokens": args.new_tokens,
+            "prefill_cold_vs_warm": prefill, "prefill_summary": prefill_summary}
+
+
+def llamacpp_rows(gguf: Path, args) -> dict:
+    """The llama.cpp engine's step core on the very same GGUF (no HTTP, no loop thread: the
+    measurements call its step() like the HF engine's)."""
+    from ..llamacpp.engine import build_llamacpp_engine
+    from ..llamacpp.options import LlamaCppOptions
+
+    print(f"llama.cpp engine, {args.llamacpp_row_cells} KV cells per row", flush=True)
+    engine = build_llamacpp_engine(
+        BackboneOptions(path=str(gguf), device="cpu"),
+        EngineConfig(max_batch_size=max(DECODE_BATCHES), prompt_kv_cache_bytes=PROMPT_KV_CACHE_BYTES,
+                     threads=args.threads),
+        LlamaCppOptions(row_cells=args.llamacpp_row_cells))
     try:
-        engine = build_engine("llamacpp", BackboneOptions(path=str(gguf), device="cpu"))
-        params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-        started = time.perf_counter()
-        try:
-            result = asyncio.run(complete(engine, GenerationRequest(INPUT, None, params)))
-        finally:
-            engine.shutdown()
-        seconds = time.perf_counter() - started
-        return {"batch": 1, "new_tokens": len(result.token_ids), "seconds_with_prefill": seconds,
-                "prefill_ms": result.prefill_ms, "kv_bytes_per_token": getattr(engine, "kv_bytes_per_token", None)}
-    except Exception as exc:  # the engine lands in parallel: record why it did not run, keep the rest
-        return {"error": f"{type(exc).__name__}: {exc}"}
+        engine.on_loop_start()
+        backbone = engine.backbone
+        print(f"  loaded in {backbone.load_seconds:.0f} s, settings {engine.settings}", flush=True)
+        rows = engine_rows(engine, backbone.hidden_size, fp16_kv_bytes_per_position(args.shape), args)
+        return {"name": backbone.name, "row_cells": args.llamacpp_row_cells, "settings": engine.settings,
+                "weights_bytes": backbone.weights_bytes, "load_seconds": backbone.load_seconds, **rows}
+    finally:
+        engine.close()
+        engine.backbone.close()
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", default="llama-2-7b", choices=sorted(T5_SHAPES),
-                        help="the decoder's shape (tiny: a smoke run of every step in seconds)")
-    parser.add_argument("--gguf", default=None, help="the 7B-shaped random GGUF (default: written once to the cache)")
-    parser.add_argument("--new-tokens", type=int, default=4, help="decode steps timed per batch size")
-    parser.add_argument("--repeats", type=int, default=2, help="rounds of the interleaved cold/warm prefills")
-    parser.add_argument("--t5-repeats", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: torch's); 1 on a shared host (docs/benchmarks.md, "
-                             "thread contention)")
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args(argv)
-    if args.new_tokens < 1 or args.repeats < 1 or args.t5_repeats < 1 or (args.threads or 1) < 1:
-        parser.error("--new-tokens, --repeats, --t5-repeats and --threads must be >= 1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    command = full_command("python -m lamp_runtime.bench.shape7b", parser, args)
-    print(f"RANDOM WEIGHTS: {args.shape}'s and {T5_SHAPES[args.shape][0]}'s shapes, benchmarks of cost only",
-          flush=True)
-
-    gguf = Path(args.gguf) if args.gguf else default_path(args.shape, args.seed)
-    if not gguf.is_file():
-        write_random_gguf(gguf, args.shape, args.seed)
-    load_before = load_average()
+def hf_rows(gguf: Path, args) -> tuple[dict, dict]:
+    """The HF int4 engine: the report's top-level keys, and the machine context of its backbone."""
     backbone = load_backbone(BackboneOptions(path=str(gguf), quantization="int4", device="cpu"))
     if not backbone.random_weights:
         raise SystemExit(f"{gguf} is not a random-weight GGUF: this bench measures only those")
@@ -223,40 +232,62 @@ def main(argv: list[str] | None = None) -> None:
           f"{backbone.weights_bytes / 1e9:.2f} GB, loaded in {backbone.load_seconds:.0f} s", flush=True)
     print(f"KV per position: {fp16 / 2**20:.2f} MiB at fp16; the engine holds {engine.kv_bytes_per_token / 2**20:.2f} "
           f"MiB ({engine.kv.dtype})", flush=True)
+    rows = engine_rows(engine, backbone.hidden_size, fp16, args)
+    return ({"backbone": {"shape": args.shape, "name": backbone.name, "random_weights": backbone.random_weights,
+                          "gguf_bytes": gguf.stat().st_size, "int4_weights_bytes": backbone.weights_bytes,
+                          "load_seconds": backbone.load_seconds}, **rows},
+            machine_context(backbone))
 
-    kv_rows = prompt_kv_bytes(engine, backbone.hidden_size, fp16)
-    for row in kv_rows:
-        print(f"  prompt KV per task, l={PROMPT_LENGTH} p={row['pool']:>2}: {row['prompt_tokens']:>3} positions, "
-              f"{row['fp16_bytes'] / 1e6:6.1f} MB fp16, "
-              f"{row['engine_bytes_reported'] / 1e6:6.1f} MB held by the engine",
-              flush=True)
-    decode = []
-    for batch in DECODE_BATCHES:
-        decode.append(decode_tokens_per_second(engine, batch, args.new_tokens))
-        print(f"  decode batch {batch}: {decode[-1]['tokens_per_s']:.2f} tok/s", flush=True)
-    prefill = prefill_cold_vs_warm(engine, backbone.hidden_size, args.repeats)
-    prefill_summary = summarize_prefill(prefill)
-    for name, row in prefill_summary.items():
-        print(f"  prefill {name}: cold {row['cold_s_median']:.2f} s, warm {row['warm_s_median']:.2f} s, "
-              f"cold / warm {row['cold_over_warm']:.1f}x", flush=True)
-    llamacpp = llamacpp_rows(gguf, args.new_tokens)
-    t5 = t5_encoder(args.shape, args.t5_repeats, args.seed)
-    print(f"  {t5['shape']} shape encoder: unpooled {t5['median_s']['unpooled'] * 1000:.0f} ms, pooled p=10 "
-          f"{t5['median_s']['pooled_p10'] * 1000:.0f} ms, {t5['unpooled_over_pooled']:.2f}x", flush=True)
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="llama-2-7b", choices=sorted(T5_SHAPES),
+                        help="the decoder's shape (tiny: a smoke run of every step in seconds)")
+    parser.add_argument("--gguf", default=None, help="the 7B-shaped random GGUF (default: written once to the cache)")
+    parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES),
+                        help="engines measured (llamacpp needs llama-cpp-python)")
+    parser.add_argument("--llamacpp-row-cells", type=int, default=256,
+                        help="the llama.cpp engine's KV cells per batch row (a 7B holds 0.5 MiB per cell)")
+    parser.add_argument("--t5", choices=("on", "off"), default="on", help="the T5-shaped encoder measurement")
+    parser.add_argument("--new-tokens", type=int, default=4, help="decode steps timed per batch size")
+    parser.add_argument("--repeats", type=int, default=2, help="rounds of the interleaved cold/warm prefills")
+    parser.add_argument("--t5-repeats", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's); 1 on a shared host (docs/benchmarks.md, "
+                             "thread contention); the llama.cpp engine's ggml threads (default: the cores)")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    if args.new_tokens < 1 or args.repeats < 1 or args.t5_repeats < 1 or (args.threads or 1) < 1 \
+            or args.llamacpp_row_cells < 16:
+        parser.error("--new-tokens, --repeats, --t5-repeats and --threads must be >= 1, --llamacpp-row-cells >= 16")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    command = full_command("python -m lamp_runtime.bench.shape7b", parser, args)
+    print(f"RANDOM WEIGHTS: {args.shape}'s and {T5_SHAPES[args.shape][0]}'s shapes, benchmarks of cost only",
+          flush=True)
+
+    gguf = Path(args.gguf) if args.gguf else default_path(args.shape, args.seed)
+    if not gguf.is_file():
+        write_random_gguf(gguf, args.shape, args.seed)
+    load_before = load_average()
+    report, context = {}, None
+    if "hf" in args.engines:
+        report, context = hf_rows(gguf, args)
+    llamacpp = llamacpp_rows(gguf, args) if "llamacpp" in args.engines else None
+    t5 = t5_encoder(args.shape, args.t5_repeats, args.seed) if args.t5 == "on" else None
+    if t5:
+        print(f"  {t5['shape']} shape encoder: unpooled {t5['median_s']['unpooled'] * 1000:.0f} ms, pooled p=10 "
+              f"{t5['median_s']['pooled_p10'] * 1000:.0f} ms, {t5['unpooled_over_pooled']:.2f}x", flush=True)
     print("RANDOM WEIGHTS: the numbers above are costs, not quality", flush=True)
     if args.out:
-        context = machine_context(backbone)
+        context = context or machine_context()
         context["load_average_before_load"] = load_before
+        context["load_average_at_end"] = load_average()
         write_json(args.out, {
             "bench": "shape7b", "command": command, "out": args.out, "random_weights": True, "context": context,
-            "backbone": {"shape": args.shape, "name": backbone.name, "random_weights": backbone.random_weights,
-                         "gguf_bytes": gguf.stat().st_size, "int4_weights_bytes": backbone.weights_bytes,
-                         "load_seconds": backbone.load_seconds},
-            "kv_bytes_per_position": {"fp16_computed": fp16, "engine": kv_rows and kv_rows[0]["engine_bytes_computed"]
-                                      // kv_rows[0]["prompt_tokens"]},
-            "prompt_length": PROMPT_LENGTH, "lamp_rank": RANK, "prompt_kv_per_task": kv_rows,
-            "decode": decode, "new_tokens": args.new_tokens,
-            "prefill_cold_vs_warm": prefill, "prefill_summary": prefill_summary,
+            "engines": args.engines, "gguf": {"name": gguf.stem, "bytes": gguf.stat().st_size},
+            "prompt_length": PROMPT_LENGTH, "lamp_rank": RANK, **report,
             "llamacpp": llamacpp, "t5_base_encoder": t5,
         })
 

@@ -66,6 +66,12 @@ class EngineConfig:
     # Step cores admit waiting requests by a virtual token counter per task and bound each task's
     # share of the queue (engine/fair_queue.py); False: first come, first served across tasks.
     fair_scheduling: bool = True
+    # With fair scheduling: a waiting request of a task below its share of the batch rows enters
+    # at the next step, pausing a row of the task most over its share (its keys/values kept; it
+    # resumes later with the same answer) instead of waiting for a row to free (fair_queue.py).
+    # Only cores that can pause a row do it (the Llama-template decoder core, the llama.cpp core);
+    # the others ignore it.
+    fair_preemption: bool = True
     # Step-loop engines (step_loop.py): when the engine goes from idle to busy, how long to wait
     # for requests arriving together so they share one prefill. vLLM forms its batches itself.
     batch_wait_ms: float = 5.0
@@ -78,8 +84,9 @@ class EngineConfig:
         require_at_least(self, 1, "threads", prefix="EngineConfig.")
         if not isinstance(self.batch_wait_ms, (int, float)) or self.batch_wait_ms < 0:
             raise ValueError(f"batch_wait_ms must be >= 0, got {self.batch_wait_ms}")
-        if not isinstance(self.fair_scheduling, bool):
-            raise ValueError(f"fair_scheduling must be True or False, got {self.fair_scheduling!r}")
+        for name in ("fair_scheduling", "fair_preemption"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
 
 @dataclass

@@ -37,6 +37,8 @@ class RequestState:
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.prepared: PreparedPrompt | None = None  # pinned in the prompt cache while running
+        # What its core kept of a row it paused for another task (fair_queue.py), until it resumes.
+        self.paused: object | None = None
         self.generated: list[int] = []
         self.last_token: int | None = None  # the next decode step's input
         self.text = ""

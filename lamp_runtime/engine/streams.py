@@ -19,14 +19,19 @@ if TYPE_CHECKING:  # no torch import: the serving ingress imports the replica mo
     from .base import Engine
 
 
-async def generate(engine: Engine, request: GenerationRequest) -> AsyncIterator[StepOutput]:
+async def generate(engine: Engine, request: GenerationRequest,
+                   finished_only: bool = False) -> AsyncIterator[StepOutput]:
     """Submit `request` (when the first output is awaited) and yield its outputs; the last of each
     sample carries its result. Submission errors raise before anything is queued; an exception the
-    engine sends ends the stream with that exception."""
+    engine sends ends the stream with that exception. `finished_only`: yield only each sample's
+    last output, and wake the event loop for nothing else (a non-streaming request would
+    otherwise wake it once per token, taking a core from the engine's threads at every step)."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
 
     def sink(item: StepOutput | BaseException) -> None:
+        if finished_only and not isinstance(item, BaseException) and not item.finished:
+            return
         try:
             loop.call_soon_threadsafe(queue.put_nowait, item)
         except RuntimeError:  # the caller's event loop is closed: nobody is listening any more
@@ -57,7 +62,7 @@ async def complete(engine: Engine, request: GenerationRequest) -> GenerationResu
 async def complete_all(engine: Engine, request: GenerationRequest) -> list[GenerationResult]:
     """Non-streaming: the results of the request's n samples, in sample order."""
     results: dict[int, GenerationResult] = {}
-    async for out in generate(engine, request):
+    async for out in generate(engine, request, finished_only=True):
         if out.result is not None:
             results[out.result.index] = out.result
     if len(results) < request.params.n:

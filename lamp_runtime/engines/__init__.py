@@ -23,28 +23,24 @@ if TYPE_CHECKING:  # torch-free at import: `lamp --help` and the serving config 
     from ..engine.base import Engine, EngineConfig, EngineObserver
 
 
-def _build_hf(backbone_options: BackboneOptions | None, config: EngineConfig | None, vllm_options) -> Engine:
+def _build_hf(backbone_options: BackboneOptions | None, config: EngineConfig | None, options: None) -> Engine:
     from ..hf.engine import HfEngine
 
-    if vllm_options is not None:
-        raise ValueError("vLLM options were given for the hf engine")
     return HfEngine.load(backbone_options, config)
 
 
-def _build_vllm(backbone_options: BackboneOptions | None, config: EngineConfig | None, vllm_options) -> Engine:
+def _build_vllm(backbone_options: BackboneOptions | None, config: EngineConfig | None, options) -> Engine:
     from ..vllm.backbone import load_vllm_backbone
     from ..vllm.engine import VllmEngine
 
-    return VllmEngine(load_vllm_backbone(backbone_options), config=config, options=vllm_options)
+    return VllmEngine(load_vllm_backbone(backbone_options), config=config, options=options)
 
 
-def _build_llamacpp(backbone_options: BackboneOptions | None, config: EngineConfig | None, vllm_options) -> Engine:
+def _build_llamacpp(backbone_options: BackboneOptions | None, config: EngineConfig | None, options) -> Engine:
     from ..engine.step_loop import StepLoopEngine
     from ..llamacpp.engine import build_llamacpp_engine
 
-    if vllm_options is not None:
-        raise ValueError("vLLM options were given for the llamacpp engine")
-    return StepLoopEngine(build_llamacpp_engine(backbone_options, config))
+    return StepLoopEngine(build_llamacpp_engine(backbone_options, config, options))
 
 
 BUILDERS: dict[str, Callable[..., Engine]] = {"hf": _build_hf, "vllm": _build_vllm, "llamacpp": _build_llamacpp}
@@ -117,15 +113,15 @@ def _choice(options: BackboneOptions, cuda_available: bool | None, llama_cpp_err
 
 def _gguf_file_type(options: BackboneOptions) -> int:
     """The GGUF's `general.file_type` (-1 when the file cannot be read: its builder then says why)."""
-    from ..backbone.gguf_file import gguf_reader
+    from ..backbone.gguf_file import gguf_scalar
     from ..llamacpp.backbone import gguf_path
 
     try:
-        field = gguf_reader(gguf_path(options)[0]).fields.get("general.file_type")
+        value = gguf_scalar(gguf_path(options)[0], "general.file_type")
     except (OSError, ValueError) as exc:
         log.info("--engine auto could not read the GGUF's file type: %s", exc)
         return -1
-    return int(field.contents()) if field is not None else -1
+    return int(value) if value is not None else -1
 
 
 def _llama_cpp_import_error() -> str:
@@ -137,15 +133,22 @@ def _llama_cpp_import_error() -> str:
 
 
 def build_engine(kind: str, backbone_options: BackboneOptions | None = None, config: EngineConfig | None = None,
-                 vllm_options=None, observer: EngineObserver | None = None) -> Engine:
-    """Load the backbone and start the engine of `kind` (`auto`: the one `choose_engine` picks); for
-    `vllm`, `vllm_options` is a VllmOptions. `observer` sees every step and result from the first request on."""
+                 vllm_options=None, observer: EngineObserver | None = None, llamacpp_options=None) -> Engine:
+    """Load the backbone and start the engine of `kind` (`auto`: the one `choose_engine` picks);
+    `vllm_options` (a VllmOptions) and `llamacpp_options` (a LlamaCppOptions) go to their engine
+    only: given for another explicit kind, they are refused (with `auto`, the chosen engine's are
+    used and the others ignored). `observer` sees every step and result from the first request on."""
+    options = {"vllm": vllm_options, "llamacpp": llamacpp_options}
     if kind == AUTO:
         kind = choose_engine(backbone_options)
+    elif kind in BUILDERS:
+        for other, given in options.items():
+            if given is not None and other != kind:
+                raise ValueError(f"{other} options were given for the {kind} engine")
     builder = BUILDERS.get(kind)
     if builder is None:
         raise ValueError(f"engine {kind!r} unknown; use one of {', '.join(ENGINE_KINDS)}")
-    engine = builder(backbone_options, config, vllm_options)
+    engine = builder(backbone_options, config, options.get(kind))
     if observer is not None:
         engine.observe(observer)
     return engine

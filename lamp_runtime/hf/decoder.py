@@ -60,6 +60,7 @@ class DecoderEngine(StepEngine):
     core_name = "llama_template_decoder"
     supports_prompt_logprobs = True
     shares_prefill = True  # a request's n samples fork from one prefill (KV slot copies)
+    can_pause = True  # a paused row's slot is copied out and loaded back (fair_queue.py)
 
     def __init__(self, backbone, *args, **kwargs):
         if backbone.is_encoder_decoder:
@@ -246,18 +247,39 @@ class DecoderEngine(StepEngine):
         self.kv.reserve(slots, positions, used_slots=len(self._running),
                         used_positions=max(self._lengths, default=0))
 
+    def _pause(self, rows: list[int]) -> list[RequestState]:
+        """Copy each row's keys/values out of its slot and free the slot (its prompt stays pinned)."""
+        paused = []
+        for i in rows:
+            seq = self._running[i]
+            seq.paused = (*self.kv.read(i, self._lengths[i]), self._lengths[i])
+            paused.append(seq)
+        self._retire(rows, release=False)
+        return paused
+
+    def _resume(self, sequences: list[RequestState]) -> None:
+        """Load paused rows' keys/values into the slots after the running rows; they decode next."""
+        self._reserve(len(self._running) + len(sequences), max(seq.paused[2] for seq in sequences))
+        for seq in sequences:
+            keys, values, length = seq.paused
+            self.kv.load(len(self._running), keys, values)
+            self._running.append(seq)
+            self._lengths.append(length)
+            seq.paused = None
+
     def _abort_running(self, aborted: set[str]) -> list[StepOutput]:
         rows = [i for i, s in enumerate(self._running) if s.request.request_id in aborted]
         outputs = [self._running[i].abort() for i in rows]
         self._retire(rows)
         return outputs
 
-    def _retire(self, rows: list[int]) -> None:
-        """Remove finished rows and unpin their prompts; the last rows move into the freed slots,
-        so the running batch stays in slots 0..B-1 (one row's KV moved per hole, no batch copy)."""
+    def _retire(self, rows: list[int], release: bool = True) -> None:
+        """Remove finished (or paused: `release=False`) rows and unpin their prompts; the last rows
+        move into the freed slots, so the running batch stays in slots 0..B-1 (one row's KV moved
+        per hole, no batch copy)."""
         if not rows:
             return
-        for i in rows:
+        for i in rows if release else ():
             self._release(self._running[i])
         leaving = set(rows)
         for hole in sorted(rows):

@@ -40,6 +40,9 @@ class StepEngine(abc.ABC):
     # samples of a request share one prefill (forked after it) rather than each running its own.
     supports_prompt_logprobs = False
     shares_prefill = False
+    # Whether the core can pause a running row and resume it later (`_pause`, `_resume`): then a
+    # task below its share of the rows need not wait for a free one (EngineConfig.fair_preemption).
+    can_pause = False
 
     def __init__(self, backbone, registry: AdapterRegistry | None = None, config: EngineConfig | None = None,
                  cache: PromptCache | None = None):
@@ -51,7 +54,7 @@ class StepEngine(abc.ABC):
         self._eos_ids = backbone.eos_token_ids()
         self._lock = threading.Lock()
         # Fair between tasks (engine/fair_queue.py): the order newcomers enter the batch.
-        self._waiting: FairQueue[RequestState] = for_config(self.config)
+        self._waiting: FairQueue[list[RequestState]] = for_config(self.config, can_pause=self.can_pause)
         self._aborted: set[str] = set()
         self.last_step = StepStats()
         self.threads = self.config.threads or torch.get_num_threads()  # intra-op threads of its steps
@@ -117,7 +120,7 @@ class StepEngine(abc.ABC):
         return sum(s.length - 1 for s in list(self._running_sequences())) * self.kv_bytes_per_token
 
     def has_work(self) -> bool:
-        return len(self._waiting) > 0 or bool(self._running_sequences())
+        return not self._waiting.empty() or bool(self._running_sequences())
 
     @property
     def num_waiting(self) -> int:
@@ -133,7 +136,11 @@ class StepEngine(abc.ABC):
     def step(self) -> list[StepOutput]:
         started = time.perf_counter()
         outputs = self._handle_aborts()
-        newcomers = self._admit()
+        admitted = self._admit()
+        resumed = [s for s in admitted if s.paused is not None]
+        newcomers = [s for s in admitted if s.paused is None]
+        if resumed:
+            self._resume(resumed)
         stats = StepStats(prefilled=len(newcomers), prefill_tokens=sum(s.length for s in newcomers))
         now = time.perf_counter()
         for seq in newcomers:
@@ -175,18 +182,39 @@ class StepEngine(abc.ABC):
         """Drop the running rows whose request ids are in `aborted`; their abort outputs."""
 
 
+    def _pause(self, rows: list[int]) -> list[RequestState]:
+        """Take the running rows at these indices out of the batch, keeping in each `seq.paused`
+        what `_resume` needs to continue it (its prompt stays pinned); the paused sequences."""
+        raise NotImplementedError(f"{type(self).__name__} cannot pause rows")
+
+    def _resume(self, sequences: list[RequestState]) -> None:
+        """Put paused sequences back in the batch (clearing `seq.paused`): they decode this step."""
+        raise NotImplementedError(f"{type(self).__name__} cannot resume rows")
+
     def _handle_aborts(self) -> list[StepOutput]:
         with self._lock:
             aborted, self._aborted = self._aborted, set()
         if not aborted:
             return []
-        dropped = self._waiting.remove(lambda group: group[0].request.request_id in aborted)
-        return [s.abort() for group in dropped for s in group] + self._abort_running(aborted)
+        dropped = [s for group in self._waiting.remove(lambda group: group[0].request.request_id in aborted)
+                   for s in group]
+        for seq in dropped:
+            if seq.paused is not None:  # paused while running: its kept state and its prompt go
+                seq.paused = None
+                self._release(seq)
+        return [s.abort() for s in dropped] + self._abort_running(aborted)
 
     def _admit(self) -> list[RequestState]:
-        """Newcomers in the fair queue's order while they fit; each is charged its context tokens."""
-        room = self.config.max_batch_size - self.num_running
-        groups = self._waiting.pop_fitting(room, prompt_tokens=lambda group: sum(s.length for s in group))
+        """Newcomers (and paused rows resuming) in the fair queue's order while they fit; each
+        newcomer is charged its context tokens. Rows the queue names to make room for a task below
+        its share are paused here and handed back to it."""
+        running = self._running_sequences()
+        victims, groups = self._waiting.admit([task_key(s.request.task_id) for s in running],
+                                              self.config.max_batch_size - len(running),
+                                              prompt_tokens=lambda group: sum(s.length for s in group))
+        if victims:
+            for seq in self._pause(victims):
+                self._waiting.requeue(task_key(seq.request.task_id), [seq])
         return [s for group in groups for s in group]
 
     def _charge(self, outputs: list[StepOutput]) -> list[StepOutput]:

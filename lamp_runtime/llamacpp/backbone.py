@@ -133,7 +133,7 @@ def check_memory(info: GgufInfo, kv_cells: int, settings: KernelSettings, availa
             f"{info.path.name} cannot fit: it needs about {needed / 2**30:.1f} GiB (weights "
             f"{weights / 2**30:.1f}, embedding table {info.table.nbytes / 2**30:.2f}, KV cache of {kv_cells} cells "
             f"{kv_cells * info.kv_bytes_per_cell / 2**30:.2f}) and {available / 2**30:.1f} GiB are available; "
-            "lower the KV cells or free memory")
+            "lower the KV cache (LlamaCppOptions.row_cells x max_batch_size) or free memory")
 
 
 def load_tokenizer(path: Path):

@@ -1,20 +1,31 @@
 """`LlamaCppEngine`: continuous batching of requests of any mix of tasks on llama.cpp, one
 `llama_decode` per step for every running row.
 
-A step (1) admits waiting requests while batch rows and KV cells last; (2) plans each newcomer's
-prefill: its task's prompt keys/values are shared from the prompt-KV cache by seq_cp (built once
-per task version, prompt_kv.py) and only its input rows run, as embedding rows (EPT's offset on
-the first ones); (3) runs ONE decode holding a row for every running request's last token and the
-newcomers' rows; (4) samples a token per row (greedy: numpy argmax on llama.cpp's logits buffer;
-sampled rows and log-probabilities: the shared torch helpers, so seeds and semantics are the HF
-engine's); (5) forks the n - 1 siblings of a request by seq_cp and retires finished rows (seq_rm).
+Each batch row is a llama.cpp sequence with a KV stream of its own (`LlamaCppOptions.row_cells`
+cells), so a decode row attends over its own cells only (one unified cache made every row attend
+over every used cell: docs/llamacpp.md, "KV layout").
+
+A step (1) admits waiting requests while batch rows last; (2) plans each newcomer's prefill: its
+task's prompt keys/values are written into its stream from the prompt-KV cache in host memory
+(computed once per task version, prompt_kv.py) and only its input rows run, as embedding rows
+(EPT's offset on the first ones); (3) runs ONE decode holding a row for every running request's
+last token and the newcomers' rows; (4) samples a token per row (greedy: numpy argmax on
+llama.cpp's logits buffer; sampled rows and log-probabilities: the shared torch helpers, so seeds
+and semantics are the HF engine's); (5) forks the n - 1 siblings of a request by seq_cp (a copy of
+the parent's stream) and retires finished rows (seq_rm).
+
+Fair rows (engine/fair_queue.py, EngineConfig.fair_preemption): when the fair queue names running
+rows to pause so that a task below its share of the rows enters now, each row's cells are copied
+to host memory (read_seq_state) and its stream freed; when its turn comes back they are written
+into a free stream (write_seq_state) and it decodes on, answers unchanged (tests/runtime/
+test_fair_rows.py).
 
 A llama_batch holds token ids or embedding rows, not both. A step with newcomers runs, by default
-(`LlamaCppOptions.mixed_steps = "split"`), a token decode for the running rows and an embedding
-decode for the newcomers' rows; "embed" instead turns the decode rows' tokens into embedding rows
-(the GGUF's own dequantized table: llama.cpp's logits are bitwise those of the tokens) and runs one
-decode. Split measured faster (docs/llamacpp.md's benchmark, `mixed` variants). Decode-only steps
-use a token batch.
+(`LlamaCppOptions.mixed_steps = "embed"`), one decode: the running rows' tokens turned into
+embedding rows (the GGUF's own dequantized table: llama.cpp's logits are bitwise those of the
+tokens) and the newcomers' rows; "split" instead runs a token decode for the running rows and an
+embedding decode for the newcomers. One decode measured faster with a KV stream per row
+(docs/llamacpp.md's benchmark, `mixed` variants). Decode-only steps use a token batch.
 
 Threads: ggml's threads (at most `ggml_threads`: EngineConfig.threads or the cores) do the model's
 work, as many per step as threads.py's `ThreadChooser` finds fastest on the host now (a busy host
@@ -28,6 +39,8 @@ lamp_runtime/engines/ wraps it in engine/step_loop.py's `StepLoopEngine` like th
 
 from __future__ import annotations
 
+import bisect
+import heapq
 import os
 import threading
 import time
@@ -47,19 +60,20 @@ from ..engine.logprobs import prompt_logprobs, token_logprobs
 from ..engine.resident import ResidentAdapters
 from ..engine.sampling import make_generator, next_token
 from ..engine.request_state import RequestState
-from .native import Batch, lib, new_context
+from ..prompts.prompt_kv import PromptKVLRU
+from .native import Batch, lib, new_context, read_seq_state, write_seq_state
 from .options import LLAMA_MAX_SEQ, LlamaCppOptions
-from .prompt_kv import PromptSeq, PromptSeqCache
+from .prompt_kv import PromptState
 from .threads import ThreadChooser, thread_candidates
 
 
 class _Row:
-    """A request's sequence in llama.cpp: its id, the next position it writes, the cells it reserved."""
+    """A request's sequence in llama.cpp (its own KV stream): its id and the next position it writes."""
 
-    __slots__ = ("seq", "seq_id", "pos", "reserved")
+    __slots__ = ("seq", "seq_id", "pos")
 
-    def __init__(self, seq: RequestState, seq_id: int, pos: int, reserved: int):
-        self.seq, self.seq_id, self.pos, self.reserved = seq, seq_id, pos, reserved
+    def __init__(self, seq: RequestState, seq_id: int, pos: int):
+        self.seq, self.seq_id, self.pos = seq, seq_id, pos
 
 
 class _Prefill:
@@ -71,8 +85,9 @@ class _Prefill:
         self.row, self.embeds, self.start, self.all_logits = row, embeds, start, all_logits
 
 
-class _NoPromptSeq(Exception):
-    """No sequence id is free for a prompt build (the request then runs its prompt itself)."""
+# Prefill rows one step may run at least (more when a row's stream is longer): newcomers beyond
+# them wait a step, so one burst of long prompts does not stall every running row for long.
+PREFILL_ROWS = 2048
 
 
 def available_cores() -> int:
@@ -102,7 +117,9 @@ class LlamaCppEngine:
         self._table = backbone.info.table
         self._lock = threading.Lock()
         # Fair between tasks (engine/fair_queue.py): the order newcomers enter the batch.
-        self._waiting: FairQueue[RequestState] = for_config(self.config)
+        # A row it names to pause (a task below its share waits for none) is copied out of its
+        # stream (read_seq_state) and written back when it resumes (_pause, _resume).
+        self._waiting: FairQueue[RequestState] = for_config(self.config, can_pause=True)
         self._aborted: set[str] = set()
         self._running: list[_Row] = []
         self.last_step = StepStats()
@@ -110,22 +127,20 @@ class LlamaCppEngine:
         rows = self.config.max_batch_size
         if rows >= LLAMA_MAX_SEQ:
             raise ValueError(f"max_batch_size {rows} over llama.cpp's {LLAMA_MAX_SEQ - 1} sequences")
-        cells = self.options.kv_cells
-        prompt_seqs = min(self.options.prompt_kv_sequences, LLAMA_MAX_SEQ - rows)
-        prompt_bytes = min(self.config.prompt_kv_cache_bytes, cells // 4 * self.kv_bytes_per_token)
-        self.prompt_kv = (PromptSeqCache(prompt_bytes, list(range(rows, rows + prompt_seqs)))
-                          if prompt_bytes >= self.kv_bytes_per_token and prompt_seqs else None)
-        # Cells requests may reserve: the rest of the cache beyond what cached prompts may hold.
-        self.request_cells = cells - (prompt_bytes // self.kv_bytes_per_token if self.prompt_kv else 0)
-        self._free_ids = list(range(rows - 1, -1, -1))
-        self._reserved = 0
+        self.row_cells = self.options.row_cells
+        self.prompt_kv = (PromptKVLRU(self.config.prompt_kv_cache_bytes)
+                          if self.config.prompt_kv_cache_bytes >= self.kv_bytes_per_token else None)
+        self._free_ids = list(range(rows))  # a heap: the lowest id first (see _compact)
+        # Embedding rows one step may run (newcomers' prefills, decode rows in "embed" mode): at
+        # least one whole row's stream; admission keeps a step's newcomers within it.
+        self.step_rows = max(self.row_cells, PREFILL_ROWS) + rows
         self._lib = lib()
-        self.ctx = new_context(backbone.model, n_ctx=cells, n_batch=cells, n_ubatch=backbone.settings.n_ubatch,
-                               n_seq_max=rows + prompt_seqs, threads=self.ggml_threads,
+        self.ctx = new_context(backbone.model, n_ctx=rows * self.row_cells, n_batch=self.step_rows,
+                               n_ubatch=backbone.settings.n_ubatch, n_seq_max=rows, threads=self.ggml_threads,
                                flash_attention=self.options.flash_attention)
         self._mem = self._lib.llama_get_memory(self.ctx)
         self._vocab = self._table.shape[0]
-        self._embeds = Batch(cells, backbone.hidden_size)  # prefills, prompt builds, mixed steps
+        self._embeds = Batch(self.step_rows, backbone.hidden_size)  # prefills, prompt builds, mixed steps
         self._tokens = Batch(rows, 0)  # decode-only steps (and the decode half of a split step)
         self._split_logits = np.empty((rows, self._vocab), dtype=np.float32)
 
@@ -136,24 +151,20 @@ class LlamaCppEngine:
         if params.n > self.config.max_batch_size:
             raise RequestError(f"n={params.n} samples need as many batch rows; max_batch_size is "
                                f"{self.config.max_batch_size}")
+        # a row's stream holds soft prompt + input + answer (each of the n samples has a row)
+        context, name = ((self.row_cells, "a llama.cpp engine row's KV cells (row_cells, --llamacpp-row-cells)")
+                         if self.row_cells < self.backbone.max_positions
+                         else (self.backbone.max_positions, "the backbone's context"))
         entry, input_ids = resolve_request(request, self.registry, self.backbone.tokenizer, self.config,
-                                           min(self.backbone.max_positions, self.request_cells),
-                                           resident=self.resident)
+                                           context, name, resident=self.resident)
         seq = self._sequence(request, input_ids, entry, 0)
         seq.forks = params.n - 1
-        if self._cells_needed(seq) > self.request_cells:
-            raise RequestError(f"soft prompt + input + {params.n} x max_new_tokens need {self._cells_needed(seq)} "
-                               f"KV cells; the llama.cpp engine holds {self.request_cells} for requests")
         self._waiting.push(task_key(request.task_id), seq, seq.width)
         return request.request_id
 
     def _sequence(self, request, input_ids, entry, index: int) -> RequestState:
         generator = make_generator(request.params, torch.device("cpu"), index)
         return RequestState(request, input_ids, entry, generator, self.backbone.tokenizer, self._eos_ids, index)
-
-    @staticmethod
-    def _cells_needed(seq: RequestState) -> int:
-        return seq.soft_prompt_tokens + len(seq.input_ids) + seq.width * seq.params.max_new_tokens
 
     def abort(self, request_id: str) -> None:
         with self._lock:
@@ -163,8 +174,8 @@ class LlamaCppEngine:
         self._waiting.set_limits(task_key(task_id), limits)
 
     def discard(self, cache_key) -> None:
-        """Forget an adapter version's prompt and prompt KV (re-registered or deleted); its cells are
-        freed by the loop at its next step (requests still running on it keep their shared copy)."""
+        """Forget an adapter version's prompt and prompt KV (re-registered or deleted); requests
+        still running on it keep what their own streams hold."""
         self.cache.discard(cache_key)
         self.resident.discard(cache_key)
         if self.prompt_kv is not None:
@@ -178,7 +189,7 @@ class LlamaCppEngine:
             kind=self.kind, waiting=self.num_waiting, running=self.num_running, prompt_cache=self.cache.stats(),
             adapter_cache=self.resident.stats(), prompt_kv=self.prompt_kv_stats(), prompt_kv_unit="requests",
             kv_cache_bytes=self.kv_cache_bytes(), backbone_bytes=self.backbone.weights_bytes, device="cpu",
-            settings={**self.settings, "threads": str(self.ggml_threads),
+            settings={**self.settings, "threads": str(self.ggml_threads), "row_cells": str(self.row_cells),
                       "threads_policy": "adaptive" if self.thread_chooser.adaptive else "fixed"},
             compute_threads=self.thread_chooser.current, tasks=self._waiting.stats())
 
@@ -190,7 +201,7 @@ class LlamaCppEngine:
         return sum(row.pos for row in list(self._running)) * self.kv_bytes_per_token
 
     def has_work(self) -> bool:
-        return len(self._waiting) > 0 or bool(self._running)
+        return not self._waiting.empty() or bool(self._running)
 
     @property
     def num_waiting(self) -> int:
@@ -220,8 +231,9 @@ class LlamaCppEngine:
     def step(self) -> list[StepOutput]:
         started = time.perf_counter()
         outputs = self._handle_aborts()
-        self._free_prompt_seqs()
-        newcomers = self._admit()
+        admitted = self._admit()
+        newcomers = [s for s in admitted if s.paused is None]
+        self._resume([s for s in admitted if s.paused is not None])
         stats = StepStats(prefilled=len(newcomers))
         for seq in newcomers:
             seq.admitted_at = started
@@ -352,71 +364,96 @@ class LlamaCppEngine:
         if not aborted:
             return []
         dropped = self._waiting.remove(lambda s: s.request.request_id in aborted)
+        for seq in dropped:
+            if seq.paused is not None:  # paused while running: its kept cells and its prompt pin go
+                seq.paused = None
+                self._unpin(seq)
         leaving = [r for r in self._running if r.seq.request.request_id in aborted]
         outputs = [s.abort() for s in dropped] + [r.seq.abort() for r in leaving]
         self._retire(leaving)
         return outputs
 
     def _admit(self) -> list[RequestState]:
-        """Newcomers in the fair queue's order while batch rows and KV cells last (each reserves
-        its cells now, so no decode runs out of them); each is charged its context tokens."""
+        """Newcomers (and paused rows resuming) in the fair queue's order while batch rows last
+        and newcomers' prefill rows fit one step (`step_rows`, at worst a whole prompt each); each
+        newcomer is charged its context tokens. Rows the queue names to make room for a task below
+        its share are paused here and handed back to it."""
+        planned = 0
 
-        def reserve(seq: RequestState) -> bool:  # called by the queue, for the item it takes next
-            needed = self._cells_needed(seq)
-            if self._reserved + needed > self.request_cells:
+        def fits(seq: RequestState) -> bool:  # called by the queue, for the item it takes next
+            nonlocal planned
+            rows = 0 if seq.paused is not None else seq.soft_prompt_tokens + len(seq.input_ids)
+            if planned and planned + rows > self.step_rows - self.config.max_batch_size:
                 return False
-            self._reserved += needed
+            planned += rows
             return True
 
-        rows = self.config.max_batch_size - len(self._running)
-        return self._waiting.pop_fitting(rows, prompt_tokens=lambda s: s.soft_prompt_tokens + len(s.input_ids),
-                                         fits=reserve)
+        victims, taken = self._waiting.admit([task_key(r.seq.request.task_id) for r in self._running],
+                                             self.config.max_batch_size - len(self._running),
+                                             prompt_tokens=lambda s: s.soft_prompt_tokens + len(s.input_ids),
+                                             fits=fits)
+        for seq in self._pause(victims):
+            self._waiting.requeue(task_key(seq.request.task_id), seq)
+        return taken
+
+    def _pause(self, indices: list[int]) -> list[RequestState]:
+        """Copy these running rows' cells to host memory (`seq.paused`: state and position) and
+        free their streams; their prompts stay pinned."""
+        rows = [self._running[i] for i in indices]
+        for row in rows:
+            row.seq.paused = (read_seq_state(self.ctx, row.seq_id), row.pos)
+        self._retire(rows, release=False)
+        return [row.seq for row in rows]
+
+    def _resume(self, sequences: list[RequestState]) -> None:
+        """Write paused rows' cells back into free streams; they decode from their last token."""
+        for seq in sequences:
+            state, pos = seq.paused
+            row = _Row(seq, heapq.heappop(self._free_ids), pos)
+            write_seq_state(self.ctx, state, row.seq_id)
+            seq.paused = None
+            self._running.append(row)
+        self._running.sort(key=lambda r: r.seq_id)
 
     def _plan(self, seq: RequestState, stats: StepStats) -> _Prefill:
-        """Give the newcomer a sequence; share its task's prompt KV into it (building it on a miss)
-        and return the rows still to run."""
-        row = _Row(seq, self._free_ids.pop(), 0, self._cells_needed(seq) - seq.forks * seq.params.max_new_tokens)
+        """Give the newcomer a row (its own stream); put its task's prompt KV there (from the
+        prompt-KV cache, or computed now and kept on a miss) and return the rows still to run."""
+        row = _Row(seq, heapq.heappop(self._free_ids), 0)
         inputs = self.backbone.embed(torch.tensor(seq.input_ids, dtype=torch.long))
         scoring = seq.params.prompt_logprobs is not None
         if seq.entry is None:
             return _Prefill(row, inputs.numpy(), 0, scoring)
         adapter = seq.entry.adapter
         seq.prepared = self.cache.acquire(seq.entry.cache_key, lambda: prepare(adapter))
-        shared = None
-        if self.prompt_kv is not None and seq.input_ids and not scoring:
-            # no input: the prompt's last position gives the token; scoring the input: its first
-            # token's log-probability comes from the prompt's last position
-            shared = self._shared_prompt(seq, stats)
-        if shared is None:
+        # no input: the prompt's last position gives the token; scoring the input: its first
+        # token's log-probability comes from the prompt's last position. Both run the prompt.
+        cached = (self.prompt_kv is not None and seq.input_ids and not scoring
+                  and seq.prepared.prompt.shape[0] * self.kv_bytes_per_token <= self.prompt_kv.max_bytes)
+        if not cached:
             return _Prefill(row, assemble_embeddings(seq.prepared, inputs).numpy(), 0, scoring)
-        self._lib.llama_memory_seq_cp(self._mem, shared.seq_id, row.seq_id, -1, -1)
-        self.prompt_kv.release(seq.entry.cache_key)  # the request holds the cells now
-        return _Prefill(row, offset_inputs(seq.prepared, inputs).numpy(), shared.tokens, False)
+        start = self._prompt_kv_into(row, seq, stats)
+        return _Prefill(row, offset_inputs(seq.prepared, inputs).numpy(), start, False)
 
-    def _shared_prompt(self, seq: RequestState, stats: StepStats) -> PromptSeq | None:
-        """The task version's prompt sequence, pinned (built now on a miss); None when the cache
-        has no room for it (pinned entries fill it): the row then runs its prompt itself."""
-        key, prompt = seq.entry.cache_key, seq.prepared.prompt
-        hit = key in self.prompt_kv
-        if not hit:
-            if not self.prompt_kv.make_room(prompt.shape[0] * self.kv_bytes_per_token):
-                return None
-            self._free_prompt_seqs()
-        try:
-            shared = self.prompt_kv.acquire(
-                key, lambda: self._build_prompt(prompt.numpy(), seq.entry.adapter.prompt_tokens, stats))
-        except _NoPromptSeq:  # discarded by another thread between the lookup and here, with no id free
-            return None
-        if hit:
+    def _prompt_kv_into(self, row: _Row, seq: RequestState, stats: StepStats) -> int:
+        """Fill the row's stream with its task version's prompt KV: the cached copy written in on a
+        hit; on a miss the prompt decoded there and a copy kept. Returns the positions it holds."""
+        key = seq.entry.cache_key
+        state: PromptState | None = self.prompt_kv.acquire_cached(key)
+        if state is not None:
+            write_seq_state(self.ctx, state.data, row.seq_id)
             seq.prompt_reused = True
             stats.prompt_kv_hits += 1
-            stats.prompt_tokens_reused += shared.tokens
-        return shared
+            stats.prompt_tokens_reused += state.tokens
+        else:
+            prompt = seq.prepared.prompt.numpy()
+            self._decode_prompt(prompt, row.seq_id, stats)
+            built = PromptState(read_seq_state(self.ctx, row.seq_id), prompt.shape[0],
+                                seq.entry.adapter.prompt_tokens)
+            state = self.prompt_kv.acquire(key, lambda: built)
+        self.prompt_kv.release(key)
+        return state.tokens
 
-    def _build_prompt(self, prompt: np.ndarray, unpooled_tokens: int, stats: StepStats) -> PromptSeq:
-        if not self.prompt_kv.free_ids:
-            raise _NoPromptSeq
-        seq_id = self.prompt_kv.free_ids.pop()
+    def _decode_prompt(self, prompt: np.ndarray, seq_id: int, stats: StepStats) -> None:
         batch = self._embeds
         batch.clear()
         sl = batch.add(prompt.shape[0], seq_id, 0, "none")
@@ -424,47 +461,60 @@ class LlamaCppEngine:
         batch.decode(self.ctx)
         stats.prefill_forwards += 1
         stats.prefill_tokens += prompt.shape[0]
-        return PromptSeq(seq_id, prompt.shape[0], prompt.shape[0] * self.kv_bytes_per_token, unpooled_tokens)
-
-    def _free_prompt_seqs(self) -> None:
-        if self.prompt_kv is None:
-            return
-        for seq_id in self.prompt_kv.take_pending():
-            self._lib.llama_memory_seq_rm(self._mem, seq_id, -1, -1)
-            self.prompt_kv.free_ids.append(seq_id)
 
     def _fork(self, rows: list[_Row], sample_at: list[int]) -> tuple[list[_Row], list[int]]:
-        """The n - 1 siblings of each request just prefilled: a seq_cp of its sequence (its
-        context's cells shared, computed once) and the same first-token logits, own generator."""
+        """The n - 1 siblings of each request just prefilled: a copy of its sequence's cells (the
+        context is computed once; copied now, not by seq_cp, which defers a cross-stream copy of
+        the whole stream to the next decode) and the same first-token logits, own generator."""
         for i in [i for i, r in enumerate(rows) if r.seq.forks]:
             parent = rows[i]
+            cells = read_seq_state(self.ctx, parent.seq_id)  # once for all n - 1 siblings
             for index in range(1, parent.seq.forks + 1):
                 child = parent.seq.fork(index, make_generator(parent.seq.params, torch.device("cpu"), index))
                 if parent.seq.entry is not None:
                     entry = parent.seq.entry
                     child.prepared = self.cache.acquire(entry.cache_key, lambda: prepare(entry.adapter))
-                row = _Row(child, self._free_ids.pop(), parent.pos, child.params.max_new_tokens)
-                self._lib.llama_memory_seq_cp(self._mem, parent.seq_id, row.seq_id, -1, -1)
+                row = _Row(child, heapq.heappop(self._free_ids), parent.pos)
+                write_seq_state(self.ctx, cells, row.seq_id)
                 self._running.append(row)
                 rows.append(row)
                 sample_at.append(sample_at[i])
             parent.seq.forks = 0
         return rows, sample_at
 
-    def _retire(self, rows: list[_Row]) -> None:
-        """Free finished rows' cells (seq_rm) and sequence ids, and unpin their prompts."""
-        if not rows:
-            return
+    def _retire(self, rows: list[_Row], release: bool = True) -> None:
+        """Empty finished (or paused: `release=False`) rows' streams (seq_rm), free their sequence
+        ids and unpin their prompts; then keep the running rows' ids compact (_compact)."""
         leaving = {id(r) for r in rows}
         self._running = [r for r in self._running if id(r) not in leaving]
         for row in rows:
             self._lib.llama_memory_seq_rm(self._mem, row.seq_id, -1, -1)
-            self._free_ids.append(row.seq_id)
-            with self._lock:
-                self._reserved -= row.reserved
-            if row.seq.prepared is not None:
-                row.seq.prepared = None
-                self.cache.release(row.seq.entry.cache_key)
+            heapq.heappush(self._free_ids, row.seq_id)
+            if release:
+                self._unpin(row.seq)
+        self._compact()
+
+    def _compact(self) -> None:
+        """Keep the running rows on sequence ids 0..R-1, in that order in `_running`: llama.cpp
+        splits a decode batch over KV streams into micro-batches of consecutive sequence ids in
+        increasing order (llama_batch_allocr::split_equal), so rows on ids with holes between them,
+        or out of order, run as several micro-batches, each reading every weight again. A row
+        above a free id moves down: its cells are copied (only those it uses) and its old stream
+        emptied."""
+        by_id = sorted(self._running, key=lambda r: r.seq_id)
+        while by_id and self._free_ids and self._free_ids[0] < by_id[-1].seq_id:
+            row, low = by_id.pop(), heapq.heappop(self._free_ids)
+            write_seq_state(self.ctx, read_seq_state(self.ctx, row.seq_id), low)
+            self._lib.llama_memory_seq_rm(self._mem, row.seq_id, -1, -1)
+            heapq.heappush(self._free_ids, row.seq_id)
+            row.seq_id = low
+            bisect.insort(by_id, row, key=lambda r: r.seq_id)
+        self._running.sort(key=lambda r: r.seq_id)
+
+    def _unpin(self, seq: RequestState) -> None:
+        if seq.prepared is not None:
+            seq.prepared = None
+            self.cache.release(seq.entry.cache_key)
 
 
 def build_llamacpp_engine(backbone_options=None, config: EngineConfig | None = None,
@@ -484,13 +534,14 @@ def build_llamacpp_engine(backbone_options=None, config: EngineConfig | None = N
     path, _ = gguf_path(backbone_options)
     info = read_gguf(path)  # refuses what is not a runnable GGUF before any child starts
     threads = config.threads or available_cores()
+    kv_cells = config.max_batch_size * options.row_cells
     if options.probe:
-        check_memory(info, options.kv_cells, KernelSettings())
+        check_memory(info, kv_cells, KernelSettings())
         report = probe_settings(path, threads, cache_file=Path(probe_cache) if probe_cache else None)
         settings, source = report.chosen, report.source
     else:
         settings, source = KernelSettings(), "default"
-    backbone = load_llamacpp_backbone(backbone_options, settings, options.kv_cells, info)
+    backbone = load_llamacpp_backbone(backbone_options, settings, kv_cells, info)
     engine = LlamaCppEngine(backbone, registry, config, options=options)
     engine.settings["probe"] = source
     return engine

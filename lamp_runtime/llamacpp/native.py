@@ -1,5 +1,6 @@
 """The ctypes layer over llama.cpp (llama-cpp-python's low-level `llama_cpp.llama_cpp`): loading a
-model with given kernel settings, a context with one unified KV cache, and a preallocated batch.
+model with given kernel settings, a context with a KV stream per sequence, a sequence's cells
+copied to and from host memory, and a preallocated batch.
 
 A `Batch` owns every array llama.cpp reads (numpy arrays kept alive as its attributes) and a
 `llama_batch` struct pointing at them, built once: a step writes rows into the arrays and sets
@@ -75,11 +76,12 @@ KV_TYPES = {"f32": GGML_TYPE_F32, "f16": GGML_TYPE_F16}
 
 
 def new_context(model, n_ctx: int, n_batch: int, n_ubatch: int, n_seq_max: int, threads: int,
-                flash_attention: bool = True, kv_type: str = "f16", unified: bool = True):
-    """A context whose sequences share one unified KV cache of `n_ctx` cells (so a prompt's cells
-    can be shared by seq_cp), with `threads` ggml threads for decode and prefill alike.
-    `unified=False` gives each sequence a KV stream of its own instead (n_ctx / n_seq_max cells each;
-    bench/llamacpp_kv_layout.py compares the two).
+                flash_attention: bool = True, kv_type: str = "f16", unified: bool = False):
+    """A context of `n_seq_max` sequences, each with a KV stream of its own (n_ctx / n_seq_max
+    cells), with `threads` ggml threads for decode and prefill alike. A row of a decode then
+    attends over its own sequence's cells only; `unified=True` puts every sequence in one cache of
+    `n_ctx` cells instead (cells shareable by seq_cp, but each row's attention spans every used
+    cell: 3.3x the step time at 64 rows, bench/llamacpp_kv_layout.py).
 
     Flash attention is on: without it (llama-cpp-python 0.3.36's vendored llama.cpp), a sequence's
     logits changed visibly (whole tokens apart within a few steps) when another sequence decoded in
@@ -103,6 +105,28 @@ def new_context(model, n_ctx: int, n_batch: int, n_ubatch: int, n_seq_max: int, 
     if not ctx:
         raise RuntimeError(f"llama.cpp could not create a context of {n_ctx} KV cells: {last_errors()}")
     return ctx
+
+
+def read_seq_state(ctx, seq_id: int) -> np.ndarray:
+    """A copy, in host memory, of sequence `seq_id`'s cells (positions, keys, values of every layer):
+    llama.cpp's state format, which `write_seq_state` puts into another sequence's stream."""
+    L = lib()
+    size = L.llama_state_seq_get_size(ctx, seq_id)
+    data = np.empty(size, dtype=np.uint8)
+    written = L.llama_state_seq_get_data(ctx, data.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), size, seq_id)
+    if written != size:
+        raise RuntimeError(f"llama.cpp wrote {written} of sequence {seq_id}'s {size} state bytes {last_errors()}")
+    return data
+
+
+def write_seq_state(ctx, data: np.ndarray, seq_id: int) -> None:
+    """Replace sequence `seq_id`'s cells by a `read_seq_state` copy (taken from any sequence)."""
+    L = lib()
+    _ERRORS.clear()
+    read = L.llama_state_seq_set_data(ctx, data.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), data.nbytes, seq_id)
+    if read != data.nbytes:
+        raise RuntimeError(f"llama.cpp restored {read} of {data.nbytes} state bytes into sequence {seq_id}: "
+                           f"{last_errors() or 'no reason given'}")
 
 
 class Batch:

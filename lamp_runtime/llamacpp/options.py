@@ -12,18 +12,18 @@ LLAMA_MAX_SEQ = 256
 
 @dataclass(frozen=True)
 class LlamaCppOptions:
-    # KV cells of the one unified cache shared by every sequence (running rows and cached prompts):
-    # a cell holds one position of one or more sequences (a shared prompt position is one cell).
-    kv_cells: int = 8192
-    # Sequences kept for cached prompt KV (each (task, version) holds one while cached).
-    prompt_kv_sequences: int = 64
+    # KV cells of each request row's own stream: the most soft prompt + input + answer one request
+    # (one of its n samples) may hold; longer requests are refused, naming both numbers. The KV
+    # cache holds EngineConfig.max_batch_size x row_cells cells, allocated at start (f16: 23 KB a
+    # cell on the embedded SmolLM2, 512 KB on a Llama-2-7B shape).
+    row_cells: int = 1024
     # Try the weight-repack / micro-batch settings in a child process at start (probe.py); False
     # runs llama.cpp's defaults untried.
     probe: bool = True
-    # Mixed steps (decode rows + newcomers' prefills): "split" runs a token decode and an embedding
-    # decode; "embed" turns the decode rows' tokens into embedding rows and runs one llama_decode.
-    # Split measured faster (docs/llamacpp.md's benchmark).
-    mixed_steps: str = "split"
+    # Mixed steps (decode rows + newcomers' prefills): "embed" turns the decode rows' tokens into
+    # embedding rows and runs one llama_decode; "split" runs a token decode and an embedding decode.
+    # With a KV stream per row, one decode measured faster (docs/llamacpp.md's benchmark).
+    mixed_steps: str = "embed"
     # llama.cpp's flash attention (native.new_context says why it is on by default).
     flash_attention: bool = True
     # Choose ggml's thread count per step from measured step times (threads.py); False always
@@ -31,7 +31,6 @@ class LlamaCppOptions:
     adaptive_threads: bool = True
 
     def __post_init__(self):
-        require_at_least(self, 16, "kv_cells", prefix="LlamaCppOptions.")
-        require_at_least(self, 0, "prompt_kv_sequences", prefix="LlamaCppOptions.")
+        require_at_least(self, 16, "row_cells", prefix="LlamaCppOptions.")
         if self.mixed_steps not in ("embed", "split"):
             raise ValueError(f"LlamaCppOptions.mixed_steps must be 'embed' or 'split', got {self.mixed_steps!r}")

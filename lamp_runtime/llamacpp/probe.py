@@ -136,7 +136,7 @@ def run_child(path: Path, settings: KernelSettings, threads: int, command: list[
 # prefills some tens of input rows and then decodes many more tokens, alone or beside others.
 # Weighted so: one 64-row prefill, 64 single-row decodes, 32 four-row decodes.
 MIX = {"prefill_64_s": 1, "decode_1_s": 64, "decode_4_s": 32}
-WORKLOAD_VERSION = 2  # part of the cache key: results of another workload are probed again
+WORKLOAD_VERSION = 3  # part of the cache key: results of another workload are probed again
 
 
 def serving_seconds(result: dict) -> float:
@@ -160,6 +160,7 @@ def workload(path: str, settings: KernelSettings, threads: int) -> dict:
     rows = (rng.standard_normal((64, width)) * 0.02).astype(np.float32)
     answers, parts = [], {part: [] for part in MIX}
     for _ in range(2):
+        # four sequences of 128 cells, each in a KV stream of its own, as the engine runs them
         ctx = new_context(model, n_ctx=512, n_batch=256, n_ubatch=settings.n_ubatch, n_seq_max=4, threads=threads)
         mem = L.llama_get_memory(ctx)
         embeds, tokens = Batch(256, width), Batch(8, 0)

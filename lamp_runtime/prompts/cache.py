@@ -82,8 +82,22 @@ class PinnedLRU:
             self._evict_locked()
             return entry.value
 
+    def acquire_cached(self, key: Hashable):
+        """The value cached for `key`, pinned until `release` and counted as a hit; None on a miss,
+        not counted: for a value too slow to build under the lock, which the caller builds and then
+        stores with `acquire` (counting the miss)."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
+            self._looked_up(key, True)
+            self._stats.hits += 1
+            self._entries.move_to_end(key)
+            entry.pins += 1
+            return entry.value
+
     def _looked_up(self, key: Hashable, hit: bool) -> None:
-        """Called under the lock on every `acquire` (subclasses count by key)."""
+        """Called under the lock on every counted lookup (subclasses count by key)."""
 
     def release(self, key: Hashable) -> None:
         with self._lock:

@@ -66,7 +66,10 @@ def render(snapshots: list[list[Family]]) -> bytes:
     return generate_latest(_Families([merged[n] for n in sorted(merged)]))
 
 
+# Pushes take a millisecond and nothing waits on them: a shutdown need not wait Serve's default
+# 2 s loop for them to drain (the ingress and the model replicas wait 0.5 s too).
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000,
+                  graceful_shutdown_wait_loop_s=0.5,
                   logging_config={"enable_access_log": False})  # two pushes per second per replica
 class MetricsHub:
     def __init__(self):

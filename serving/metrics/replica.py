@@ -113,15 +113,17 @@ class EngineCollector:
                                       "reason (task_share, task_limit: 429; queue_full: 503)", labels=["task", "reason"])
         served = CounterMetricFamily("lamp_task_tokens_served", "Tokens served, by task and kind (prompt: "
                                      "prefilled context, generated: sampled)", labels=["task", "kind"])
+        paused = CounterMetricFamily("lamp_task_rows_paused", "Running rows paused to let a task below its share of "
+                                     "the batch in, by task (fair rows; they resume later)", labels=["task"])
         sums: dict[tuple, float] = {}
         registry = self.engine.registry
         for task_id, s in tasks.items():
             task = self.task_labels.label(task_id, task_id in registry)
-            for key, value in ((("w", task), s.waiting), (("a", task), s.admitted),
+            for key, value in ((("w", task), s.waiting), (("a", task), s.admitted), (("s", task), s.paused),
                                (("p", task, "prompt"), s.prompt_tokens), (("p", task, "generated"), s.generated_tokens),
                                *((("r", task, reason), n) for reason, n in s.refused.items())):
                 sums[key] = sums.get(key, 0) + value
-        families = {"w": waiting, "a": admitted, "r": refused, "p": served}
+        families = {"w": waiting, "a": admitted, "r": refused, "p": served, "s": paused}
         for (kind, *labels), value in sorted(sums.items()):
             families[kind].add_metric(labels, value)
         yield from families.values()

@@ -14,6 +14,7 @@ import pytest
 
 from lamp_runtime.backbone.options import BackboneOptions
 from lamp_runtime.engines import ENGINE_KINDS, build_engine, choose_engine
+from lamp_runtime.llamacpp.options import LlamaCppOptions
 from lamp_runtime.vllm.engine import VllmOptions, _vllm_quantization
 from serving.cli import build_parser
 from serving.config import ServeSettings, load_settings
@@ -35,10 +36,22 @@ def test_serve_defaults_to_the_hf_engine_and_takes_vllm_settings_from_flags_and_
     assert ServeSettings.from_mapping(from_yaml.to_args()) == from_yaml
 
 
+def test_llamacpp_row_cells_reach_the_engine_options_from_flags_and_yaml(tmp_path):
+    from lamp_runtime.llamacpp.options import LlamaCppOptions
+
+    assert ServeSettings(engine="llamacpp").llamacpp_options() is None  # the engine's own defaults
+    args = build_parser().parse_args(["serve", "--engine", "llamacpp", "--llamacpp-row-cells", "2048"])
+    assert settings_from_args(args).llamacpp_options() == LlamaCppOptions(row_cells=2048)
+    (tmp_path / "serve.yaml").write_text("engine: auto\nllamacpp-row-cells: 512\n")
+    assert load_settings(tmp_path / "serve.yaml", {}).llamacpp_options() == LlamaCppOptions(row_cells=512)
+
+
 @pytest.mark.parametrize("text, message", [
     ("engine: tgi\n", "engine must be one of hf, vllm, llamacpp, auto; got 'tgi'"),
     ("vllm_kv_cache_mb: 0\n", "vllm_kv_cache_mb must be an integer >= 1"),
     ("vllm_max_model_len: 1\n", "vllm_max_model_len must be an integer >= 2"),
+    ("engine: llamacpp\nllamacpp_row_cells: 8\n", "llamacpp_row_cells must be an integer >= 16"),
+    ("engine: vllm\nllamacpp_row_cells: 1024\n", "llamacpp_row_cells is a setting of the llamacpp engine, not of 'vllm'"),
 ])
 def test_bad_engine_settings_name_the_key(tmp_path, text, message):
     (tmp_path / "serve.yaml").write_text(text)
@@ -92,8 +105,11 @@ def test_auto_keeps_hf_with_a_logged_reason_when_llama_cpp_does_not_import(monke
 def test_factory_refuses_unknown_engines_and_misplaced_options():
     with pytest.raises(ValueError, match="engine 'tgi' unknown; use one of hf, vllm"):
         build_engine("tgi", BackboneOptions())
-    with pytest.raises(ValueError, match="vLLM options were given for the hf engine"):
+    with pytest.raises(ValueError, match="vllm options were given for the hf engine"):
         build_engine("hf", BackboneOptions(), vllm_options=VllmOptions())
+    for kind in ("hf", "vllm"):
+        with pytest.raises(ValueError, match=f"llamacpp options were given for the {kind} engine"):
+            build_engine(kind, BackboneOptions(), llamacpp_options=LlamaCppOptions())
 
 
 def test_vllm_options_and_quantization_choices_are_checked():
@@ -107,3 +123,19 @@ def test_vllm_options_and_quantization_choices_are_checked():
         _vllm_quantization("nf4", "cpu")
     with pytest.raises(ValueError, match="'int8' is not available with the vLLM engine"):
         _vllm_quantization("int8", "cuda")
+
+
+def test_gguf_metadata_and_tensors_read_by_lengths_agree_with_the_gguf_reader():
+    from lamp_runtime.backbone.checkpoint import embedded_gguf_path
+    from lamp_runtime.backbone.gguf_file import gguf_reader, gguf_scalar, gguf_tensor_data
+
+    path = embedded_gguf_path()
+    reader = gguf_reader(path)
+    for key in ("general.file_type", "llama.embedding_length", "llama.block_count", "llama.attention.head_count_kv"):
+        assert gguf_scalar(path, key) == reader.fields[key].contents(), key
+    assert gguf_scalar(path, "general.name") is None and gguf_scalar(path, "no.such.key") is None  # a string; absent
+    ours = gguf_tensor_data(path, 3)  # Q4_1
+    theirs = {t.name: t for t in reader.tensors if int(t.tensor_type) == 3}
+    assert ours.keys() == theirs.keys() and len(ours) > 100
+    for name in list(ours)[:5]:
+        assert ours[name].shape == theirs[name].data.shape and (ours[name] == theirs[name].data).all(), name

@@ -61,7 +61,7 @@ def runtime(request, backbone, tmp_path_factory):
         from lamp_runtime.llamacpp.engine import build_llamacpp_engine
         from lamp_runtime.llamacpp.options import LlamaCppOptions
 
-        options = LlamaCppOptions(kv_cells=2048, probe=False)
+        options = LlamaCppOptions(row_cells=512, probe=False)
         engine = StepLoopEngine(build_llamacpp_engine(config=CONFIG, options=options))
         adapter = lamp_from_prompt(vocab_prompt(backbone, 12, seed=7), rank=4, pool=2)
     else:

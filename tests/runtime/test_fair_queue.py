@@ -192,3 +192,110 @@ def test_decoder_engine_admits_a_light_task_ahead_of_a_queued_flood(engine, fair
     stats = core.stats().tasks
     assert stats["plain"].admitted == 4 and stats["lamp2"].admitted == 1
     assert 4 <= stats["plain"].generated_tokens <= 8 and stats["lamp2"].prompt_tokens > 0  # EOS may end one early
+
+
+# ---- fair rows: pausing a row of the task over its share (admit / requeue) ------------------------
+
+
+def test_admit_without_preemption_is_pop_fitting():
+    q = FairQueue(capacity=100)
+    q.push("light", ("light", 0))
+    assert q.admit(["heavy"] * 4, room=0) == ([], [])
+    assert q.admit(["heavy"] * 3, room=1) == ([], [("light", 0)])
+
+
+def test_a_light_request_pauses_a_row_of_the_flood_and_the_row_resumes_first():
+    q = FairQueue(capacity=100, preempt=True, max_paused=4)
+    for i in range(3):
+        q.push("heavy", ("heavy", i))
+    q.push("light", ("light", 0))
+    running = ["heavy", "light2", "heavy", "heavy"]
+    # no free row: the light task (0 rows, share 4/3) takes the last row of the heavy task (3 rows)
+    victims, taken = q.admit(running, room=0)
+    assert (victims, taken) == ([3], [("light", 0)])
+    q.requeue("heavy", ("heavy", "paused"))
+    assert len(q) == 3 and q.paused == 1 and not q.empty()  # a paused row is outside the queue's bound
+    running = ["heavy", "light2", "heavy", "light"]
+    assert q.admit(running, room=0) == ([], [])  # the heavy task is at its share: it waits
+    # a row frees: the paused row goes before the heavy task's newcomers, charged nothing
+    counter = q.stats()["heavy"].counter
+    assert q.admit(["heavy", "light2", "heavy"], room=1, prompt_tokens=lambda item: 50) == ([], [("heavy", "paused")])
+    assert q.paused == 0 and q.stats()["heavy"].counter == counter and q.stats()["heavy"].admitted == 0
+
+
+def test_a_lone_task_is_never_paused_and_fills_the_batch():
+    q = FairQueue(capacity=100, preempt=True)
+    for i in range(6):
+        q.push("heavy", ("heavy", i))
+    assert q.admit(["heavy"] * 4, room=0) == ([], [])
+    assert q.admit(["heavy"] * 2, room=2) == ([], [("heavy", 0), ("heavy", 1)])
+
+
+def test_no_task_is_paused_below_its_share():
+    q = FairQueue(capacity=100, preempt=True)
+    q.push("c", ("c", 0))
+    # shares of 4 rows over three tasks: 4/3 each; a and b hold 2 each: one row over, a's last goes
+    assert q.admit(["a", "b", "a", "b"], room=0) == ([2], [("c", 0)])
+    q.push("e", ("e", 0))
+    # five tasks for four rows, four holding one each: every task keeps a row, e waits for a free one
+    assert q.admit(["a", "b", "c", "d"], room=0) == ([], [])
+
+
+def test_a_task_holding_no_row_gets_one_even_when_its_share_is_less():
+    q = FairQueue(capacity=100, preempt=True)
+    for task in ("a", "b", "c", "d"):
+        q.push(task, (task, 0))
+    # five tasks for four rows (shares 0.8): each light task takes one of the flood's rows, the
+    # flood keeps one; then nothing moves (the light tasks hold one row each, the flood one)
+    victims, taken = q.admit(["heavy"] * 4, room=0)
+    assert sorted(victims) == [1, 2, 3] and taken == [("a", 0), ("b", 0), ("c", 0)]
+    for _ in victims:
+        q.requeue("heavy", ("heavy", "paused"))
+    assert q.admit(["heavy", "a", "b", "c"], room=0) == ([], [])
+    assert q.stats()["heavy"].paused == 3 and q.paused == 3
+
+
+def test_one_row_is_never_swapped():
+    q = FairQueue(capacity=100, preempt=True)
+    q.push("light", ("light", 0))
+    assert q.admit(["heavy"], room=0) == ([], [])
+
+
+def test_weights_decide_the_shares_of_rows():
+    q = FairQueue(capacity=100, preempt=True)
+    q.set_limits("light", TaskLimits(weight=3.0))
+    for i in range(3):
+        q.push("light", ("light", i))
+    # light's share is 3 of 4 rows: it takes three rows of the heavy task, which keeps one
+    victims, taken = q.admit(["heavy"] * 4, room=0)
+    assert sorted(victims) == [1, 2, 3] and taken == [("light", 0), ("light", 1), ("light", 2)]
+
+
+def test_paused_rows_are_bounded():
+    q = FairQueue(capacity=100, preempt=True, max_paused=1)
+    q.push("a", ("a", 0))
+    q.push("b", ("b", 0))
+    victims, taken = q.admit(["heavy"] * 4, room=0)
+    assert victims == [3] and taken == [("a", 0)]
+    q.requeue("heavy", ("heavy", "paused"))
+    assert q.admit(["heavy"] * 3 + ["a"], room=0) == ([], [])  # one paused row already: b waits
+
+
+def test_an_aborted_paused_row_leaves_the_queue():
+    q = FairQueue(capacity=100, preempt=True)
+    q.requeue("heavy", ("heavy", "paused"))
+    assert q.remove(lambda item: item[1] == "paused") == [("heavy", "paused")]
+    assert q.empty() and q.paused == 0
+
+
+def test_preemption_needs_fair_scheduling_and_follows_the_config():
+    with pytest.raises(ValueError):
+        FairQueue(capacity=4, fair=False, preempt=True)
+    from lamp_runtime.engine.fair_queue import for_config
+
+    assert for_config(EngineConfig(), can_pause=True).preempt
+    assert not for_config(EngineConfig(), can_pause=False).preempt
+    assert not for_config(EngineConfig(fair_preemption=False), can_pause=True).preempt
+    assert not for_config(EngineConfig(fair_scheduling=False), can_pause=True).preempt
+    with pytest.raises(ValueError, match="fair_preemption"):
+        EngineConfig(fair_preemption="yes")

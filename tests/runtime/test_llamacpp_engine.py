@@ -35,7 +35,7 @@ TEXTS = ["The capital of France is", "Hi", "List three colours:", "Once upon a t
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
     e = build_llamacpp_engine(config=EngineConfig(max_batch_size=8, max_input_tokens=512, max_new_tokens=64, threads=1),
-                              options=LlamaCppOptions(kv_cells=4096, probe=False))
+                              options=LlamaCppOptions(row_cells=512, probe=False))
     yield e
     e.close()
 
@@ -160,13 +160,13 @@ def test_mixed_task_batches_equal_one_at_a_time_with_requests_joining(engine, ta
     assert_all_same_or_near_tie(alone, together)
     staggered = run_staggered_results(engine, [GenerationRequest(r.input, r.task_id, r.params) for r in requests], 2)
     assert_all_same_or_near_tie(alone, staggered)
-    assert engine.num_running == 0 and engine._reserved == 0
+    assert engine.num_running == 0 and len(engine._free_ids) == engine.config.max_batch_size
 
 
 def test_mixed_steps_as_one_decode_answer_like_split_ones(engine, tasks):
-    assert engine.options.mixed_steps == "split"  # the default
+    assert engine.options.mixed_steps == "embed"  # the default
     embed = LlamaCppEngine(engine.backbone, engine.registry, engine.config,
-                           options=LlamaCppOptions(kv_cells=4096, mixed_steps="embed"))
+                           options=LlamaCppOptions(row_cells=512, mixed_steps="split"))
     try:
         requests = [GenerationRequest(t, task, greedy()) for t, task in zip(TEXTS, ["plain", "ept", None, "lamp2"])]
         assert_all_same_or_near_tie(
@@ -192,7 +192,8 @@ def assert_prompt_kv_cold_warm_and_concurrent_equal(engine, adapter, new: int = 
     was = before.by_task.get("kv", TaskHits(hits=0, misses=0))
     assert after.by_task["kv"] == TaskHits(hits=was.hits + 1 + concurrent, misses=was.misses + 1)
     saved = (adapter.prompt_tokens - adapter.pooled_tokens) * engine.kv_bytes_per_token  # cells held instead of l
-    assert after.pooling_saved_bytes - before.pooling_saved_bytes == saved
+    # per position as stored: llama.cpp's state format adds a header of a few hundred bytes
+    assert saved <= after.pooling_saved_bytes - before.pooling_saved_bytes <= saved * 1.01
     engine.discard(key)
 
 
@@ -201,22 +202,19 @@ def test_prompt_kv_cold_warm_and_concurrent_are_equal(engine, tasks, adapters):
     assert_prompt_kv_cold_warm_and_concurrent_equal(engine, adapters["lamp2"])
 
 
-def test_prompt_kv_eviction_under_a_small_budget_frees_the_sequence(engine, tasks):
+def test_prompt_kv_eviction_under_a_small_budget(engine, tasks):
     small = LlamaCppEngine(engine.backbone, engine.registry,
                            EngineConfig(max_batch_size=4, prompt_kv_cache_bytes=10 * engine.kv_bytes_per_token),
-                           options=LlamaCppOptions(kv_cells=1024))
+                           options=LlamaCppOptions(row_cells=256))
     try:
         first = small.generate([GenerationRequest(TEXTS[0], "plain", greedy())])[0]  # 8 prompt cells
         plain, lamp2 = engine.registry.get("plain").cache_key, engine.registry.get("lamp2").cache_key
-        seq_id = small.prompt_kv.get_seq_id(plain)
-        assert lib().llama_memory_seq_pos_max(small._mem, seq_id) == 7
+        held = small.prompt_kv_stats().bytes  # llama.cpp's state of 8 cells: their keys/values and a header
+        assert plain in small.prompt_kv and 8 * engine.kv_bytes_per_token <= held < 9 * engine.kv_bytes_per_token
         other = small.generate([GenerationRequest(TEXTS[0], "lamp2", greedy())])[0]  # 6 cells: evicts plain
         assert small.prompt_kv_stats().evictions == 1 and small.prompt_kv_stats().entries == 1
-        assert small.prompt_kv.get_seq_id(plain) is None
-        # plain's sequence was emptied (seq_rm) before lamp2's prompt was built into the id it freed
-        assert small.prompt_kv.get_seq_id(lamp2) == seq_id
-        assert lib().llama_memory_seq_pos_max(small._mem, seq_id) == 5
-        assert lib().llama_memory_seq_pos_min(small._mem, seq_id) == 0
+        assert plain not in small.prompt_kv and lamp2 in small.prompt_kv
+        assert small.num_running == 0 and all(lib().llama_memory_seq_pos_max(small._mem, s) == -1 for s in range(4))
         again = small.generate([GenerationRequest(TEXTS[0], "plain", greedy())])[0]
         assert again.soft_prompt_tokens_computed == 8
         assert_same_or_near_tie(first, again)
@@ -281,7 +279,7 @@ def test_abort_frees_the_row_and_errors_are_refused_before_queueing(engine, task
     engine.abort(request.request_id)
     outs = engine.step()
     assert [o.result.finish_reason for o in outs if o.result] == ["abort"]
-    assert engine.num_running == 0 and engine._reserved == 0 and not engine.has_work()
+    assert engine.num_running == 0 and len(engine._free_ids) == engine.config.max_batch_size and not engine.has_work()
     with pytest.raises(UnknownTaskError):
         engine.submit(GenerationRequest("x", "nope", greedy()))
     with pytest.raises(InputTooLongError):
@@ -363,3 +361,22 @@ def test_refusals_before_loading(tmp_path, engine):
         check_memory(engine.backbone.info, 1 << 20, KernelSettings(), available=1 << 30)
     with pytest.raises(ValueError, match="GGUF"):
         load_llamacpp_backbone(BackboneOptions(path=str(tmp_path)), KernelSettings(), 64)
+
+
+def test_running_rows_stay_on_consecutive_sequence_ids_and_answer_alike(engine, tasks):
+    """llama.cpp splits a decode over KV streams into micro-batches of consecutive, increasing
+    sequence ids: rows that finish out of order leave holes, which the engine closes by moving
+    the highest rows' cells down (engine._compact). The moved rows answer as they do alone."""
+    lengths = [2, 9, 4, 9, 3, 7]
+    requests = [GenerationRequest(TEXTS[i % len(TEXTS)], [*tasks, None][i % 4], greedy(n, logprobs=None))
+                for i, n in enumerate(lengths)]
+    alone = [engine.generate([GenerationRequest(r.input, r.task_id, r.params)])[0] for r in requests]
+    for r in requests:
+        engine.submit(r)
+    results = {}
+    while engine.has_work():
+        for out in engine.step():
+            if out.finished:
+                results[out.request_id] = out.result
+        assert [r.seq_id for r in engine._running] == list(range(engine.num_running))
+    assert_all_same_or_near_tie(alone, [results[r.request_id] for r in requests])

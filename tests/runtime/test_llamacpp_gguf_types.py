@@ -102,7 +102,7 @@ def gguf_type(request) -> str:
 def engine(gguf_files, gguf_type):
     e = build_llamacpp_engine(BackboneOptions(path=str(gguf_files[gguf_type])),
                               EngineConfig(max_batch_size=8, max_input_tokens=256, max_new_tokens=NEW, threads=1),
-                              LlamaCppOptions(kv_cells=1024, probe=False))
+                              LlamaCppOptions(row_cells=512, probe=False))
     yield e
     e.close()
 
@@ -147,7 +147,7 @@ def test_a_q4_k_token_embd_is_read_as_llama_cpp_embeds_it(gguf_files):
     path = gguf_files["tiny-k"]
     assert next(t for t in GGUFReader(path).tensors if t.name == "token_embd.weight").tensor_type.name == "Q4_K"
     e = build_llamacpp_engine(BackboneOptions(path=str(path)), EngineConfig(max_batch_size=2, threads=1),
-                              LlamaCppOptions(kv_cells=256, probe=False))
+                              LlamaCppOptions(row_cells=128, probe=False))
     try:
         assert_embedding_rows_answer_like_their_tokens(e, torch.from_numpy(np.array(e.backbone.info.table)), 8)
     finally:

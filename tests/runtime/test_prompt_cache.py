@@ -58,3 +58,20 @@ def test_cached_tensors_use_cache_dtype_and_count_the_offset():
     value = cache.acquire(("t", 1), lambda: PreparedPrompt(torch.ones(3, 2), torch.ones(4, 2)))
     assert value.prompt.dtype == value.offset.dtype == torch.bfloat16
     assert cache.stats().bytes == (6 + 8) * 2
+
+
+def test_acquire_cached_pins_a_hit_and_counts_nothing_on_a_miss():
+    from lamp_runtime.prompts.cache import PinnedLRU
+
+    cache = PinnedLRU(100, size_of=len)
+    assert cache.acquire_cached("a") is None
+    assert (cache.stats().hits, cache.stats().misses) == (0, 0)
+    cache.acquire("a", lambda: b"x" * 60)  # built by the caller outside the lock, stored with the miss counted
+    cache.release("a")
+    assert cache.acquire_cached("a") == b"x" * 60
+    cache.acquire("b", lambda: b"y" * 60)  # over the budget: "a" is pinned, so it stays
+    assert "a" in cache and (cache.stats().hits, cache.stats().misses) == (1, 2)
+    cache.release("b")
+    cache.release("a")
+    cache.acquire("c", lambda: b"z" * 60)
+    assert "a" not in cache and "b" not in cache

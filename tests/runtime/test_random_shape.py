@@ -215,3 +215,33 @@ def test_the_shape_bench_runs_on_the_tiny_shape_and_records_random_weights(tiny_
         assert row["cold_positions"] - row["warm_positions"] == row["soft_prompt_tokens"]
     assert [row["batch"] for row in report["decode"]] == [1, 8]
     assert report["t5_base_encoder"]["soft_prompt_tokens"] == {"unpooled": 100, "pooled_p10": 10}
+
+
+def test_the_shape_bench_measures_the_llamacpp_engine_on_the_same_gguf(tiny_gguf, tmp_path):
+    """`--engines llamacpp`: the same measurements on llama.cpp's step core (f16 KV), exact counts only."""
+    import json
+
+    pytest.importorskip("llama_cpp")
+    from lamp_runtime.bench.shape7b import main
+
+    out = tmp_path / "shape-llamacpp.json"
+    main(["--shape", "tiny", "--gguf", str(tiny_gguf), "--engines", "llamacpp", "--t5", "off", "--new-tokens", "1",
+          "--repeats", "1", "--threads", "1", "--llamacpp-row-cells", "256", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["random_weights"] is True and report["engines"] == ["llamacpp"] and report["t5_base_encoder"] is None
+    assert "backbone" not in report and report["context"]["cpu"]  # the HF engine did not run
+    spec = SHAPES["tiny"]
+    fp16 = 2 * spec.layers * spec.kv_heads * spec.head_dim * 2
+    llamacpp = report["llamacpp"]
+    assert llamacpp["row_cells"] == 256
+    assert llamacpp["kv_bytes_per_position"] == {"fp16_computed": fp16, "engine": fp16}  # llama.cpp's f16 cache
+    assert [row["prompt_tokens"] for row in llamacpp["prompt_kv_per_task"]] == [100, 25, 10]
+    for row in llamacpp["prompt_kv_per_task"]:
+        assert row["engine_bytes_computed"] == row["prompt_tokens"] * fp16
+        # llama.cpp's state format: the cells' keys and values plus 12 bytes of metadata a cell and
+        # a header per layer
+        assert row["engine_bytes_computed"] <= row["engine_bytes_reported"] <= row["engine_bytes_computed"] * 1.1 + 4096
+    for row in llamacpp["prefill_cold_vs_warm"]:
+        assert row["warm_prompt_kv_hits"] == 1
+        assert row["cold_positions"] - row["warm_positions"] == row["soft_prompt_tokens"]
+    assert [row["batch"] for row in llamacpp["decode"]] == [1, 8]

@@ -104,3 +104,14 @@ def test_shipped_serve_config_is_valid_for_serve_deploy():
     settings = ServeSettings.from_mapping(app.args)
     assert settings.store_dir.is_absolute()
     assert isinstance(build_app(app.args), Application)
+
+
+def test_fair_preemption_setting_reaches_the_engine_config():
+    from serving.config import ServeSettings
+
+    assert ServeSettings().engine_config().fair_preemption is True
+    assert ServeSettings(fair_preemption=False).engine_config().fair_preemption is False
+    with pytest.raises(ValueError, match="fair_preemption"):
+        ServeSettings(fair_preemption="off")
+    args = build_parser().parse_args(["serve", "--fair-preemption", "off", "--prompts", ""])
+    assert settings_from_args(args).fair_preemption is False

@@ -80,3 +80,15 @@ def test_refusals_map_to_429_and_503_with_retry_after():
     assert "this task" in share.message
     for refusal in (share, full):
         assert refused(refusal).headers["Retry-After"] == "1"
+
+
+def test_paused_rows_by_task():
+    queue = FairQueue(capacity=4, preempt=True)
+    queue.push("light", "l0")
+    victims, taken = queue.admit(["heavy", "heavy"], room=0)
+    assert victims == [1] and taken == ["l0"]
+    queue.requeue("heavy", "paused row")
+    value = collect(queue).get_sample_value
+    assert value("lamp_task_rows_paused_total", {"task": "heavy"}) == 1
+    assert value("lamp_task_rows_paused_total", {"task": "light"}) == 0
+    assert value("lamp_task_requests_waiting", {"task": "heavy"}) == 0  # a paused row is not a newcomer

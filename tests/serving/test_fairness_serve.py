@@ -1,7 +1,7 @@
 """Fair service between tasks through HTTP: a task flooding a small queue gets 429 + Retry-After
-for what is beyond its share, while a light task's requests are all answered; a task's own limits
-set through the admin API (the real server, shared by this module's tests, the embedded backbone,
-real HTTP clients)."""
+for what is beyond its share, while a light task's requests are all answered, each entering the
+batch by pausing a row of the flood (fair rows); a task's own limits set through the admin API
+(the real server, shared by this module's tests, the embedded backbone, real HTTP clients)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ TOKEN = "fair-token"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, prompts_dir):
-    extra = ["--max-batch-size", "1", "--max-queue", "4", "--batch-wait-ms", "0", "--threads", "1",
+    extra = ["--max-batch-size", "2", "--max-queue", "4", "--batch-wait-ms", "0", "--threads", "1",
              "--max-new-tokens", "64"]
     folder = tmp_path_factory.mktemp("fair")
     with ServerProcess(store=folder / "store", prompts=prompts_dir, extra_args=extra, admin_token=TOKEN,
@@ -72,6 +72,10 @@ def test_flooding_task_gets_429_while_a_light_task_is_answered(server):
     assert set(heavy) <= {200, 429, 503}, heavy
     assert not missing_retry_after
     assert 'lamp_task_requests_refused_total{' in metrics and 'reason="task_share"' in metrics
+    # the flood held both rows when a light request came: one of its rows waited (and resumed)
+    paused = [line for line in metrics.splitlines()
+              if line.startswith("lamp_task_rows_paused_total{") and 'task="plain"' in line]
+    assert paused and float(paused[0].split()[-1]) >= 1, [line for line in metrics.splitlines() if "paused" in line]
     refused = {row["task_id"]: row["refused"] for row in status["queue"]}
     assert refused.get("plain", {}).get("task_share", 0) >= 1, status["queue"]
 
@@ -95,7 +99,7 @@ def test_a_task_limit_set_through_the_admin_api_refuses_beyond_it(server):
     record = httpx.get(f"{server.url}/admin/adapters/lamp2", headers=headers, timeout=30).json()
     assert (record["weight"], record["max_waiting"]) == (2.5, 1)
     try:
-        # batch size 1: one request runs, one waits (its limit), the rest are refused at once
+        # batch size 2: two requests run, one waits (its limit), the rest are refused at once
         with ThreadPoolExecutor(6) as pool:
             responses = list(pool.map(lambda i: httpx.post(f"{server.url}/generate", timeout=300, json={
                 "task_id": "lamp2", "input": f"Count to {i}", "max_new_tokens": 32}), range(6)))

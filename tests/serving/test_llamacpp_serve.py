@@ -49,7 +49,7 @@ def launched_server(tmp_path_factory, task_adapters):
     # The llama.cpp engine takes no torch dtype / quantization (ServerProcess asks float32 / none
     # unless told otherwise).
     args = ["--engine", "llamacpp", "--dtype", "auto", "--quantization", "auto", "--max-batch-size", "8",
-            "--max-new-tokens", "64", "--max-input-tokens", "512"]
+            "--max-new-tokens", "64", "--max-input-tokens", "512", "--llamacpp-row-cells", "256"]
     yield from launched_over(tmp_path_factory, task_adapters, args, ADMIN_TOKEN)
 
 
@@ -62,7 +62,7 @@ def reference(launched_server, task_adapters, uploaded_versions):
     from lamp_runtime.requests import GenerationRequest, SamplingParams
 
     engine = build_llamacpp_engine(config=EngineConfig(max_batch_size=4, threads=1),
-                                   options=LlamaCppOptions(kv_cells=2048, probe=False))
+                                   options=LlamaCppOptions(row_cells=512, probe=False))
     for task_id, adapter in {**task_adapters, **uploaded_versions}.items():
         engine.registry.register(task_id, adapter)
 
@@ -135,10 +135,19 @@ def test_reregistration_while_a_request_runs(server, uploaded_versions, referenc
         body = generate(server, "uploaded", UPLOAD_TEXT)
         assert (body["adapter_version"], body["text"]) == (2, reference[("v2", UPLOAD_TEXT)])
 
+def test_a_request_longer_than_a_row_is_refused_naming_the_row_cells(server):
+    response = httpx.post(f"{server.url}/generate", timeout=300,
+                          json={"task_id": "lamp2", "input": "word " * 240, "max_new_tokens": 64})
+    assert response.status_code == 422, response.text
+    assert "row_cells" in response.text and "of 256 tokens" in response.text, response.text
+    assert generate(server, "lamp2", "word " * 100, max_new_tokens=4)["text"] is not None  # one that fits
+
+
 def test_the_engine_its_settings_and_its_threads_are_reported(server):
     metrics = httpx.get(f"{server.url}/metrics", timeout=60).text
     info = [line for line in metrics.splitlines() if line.startswith("lamp_engine_info{")]
     assert any('kind="llamacpp"' in line and 'weight_repack="' in line and 'n_ubatch="' in line
+               and 'row_cells="256"' in line
                and 'threads_policy="adaptive"' in line for line in info), info
     threads = [line for line in metrics.splitlines() if line.startswith("lamp_engine_compute_threads")]
     assert threads and all(float(line.split()[-1]) in (1, 2) for line in threads), threads  # the cores (2), half, one

@@ -11,9 +11,7 @@ import pytest
 
 from loadtest import many_tasks
 
-pytestmark = pytest.mark.slow
-
-
+@pytest.mark.slow
 def test_many_tasks_bench_counts_every_measured_request_once(tmp_path):
     out = tmp_path / "many-tasks.json"
     argv = ["--tasks", "3", "6", "--pools", "1", "4", "--prompt-tokens", "20", "--prompt-kv-cache-mb", "1",
@@ -42,3 +40,16 @@ def test_many_tasks_bench_counts_every_measured_request_once(tmp_path):
     assert [(r["tasks"], r["traffic"], r["pools"]) for r in report["p10_over_p1"]] == [
         (3, "uniform", [1, 4]), (3, "zipf", [1, 4]), (6, "uniform", [1, 4]), (6, "zipf", [1, 4])]
     assert (tmp_path / "many-tasks.png").stat().st_size > 10_000
+
+
+def test_many_tasks_takes_the_served_backbones_width_and_a_traffic_subset():
+    from safetensors.numpy import load
+
+    args = many_tasks.parse_args(["--traffic", "zipf", "--hidden-size", "64", "--rank", "4", "--prompt-tokens", "10"])
+    assert args.traffic == ["zipf"] and args.request_timeout == 120
+    tensors = [load(data) for data in many_tasks.adapter_files(args, pool=2, count=2)]
+    assert all(max(t.shape[-1] for t in f.values()) == 64 for f in tensors)
+    with pytest.raises(SystemExit):
+        many_tasks.parse_args(["--hidden-size", "0"])
+    with pytest.raises(SystemExit):
+        many_tasks.parse_args(["--traffic", "bursty"])
