@@ -7,8 +7,10 @@ task id as the handle's `session_id` (serving/generation.py), so routing reads
 
 Per request: rank the replicas for the task (rendezvous hashing), read their queue lengths from
 Serve's queue-length cache (probing those without a fresh entry; a spill is confirmed by a fresh
-probe, see `choose_replica_confirmed`), and offer the first replica within the load bound, then the
-rest of the task's ranking, as one-replica ranks: Serve's own selection
+probe, see `choose_replica_confirmed`) and this router's in-flight requests per replica and task
+(serving/routing/inflight.py: up in `on_request_routed`, down when that request's result is done),
+and offer the first replica that takes the request within the task's share and the load bound,
+then the rest of the task's ranking, as one-replica ranks: Serve's own selection
 still skips a replica whose queue is full (max_ongoing_requests) and backs off when all are.
 Calls without a task id (health and info calls) go to the shortest queue.
 """
@@ -25,13 +27,15 @@ from ray.serve.request_router import (
 )
 
 from .affinity import LoadBound, choose_replica_confirmed, rank_replicas
+from .inflight import InFlight
 from .stats import count_routed
 
 log = logging.getLogger(__name__)
 
 
 class TaskAffinityRouter(RequestRouter):
-    """Each task to its preferred replica by rendezvous hashing, with bounded load."""
+    """Each task to its preferred replica by rendezvous hashing, with bounded load and a per-task
+    spill (a task past its share of a replica goes on; the light tasks stay)."""
 
     _bound = LoadBound()
 
@@ -41,6 +45,7 @@ class TaskAffinityRouter(RequestRouter):
             raise ValueError(f"TaskAffinityRouter: unknown request_router_kwargs {sorted(unknown)}; "
                              "known: load_factor, min_queue")
         self._bound = LoadBound(load_factor=load_factor, min_queue=min_queue)
+        self._in_flight = InFlight()
         log.info("task-affinity routing for %s: load_factor %s, min_queue %d", self._deployment_id,
                  self._bound.load_factor, self._bound.min_queue)
 
@@ -68,15 +73,27 @@ class TaskAffinityRouter(RequestRouter):
         if not task_id:
             return [list(candidate_replicas)]
         order = self._ranking(task_id, candidate_replicas)
-        chosen = await choose_replica_confirmed(order, self._cached_queue_lens(order), self._probe, self._bound)
+        held = {r: self._in_flight.on(r.replica_id.unique_id) for r in order}
+        chosen = await choose_replica_confirmed(order, self._cached_queue_lens(order), self._probe, self._bound,
+                                                task_id, held)
         return [[chosen]] + [[r] for r in order if r is not chosen]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
         task_id = pending_request.metadata.session_id
-        if not task_id or not self._replicas:
+        if not task_id:
+            return
+        self._count_until_done(replica_id.unique_id, task_id, result)
+        if not self._replicas:
             return
         preferred = self._ranking(task_id, list(self._replicas.values()))[0]
         count_routed(replica_id.unique_id, spilled=preferred.replica_id != replica_id)
+
+    def _count_until_done(self, replica: str, task_id: str, result) -> None:
+        """Count the request in flight until its result is done: the same done callback Serve
+        registers on the same result, at the same moment, to count down its queue-length cache
+        (it fires once, on success, error or cancellation, on a Ray or gRPC thread)."""
+        self._in_flight.start(replica, task_id)
+        result.add_done_callback(lambda _: self._in_flight.finish(replica, task_id))
 
     def _fulfill_next_pending_request(self, replica: RunningReplica, request_metadata=None) -> None:
         """Give `replica` to the very request it was chosen for.

@@ -51,3 +51,22 @@ def test_serve_still_fulfills_through_the_overridden_method_with_the_request_met
         "Serve no longer calls _fulfill_next_pending_request(replica, request_metadata): "
         "TaskAffinityRouter's override would never match a request; port serving/routing/router.py")
     assert TaskAffinityRouter._fulfill_next_pending_request is not RequestRouter._fulfill_next_pending_request
+
+
+def test_a_routed_requests_result_still_takes_a_done_callback():
+    # router.py counts a task's request in flight from on_request_routed until its result is done,
+    # through the result's add_done_callback (ray.serve._private.replica_result), as Serve does.
+    from ray.serve._private import router as serve_router
+    from ray.serve._private.replica_result import ReplicaResult
+
+    routed = list(inspect.signature(RequestRouter.on_request_routed).parameters)
+    assert routed == ["self", "pending_request", "replica_id", "result"], (
+        f"RequestRouter.on_request_routed{routed} no longer passes the result: port serving/routing/router.py "
+        "(_count_until_done)")
+    found = list(inspect.signature(ReplicaResult.add_done_callback).parameters)
+    assert found == ["self", "callback"], (f"ReplicaResult.add_done_callback{found} changed: the affinity router's "
+                                           "in-flight counts would never go down; port serving/routing/router.py")
+    source = inspect.getsource(serve_router)
+    assert "on_request_routed(" in source and "result.add_done_callback(" in source, (
+        "Serve no longer calls on_request_routed or counts down through result.add_done_callback: "
+        "port serving/routing/router.py (_count_until_done)")
