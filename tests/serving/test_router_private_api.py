@@ -53,20 +53,15 @@ def test_serve_still_fulfills_through_the_overridden_method_with_the_request_met
     assert TaskAffinityRouter._fulfill_next_pending_request is not RequestRouter._fulfill_next_pending_request
 
 
-def test_a_routed_requests_result_still_takes_a_done_callback():
-    # router.py counts a task's request in flight from on_request_routed until its result is done,
-    # through the result's add_done_callback (ray.serve._private.replica_result), as Serve does.
+def test_serve_still_reports_each_sent_request_completed_by_replica_and_request_id():
+    # router.py counts a task's request in flight from _fulfill_next_pending_request (above) until
+    # on_request_completed(replica_id, internal_request_id), which Serve must fire for every request
+    # it sent, or the counts only grow.
     from ray.serve._private import router as serve_router
-    from ray.serve._private.replica_result import ReplicaResult
 
-    routed = list(inspect.signature(RequestRouter.on_request_routed).parameters)
-    assert routed == ["self", "pending_request", "replica_id", "result"], (
-        f"RequestRouter.on_request_routed{routed} no longer passes the result: port serving/routing/router.py "
-        "(_count_until_done)")
-    found = list(inspect.signature(ReplicaResult.add_done_callback).parameters)
-    assert found == ["self", "callback"], (f"ReplicaResult.add_done_callback{found} changed: the affinity router's "
-                                           "in-flight counts would never go down; port serving/routing/router.py")
-    source = inspect.getsource(serve_router)
-    assert "on_request_routed(" in source and "result.add_done_callback(" in source, (
-        "Serve no longer calls on_request_routed or counts down through result.add_done_callback: "
-        "port serving/routing/router.py (_count_until_done)")
+    found = list(inspect.signature(RequestRouter.on_request_completed).parameters)
+    assert found == ["self", "replica_id", "internal_request_id"], (
+        f"RequestRouter.on_request_completed{found} changed: port serving/routing/router.py and inflight.py")
+    assert "_active_request_router.on_request_completed(" in inspect.getsource(serve_router), (
+        "Serve no longer calls on_request_completed: the affinity router's in-flight counts would never go "
+        "down; port serving/routing/router.py and inflight.py")

@@ -261,17 +261,27 @@ def test_a_lone_flood_uses_every_replica():
 
 def test_in_flight_counts_go_up_and_down_and_never_below_zero():
     counts = InFlight()
-    counts.start("r1", "t")
-    counts.start("r1", "t")
-    counts.start("r1", "u")
+    counts.start("r1", "req-1", "t")
+    counts.start("r1", "req-1", "t")  # two calls of one HTTP request share its id (and its task)
+    counts.start("r1", "req-2", "u")
     assert counts.on("r1") == {"t": 2, "u": 1} and counts.on("r2") == {}
-    counts.finish("r1", "t")
-    counts.finish("r1", "u")
-    counts.finish("r1", "u")  # never started: ignored
-    counts.finish("r2", "t")
+    counts.finish("r1", "req-1")
+    counts.finish("r1", "req-2")
+    counts.finish("r1", "req-2")  # completed twice, or a call without a task: ignored
+    counts.finish("r2", "req-1")  # another replica's completion of the same id
     assert counts.on("r1") == {"t": 1}
-    counts.finish("r1", "t")
-    assert counts.on("r1") == {} and counts._held == {}  # no entry left per task ever routed
+    counts.finish("r1", "req-1")
+    assert counts.on("r1") == {} and counts._held == {} and counts._tasks == {}  # nothing kept per past request
+
+
+def test_an_empty_queue_clears_a_replicas_counts():
+    counts = InFlight()
+    counts.start("r1", "req-1", "t")  # e.g. its caller was cancelled before it was sent: never completed
+    counts.start("r2", "req-2", "t")
+    counts.clear("r1")
+    assert counts.on("r1") == {} and counts.on("r2") == {"t": 1}
+    counts.finish("r1", "req-1")  # a late completion stays harmless
+    assert counts.on("r2") == {"t": 1}
 
 
 @pytest.mark.parametrize("tasks", [0, -1, 1.5, True])
