@@ -284,10 +284,12 @@ def test_an_empty_queue_clears_a_replicas_counts():
     assert counts.on("r2") == {"t": 1}
 
 
-@pytest.mark.parametrize("tasks", [0, -1, 1.5, True])
-def test_equal_part_rejects_a_bad_task_count(tasks):
+@pytest.mark.parametrize("count", [0, -1, 1.5, True])
+def test_equal_part_and_spread_limit_reject_a_bad_count(count):
     with pytest.raises(ValueError, match="tasks must be an integer"):
-        equal_part(4, tasks)
+        equal_part(4, count)
+    with pytest.raises(ValueError, match="replicas must be an integer"):
+        LoadBound().spread_limit(3, count)
 
 
 @pytest.mark.parametrize("kwargs, message", [({"load_factor": 0.9}, "load_factor"), ({"load_factor": True}, "load_factor"),
