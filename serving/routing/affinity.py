@@ -13,6 +13,19 @@ included) or within `min_queue`, whichever is larger; otherwise the request goes
 in the task's ranking. So a hot task spreads over more replicas instead of piling onto one, and no
 queue runs ahead of the others by more than the bound. There is always a replica within the bound:
 the shortest queue q_min <= floor(S/N), and ceil(c (S+1)/N) >= floor(S/N) + 1 for c >= 1.
+
+Per-task spill: the total bound alone makes whichever request arrives at a full replica spill. Under
+one task's flood its preferred replica stays full (the flood refills every slot that frees), so the
+requests that spill are mostly the light tasks' that prefer the same replica, each a prompt-cache
+miss elsewhere, while the flood keeps its place. So each task also has a share of a replica (counted
+from the router's own in-flight requests per replica and task): its equal part of the capacity among
+the tasks queued there (`equal_part`), and no more than an even spread of its own requests over the
+replicas (`LoadBound.spread_limit`). A task past its share goes on to the next replica in its
+ranking; a task within it may also take the room that tasks past their part hold over the total
+bound, since their next requests go elsewhere until it drains (`within_task_share`). Below
+`min_queue` a replica still takes any of its tasks' requests, and a task past its share everywhere
+still takes any replica within the total bound (`choose_replica`): routing stays work-conserving.
+Without per-task counts (no task id) the choice is the total bound's alone.
 """
 
 from __future__ import annotations
@@ -72,13 +85,69 @@ class LoadBound:
         mean_after = (sum(queue_lens) + 1) / len(queue_lens)
         return max(self.min_queue, math.ceil(self.load_factor * mean_after))
 
+    def spread_limit(self, task_in_flight: int, replicas: int) -> int:
+        """The most requests one task may hold on one replica, with this request: `min_queue`, or
+        an even spread of its requests over the `replicas`, whichever is larger.
 
-def choose_replica(order: Sequence[K], queue_lens: Mapping[K, int], bound: LoadBound) -> K:
-    """The first replica in the task's `order` whose queue stays within the bound with this request.
+        Why besides `capacity`: the total bound lets each replica reach `load_factor` x the mean,
+        so with 1.5 and 3 replicas two of them may hold a lone flood's whole queue (1.5 x S/3 =
+        S/2 each) while the third idles (tests/serving/test_routing.py,
+        test_a_lone_flood_uses_every_replica). Past `min_queue`, more of one task's requests on one
+        replica lengthen its queue while another replica idles; moving costs the task one
+        prompt-cache miss per replica, after which that replica caches its prompts too."""
+        if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+            raise ValueError(f"replicas must be an integer >= 1, got {replicas!r}")
+        return max(self.min_queue, math.ceil((task_in_flight + 1) / replicas))
+
+
+def equal_part(capacity: int, tasks: int) -> int:
+    """One task's share of a replica's `capacity` when `tasks` tasks queue on it: an equal part.
+    Equal rather than max-min fair: a flood held to it loses only its first prompt-cache hit on each
+    further replica (then that replica caches its prompts too), while the light tasks, each with its
+    own prompts, keep the room they may need on their preferred replica. No `min_queue` floor of its
+    own: `capacity` has one, and a floor as large as the capacity would let a flood hold all of a
+    lightly loaded replica, so the light tasks' requests would find it full and spill."""
+    if isinstance(tasks, bool) or not isinstance(tasks, int) or tasks < 1:
+        raise ValueError(f"tasks must be an integer >= 1, got {tasks!r}")
+    return math.ceil(capacity / tasks)
+
+
+def tasks_sharing(held: Mapping[str, int], task_id: str) -> int:
+    """How many tasks share a replica once this task's request joins it; `held` is the replica's
+    in-flight requests per task."""
+    return len({t for t, n in held.items() if n > 0} | {task_id})
+
+
+def held_past_part(held: Mapping[str, int], task_id: str, part: int) -> int:
+    """The requests the other tasks hold on a replica beyond their equal part."""
+    return sum(max(0, n - part) for t, n in held.items() if t != task_id)
+
+
+def within_task_share(queue_len: int, held: Mapping[str, int], task_id: str, capacity: int,
+                      spread_limit: int) -> bool:
+    """Whether a replica takes this task's request by the per-task rule: the task stays within its
+    share of the replica (its equal part of `capacity`, and at most `spread_limit`), and the queue
+    within `capacity` plus the room that the other tasks hold beyond their equal part. They are
+    the ones that give way: a flood refills its preferred replica as fast as it drains, so without
+    that room the light tasks' requests would find it full and spill. The room is lent, not added:
+    a task past its share gets no room here, so its next requests go elsewhere and the queue drains
+    back; the queue passes `capacity` by at most what those tasks hold beyond their part."""
+    part = equal_part(capacity, tasks_sharing(held, task_id))
+    if held.get(task_id, 0) + 1 > min(part, spread_limit):
+        return False
+    return queue_len + 1 <= capacity + held_past_part(held, task_id, part)
+
+
+def choose_replica(order: Sequence[K], queue_lens: Mapping[K, int], bound: LoadBound, task_id: str = "",
+                   held: Mapping[K, Mapping[str, int]] | None = None) -> K:
+    """The first replica in the task's `order` whose queue stays within `min_queue` with this
+    request or that takes it by the per-task rule (`within_task_share`), else the first whose queue
+    stays within the bound with this request.
 
     `queue_lens` holds the replicas whose queue length is known; replicas missing from it are
     skipped (they did not answer a probe). When none is known the preferred replica is returned
-    and Serve's own probing decides.
+    and Serve's own probing decides. `held` maps a replica to the in-flight requests per task that
+    the router sent it; without a `task_id` only the total bound applies.
     """
     if not order:
         raise ValueError("no replica to choose from")
@@ -86,7 +155,15 @@ def choose_replica(order: Sequence[K], queue_lens: Mapping[K, int], bound: LoadB
     if not known:
         return order[0]
     capacity = bound.capacity([queue_lens[r] for r in known])
-    for replica in known:
+    held = held or {}
+    if task_id:
+        in_flight = sum(held.get(r, {}).get(task_id, 0) for r in known)
+        limit = bound.spread_limit(in_flight, len(known))
+        for replica in known:
+            if queue_lens[replica] + 1 <= bound.min_queue \
+                    or within_task_share(queue_lens[replica], held.get(replica, {}), task_id, capacity, limit):
+                return replica
+    for replica in known:  # past its share everywhere: any room within the bound (work-conserving)
         if queue_lens[replica] + 1 <= capacity:
             return replica
     return min(known, key=lambda r: queue_lens[r])  # unreachable for load_factor >= 1; kept total
@@ -99,7 +176,8 @@ CONFIRM_BACKOFF_INDEX = 2
 
 async def choose_replica_confirmed(order: Sequence[K], cached: Mapping[K, int],
                                    probe: Callable[[list[K], int], Awaitable[Mapping[K, int]]],
-                                   bound: LoadBound) -> K:
+                                   bound: LoadBound, task_id: str = "",
+                                   held: Mapping[K, Mapping[str, int]] | None = None) -> K:
     """`choose_replica` on the cached queue lengths, probing replicas without one; a request that
     would leave its preferred replica is decided again on freshly probed lengths first.
 
@@ -109,14 +187,15 @@ async def choose_replica_confirmed(order: Sequence[K], cached: Mapping[K, int],
     sees. So after a burst a cached length can stay high until the entry expires (10 s), and a
     quiet task would spill for nothing: a prompt-cache miss on another replica. A spill is the costly
     decision, so it is taken on fresh numbers; keeping the preferred replica never waits on a probe.
-    `probe(replicas, backoff_index)` returns the lengths of the replicas that answered in time.
+    `probe(replicas, backoff_index)` returns the lengths of the replicas that answered in time;
+    `task_id` and `held` are `choose_replica`'s (the router's own counts, exact: no probe needed).
     """
     queue_lens = dict(cached)
     missing = [r for r in order if r not in queue_lens]
     if missing:
         queue_lens.update(await probe(missing, 0))
-    chosen = choose_replica(order, queue_lens, bound)
+    chosen = choose_replica(order, queue_lens, bound, task_id, held)
     if order and chosen is order[0]:
         return chosen
     queue_lens.update(await probe(list(order), CONFIRM_BACKOFF_INDEX))
-    return choose_replica(order, queue_lens, bound)
+    return choose_replica(order, queue_lens, bound, task_id, held)

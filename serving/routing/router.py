@@ -7,8 +7,11 @@ task id as the handle's `session_id` (serving/generation.py), so routing reads
 
 Per request: rank the replicas for the task (rendezvous hashing), read their queue lengths from
 Serve's queue-length cache (probing those without a fresh entry; a spill is confirmed by a fresh
-probe, see `choose_replica_confirmed`), and offer the first replica within the load bound, then the
-rest of the task's ranking, as one-replica ranks: Serve's own selection
+probe, see `choose_replica_confirmed`) and this router's in-flight requests per replica and task
+(serving/routing/inflight.py: up when a replica is given to a request, down in
+`on_request_completed`),
+and offer the first replica that takes the request within the task's share and the load bound,
+then the rest of the task's ranking, as one-replica ranks: Serve's own selection
 still skips a replica whose queue is full (max_ongoing_requests) and backs off when all are.
 Calls without a task id (health and info calls) go to the shortest queue.
 """
@@ -25,13 +28,15 @@ from ray.serve.request_router import (
 )
 
 from .affinity import LoadBound, choose_replica_confirmed, rank_replicas
+from .inflight import InFlight
 from .stats import count_routed
 
 log = logging.getLogger(__name__)
 
 
 class TaskAffinityRouter(RequestRouter):
-    """Each task to its preferred replica by rendezvous hashing, with bounded load."""
+    """Each task to its preferred replica by rendezvous hashing, with bounded load and a per-task
+    spill (a task past its share of a replica goes on; the light tasks stay)."""
 
     _bound = LoadBound()
 
@@ -41,6 +46,7 @@ class TaskAffinityRouter(RequestRouter):
             raise ValueError(f"TaskAffinityRouter: unknown request_router_kwargs {sorted(unknown)}; "
                              "known: load_factor, min_queue")
         self._bound = LoadBound(load_factor=load_factor, min_queue=min_queue)
+        self._in_flight = InFlight()
         log.info("task-affinity routing for %s: load_factor %s, min_queue %d", self._deployment_id,
                  self._bound.load_factor, self._bound.min_queue)
 
@@ -54,8 +60,12 @@ class TaskAffinityRouter(RequestRouter):
         return {r: n for r, n in cached.items() if n is not None}
 
     async def _probe(self, replicas: list[RunningReplica], backoff_index: int) -> dict[RunningReplica, int]:
-        """Fresh queue lengths (Serve caches them); a replica that does not answer in time is left out."""
-        return {r: n for r, n in await self._probe_queue_lens(replicas, backoff_index) if n is not None}
+        """Fresh queue lengths (Serve caches them); a replica that does not answer in time is left out.
+        An empty queue clears the replica's in-flight counts (inflight.py: what a lost count needs)."""
+        lengths = {r: n for r, n in await self._probe_queue_lens(replicas, backoff_index) if n is not None}
+        for replica in (r for r, n in lengths.items() if n == 0):
+            self._in_flight.clear(replica.replica_id.unique_id)
+        return lengths
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
@@ -68,7 +78,9 @@ class TaskAffinityRouter(RequestRouter):
         if not task_id:
             return [list(candidate_replicas)]
         order = self._ranking(task_id, candidate_replicas)
-        chosen = await choose_replica_confirmed(order, self._cached_queue_lens(order), self._probe, self._bound)
+        held = {r: self._in_flight.on(r.replica_id.unique_id) for r in order}
+        chosen = await choose_replica_confirmed(order, self._cached_queue_lens(order), self._probe, self._bound,
+                                                task_id, held)
         return [[chosen]] + [[r] for r in order if r is not chosen]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
@@ -77,6 +89,9 @@ class TaskAffinityRouter(RequestRouter):
             return
         preferred = self._ranking(task_id, list(self._replicas.values()))[0]
         count_routed(replica_id.unique_id, spilled=preferred.replica_id != replica_id)
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        self._in_flight.finish(replica_id.unique_id, internal_request_id)
 
     def _fulfill_next_pending_request(self, replica: RunningReplica, request_metadata=None) -> None:
         """Give `replica` to the very request it was chosen for.
@@ -90,6 +105,9 @@ class TaskAffinityRouter(RequestRouter):
             if pending.metadata is request_metadata and not pending.future.done():
                 self._cancel_routing_task_for_pending_request(pending)
                 self._record_queue_wait_time(pending)
+                if request_metadata.session_id:  # counted down in on_request_completed, once it was sent
+                    self._in_flight.start(replica.replica_id.unique_id, request_metadata.internal_request_id,
+                                          request_metadata.session_id)
                 pending.future.set_result(replica)
                 if self._pending_requests_by_id.get(request_metadata.internal_request_id) is pending:
                     self._remove_pending_request_from_indices(pending)

@@ -51,3 +51,17 @@ def test_serve_still_fulfills_through_the_overridden_method_with_the_request_met
         "Serve no longer calls _fulfill_next_pending_request(replica, request_metadata): "
         "TaskAffinityRouter's override would never match a request; port serving/routing/router.py")
     assert TaskAffinityRouter._fulfill_next_pending_request is not RequestRouter._fulfill_next_pending_request
+
+
+def test_serve_still_reports_each_sent_request_completed_by_replica_and_request_id():
+    # router.py counts a task's request in flight from _fulfill_next_pending_request (above) until
+    # on_request_completed(replica_id, internal_request_id), which Serve must fire for every request
+    # it sent, or the counts only grow.
+    from ray.serve._private import router as serve_router
+
+    found = list(inspect.signature(RequestRouter.on_request_completed).parameters)
+    assert found == ["self", "replica_id", "internal_request_id"], (
+        f"RequestRouter.on_request_completed{found} changed: port serving/routing/router.py and inflight.py")
+    assert "_active_request_router.on_request_completed(" in inspect.getsource(serve_router), (
+        "Serve no longer calls on_request_completed: the affinity router's in-flight counts would never go "
+        "down; port serving/routing/router.py and inflight.py")
