@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..adapters.registry import AdapterEntry
+from .detokenize import IncrementalDetokenizer
 from ..prompts.prepared import PreparedPrompt
 from ..requests import (
     FINISH_ABORT,
@@ -42,6 +43,7 @@ class RequestState:
         self.generated: list[int] = []
         self.last_token: int | None = None  # the next decode step's input
         self.text = ""
+        self._detokenizer = IncrementalDetokenizer(tokenizer, self.generated)
         self.emitted = 0  # characters of `text` already streamed
         self.finish_reason: str | None = None
         self.submitted_at = time.perf_counter()
@@ -90,15 +92,17 @@ class RequestState:
             self.logprobs.append(logprob)
         if token_id in self.eos_ids and not self.params.ignore_eos:
             self.finish_reason = FINISH_STOP
+            self.text = self._detokenizer.final()
         else:
             self.generated.append(token_id)
-            self.text = self.tokenizer.decode(self.generated, skip_special_tokens=True)
+            self.text = self._detokenizer.update()
             cut = self._stop_index()
             if cut is not None:
                 self.text = self.text[:cut]
                 self.finish_reason = FINISH_STOP
             elif len(self.generated) >= self.params.max_new_tokens:
                 self.finish_reason = FINISH_LENGTH
+                self.text = self._detokenizer.final()
         return self._emit()
 
     def abort(self) -> StepOutput:
