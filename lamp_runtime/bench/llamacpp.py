@@ -15,8 +15,11 @@ One run interleaves, round after round in a shuffled order (lamp_runtime/bench/s
   prompt-KV build of the 200-token one;
 - torch threads in the engine loop (1 vs the cores) with sampled requests;
 and reports each engine's RSS growth when it was built. Each engine runs in a process of its own
-(bench/engine_process.py: as a replica holds one engine; in one process, one engine's thread
-pools disturb the other's), and the rounds interleave the processes. The JSON holds the command
+(bench/engine_process.py), as a replica holds one engine, the llama.cpp variants (the other mode
+of mixed steps, torch threads) too: every engine loop thread that has run a llama_decode keeps an
+OpenMP pool of ggml's threads, and with more pooled threads than cores libgomp stops spinning
+between parallel regions, so each decode pays a wake-up (with two variant engines beside it, the
+served engine ran 13% slower at 16 clients). The rounds interleave the processes. The JSON holds the command
 (every flag), git revision, CPU model, load averages and every sample.
 """
 
@@ -46,7 +49,7 @@ from lamp_runtime.engine.base import EngineConfig
 from lamp_runtime.engine.step_loop import StepLoopEngine
 from lamp_runtime.engine.streams import complete as complete_async
 from lamp_runtime.engines import build_engine
-from lamp_runtime.llamacpp.engine import LlamaCppEngine
+from lamp_runtime.llamacpp.engine import build_llamacpp_engine
 from lamp_runtime.llamacpp.options import LlamaCppOptions
 from lamp_runtime.machine import load_average, lscpu_model, machine_context
 from lamp_runtime.requests import GenerationRequest, SamplingParams
@@ -100,27 +103,34 @@ def engine_config(settings: dict) -> EngineConfig:
                         threads=settings["threads"], max_waiting=1024)
 
 
+# The llama.cpp engine variants, each in a process of its own: as served, the other mode of mixed
+# steps (LlamaCppOptions.mixed_steps: "embed", one decode, or "split"), `threads` torch threads in
+# its loop (the served engine has one).
+LLAMACPP_VARIANTS = ("llamacpp", "llamacpp-other-mixed", "llamacpp-torch-many")
+
+
+def other_mixed_mode(mode: str) -> str:
+    return "split" if mode == "embed" else "embed"
+
+
 class LlamaCppSide:
-    """The llama.cpp engine's side (in its own process: engine_process.py): the engine as served,
-    the same engine with the other mode of mixed steps (LlamaCppOptions.mixed_steps: "embed", one
-    decode, or "split"), and one with `threads` torch threads in its loop."""
+    """One llama.cpp engine variant's side (settings["kind"], of LLAMACPP_VARIANTS)."""
 
     def __init__(self, settings: dict):
         torch.set_num_threads(1)  # as lamp serve does: only engine loop threads run multi-threaded torch work
         self.settings = settings
         config = engine_config(settings)
+        kind = settings["kind"]
+        options = LlamaCppOptions()
+        if kind == "llamacpp-other-mixed":
+            options = dataclasses.replace(options, mixed_steps=other_mixed_mode(options.mixed_steps))
         before = rss()
-        main = build_engine("llamacpp", BackboneOptions(), config)
+        core = build_llamacpp_engine(BackboneOptions(), config, options)
+        if kind == "llamacpp-torch-many":
+            core.threads = settings["threads"]  # read by on_loop_start, when the loop below starts
+        self.runner = StepLoopEngine(core)
         self.rss_growth = rss() - before
-        core = main.core
-        extra = LlamaCppOptions(row_cells=512)
-        self.other_mode = "split" if core.options.mixed_steps == "embed" else "embed"
-        other = LlamaCppEngine(core.backbone, core.registry, config,
-                               options=dataclasses.replace(extra, mixed_steps=self.other_mode))
-        torch_many = LlamaCppEngine(core.backbone, core.registry, config, options=extra)
-        torch_many.threads = settings["threads"]
         self.core = core
-        self.runners = {"llamacpp": main, "other-mixed": StepLoopEngine(other), "torch-many": StepLoopEngine(torch_many)}
         table = torch.from_numpy(np.array(core.backbone.info.table))  # gguf_table()'s rows, already in memory
         for task, adapter in bench_adapters(table).items():
             core.registry.register(task, adapter)
@@ -128,28 +138,26 @@ class LlamaCppSide:
         core.registry.register("p2", SoftPromptAdapter(AdapterMeta(), vocabulary_prompt(table, 2, seed=9)))
 
     def info(self) -> dict:
-        return {"settings": self.core.settings, "gguf": str(self.core.backbone.path), "rss_growth": self.rss_growth}
+        return {"settings": self.core.settings, "mixed_steps": self.core.options.mixed_steps,
+                "gguf": str(self.core.backbone.path), "rss_growth": self.rss_growth}
 
     def measure(self, variant) -> dict:
         part, name = variant[0], variant[1]
         new_tokens, clients_max = self.settings["new_tokens"], max(self.settings["clients"])
-        main = self.runners["llamacpp"]
         if part == "decode":
-            return {"tokens_per_s": engine_decode(main, self.settings["decode_tokens"])}
+            return {"tokens_per_s": engine_decode(self.runner, self.settings["decode_tokens"])}
         if part == "prefill":
-            return {"ms": cold_build_ms(main, "p200") if name == "cold-p200" else prefill_ms(main, name)}
+            return {"ms": cold_build_ms(self.runner, "p200") if name == "cold-p200" else prefill_ms(self.runner, name)}
         if part == "mixed":
-            runner = self.runners["other-mixed"] if name == self.other_mode else main  # the served mode on main
-            return closed_loop(runner, mixed_requests(2 * clients_max, new_tokens), clients_max)
+            return closed_loop(self.runner, mixed_requests(2 * clients_max, new_tokens), clients_max)
         if part == "torch":
             sampled = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True, temperature=0.8, top_p=0.95, seed=1)
             requests = [GenerationRequest(r.input, r.task_id, sampled) for r in mixed_requests(2 * clients_max, 1)]
-            return closed_loop(main if name == 1 else self.runners["torch-many"], requests, clients_max)
-        return clients_sample(main, variant[2], new_tokens)
+            return closed_loop(self.runner, requests, clients_max)
+        return clients_sample(self.runner, variant[2], new_tokens)
 
     def close(self) -> None:
-        for runner in self.runners.values():
-            runner.shutdown()
+        self.runner.shutdown()
 
 
 class OtherEngineSide:
@@ -212,14 +220,28 @@ def main() -> None:
               "threads": threads, "kv_cache_mb": args.kv_cache_mb}
     sides = {}
     try:
-        for kind in args.engines:  # one process per engine, built one after the other
-            factory = "LlamaCppSide" if kind == "llamacpp" else "OtherEngineSide"
+        kinds = [k for k in args.engines if k != "llamacpp"] + list(LLAMACPP_VARIANTS)
+        for kind in kinds:  # one process per engine, built one after the other
+            factory = "LlamaCppSide" if kind.startswith("llamacpp") else "OtherEngineSide"
             sides[kind] = EngineProcess(f"lamp_runtime.bench.llamacpp:{factory}", shared | {"kind": kind}, name=kind)
         samples, context = _run(args, threads, sides)
     finally:
         for side in sides.values():
             side.close()
     _report(args, parser, threads, sides, samples, context)
+
+
+def side_for(variant, sides: dict):
+    """The process that measures `variant`: a client count on its engine's; the other mixed-step
+    mode and torch threads on their llama.cpp variants'; the rest on the served llama.cpp engine's."""
+    part, name = variant[0], variant[1]
+    if part == "clients":
+        return sides[name]
+    if part == "mixed" and name != sides["llamacpp"].info["mixed_steps"]:
+        return sides["llamacpp-other-mixed"]
+    if part == "torch" and name != 1:
+        return sides["llamacpp-torch-many"]
+    return sides["llamacpp"]
 
 
 def _run(args, threads: int, sides: dict) -> tuple[dict, dict]:
@@ -229,7 +251,7 @@ def _run(args, threads: int, sides: dict) -> tuple[dict, dict]:
     variants = [("decode", "engine"), ("decode", "llama-bench-repack"), ("decode", "llama-bench-norepack"),
                 ("prefill", "p200"), ("prefill", "p2"), ("prefill", "cold-p200"),
                 ("mixed", "embed"), ("mixed", "split"), ("torch", 1), ("torch", threads)]
-    variants += [("clients", kind, clients) for kind in sides for clients in args.clients]
+    variants += [("clients", kind, clients) for kind in args.engines for clients in args.clients]
     if not args.llama_bench.is_file():
         variants = [v for v in variants if not str(v[1]).startswith("llama-bench")]
         print(f"no {args.llama_bench}: run `make llama-bench` for the llama-bench comparison")
@@ -238,8 +260,7 @@ def _run(args, threads: int, sides: dict) -> tuple[dict, dict]:
         if str(variant[1]).startswith("llama-bench"):
             return {"tokens_per_s": llama_bench_tg(args.llama_bench, gguf, threads, variant[1].endswith("-repack"),
                                                    args.decode_tokens)}
-        side = sides[variant[1]] if variant[0] == "clients" else llama
-        return side.measure(variant)
+        return side_for(variant, sides).measure(variant)
 
     context = machine_context() | {"threads": threads, "llamacpp_settings": llama.info["settings"],
                                    "lscpu_model": lscpu_model(), "gguf": str(gguf), "clients_max": clients_max,
@@ -274,7 +295,7 @@ def _report(args, parser, threads: int, sides: dict, samples: dict, context: dic
     ratios["mixed_embed_vs_split_tokens_per_s"] = paired(("mixed", "embed"), ("mixed", "split"), "tokens_per_s")
     ratios[f"torch_threads_1_vs_{threads}_tokens_per_s"] = paired(("torch", 1), ("torch", threads), "tokens_per_s")
     medians = {"/".join(map(str, v)): {k: med(v, k) for k in samples[v][0]} for v in variants}
-    rss_growth = {kind: side.info["rss_growth"] for kind, side in sides.items()}
+    rss_growth = {kind: side.info["rss_growth"] for kind, side in sides.items()}  # each process's engine
     for name, value in medians.items():
         print(f"{name:>32}: " + ", ".join(f"{k} {v:.1f}" for k, v in value.items()))
     for name, value in ratios.items():
