@@ -57,8 +57,8 @@ def choose_engine(backbone_options: BackboneOptions | None = None, *, cuda_avail
     A GGUF (a .gguf path, or the embedded default, which is one) on the CPU runs on `llamacpp` in
     its own types and kernels, with no torch copy of the weights, unless its weights are Q4_1: the
     hf engine's int4 kernels serve those blocks as they are, and on the measured host they were
-    faster at every client count (docs/bench/llamacpp.json; docs/llamacpp.md says why: llama.cpp's
-    unified KV cache). Any other GGUF type (Q4_K, Q8_0, F16...) the int4 engine would requantize to
+    faster at 4 to 64 concurrent requests, about twice at 16 (docs/bench/llamacpp.json;
+    docs/llamacpp.md says why: llama.cpp's Q4_1 matrix kernels are compute-bound there). Any other GGUF type (Q4_K, Q8_0, F16...) the int4 engine would requantize to
     4 bits, and the float32 route needs several times the memory. Everything else keeps `hf`: an
     HF folder (T5 included) is not a GGUF; on a CUDA device the hf engine runs there while this
     llama.cpp build is CPU-only; an explicit --dtype or --quantization chooses how transformers
@@ -103,7 +103,7 @@ def _choice(options: BackboneOptions, cuda_available: bool | None, llama_cpp_err
         gguf_file_type = _gguf_file_type(options)
     if gguf_file_type == LLAMA_FTYPE_MOSTLY_Q4_1:
         return "hf", (f"{name} is a Q4_1 GGUF, which the int4 engine serves as it is, faster than llama.cpp at "
-                      "every client count measured (docs/bench/llamacpp.json)"), logging.INFO
+                      "4 to 64 concurrent requests (docs/bench/llamacpp.json)"), logging.INFO
     if llama_cpp_error is None:
         llama_cpp_error = _llama_cpp_import_error()
     if llama_cpp_error:
