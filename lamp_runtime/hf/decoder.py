@@ -77,15 +77,6 @@ class DecoderEngine(StepEngine):
     def _running_sequences(self) -> list[RequestState]:
         return self._running
 
-    def discard(self, cache_key) -> None:
-        """Forget an adapter version's built prompt and prompt KV (it was replaced or deleted)."""
-        super().discard(cache_key)
-        if self.prompt_kv is not None:
-            self.prompt_kv.discard(cache_key)
-
-    def prompt_kv_stats(self):
-        return self.prompt_kv.stats() if self.prompt_kv is not None else None
-
     def kv_cache_bytes(self) -> int:
         return sum(list(self._lengths)) * self.kv_bytes_per_token  # positions in use, not the allocation
 

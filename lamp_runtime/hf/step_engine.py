@@ -10,7 +10,6 @@ Subclasses keep their own running state and say how a step runs the model (`_run
 from __future__ import annotations
 
 import abc
-import threading
 import time
 
 import torch
@@ -23,14 +22,15 @@ from ..prompts.prepared import assemble_embeddings, prepare
 from ..requests import GenerationRequest, GenerationResult, StepOutput
 from ..engine.admission import resolve_request
 from ..engine.base import EngineConfig, EngineStats, StepStats, device_memory
-from ..engine.fair_queue import FairQueue, TaskLimits, for_config, task_key
+from ..engine.fair_queue import task_key
 from ..engine.logprobs import token_logprobs
 from ..engine.resident import ResidentAdapters
-from ..engine.sampling import make_generator, next_token
+from ..engine.sampling import next_token
 from ..engine.request_state import RequestState
+from ..engine.step_core import StepCoreBase
 
 
-class StepEngine(abc.ABC):
+class StepEngine(StepCoreBase, abc.ABC):
     """A transformers step core, driven one `step()` at a time (by HfEngine's loop thread, or
     synchronously through `generate()`)."""
 
@@ -52,10 +52,7 @@ class StepEngine(abc.ABC):
         self.cache = cache or PromptCache(self.config.prompt_cache_bytes, backbone.device, backbone.dtype)
         self.resident = ResidentAdapters(self.config.adapter_cache_bytes)
         self._eos_ids = backbone.eos_token_ids()
-        self._lock = threading.Lock()
-        # Fair between tasks (engine/fair_queue.py): the order newcomers enter the batch.
-        self._waiting: FairQueue[list[RequestState]] = for_config(self.config, can_pause=self.can_pause)
-        self._aborted: set[str] = set()
+        self._init_queue(self.can_pause)  # waiting items: a request's sample group, list[RequestState]
         self.last_step = StepStats()
         self.threads = self.config.threads or torch.get_num_threads()  # intra-op threads of its steps
         self.kv_bytes_per_token = kv_bytes_per_token(backbone.config, backbone.dtype)
@@ -82,25 +79,9 @@ class StepEngine(abc.ABC):
         self._waiting.push(task_key(request.task_id), sequences, width)
         return request.request_id
 
-    def _sequence(self, request: GenerationRequest, input_ids: list[int], entry, index: int) -> RequestState:
-        generator = make_generator(request.params, self.backbone.device, index)
-        return RequestState(request, input_ids, entry, generator, self.backbone.tokenizer, self._eos_ids, index)
-
-    def abort(self, request_id: str) -> None:
-        with self._lock:
-            self._aborted.add(request_id)
-
-    def set_task_limits(self, task_id: str, limits: TaskLimits) -> None:
-        self._waiting.set_limits(task_key(task_id), limits)
-
-    def discard(self, cache_key) -> None:
-        """Forget what was built for an adapter version (it was replaced or deleted); a request
-        still running on it keeps it until it finishes."""
-        self.cache.discard(cache_key)
-        self.resident.discard(cache_key)
-
-    def prompt_kv_stats(self):
-        return None
+    @property
+    def generator_device(self) -> torch.device:
+        return self.backbone.device
 
     def stats(self) -> EngineStats:
         allocated, reserved = device_memory(self.backbone.device)
@@ -192,8 +173,7 @@ class StepEngine(abc.ABC):
         raise NotImplementedError(f"{type(self).__name__} cannot resume rows")
 
     def _handle_aborts(self) -> list[StepOutput]:
-        with self._lock:
-            aborted, self._aborted = self._aborted, set()
+        aborted = self._take_aborted()
         if not aborted:
             return []
         dropped = [s for group in self._waiting.remove(lambda group: group[0].request.request_id in aborted)

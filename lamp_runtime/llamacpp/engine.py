@@ -43,7 +43,6 @@ import bisect
 import ctypes
 import heapq
 import os
-import threading
 import time
 
 import numpy as np
@@ -56,11 +55,12 @@ from ..prompts.prepared import assemble_embeddings, offset_inputs, prepare
 from ..requests import GenerationRequest, GenerationResult, StepOutput
 from ..engine.admission import resolve_request
 from ..engine.base import EngineConfig, EngineStats, StepStats
-from ..engine.fair_queue import FairQueue, TaskLimits, for_config, task_key
+from ..engine.fair_queue import task_key
 from ..engine.logprobs import prompt_logprobs, token_logprobs
 from ..engine.resident import ResidentAdapters
 from ..engine.sampling import make_generator, next_token
 from ..engine.request_state import RequestState
+from ..engine.step_core import StepCoreBase
 from ..prompts.prompt_kv import PromptKVLRU
 from .native import Batch, lib, new_context, read_seq_state, write_seq_state
 from .options import LLAMA_MAX_SEQ, LlamaCppOptions
@@ -95,7 +95,7 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-class LlamaCppEngine:
+class LlamaCppEngine(StepCoreBase):
     kind = "llamacpp"
     supports_prompt_logprobs = True
     shares_prefill = True  # n samples fork from one prefill (seq_cp)
@@ -116,12 +116,9 @@ class LlamaCppEngine:
         self.kv_bytes_per_token = backbone.info.kv_bytes_per_cell
         self._eos_ids = backbone.eos_token_ids()
         self._table = backbone.info.table
-        self._lock = threading.Lock()
-        # Fair between tasks (engine/fair_queue.py): the order newcomers enter the batch.
-        # A row it names to pause (a task below its share waits for none) is copied out of its
-        # stream (read_seq_state) and written back when it resumes (_pause, _resume).
-        self._waiting: FairQueue[RequestState] = for_config(self.config, can_pause=True)
-        self._aborted: set[str] = set()
+        # A row the fair queue names to pause (a task below its share waits for none) is copied
+        # out of its stream (read_seq_state) and written back when it resumes (_pause, _resume).
+        self._init_queue(can_pause=True)  # waiting items: RequestState
         self._running: list[_Row] = []
         self.last_step = StepStats()
 
@@ -163,28 +160,6 @@ class LlamaCppEngine:
         seq.forks = params.n - 1
         self._waiting.push(task_key(request.task_id), seq, seq.width)
         return request.request_id
-
-    def _sequence(self, request, input_ids, entry, index: int) -> RequestState:
-        generator = make_generator(request.params, torch.device("cpu"), index)
-        return RequestState(request, input_ids, entry, generator, self.backbone.tokenizer, self._eos_ids, index)
-
-    def abort(self, request_id: str) -> None:
-        with self._lock:
-            self._aborted.add(request_id)
-
-    def set_task_limits(self, task_id: str, limits: TaskLimits) -> None:
-        self._waiting.set_limits(task_key(task_id), limits)
-
-    def discard(self, cache_key) -> None:
-        """Forget an adapter version's prompt and prompt KV (re-registered or deleted); requests
-        still running on it keep what their own streams hold."""
-        self.cache.discard(cache_key)
-        self.resident.discard(cache_key)
-        if self.prompt_kv is not None:
-            self.prompt_kv.discard(cache_key)
-
-    def prompt_kv_stats(self):
-        return self.prompt_kv.stats() if self.prompt_kv is not None else None
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -367,8 +342,7 @@ class LlamaCppEngine:
     # ---- admission, prefill plans, forks, retirement -------------------------------------------
 
     def _handle_aborts(self) -> list[StepOutput]:
-        with self._lock:
-            aborted, self._aborted = self._aborted, set()
+        aborted = self._take_aborted()
         if not aborted:
             return []
         dropped = self._waiting.remove(lambda s: s.request.request_id in aborted)
