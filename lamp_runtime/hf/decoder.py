@@ -211,7 +211,7 @@ class DecoderEngine(StepEngine):
         for i in forking:
             parent = self._running[i]
             for index in range(1, parent.forks + 1):
-                child = parent.fork(index, make_generator(parent.params, self.backbone.device, index))
+                child = parent.fork(index, make_generator(parent.params, self.generator_device, index))
                 if parent.entry is not None:
                     child.prepared = self.cache.acquire(parent.entry.cache_key, lambda: prepare(parent.entry.adapter))
                 slot = len(self._running)

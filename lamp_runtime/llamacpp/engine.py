@@ -209,8 +209,10 @@ class LlamaCppEngine(StepCoreBase):
         started = time.perf_counter()
         outputs = self._handle_aborts()
         admitted = self._admit()
+        resumed = [s for s in admitted if s.paused is not None]
         newcomers = [s for s in admitted if s.paused is None]
-        self._resume([s for s in admitted if s.paused is not None])
+        if resumed:
+            self._resume(resumed)
         stats = StepStats(prefilled=len(newcomers))
         for seq in newcomers:
             seq.admitted_at = started
@@ -454,7 +456,7 @@ class LlamaCppEngine(StepCoreBase):
             parent = rows[i]
             cells = read_seq_state(self.ctx, parent.seq_id)  # once for all n - 1 siblings
             for index in range(1, parent.seq.forks + 1):
-                child = parent.seq.fork(index, make_generator(parent.seq.params, torch.device("cpu"), index))
+                child = parent.seq.fork(index, make_generator(parent.seq.params, self.generator_device, index))
                 if parent.seq.entry is not None:
                     entry = parent.seq.entry
                     child.prepared = self.cache.acquire(entry.cache_key, lambda: prepare(entry.adapter))
