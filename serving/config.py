@@ -74,6 +74,8 @@ class ServeSettings:
     # KV cells of each batch row of the llama.cpp engine (a stream of its own, allocated at start):
     # the most soft prompt + input + answer one request may hold (docs/llamacpp.md)
     llamacpp_row_cells: int | None = None  # None: the engine's default (LlamaCppOptions.row_cells)
+    # Serve the GGUF requantized to this type by llama.cpp, once and cached (LlamaCppOptions.requantize)
+    llamacpp_requantize: str | None = None
     allow_random_weights: bool = False  # serve a random-weight (benchmark-only) backbone anyway
 
     def __post_init__(self):
@@ -112,6 +114,12 @@ class ServeSettings:
             _check_range(self, "llamacpp_row_cells", 16, None)
             if self.engine not in ("llamacpp", "auto"):
                 raise ValueError(f"llamacpp_row_cells is a setting of the llamacpp engine, not of {self.engine!r}")
+        if self.llamacpp_requantize is not None:
+            from lamp_runtime.llamacpp.options import REQUANTIZE_TYPES
+
+            _check_choice(self, "llamacpp_requantize", REQUANTIZE_TYPES)
+            if self.engine != "llamacpp":  # auto keeps a Q4_1 GGUF on hf: the flag would be ignored
+                raise ValueError(f"llamacpp_requantize is a setting of --engine llamacpp, not of {self.engine!r}")
         object.__setattr__(self, "log_level", str(self.log_level).upper())
         _check_choice(self, "log_level", LOG_LEVELS)
         if not self.host:
@@ -175,11 +183,12 @@ class ServeSettings:
     def llamacpp_options(self):
         """LlamaCppOptions for the llama.cpp engine (also for auto, which may choose it); None when
         no llama.cpp setting was given (the engine's defaults)."""
-        if self.llamacpp_row_cells is None:
+        if self.llamacpp_row_cells is None and self.llamacpp_requantize is None:
             return None
         from lamp_runtime.llamacpp.options import LlamaCppOptions
 
-        return LlamaCppOptions(row_cells=self.llamacpp_row_cells)
+        given = {"row_cells": self.llamacpp_row_cells, "requantize": self.llamacpp_requantize}
+        return LlamaCppOptions(**{key: value for key, value in given.items() if value is not None})
 
     def to_args(self) -> dict[str, Any]:
         """Plain values, to hand to the Serve app builder (and back through `from_mapping`)."""

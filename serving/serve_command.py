@@ -93,6 +93,10 @@ def register(subparsers) -> None:
                    help="KV cells of each batch row of the llama.cpp engine: the most soft prompt + input + "
                         "answer one request may hold; the KV cache is max-batch-size x this, allocated at start "
                         "(default 1024)")
+    p.add_argument("--llamacpp-requantize", metavar="TYPE",
+                   help="serve the GGUF requantized by llama.cpp to TYPE (e.g. Q4_0, which llama.cpp repacks into "
+                        "batched kernels on x86), made once and cached; it rounds every weight again: check your "
+                        "tasks' accuracy on it (docs/llamacpp.md)")
     p.add_argument("--allow-random-weights", action="store_true", default=None,
                    help="serve a backbone whose weights are random (made for benchmarks: it generates noise)")
     p.add_argument("--max-request-bytes", type=int, help="largest inference request body (default 1 MiB)")
@@ -109,7 +113,8 @@ SETTING_FLAGS = ("host", "port", "address", "num_cpus", "store", "registry", "pr
                  "prefill_forward_cost_tokens", "max_queue", "fair_scheduling", "fair_preemption", "max_input_tokens", "max_new_tokens", "prompt_cache_mb",
                  "adapter_cache_mb", "prompt_kv_cache_mb", "max_request_bytes", "max_upload_bytes",
                  "serve_log_level", "engine", "vllm_kv_cache_mb", "vllm_max_model_len",
-                 "vllm_block_size", "llamacpp_row_cells", "allow_random_weights")
+                 "vllm_block_size", "llamacpp_row_cells", "llamacpp_requantize",
+                 "allow_random_weights")
 
 
 def settings_from_args(args: argparse.Namespace):

@@ -1,11 +1,13 @@
 """The bundled adapters' held-out accuracy and greedy answers under several backbone options.
 
-    .venv/bin/python -m lamp_runtime.bench.accuracy [--options float32/none bfloat16/int4 llamacpp] [--rows 100]
+    .venv/bin/python -m lamp_runtime.bench.accuracy [--options float32/none bfloat16/int4 llamacpp llamacpp/Q4_0]
+        [--rows 100]
         [--out docs/bench/accuracy.json]
 
 Every bundled adapter (prompts/*.safetensors) answers the first `--rows` rows of its task's
 eval.jsonl through the serving engine, greedy, under each option (`dtype/quantization` for the HF
-engine; `llamacpp` for the llama.cpp engine on the embedded GGUF as it is); the report gives each
+engine; `llamacpp` for the llama.cpp engine on the embedded GGUF as it is, `llamacpp/TYPE` on it
+requantized to TYPE, LlamaCppOptions.requantize); the report gives each
 option's accuracy and the share of answers identical, token for token, to the first option's.
 """
 
@@ -38,10 +40,12 @@ def answers(engine, task: str, rows: list[dict]) -> list[list[int]]:
 
 def engine_of(spec: str):
     """The synchronous engine core an option names."""
-    if spec == "llamacpp":
+    if spec == "llamacpp" or spec.startswith("llamacpp/"):
         from ..llamacpp.engine import build_llamacpp_engine
+        from ..llamacpp.options import LlamaCppOptions
 
-        return build_llamacpp_engine(BackboneOptions(device="cpu"))
+        requantize = spec.partition("/")[2] or None
+        return build_llamacpp_engine(BackboneOptions(device="cpu"), options=LlamaCppOptions(requantize=requantize))
     dtype, quantization = spec.split("/")
     return engine_for(load_backbone(BackboneOptions(dtype=dtype, quantization=quantization, device="cpu")))
 

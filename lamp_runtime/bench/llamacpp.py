@@ -1,7 +1,7 @@
 """The llama.cpp engine against llama.cpp's own llama-bench, the HF int4 engine and vLLM.
 
     .venv/bin/python -m lamp_runtime.bench.llamacpp [--clients 1 4 16 64] [--repeats 3] [--new-tokens 32]
-        [--engines llamacpp hf vllm] [--threads 2] [--out docs/bench/llamacpp.json]
+        [--engines llamacpp hf vllm] [--threads 2] [--gguf FILE | --requantize Q4_0] [--out docs/bench/llamacpp.json]
 
 (`make llama-bench` builds .venv/bin/llama-bench from the same llama.cpp source first.)
 One run interleaves, round after round in a shuffled order (lamp_runtime/bench/stats.py):
@@ -14,7 +14,8 @@ One run interleaves, round after round in a shuffled order (lamp_runtime/bench/s
 - warm prefill of a 200-token vs a 2-token soft prompt (both prompts' KV cached), and the cold
   prompt-KV build of the 200-token one;
 - torch threads in the engine loop (1 vs the cores) with sampled requests;
-and reports each engine's RSS growth when it was built. Each engine runs in a process of its own
+and reports each engine's RSS growth when it was built. Every engine serves the same GGUF: the
+embedded one, --gguf, or either requantized by llama.cpp (--requantize, llamacpp/requantize.py). Each engine runs in a process of its own
 (bench/engine_process.py), as a replica holds one engine, the llama.cpp variants (the other mode
 of mixed steps, torch threads) too: every engine loop thread that has run a llama_decode keeps an
 OpenMP pool of ggml's threads, and with more pooled threads than cores libgomp stops spinning
@@ -125,7 +126,7 @@ class LlamaCppSide:
         if kind == "llamacpp-other-mixed":
             options = dataclasses.replace(options, mixed_steps=other_mixed_mode(options.mixed_steps))
         before = rss()
-        core = build_llamacpp_engine(BackboneOptions(), config, options)
+        core = build_llamacpp_engine(BackboneOptions(path=settings["gguf"]), config, options)
         if kind == "llamacpp-torch-many":
             core.threads = settings["threads"]  # read by on_loop_start, when the loop below starts
         self.runner = StepLoopEngine(core)
@@ -171,13 +172,12 @@ class OtherEngineSide:
         if settings["kind"] == "vllm":
             from lamp_runtime.vllm.engine import VllmOptions
 
-            self.engine = build_engine("vllm", BackboneOptions(dtype="float32", quantization="none", device="cpu"),
+            self.engine = build_engine("vllm", BackboneOptions(settings["gguf"], "float32", "none", "cpu"),
                                        config, VllmOptions(kv_cache_mb=settings["kv_cache_mb"], max_model_len=2048))
         else:
-            self.engine = build_engine("hf", BackboneOptions(dtype="bfloat16", quantization="int4", device="cpu"),
-                                       config)
+            self.engine = build_engine("hf", BackboneOptions(settings["gguf"], "bfloat16", "int4", "cpu"), config)
         self.rss_growth = rss() - before
-        for task, adapter in bench_adapters(gguf_table()).items():
+        for task, adapter in bench_adapters(gguf_table(settings["gguf"])).items():
             self.engine.registry.register(task, adapter)
 
     def info(self) -> dict:
@@ -190,11 +190,11 @@ class OtherEngineSide:
         self.engine.shutdown()
 
 
-def gguf_table() -> torch.Tensor:
-    """The embedded GGUF's token-embedding table: every side draws the same adapters from it."""
+def gguf_table(gguf: str | None) -> torch.Tensor:
+    """The GGUF's token-embedding table: every side draws the same adapters from it."""
     from lamp_runtime.llamacpp.backbone import gguf_path, read_gguf
 
-    return torch.from_numpy(np.array(read_gguf(gguf_path(BackboneOptions())[0]).table))  # a writable copy
+    return torch.from_numpy(np.array(read_gguf(gguf_path(BackboneOptions(gguf))[0]).table))  # a writable copy
 
 
 def clients_sample(runner, clients: int, new_tokens: int) -> dict:
@@ -211,13 +211,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="ggml / torch threads (default: the cores)")
     parser.add_argument("--kv-cache-mb", type=int, default=512, help="vLLM KV cache (host memory on CPU)")
     parser.add_argument("--llama-bench", type=Path, default=LLAMA_BENCH, help=f"llama-bench binary (default {LLAMA_BENCH})")
+    parser.add_argument("--gguf", type=Path, help="the GGUF every engine serves (default: the embedded one)")
+    parser.add_argument("--requantize", metavar="TYPE",
+                        help="serve the GGUF requantized by llama.cpp to TYPE (llamacpp/requantize.py) in every engine")
     parser.add_argument("--out", help="write settings, samples and summaries as JSON here")
     args = parser.parse_args()
     if "llamacpp" not in args.engines:
         parser.error("--engines must include llamacpp (the engine this bench compares)")
     threads = args.threads or len(os.sched_getaffinity(0))
     shared = {"clients": args.clients, "new_tokens": args.new_tokens, "decode_tokens": args.decode_tokens,
-              "threads": threads, "kv_cache_mb": args.kv_cache_mb}
+              "threads": threads, "kv_cache_mb": args.kv_cache_mb, "gguf": served_gguf(args, threads)}
     sides = {}
     try:
         kinds = [k for k in args.engines if k != "llamacpp"] + list(LLAMACPP_VARIANTS)
@@ -229,6 +232,16 @@ def main() -> None:
         for side in sides.values():
             side.close()
     _report(args, parser, threads, sides, samples, context)
+
+
+def served_gguf(args, threads: int) -> str | None:
+    """The GGUF path every side serves (None: the embedded one), requantized first if asked."""
+    if args.requantize is None:
+        return str(args.gguf) if args.gguf else None
+    from lamp_runtime.llamacpp.backbone import gguf_path
+    from lamp_runtime.llamacpp.requantize import requantized_gguf
+
+    return str(requantized_gguf(gguf_path(BackboneOptions(args.gguf))[0], args.requantize, threads))
 
 
 def side_for(variant, sides: dict):

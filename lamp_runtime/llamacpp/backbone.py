@@ -232,11 +232,13 @@ def refuse_options(options: BackboneOptions) -> BackboneOptions:
 
 def load_llamacpp_backbone(options: BackboneOptions | None, settings: KernelSettings, kv_cells: int,
                            info: GgufInfo | None = None) -> LlamaCppBackbone:
-    """Read and check the GGUF, then load its weights into llama.cpp with `settings`."""
+    """Read and check the GGUF, then load its weights into llama.cpp with `settings`; `info`: an
+    already read GGUF to load instead of the options' (a requantized copy: requantize.py)."""
     options = refuse_options(options or BackboneOptions())
     started = time.perf_counter()
-    path, name = gguf_path(options)
-    info = info or read_gguf(path)
+    source, name = gguf_path(options)
+    info = info or read_gguf(source)
+    path = info.path
     check_memory(info, kv_cells, settings)
     try:
         model = load_model(str(path), settings)
@@ -244,7 +246,7 @@ def load_llamacpp_backbone(options: BackboneOptions | None, settings: KernelSett
         raise ValueError(f"{name}: architecture {info.architecture!r} does not load in llama.cpp ({exc})") from None
     L = lib()
     try:
-        tokenizer = load_tokenizer(path)
+        tokenizer = load_tokenizer(source)  # a requantized copy has the source's vocabulary
         if L.llama_model_has_encoder(model):
             raise ValueError(f"{name} ({info.architecture}) has an encoder: the llama.cpp engine serves decoder-only "
                              "models; use --engine hf for encoder-decoder backbones")

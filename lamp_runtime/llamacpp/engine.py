@@ -521,15 +521,18 @@ def build_llamacpp_engine(backbone_options=None, config: EngineConfig | None = N
 
     from ..backbone.options import BackboneOptions
     from .backbone import check_memory, gguf_path, load_llamacpp_backbone, read_gguf, refuse_options
-    from .native import KernelSettings
+    from .native import KernelSettings, weight_type
     from .probe import probe_settings
+    from .requantize import requantized_gguf
 
     config = config or EngineConfig()
     options = options or LlamaCppOptions()
     backbone_options = refuse_options(backbone_options or BackboneOptions())
     path, _ = gguf_path(backbone_options)
-    info = read_gguf(path)  # refuses what is not a runnable GGUF before any child starts
     threads = config.threads or available_cores()
+    if options.requantize is not None:
+        path = requantized_gguf(path, options.requantize, threads)
+    info = read_gguf(path)  # refuses what is not a runnable GGUF before any child starts
     kv_cells = config.max_batch_size * options.row_cells
     if options.probe:
         check_memory(info, kv_cells, KernelSettings())
@@ -540,4 +543,5 @@ def build_llamacpp_engine(backbone_options=None, config: EngineConfig | None = N
     backbone = load_llamacpp_backbone(backbone_options, settings, kv_cells, info)
     engine = LlamaCppEngine(backbone, registry, config, options=options)
     engine.settings["probe"] = source
+    engine.settings["weights"] = weight_type(backbone.model) + (" requantized" if options.requantize else "")
     return engine

@@ -71,6 +71,14 @@ def load_model(path: str, settings: KernelSettings):
     return model
 
 
+def weight_type(model) -> str:
+    """The model's weight type as llama.cpp describes it ("Q4_1", "Q4_K - Medium"): the words of
+    llama_model_desc after the architecture and size."""
+    text = ctypes.create_string_buffer(128)
+    lib().llama_model_desc(model, text, len(text))
+    return text.value.decode(errors="replace").split(" ", 2)[-1]
+
+
 GGML_TYPE_F32, GGML_TYPE_F16 = 0, 1
 KV_TYPES = {"f32": GGML_TYPE_F32, "f16": GGML_TYPE_F16}
 

@@ -31,6 +31,7 @@ from lamp_runtime.engine.base import EngineConfig  # noqa: E402
 from lamp_runtime.llamacpp.engine import build_llamacpp_engine  # noqa: E402
 from lamp_runtime.llamacpp.native import lib  # noqa: E402
 from lamp_runtime.llamacpp.options import LlamaCppOptions  # noqa: E402
+from lamp_runtime.llamacpp.requantize import quantize_file  # noqa: E402
 from lamp_runtime.requests import GenerationRequest  # noqa: E402
 
 # The Q4_1 module's adapters of every kind, built from whichever `engine` this module gives.
@@ -41,27 +42,6 @@ from .test_llamacpp_engine import (  # noqa: E402
 NEW = 4  # tokens per answer: exactness shows within a few, and every request costs a decode per token
 # ftype -> (how llama.cpp describes the loaded model's type, token_embd's type)
 TYPES = {"Q4_K_M": ("Q4_K - Medium", "Q8_0"), "Q8_0": ("Q8_0", "Q8_0"), "F16": ("F16", "F16")}
-
-
-def requantize(source: Path, out: Path, ftype: str, token_embd: str | None = None) -> Path:
-    """`source` requantized to `ftype` (a LLAMA_FTYPE_MOSTLY_* suffix) by llama.cpp, written
-    atomically; `token_embd` (a GGML type name) overrides the type llama.cpp gives that tensor."""
-    from gguf import GGMLQuantizationType
-
-    L = lib()
-    params = L.llama_model_quantize_default_params()
-    params.ftype = getattr(L, f"LLAMA_FTYPE_MOSTLY_{ftype}")
-    params.allow_requantize = True  # the source is quantized already
-    if token_embd is not None:
-        params.token_embedding_type = int(GGMLQuantizationType[token_embd])
-    params.nthread = 2
-    partial = out.with_name(out.name + ".partial")
-    code = L.llama_model_quantize(str(source).encode(), str(partial).encode(), ctypes.byref(params))
-    if code != 0:
-        partial.unlink(missing_ok=True)
-        raise RuntimeError(f"llama_model_quantize to {ftype} failed ({code})")
-    partial.replace(out)
-    return out
 
 
 @pytest.fixture(scope="session")
@@ -83,11 +63,11 @@ def gguf_files() -> dict[str, Path]:
     with FileLock(str(folder) + ".lock"):
         for ftype in TYPES:
             path = folder / f"{source.stem.rsplit('.', 1)[0]}.{ftype}.gguf"
-            files[ftype] = path if path.is_file() else requantize(source, path, ftype)
+            files[ftype] = path if path.is_file() else quantize_file(source, path, ftype)
         path = folder / "random-tiny-k-shape.Q4_K_M.gguf"
         if not path.is_file():
             tiny = write_random_gguf(folder / "random-tiny-k-shape.Q4_1.gguf", "tiny-k", seed=5, progress=False)
-            requantize(tiny, path, "Q4_K_M", token_embd="Q4_K")
+            quantize_file(tiny, path, "Q4_K_M", token_embd="Q4_K")
             tiny.unlink()
         files["tiny-k"] = path
     return files
