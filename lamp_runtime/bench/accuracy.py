@@ -1,7 +1,7 @@
 """The bundled adapters' held-out accuracy and greedy answers under several backbone options.
 
     .venv/bin/python -m lamp_runtime.bench.accuracy [--options float32/none bfloat16/int4 llamacpp llamacpp/Q4_0]
-        [--rows 100]
+        [--rows 100] [--adapters prompts]
         [--out docs/bench/accuracy.json]
 
 Every bundled adapter (prompts/*.safetensors) answers the first `--rows` rows of its task's
@@ -9,6 +9,8 @@ eval.jsonl through the serving engine, greedy, under each option (`dtype/quantiz
 engine; `llamacpp` for the llama.cpp engine on the embedded GGUF as it is, `llamacpp/TYPE` on it
 requantized to TYPE, LlamaCppOptions.requantize); the report gives each
 option's accuracy and the share of answers identical, token for token, to the first option's.
+`--adapters DIR` scores the adapters of the same names in another folder (e.g. trained on a
+requantized GGUF, docs/llamacpp.md) on the bundled eval rows.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 from ..adapters import load_adapter
 from ..backbone.hf import load_backbone
@@ -54,6 +57,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--options", nargs="+", default=["float32/none", "bfloat16/int4"])
     parser.add_argument("--rows", type=int, default=100)
+    parser.add_argument("--adapters", type=Path, default=BUNDLED_PROMPTS,
+                        help="folder of <task>.safetensors to score (default: the bundled prompts/)")
     parser.add_argument("--out", help="write the report JSON here")
     args = parser.parse_args()
     report = {"bench": "accuracy", "command": full_command("python -m lamp_runtime.bench.accuracy", parser, args),
@@ -65,7 +70,7 @@ def main() -> None:
         for task in sorted(TASKS):
             rows = [json.loads(line) for line in (BUNDLED_PROMPTS / "data" / task / "eval.jsonl").read_text().splitlines()]
             rows = rows[:args.rows]
-            engine.registry.register(task, load_adapter(BUNDLED_PROMPTS / f"{task}.safetensors", hidden_size))
+            engine.registry.register(task, load_adapter(args.adapters / f"{task}.safetensors", hidden_size))
             started = time.perf_counter()
             results = answers(engine, task, rows)
             labels = TASKS[task].labels

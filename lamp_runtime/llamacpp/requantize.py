@@ -1,6 +1,11 @@
 """A GGUF rewritten by llama.cpp's own quantizer into a weight type whose CPU kernels run faster
 on this host, once, and kept in the lamp cache folder (LlamaCppOptions.requantize).
 
+    .venv/bin/python -m lamp_runtime.llamacpp.requantize [SOURCE.gguf] TYPE
+
+makes it ahead of serving and prints its path (to train adapters on, `lamp train --backbone`);
+SOURCE defaults to the embedded GGUF.
+
 Why: llama.cpp repacks some weight types at load into interleaved layouts with batched kernels
 (on x86 Q4_0, IQ4_NL and Q4_K) and runs the others a row pair at a time. On the AMD EPYC here the
 embedded Q4_1 GGUF has no such layout: docs/bench/llamacpp.json has llama-bench and the served
@@ -102,3 +107,21 @@ def quantize_file(source: Path, out: Path, name: str, threads: int = 2, token_em
                            f"{last_errors() or 'no reason given'}")
     partial.replace(out)
     return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    from ..backbone.checkpoint import embedded_gguf_path
+
+    parser = argparse.ArgumentParser(description="Requantize a GGUF with llama.cpp (once; kept in the lamp cache) "
+                                                 "and print the path of the result.")
+    parser.add_argument("source", nargs="?", type=Path, help="the GGUF (default: the embedded one)")
+    parser.add_argument("type", choices=REQUANTIZE_TYPES)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    print(requantized_gguf(args.source or embedded_gguf_path(), args.type))
+
+
+if __name__ == "__main__":
+    main()

@@ -46,12 +46,23 @@ def test_llamacpp_row_cells_reach_the_engine_options_from_flags_and_yaml(tmp_pat
     assert load_settings(tmp_path / "serve.yaml", {}).llamacpp_options() == LlamaCppOptions(row_cells=512)
 
 
+def test_llamacpp_requantize_reaches_the_engine_options():
+    from lamp_runtime.llamacpp.options import LlamaCppOptions
+
+    args = build_parser().parse_args(["serve", "--engine", "llamacpp", "--llamacpp-requantize", "Q4_0"])
+    settings = settings_from_args(args)
+    assert settings.llamacpp_options() == LlamaCppOptions(requantize="Q4_0")
+    assert ServeSettings.from_mapping(settings.to_args()) == settings
+
+
 @pytest.mark.parametrize("text, message", [
     ("engine: tgi\n", "engine must be one of hf, vllm, llamacpp, auto; got 'tgi'"),
     ("vllm_kv_cache_mb: 0\n", "vllm_kv_cache_mb must be an integer >= 1"),
     ("vllm_max_model_len: 1\n", "vllm_max_model_len must be an integer >= 2"),
     ("engine: llamacpp\nllamacpp_row_cells: 8\n", "llamacpp_row_cells must be an integer >= 16"),
     ("engine: vllm\nllamacpp_row_cells: 1024\n", "llamacpp_row_cells is a setting of the llamacpp engine, not of 'vllm'"),
+    ("engine: llamacpp\nllamacpp_requantize: Q3\n", "llamacpp_requantize must be one of Q4_0, Q4_1"),
+    ("engine: auto\nllamacpp_requantize: Q4_0\n", "llamacpp_requantize is a setting of --engine llamacpp, not of 'auto'"),
 ])
 def test_bad_engine_settings_name_the_key(tmp_path, text, message):
     (tmp_path / "serve.yaml").write_text(text)

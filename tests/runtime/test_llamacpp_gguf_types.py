@@ -1,4 +1,4 @@
-"""The llama.cpp engine on GGUF types other than the embedded Q4_1: Q4_K_M, Q8_0 and F16 files made
+"""The llama.cpp engine on GGUF types other than the embedded Q4_1: Q4_K_M, Q8_0, F16 and Q4_0 files made
 from the embedded GGUF by llama.cpp's own quantizer (`llama_model_quantize`, requantizing), each
 loaded once and checked as the Q4_1 engine is in tests/runtime/test_llamacpp_engine.py (whose checks
 and adapters are reused here): the token-embedding table read by backbone.py, soft prompts of the
@@ -6,8 +6,8 @@ file's own embedding rows answering exactly like the tokens, prompt KV cold = wa
 
 What llama.cpp writes (read with gguf's GGUFReader when this was written): SmolLM2's width 576 is
 not a multiple of 256, so Q4_K_M keeps K-quants only for the 1536-wide down projections (Q4_K, Q6_K)
-and falls back to Q5_0 / Q8_0 elsewhere; token_embd stays the source's Q8_0 in the Q4_K_M and Q8_0
-files (llama.cpp refuses to write a Q4_K token_embd at this width) and is F16 in the F16 file, which
+and falls back to Q5_0 / Q8_0 elsewhere; token_embd stays the source's Q8_0 in the Q4_K_M, Q8_0
+and Q4_0 files (llama.cpp refuses to write a Q4_K token_embd at this width) and is F16 in the F16 file, which
 the table test tells apart.
 """
 
@@ -41,7 +41,8 @@ from .test_llamacpp_engine import (  # noqa: E402
 
 NEW = 4  # tokens per answer: exactness shows within a few, and every request costs a decode per token
 # ftype -> (how llama.cpp describes the loaded model's type, token_embd's type)
-TYPES = {"Q4_K_M": ("Q4_K - Medium", "Q8_0"), "Q8_0": ("Q8_0", "Q8_0"), "F16": ("F16", "F16")}
+TYPES = {"Q4_K_M": ("Q4_K - Medium", "Q8_0"), "Q8_0": ("Q8_0", "Q8_0"), "F16": ("F16", "F16"),
+         "Q4_0": ("Q4_0", "Q8_0")}
 
 
 @pytest.fixture(scope="session")

@@ -147,7 +147,7 @@ def test_the_engine_its_settings_and_its_threads_are_reported(server):
     metrics = httpx.get(f"{server.url}/metrics", timeout=60).text
     info = [line for line in metrics.splitlines() if line.startswith("lamp_engine_info{")]
     assert any('kind="llamacpp"' in line and 'weight_repack="' in line and 'n_ubatch="' in line
-               and 'row_cells="256"' in line
+               and 'row_cells="256"' in line and 'weights="Q4_1"' in line
                and 'threads_policy="adaptive"' in line for line in info), info
     threads = [line for line in metrics.splitlines() if line.startswith("lamp_engine_compute_threads")]
     assert threads and all(float(line.split()[-1]) in (1, 2) for line in threads), threads  # the cores (2), half, one
