@@ -68,6 +68,9 @@ def requantized_gguf(source: Path, name: str, threads: int = 2) -> Path:
 
     if file_type(source) == getattr(lib(), f"LLAMA_FTYPE_MOSTLY_{check_type(name)}"):
         return source
+    log.warning("serving %s requantized to %s: adapters trained on its own weights can lose their accuracy "
+                "on it; serve adapters trained on the requantized file (docs/llamacpp.md, Requantized weights)",
+                source.name, name)
     out = requantized_path(source, name)
     if out.is_file():
         return out

@@ -23,10 +23,13 @@ from lamp_runtime.llamacpp.options import LlamaCppOptions  # noqa: E402
 from lamp_runtime.requests import GenerationRequest, SamplingParams  # noqa: E402
 
 
-def test_a_source_is_requantized_once_and_a_file_of_the_type_is_served_as_it_is(tmp_path, monkeypatch, capsys):
+def test_a_source_is_requantized_once_and_a_file_of_the_type_is_served_as_it_is(tmp_path, monkeypatch, capsys,
+                                                                                  caplog):
     monkeypatch.setenv("LAMP_CACHE_DIR", str(tmp_path))
     source = embedded_gguf_path()
-    made = requantize.requantized_gguf(source, "Q4_0")
+    with caplog.at_level("WARNING", logger="lamp_runtime.llamacpp.requantize"):
+        made = requantize.requantized_gguf(source, "Q4_0")
+    assert "requantized to Q4_0: adapters trained on its own weights can lose their accuracy" in caplog.text
     assert made.parent == tmp_path / "llamacpp-requantized" and made.name.endswith(".Q4_0.gguf"), made
     assert requantize.file_type(made) == lib().LLAMA_FTYPE_MOSTLY_Q4_0
     assert requantize.file_type(source) == lib().LLAMA_FTYPE_MOSTLY_Q4_1
