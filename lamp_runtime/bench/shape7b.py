@@ -206,7 +206,7 @@ def llamacpp_rows(gguf: Path, args) -> dict:
         BackboneOptions(path=str(gguf), device="cpu"),
         EngineConfig(max_batch_size=max(DECODE_BATCHES), prompt_kv_cache_bytes=PROMPT_KV_CACHE_BYTES,
                      threads=args.threads),
-        LlamaCppOptions(row_cells=args.llamacpp_row_cells))
+        LlamaCppOptions(row_cells=args.llamacpp_row_cells, requantize=args.llamacpp_requantize))
     try:
         engine.on_loop_start()
         backbone = engine.backbone
@@ -248,6 +248,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="engines measured (llamacpp needs llama-cpp-python)")
     parser.add_argument("--llamacpp-row-cells", type=int, default=256,
                         help="the llama.cpp engine's KV cells per batch row (a 7B holds 0.5 MiB per cell)")
+    parser.add_argument("--llamacpp-requantize", metavar="TYPE", default=None,
+                        help="the llama.cpp engine serves the GGUF requantized to TYPE (llamacpp/requantize.py)")
     parser.add_argument("--t5", choices=("on", "off"), default="on", help="the T5-shaped encoder measurement")
     parser.add_argument("--new-tokens", type=int, default=4, help="decode steps timed per batch size")
     parser.add_argument("--repeats", type=int, default=2, help="rounds of the interleaved cold/warm prefills")
