@@ -58,8 +58,9 @@ def choose_engine(backbone_options: BackboneOptions | None = None, *, cuda_avail
     its own types and kernels, with no torch copy of the weights, unless its weights are Q4_1: the
     hf engine's int4 kernels serve those blocks as they are, and on the measured host they were
     faster at 4 to 64 concurrent requests, about twice at 16 (docs/bench/llamacpp.json;
-    docs/llamacpp.md says why: llama.cpp's Q4_1 matrix kernels are compute-bound there). Any other GGUF type (Q4_K, Q8_0, F16...) the int4 engine would requantize to
-    4 bits, and the float32 route needs several times the memory. Everything else keeps `hf`: an
+    docs/llamacpp.md says why: llama.cpp's Q4_1 matrix kernels are compute-bound there). Any other
+    GGUF type (Q4_K, Q8_0, F16...) the int4 engine would requantize to 4 bits, and the float32
+    route needs several times the memory. Everything else keeps `hf`: an
     HF folder (T5 included) is not a GGUF; on a CUDA device the hf engine runs there while this
     llama.cpp build is CPU-only; an explicit --dtype or --quantization chooses how transformers
     loads the weights; and llama-cpp-python may not be installed. `vllm` is never chosen: it is an

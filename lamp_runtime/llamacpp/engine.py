@@ -528,10 +528,9 @@ def build_llamacpp_engine(backbone_options=None, config: EngineConfig | None = N
     config = config or EngineConfig()
     options = options or LlamaCppOptions()
     backbone_options = refuse_options(backbone_options or BackboneOptions())
-    path, _ = gguf_path(backbone_options)
+    given, _ = gguf_path(backbone_options)
     threads = config.threads or available_cores()
-    if options.requantize is not None:
-        path = requantized_gguf(path, options.requantize, threads)
+    path = given if options.requantize is None else requantized_gguf(given, options.requantize, threads)
     info = read_gguf(path)  # refuses what is not a runnable GGUF before any child starts
     kv_cells = config.max_batch_size * options.row_cells
     if options.probe:
@@ -543,5 +542,6 @@ def build_llamacpp_engine(backbone_options=None, config: EngineConfig | None = N
     backbone = load_llamacpp_backbone(backbone_options, settings, kv_cells, info)
     engine = LlamaCppEngine(backbone, registry, config, options=options)
     engine.settings["probe"] = source
-    engine.settings["weights"] = weight_type(backbone.model) + (" requantized" if options.requantize else "")
+    # A file already of the asked type is served as it is: "requantized" only when rewritten.
+    engine.settings["weights"] = weight_type(backbone.model) + (" requantized" if path != given else "")
     return engine

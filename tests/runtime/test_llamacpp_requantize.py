@@ -15,6 +15,7 @@ from ..requires import require_module
 require_module("llama_cpp", "the llama.cpp engine needs llama-cpp-python (make setup builds it)")
 
 from lamp_runtime.backbone.checkpoint import embedded_gguf_path  # noqa: E402
+from lamp_runtime.backbone.options import BackboneOptions  # noqa: E402
 from lamp_runtime.engine.base import EngineConfig  # noqa: E402
 from lamp_runtime.llamacpp import requantize  # noqa: E402
 from lamp_runtime.llamacpp.engine import build_llamacpp_engine  # noqa: E402
@@ -80,5 +81,16 @@ def test_the_engine_serves_the_requantized_weights_and_says_so():
         result = engine.generate([GenerationRequest("The capital of France is", None,
                                                     SamplingParams(max_new_tokens=4, ignore_eos=True))])[0]
         assert len(result.token_ids) == 4 and result.text
+    finally:
+        engine.close()
+
+
+def test_a_file_already_of_the_type_is_served_as_it_is_and_not_called_requantized():
+    made = requantize.requantized_gguf(embedded_gguf_path(), "Q4_0")
+    engine = build_llamacpp_engine(BackboneOptions(path=str(made)),
+                                   EngineConfig(max_batch_size=2, max_input_tokens=64, max_new_tokens=4, threads=1),
+                                   LlamaCppOptions(row_cells=128, probe=False, requantize="Q4_0"))
+    try:
+        assert engine.backbone.path == made and engine.settings["weights"] == "Q4_0"
     finally:
         engine.close()
