@@ -6,13 +6,15 @@
 (`make llama-bench` builds .venv/bin/llama-bench from the same llama.cpp source first.)
 One run interleaves, round after round in a shuffled order (lamp_runtime/bench/stats.py):
 - decode at batch 1: the engine's decode tok/s on one request vs `llama-bench -p 0 -n 64` on the
-  same GGUF with the same threads, weight repacking on and off (`--repack 1/0`);
+  same GGUF with the same threads, weight repacking on and off (`--repack 1/0`), and vs a bare
+  ctypes loop of llama_decode calls in the engine's own context (bench/llamacpp_native.py);
 - throughput at each --clients count of concurrent mixed-task clients (bench/engines.py's four
   tasks of every adapter kind plus no task), for every engine of --engines;
 - mixed steps: one decode with the decode rows' tokens as embedding rows ("embed") vs a token
   decode plus an embedding decode ("split"), at the largest client count;
 - warm prefill of a 200-token vs a 2-token soft prompt (both prompts' KV cached), and the cold
-  prompt-KV build of the 200-token one;
+  prompt-KV build of the 200-token one; the same input's llama_decode alone after each prompt's KV
+  (the bare loop's process), and the rate of the arithmetic the 198 more positions add;
 - torch threads in the engine loop (1 vs the cores) with sampled requests;
 and reports each engine's RSS growth when it was built. Every engine serves the same GGUF: the
 embedded one, --gguf, or either requantized by llama.cpp (--requantize, llamacpp/requantize.py). Each engine runs in a process of its own
@@ -107,7 +109,8 @@ def engine_config(settings: dict) -> EngineConfig:
 # The llama.cpp engine variants, each in a process of its own: as served, the other mode of mixed
 # steps (LlamaCppOptions.mixed_steps: "embed", one decode, or "split"), `threads` torch threads in
 # its loop (the served engine has one).
-LLAMACPP_VARIANTS = ("llamacpp", "llamacpp-other-mixed", "llamacpp-torch-many")
+LLAMACPP_VARIANTS = ("llamacpp", "llamacpp-other-mixed", "llamacpp-torch-many", "llamacpp-native")
+FACTORIES = {"llamacpp-native": "lamp_runtime.bench.llamacpp_native:NativeLoopSide"}  # bare ctypes loops
 
 
 def other_mixed_mode(mode: str) -> str:
@@ -225,8 +228,9 @@ def main() -> None:
     try:
         kinds = [k for k in args.engines if k != "llamacpp"] + list(LLAMACPP_VARIANTS)
         for kind in kinds:  # one process per engine, built one after the other
-            factory = "LlamaCppSide" if kind.startswith("llamacpp") else "OtherEngineSide"
-            sides[kind] = EngineProcess(f"lamp_runtime.bench.llamacpp:{factory}", shared | {"kind": kind}, name=kind)
+            factory = FACTORIES.get(kind, "lamp_runtime.bench.llamacpp:"
+                                    + ("LlamaCppSide" if kind.startswith("llamacpp") else "OtherEngineSide"))
+            sides[kind] = EngineProcess(factory, shared | {"kind": kind}, name=kind)
         samples, context = _run(args, threads, sides)
     finally:
         for side in sides.values():
@@ -248,6 +252,8 @@ def side_for(variant, sides: dict):
     """The process that measures `variant`: a client count on its engine's; the other mixed-step
     mode and torch threads on their llama.cpp variants'; the rest on the served llama.cpp engine's."""
     part, name = variant[0], variant[1]
+    if name in ("bare-loop", "native-p200", "native-p2"):
+        return sides["llamacpp-native"]
     if part == "clients":
         return sides[name]
     if part == "mixed" and name != sides["llamacpp"].info["mixed_steps"]:
@@ -261,8 +267,9 @@ def _run(args, threads: int, sides: dict) -> tuple[dict, dict]:
     llama = sides["llamacpp"]
     gguf = Path(llama.info["gguf"])
     clients_max = max(args.clients)
-    variants = [("decode", "engine"), ("decode", "llama-bench-repack"), ("decode", "llama-bench-norepack"),
-                ("prefill", "p200"), ("prefill", "p2"), ("prefill", "cold-p200"),
+    variants = [("decode", "engine"), ("decode", "bare-loop"), ("decode", "llama-bench-repack"),
+                ("decode", "llama-bench-norepack"), ("prefill", "p200"), ("prefill", "p2"), ("prefill", "cold-p200"),
+                ("prefill", "native-p200"), ("prefill", "native-p2"),
                 ("mixed", "embed"), ("mixed", "split"), ("torch", 1), ("torch", threads)]
     variants += [("clients", kind, clients) for kind in args.engines for clients in args.clients]
     if not args.llama_bench.is_file():
@@ -276,6 +283,7 @@ def _run(args, threads: int, sides: dict) -> tuple[dict, dict]:
         return side_for(variant, sides).measure(variant)
 
     context = machine_context() | {"threads": threads, "llamacpp_settings": llama.info["settings"],
+                                   "native_loop": sides["llamacpp-native"].info,
                                    "lscpu_model": lscpu_model(), "gguf": str(gguf), "clients_max": clients_max,
                                    "engines_in": "one process per engine (bench/engine_process.py)"}
     samples = interleaved(variants, measure, repeats=args.repeats, description="llamacpp bench")
@@ -298,17 +306,26 @@ def _report(args, parser, threads: int, sides: dict, samples: dict, context: dic
         best = max(("llama-bench-repack", "llama-bench-norepack"), key=lambda v: med(("decode", v), "tokens_per_s"))
         ratios["decode_b1_vs_llama_bench_best"] = paired(("decode", "engine"), ("decode", best), "tokens_per_s")
         ratios["llama_bench_best"] = best
+        ratios["decode_b1_bare_loop_vs_llama_bench_best"] = paired(("decode", "bare-loop"), ("decode", best),
+                                                                   "tokens_per_s")
+    ratios["decode_b1_engine_vs_bare_loop"] = paired(("decode", "engine"), ("decode", "bare-loop"), "tokens_per_s")
     for clients in args.clients:
         for other in ("hf", "vllm"):
             if other in sides:
                 ratios[f"clients{clients}_llamacpp_vs_{other}"] = paired(("clients", "llamacpp", clients),
                                                                          ("clients", other, clients), "tokens_per_s")
     ratios["warm_prefill_p200_vs_p2"] = paired(("prefill", "p200"), ("prefill", "p2"), "ms")
+    ratios["native_prefill_p200_vs_p2"] = paired(("prefill", "native-p200"), ("prefill", "native-p2"), "ms")
+    native = sides["llamacpp-native"].info
+    extra_ms = med(("prefill", "native-p200"), "ms") - med(("prefill", "native-p2"), "ms")
+    # the arithmetic rate of the input rows' attention over the 198 more cached positions
+    ratios["native_prefill_extra_attention_gflops"] = (native["attention_flops_p200_minus_p2"] / (extra_ms * 1e6)
+                                                       if extra_ms > 0 else float("inf"))
     ratios["cold_p200_vs_warm_p200"] = paired(("prefill", "cold-p200"), ("prefill", "p200"), "ms")
     ratios["mixed_embed_vs_split_tokens_per_s"] = paired(("mixed", "embed"), ("mixed", "split"), "tokens_per_s")
     ratios[f"torch_threads_1_vs_{threads}_tokens_per_s"] = paired(("torch", 1), ("torch", threads), "tokens_per_s")
     medians = {"/".join(map(str, v)): {k: med(v, k) for k in samples[v][0]} for v in variants}
-    rss_growth = {kind: side.info["rss_growth"] for kind, side in sides.items()}  # each process's engine
+    rss_growth = {kind: side.info["rss_growth"] for kind, side in sides.items() if "rss_growth" in side.info}
     for name, value in medians.items():
         print(f"{name:>32}: " + ", ".join(f"{k} {v:.1f}" for k, v in value.items()))
     for name, value in ratios.items():

@@ -1,0 +1,92 @@
+"""bench.llamacpp's floor: what llama_decode alone takes in the engine's own context, with no engine.
+
+The llama.cpp engine is built in this process (same GGUF, kernel settings, KV layout and threads
+as the served one) but its loop never runs: a bare ctypes loop drives its context instead.
+- ("decode", "bare-loop"): one sequence, one token a llama_decode, its logits fetched, as long as
+  the engine's decode sample; against the engine's decode this is what the engine's own Python
+  costs, against llama-bench what the context (its KV layout, logits) costs;
+- ("prefill", "native-p200" / "native-p2"): the same request input as the engine's warm-prefill
+  samples, as embedding rows after 200 / 2 soft-prompt rows already decoded into the sequence (its
+  prompt KV, as the cache gives it): the llama_decode alone. The difference is the input rows'
+  attention over 198 more cached positions; `attention_flops` says how much arithmetic that is.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from lamp_runtime.backbone.options import BackboneOptions
+from lamp_runtime.bench.llamacpp import engine_config
+from lamp_runtime.bench.workload import vocabulary_prompt
+from lamp_runtime.llamacpp.engine import build_llamacpp_engine
+from lamp_runtime.llamacpp.native import Batch
+
+PREFILL_INPUT = "Classify the sentiment of this short review please: great"  # bench.llamacpp.prefill_ms's
+PROMPTS = {"native-p200": (200, 8), "native-p2": (2, 9)}  # length, seed: bench.llamacpp's p200 / p2
+
+
+class NativeLoopSide:
+    def __init__(self, settings: dict):
+        torch.set_num_threads(1)  # as the engine sides
+        self.settings = settings
+        self.core = build_llamacpp_engine(BackboneOptions(path=settings["gguf"]), engine_config(settings))
+        self.lib, self.ctx = self.core._lib, self.core.ctx
+        self.memory = self.lib.llama_get_memory(self.ctx)
+        table = self.core.backbone.info.table
+        rows = torch.from_numpy(np.array(table))  # a writable copy, as bench.llamacpp's sides draw from
+        self.prompts = {name: vocabulary_prompt(rows, length, seed).numpy() for name, (length, seed) in PROMPTS.items()}
+        ids = self.core.backbone.tokenizer(PREFILL_INPUT)["input_ids"]
+        self.input_rows = np.ascontiguousarray(table[ids], dtype=np.float32)
+        self.tokens = Batch(1, 0)
+        self.embeds = Batch(256, table.shape[1])
+
+    def info(self) -> dict:
+        model, L = self.core.backbone.model, self.lib
+        heads, layers = L.llama_model_n_head(model), L.llama_model_n_layer(model)
+        head_dim = L.llama_model_n_embd(model) // heads
+        # per input row, head, layer and cached position: a q.k dot and a value update of head_dim each
+        extra = PROMPTS["native-p200"][0] - PROMPTS["native-p2"][0]
+        flops = 4 * head_dim * heads * layers * extra * self.input_rows.shape[0]
+        return {"input_rows": int(self.input_rows.shape[0]), "heads": heads, "layers": layers, "head_dim": head_dim,
+                "attention_flops_p200_minus_p2": flops, "settings": self.core.settings}
+
+    def measure(self, variant) -> dict:
+        if variant[1] == "bare-loop":
+            return {"tokens_per_s": self._decode(self.settings["decode_tokens"])}
+        return {"ms": self._prefill(self.prompts[variant[1]])}
+
+    def _decode(self, tokens: int) -> float:
+        L, batch = self.lib, self.tokens
+        L.llama_memory_seq_rm(self.memory, 0, -1, -1)
+        started = time.perf_counter()
+        for i in range(tokens + 1):  # the first decode stands for the prefill: not timed
+            if i == 1:
+                started = time.perf_counter()
+            batch.clear()
+            batch.tokens[batch.add(1, 0, i, "last")] = 1000 + i
+            batch.decode(self.ctx)
+            L.llama_get_logits_ith(self.ctx, -1)
+        return tokens / (time.perf_counter() - started)
+
+    def _prefill(self, prompt: np.ndarray) -> float:
+        batch = self.embeds
+        self.lib.llama_memory_seq_rm(self.memory, 0, -1, -1)
+        batch.clear()
+        batch.embd[batch.add(len(prompt), 0, 0, "none")] = prompt
+        batch.decode(self.ctx)
+        times = []
+        for _ in range(3):  # as prefill_ms: the median of three
+            self.lib.llama_memory_seq_rm(self.memory, 0, len(prompt), -1)
+            batch.clear()
+            batch.embd[batch.add(len(self.input_rows), 0, len(prompt), "last")] = self.input_rows
+            started = time.perf_counter()
+            batch.decode(self.ctx)
+            self.lib.llama_get_logits_ith(self.ctx, -1)
+            times.append(time.perf_counter() - started)
+        return sorted(times)[1] * 1000
+
+    def close(self) -> None:
+        self.core.close()
