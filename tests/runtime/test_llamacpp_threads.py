@@ -5,12 +5,12 @@ import pytest
 from lamp_runtime.llamacpp.threads import ThreadChooser, rows_bucket, thread_candidates
 
 
-def run(chooser: ThreadChooser, seconds_of, steps: int, rows: int = 1) -> list[int]:
-    """`steps` decode steps of `rows` rows; `seconds_of(threads)` is the host's answer."""
+def run(chooser: ThreadChooser, seconds_of, steps: int, rows: int = 1, prefill: bool = False) -> list[int]:
+    """`steps` steps of `rows` rows (decode-only unless `prefill`); `seconds_of(threads)` is the host's answer."""
     used = []
     for _ in range(steps):
-        threads = chooser.choose(rows)
-        chooser.record(threads, rows, seconds_of(threads))
+        threads = chooser.choose(rows, prefill)
+        chooser.record(threads, rows, seconds_of(threads), prefill)
         used.append(threads)
     return used
 
@@ -54,8 +54,28 @@ def test_each_batch_size_learns_its_own_winner():
     run(chooser, {2: 0.030, 1: 0.025}.get, 20, rows=16)
     assert chooser.choose(16) in (1, 2)
     seconds = chooser.seconds()
-    assert seconds["rows<2,threads=2"] < seconds["rows<2,threads=1"]
-    assert seconds["rows<32,threads=1"] < seconds["rows<32,threads=2"]
+    assert seconds["decode,rows<2,threads=2"] < seconds["decode,rows<2,threads=1"]
+    assert seconds["decode,rows<32,threads=1"] < seconds["decode,rows<32,threads=2"]
+
+
+def test_prefill_steps_learn_apart_from_decode_steps_of_as_many_rows():
+    """A busy host's batch-1 decode winner (1 thread) never runs the compute-bound prefills."""
+    chooser = ThreadChooser((2, 1), explore_every=4)
+    run(chooser, {2: 0.050, 1: 0.004}.get, 20, rows=1)
+    prefills = run(chooser, {2: 0.010, 1: 0.017}.get, 20, rows=1, prefill=True)
+    assert chooser.choose(1) == 1 and prefills[-3:] == [2, 2, 2]
+    assert chooser.seconds()["prefill,rows<2,threads=2"] == pytest.approx(0.010)
+
+
+def test_the_cores_count_stays_unless_another_is_clearly_faster():
+    """Within `margin` (0.9) of the cores' time the cores' count keeps the steps: a quiet host's
+    batch-1 decode where one thread comes within a few percent does not flap to it."""
+    close = ThreadChooser((2, 1), explore_every=4)
+    used = run(close, {2: 0.0040, 1: 0.0038}.get, 100)
+    assert used[-10:] == [2] * 10 and close.switches == 0
+    clear = ThreadChooser((2, 1), explore_every=4)
+    used = run(clear, {2: 0.0040, 1: 0.0034}.get, 100)
+    assert used[-10:].count(1) >= 9
 
 
 def test_a_fixed_count_is_never_explored():
@@ -63,7 +83,8 @@ def test_a_fixed_count_is_never_explored():
     assert run(chooser, lambda t: 1.0, 10) == [4] * 10 and not chooser.adaptive
 
 
-@pytest.mark.parametrize("candidates,every,cap", [((), 4, 8), ((2, 0), 4, 8), ((2, 1), 0, 8), ((2, 1), 16, 8)])
-def test_bad_settings_are_refused_by_name(candidates, every, cap):
-    with pytest.raises(ValueError, match="thread candidates|explore_every"):
-        ThreadChooser(candidates, explore_every=every, max_explore_every=cap)
+@pytest.mark.parametrize("candidates,every,cap,margin", [((), 4, 8, 0.9), ((2, 0), 4, 8, 0.9), ((2, 1), 0, 8, 0.9),
+                                                         ((2, 1), 16, 8, 0.9), ((2, 1), 4, 8, 0.0), ((2, 1), 4, 8, 1.5)])
+def test_bad_settings_are_refused_by_name(candidates, every, cap, margin):
+    with pytest.raises(ValueError, match="thread candidates|explore_every|margin"):
+        ThreadChooser(candidates, explore_every=every, max_explore_every=cap, margin=margin)
