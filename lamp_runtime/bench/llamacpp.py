@@ -109,8 +109,10 @@ def engine_config(settings: dict) -> EngineConfig:
 # The llama.cpp engine variants, each in a process of its own: as served, the other mode of mixed
 # steps (LlamaCppOptions.mixed_steps: "embed", one decode, or "split"), `threads` torch threads in
 # its loop (the served engine has one).
-LLAMACPP_VARIANTS = ("llamacpp", "llamacpp-other-mixed", "llamacpp-torch-many", "llamacpp-native")
-FACTORIES = {"llamacpp-native": "lamp_runtime.bench.llamacpp_native:NativeLoopSide"}  # bare ctypes loops
+LLAMACPP_VARIANTS = ("llamacpp", "llamacpp-other-mixed", "llamacpp-torch-many", "llamacpp-native",
+                     "llamacpp-native-nofa")
+NATIVE = "lamp_runtime.bench.llamacpp_native:NativeLoopSide"  # bare ctypes loops, flash attention on / off
+FACTORIES = {"llamacpp-native": NATIVE, "llamacpp-native-nofa": NATIVE}
 
 
 def other_mixed_mode(mode: str) -> str:
@@ -252,8 +254,8 @@ def side_for(variant, sides: dict):
     """The process that measures `variant`: a client count on its engine's; the other mixed-step
     mode and torch threads on their llama.cpp variants'; the rest on the served llama.cpp engine's."""
     part, name = variant[0], variant[1]
-    if name in ("bare-loop", "native-p200", "native-p2"):
-        return sides["llamacpp-native"]
+    if str(name).startswith(("bare-loop", "native-")):
+        return sides["llamacpp-native-nofa" if "nofa" in name else "llamacpp-native"]
     if part == "clients":
         return sides[name]
     if part == "mixed" and name != sides["llamacpp"].info["mixed_steps"]:
@@ -267,9 +269,10 @@ def _run(args, threads: int, sides: dict) -> tuple[dict, dict]:
     llama = sides["llamacpp"]
     gguf = Path(llama.info["gguf"])
     clients_max = max(args.clients)
-    variants = [("decode", "engine"), ("decode", "bare-loop"), ("decode", "llama-bench-repack"),
-                ("decode", "llama-bench-norepack"), ("prefill", "p200"), ("prefill", "p2"), ("prefill", "cold-p200"),
-                ("prefill", "native-p200"), ("prefill", "native-p2"),
+    variants = [("decode", "engine"), ("decode", "bare-loop"), ("decode", "bare-loop-nofa"),
+                ("decode", "llama-bench-repack"), ("decode", "llama-bench-norepack"),
+                ("prefill", "p200"), ("prefill", "p2"), ("prefill", "cold-p200"), ("prefill", "native-p200"),
+                ("prefill", "native-p2"), ("prefill", "native-nofa-p200"), ("prefill", "native-nofa-p2"),
                 ("mixed", "embed"), ("mixed", "split"), ("torch", 1), ("torch", threads)]
     variants += [("clients", kind, clients) for kind in args.engines for clients in args.clients]
     if not args.llama_bench.is_file():
@@ -284,6 +287,7 @@ def _run(args, threads: int, sides: dict) -> tuple[dict, dict]:
 
     context = machine_context() | {"threads": threads, "llamacpp_settings": llama.info["settings"],
                                    "native_loop": sides["llamacpp-native"].info,
+                                   "native_loop_nofa": sides["llamacpp-native-nofa"].info,
                                    "lscpu_model": lscpu_model(), "gguf": str(gguf), "clients_max": clients_max,
                                    "engines_in": "one process per engine (bench/engine_process.py)"}
     samples = interleaved(variants, measure, repeats=args.repeats, description="llamacpp bench")
@@ -309,6 +313,8 @@ def _report(args, parser, threads: int, sides: dict, samples: dict, context: dic
         ratios["decode_b1_bare_loop_vs_llama_bench_best"] = paired(("decode", "bare-loop"), ("decode", best),
                                                                    "tokens_per_s")
     ratios["decode_b1_engine_vs_bare_loop"] = paired(("decode", "engine"), ("decode", "bare-loop"), "tokens_per_s")
+    ratios["decode_b1_bare_loop_nofa_vs_fa"] = paired(("decode", "bare-loop-nofa"), ("decode", "bare-loop"),
+                                                      "tokens_per_s")
     for clients in args.clients:
         for other in ("hf", "vllm"):
             if other in sides:
@@ -316,6 +322,8 @@ def _report(args, parser, threads: int, sides: dict, samples: dict, context: dic
                                                                          ("clients", other, clients), "tokens_per_s")
     ratios["warm_prefill_p200_vs_p2"] = paired(("prefill", "p200"), ("prefill", "p2"), "ms")
     ratios["native_prefill_p200_vs_p2"] = paired(("prefill", "native-p200"), ("prefill", "native-p2"), "ms")
+    ratios["native_nofa_prefill_p200_vs_p2"] = paired(("prefill", "native-nofa-p200"), ("prefill", "native-nofa-p2"),
+                                                      "ms")
     native = sides["llamacpp-native"].info
     extra_ms = med(("prefill", "native-p200"), "ms") - med(("prefill", "native-p2"), "ms")
     # the arithmetic rate of the input rows' attention over the 198 more cached positions

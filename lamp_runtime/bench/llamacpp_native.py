@@ -9,6 +9,10 @@ as the served one) but its loop never runs: a bare ctypes loop drives its contex
   samples, as embedding rows after 200 / 2 soft-prompt rows already decoded into the sequence (its
   prompt KV, as the cache gives it): the llama_decode alone. The difference is the input rows'
   attention over 198 more cached positions; `attention_flops` says how much arithmetic that is.
+
+The "-nofa" side runs the same with llama.cpp's flash attention off (LlamaCppOptions
+.flash_attention), and its `info` says whether a text fed as its token embeddings still answers
+like its tokens there (greedy, EXACTNESS_TOKENS steps; the engine's exactness goal).
 """
 
 from __future__ import annotations
@@ -23,16 +27,20 @@ from lamp_runtime.bench.llamacpp import engine_config
 from lamp_runtime.bench.workload import vocabulary_prompt
 from lamp_runtime.llamacpp.engine import build_llamacpp_engine
 from lamp_runtime.llamacpp.native import Batch
+from lamp_runtime.llamacpp.options import LlamaCppOptions
 
 PREFILL_INPUT = "Classify the sentiment of this short review please: great"  # bench.llamacpp.prefill_ms's
-PROMPTS = {"native-p200": (200, 8), "native-p2": (2, 9)}  # length, seed: bench.llamacpp's p200 / p2
+PROMPTS = {"p200": (200, 8), "p2": (2, 9)}  # length, seed: bench.llamacpp's p200 / p2
+EXACTNESS_TEXT, EXACTNESS_TOKENS = "The capital of France is", 24
 
 
 class NativeLoopSide:
     def __init__(self, settings: dict):
         torch.set_num_threads(1)  # as the engine sides
         self.settings = settings
-        self.core = build_llamacpp_engine(BackboneOptions(path=settings["gguf"]), engine_config(settings))
+        self.flash_attention = not settings["kind"].endswith("-nofa")
+        self.core = build_llamacpp_engine(BackboneOptions(path=settings["gguf"]), engine_config(settings),
+                                          LlamaCppOptions(flash_attention=self.flash_attention))
         self.lib, self.ctx = self.core._lib, self.core.ctx
         self.memory = self.lib.llama_get_memory(self.ctx)
         table = self.core.backbone.info.table
@@ -48,15 +56,40 @@ class NativeLoopSide:
         heads, layers = L.llama_model_n_head(model), L.llama_model_n_layer(model)
         head_dim = L.llama_model_n_embd(model) // heads
         # per input row, head, layer and cached position: a q.k dot and a value update of head_dim each
-        extra = PROMPTS["native-p200"][0] - PROMPTS["native-p2"][0]
+        extra = PROMPTS["p200"][0] - PROMPTS["p2"][0]
         flops = 4 * head_dim * heads * layers * extra * self.input_rows.shape[0]
-        return {"input_rows": int(self.input_rows.shape[0]), "heads": heads, "layers": layers, "head_dim": head_dim,
-                "attention_flops_p200_minus_p2": flops, "settings": self.core.settings}
+        by_tokens, by_rows = self.greedy(as_rows=False), self.greedy(as_rows=True)
+        return {"flash_attention": self.flash_attention, "input_rows": int(self.input_rows.shape[0]), "heads": heads,
+                "layers": layers, "head_dim": head_dim, "attention_flops_p200_minus_p2": flops,
+                "settings": self.core.settings, "greedy_by_tokens": by_tokens, "greedy_by_embedding_rows": by_rows,
+                "embedding_rows_answer_like_tokens": by_tokens == by_rows}
 
     def measure(self, variant) -> dict:
-        if variant[1] == "bare-loop":
+        if variant[1].startswith("bare-loop"):
             return {"tokens_per_s": self._decode(self.settings["decode_tokens"])}
-        return {"ms": self._prefill(self.prompts[variant[1]])}
+        return {"ms": self._prefill(self.prompts[variant[1].rsplit("-", 1)[-1]])}
+
+    def greedy(self, as_rows: bool) -> list[int]:
+        """EXACTNESS_TOKENS greedy tokens after EXACTNESS_TEXT, fed as its tokens or as their embedding rows."""
+        L, table = self.lib, self.core.backbone.info.table
+        ids = self.core.backbone.tokenizer(EXACTNESS_TEXT)["input_ids"]
+        L.llama_memory_seq_rm(self.memory, 0, -1, -1)
+        batch = self.embeds if as_rows else Batch(len(ids), 0)
+        batch.clear()
+        rows = batch.add(len(ids), 0, 0, "last")
+        if as_rows:
+            batch.embd[rows] = table[ids]
+        else:
+            batch.tokens[rows] = ids
+        batch.decode(self.ctx)
+        answer = []
+        for pos in range(len(ids), len(ids) + EXACTNESS_TOKENS):
+            answer.append(int(np.argmax(np.ctypeslib.as_array(L.llama_get_logits_ith(self.ctx, -1),
+                                                               shape=(table.shape[0],)))))
+            self.tokens.clear()
+            self.tokens.tokens[self.tokens.add(1, 0, pos, "last")] = answer[-1]
+            self.tokens.decode(self.ctx)
+        return answer
 
     def _decode(self, tokens: int) -> float:
         L, batch = self.lib, self.tokens
