@@ -224,18 +224,19 @@ class LlamaCppEngine(StepCoreBase):
     def _run(self, newcomers: list[RequestState], stats: StepStats) -> list[StepOutput]:
         started = time.perf_counter()
         decoding = list(self._running)
+        decode_only = bool(decoding) and not newcomers
+        threads = self.thread_chooser.choose(len(decoding)) if decode_only else self.thread_chooser.current
+        self._set_threads(threads)
         prefills = [self._plan(seq, stats) for seq in newcomers]  # may decode prompt-KV builds
         if not decoding and not prefills:
             return []
         stats.prefill_tokens += sum(p.embeds.shape[0] for p in prefills)
         stats.prefill_forwards += 1 if prefills else 0
         stats.computed_tokens = len(decoding) + stats.prefill_tokens
-        threads = self.thread_chooser.choose(stats.computed_tokens, prefill=bool(prefills))
-        self._set_threads(threads)
         forward_started = time.perf_counter()
         logits = self._forward(decoding, prefills)  # decode rows' logits first, then each newcomer's
-        self.thread_chooser.record(threads, stats.computed_tokens, time.perf_counter() - forward_started,
-                                   prefill=bool(prefills))
+        if decode_only:
+            self.thread_chooser.record(threads, len(decoding), time.perf_counter() - forward_started)
         elapsed = time.perf_counter() - started
         for row in decoding:
             row.pos += 1
@@ -443,11 +444,7 @@ class LlamaCppEngine(StepCoreBase):
         batch.clear()
         sl = batch.add(prompt.shape[0], seq_id, 0, "none")
         batch.embd[sl] = prompt
-        threads = self.thread_chooser.choose(prompt.shape[0], prefill=True)  # a prefill of its own
-        self._set_threads(threads)
-        started = time.perf_counter()
         batch.decode(self.ctx)
-        self.thread_chooser.record(threads, prompt.shape[0], time.perf_counter() - started, prefill=True)
         stats.prefill_forwards += 1
         stats.prefill_tokens += prompt.shape[0]
 

@@ -7,23 +7,25 @@ spin for it, and a decode with as many threads as cores becomes many times slowe
 fewer (docs/llamacpp.md, "Threads on a busy host", has the measurements and their JSON). On an
 idle host the cores' count is the fastest. Which holds changes while a server runs, so the engine measures it:
 
-- each step is timed per (its kind, its rows rounded to a power of two, thread count): decode-only
-  steps by their rows, steps with prefills (newcomers, prompt builds folded in) by the rows they
-  compute, so a count that wins at batch-1 decode never runs a 16-row prefill;
-- the fastest count so far runs a bucket's steps, but the cores' count (the first candidate) is
-  left only for a count whose steps take under `margin` (0.9) of its time: on a quiet host fewer
+- decode-only steps are timed per (thread count, batch rows rounded to a power of two);
+- the fastest count so far runs the steps, but the cores' count (the first candidate) is left
+  only for a count whose steps take under `margin` (0.9) of its time. On a quiet host fewer
   threads can come within a few percent at batch 1 (IQ4_NL weights: 1 thread 255 vs 2 threads
-  245-290 tok/s), and flapping between the two cost 10% of batch-1 decode and made prefills run
-  on one thread, 1.6x slower (docs/bench/llamacpp-iq4_nl-floor.json, measured before this rule;
-  llamacpp-iq4_nl-floor-margin.json after it); a busy host's gap is many times that;
+  245-290 tok/s), and with any faster sample winning the count flapped to one thread, so
+  prefills, which are compute-bound, ran on one too: the warm prefill of a 2-token prompt took
+  16.8 ms vs the bare llama_decode's 10.0, and batch-1 decode was 0.87x a bare llama_decode loop
+  (docs/bench/llamacpp-iq4_nl-floor.json). A busy host's gap is many times the margin. (Timing
+  prefill steps apart, per size, did not help: steps of one size differ by more than the margin
+  with what they attend over, 1.3-1.5x between a 2- and a 200-position cached prompt, so their
+  winner flapped instead);
 - now and then one step runs with another count, more rarely while the winner stays the same
-  (every `explore_every` steps of the bucket, doubling up to `max_explore_every`), so a quiet
-  host pays little for the check;
+  (every `explore_every` steps, doubling up to `max_explore_every`), so a quiet host pays little
+  for the check;
 - the winner's time is a moving average; another count's is its latest sample (an old one says
   nothing about the host now).
 
-`ThreadChooser` is pure (no ggml): the engine calls `choose(rows, prefill)` before a step's
-forward and `record(threads, rows, seconds, prefill)` after it.
+Prefills and prompt builds run with the current winner. `ThreadChooser` is pure (no ggml): the
+engine calls `choose(rows)` before a step and `record(threads, rows, seconds)` after a decode-only one.
 """
 
 from __future__ import annotations
@@ -43,9 +45,6 @@ def rows_bucket(rows: int) -> int:
     return max(1, rows).bit_length()
 
 
-Bucket = tuple[bool, int]  # (the step has prefills, rows_bucket of its rows)
-
-
 class ThreadChooser:
     def __init__(self, candidates: Sequence[int], explore_every: int = 16, max_explore_every: int = 512,
                  alpha: float = 0.25, margin: float = 0.9):
@@ -58,24 +57,22 @@ class ThreadChooser:
         self.candidates = tuple(candidates)
         self.explore_every, self.max_explore_every, self.alpha = explore_every, max_explore_every, alpha
         self.margin = margin
-        self._seconds: dict[tuple[Bucket, int], float] = {}  # (bucket, threads) -> seconds per step
-        self._every: dict[Bucket, int] = {}  # bucket -> its steps between two explorations
-        self._since: dict[Bucket, int] = {}  # bucket -> its steps since the last exploration
-        self._explorations: dict[Bucket, int] = {}  # bucket -> explorations so far
-        self._winners: dict[Bucket, int] = {}  # bucket -> its winner so far
-        self.current = self.candidates[0]  # the count the last step ran with (the engine's stats show it)
-        self.switches = 0  # how often a bucket's winner changed (shown in the engine's stats)
+        self._seconds: dict[tuple[int, int], float] = {}  # (bucket, threads) -> seconds per step
+        self._every: dict[int, int] = {}  # bucket -> decode steps between two explorations
+        self._since: dict[int, int] = {}  # bucket -> decode steps since the last exploration
+        self._explorations: dict[int, int] = {}  # bucket -> explorations so far
+        self.current = self.candidates[0]  # the last winner: prefills run with it
+        self.switches = 0  # how often the winner changed (shown in the engine's stats)
 
     @property
     def adaptive(self) -> bool:
         return len(self.candidates) > 1
 
-    def choose(self, rows: int, prefill: bool = False) -> int:
-        """The thread count for a step computing `rows` rows (`prefill`: some of them newcomers')."""
-        self.current = self._choose((prefill, rows_bucket(rows))) if self.adaptive else self.current
-        return self.current
-
-    def _choose(self, bucket: Bucket) -> int:
+    def choose(self, rows: int) -> int:
+        """The thread count for a decode-only step of `rows` rows."""
+        if not self.adaptive:
+            return self.current
+        bucket = rows_bucket(rows)
         untried = [t for t in self.candidates if (bucket, t) not in self._seconds]
         if untried:
             return untried[0]
@@ -89,11 +86,11 @@ class ThreadChooser:
             return others[self._explorations[bucket] % len(others)]  # each other count in turn
         return winner
 
-    def record(self, threads: int, rows: int, seconds: float, prefill: bool = False) -> None:
-        """A step of `rows` rows (`prefill` as in `choose`) took `seconds` with `threads` threads."""
+    def record(self, threads: int, rows: int, seconds: float) -> None:
+        """A decode-only step of `rows` rows took `seconds` with `threads` threads."""
         if not self.adaptive:
             return
-        bucket = (prefill, rows_bucket(rows))
+        bucket = rows_bucket(rows)
         before = self._winner(bucket) if self._complete(bucket) else None
         key = (bucket, threads)
         old = self._seconds.get(key)
@@ -104,19 +101,18 @@ class ThreadChooser:
         if before is not None and threads != before:  # an exploration's result: back off while nothing changes
             every = self._every.get(bucket, self.explore_every)
             self._every[bucket] = self.explore_every if after != before else min(2 * every, self.max_explore_every)
-        if self._winners.setdefault(bucket, after) != after:
-            self._winners[bucket] = after
+        if after != self.current:
+            self.current = after
             self.switches += 1
 
     def seconds(self) -> dict[str, float]:
-        """Per (step kind, rows bucket, threads): the seconds per step the choice is made on."""
-        return {f"{'prefill' if prefill else 'decode'},rows<{1 << b},threads={t}": s
-                for ((prefill, b), t), s in sorted(self._seconds.items())}
+        """Per (rows bucket, threads): the seconds per step the choice is made on."""
+        return {f"rows<{1 << bucket},threads={t}": s for (bucket, t), s in sorted(self._seconds.items())}
 
-    def _complete(self, bucket: Bucket) -> bool:
+    def _complete(self, bucket: int) -> bool:
         return all((bucket, t) in self._seconds for t in self.candidates)
 
-    def _winner(self, bucket: Bucket) -> int:
+    def _winner(self, bucket: int) -> int:
         """The fastest count, but the cores' count unless another one's steps take under `margin` of its time."""
         cores = self.candidates[0]
         best = min(self.candidates, key=lambda t: self._seconds[(bucket, t)])

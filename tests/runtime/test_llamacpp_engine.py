@@ -110,9 +110,11 @@ def assert_all_same_or_near_tie(ours, theirs) -> None:
 
 
 def tokens_reference(engine, token_ids: list[int], new: int) -> list[int]:
-    """llama.cpp fed the tokens themselves (a token batch in a fresh context), greedy."""
+    """llama.cpp fed the tokens themselves (a token batch in a fresh context with the engine's
+    attention kernel), greedy."""
     L = lib()
-    ctx = new_context(engine.backbone.model, 1024, 512, engine.backbone.settings.n_ubatch, 1, engine.ggml_threads)
+    ctx = new_context(engine.backbone.model, 1024, 512, engine.backbone.settings.n_ubatch, 1, engine.ggml_threads,
+                      flash_attention=engine.options.flash_attention)
     try:
         batch, vocab, out = Batch(512), engine.backbone.info.table.shape[0], []
         batch.add(len(token_ids), 0, 0)
@@ -154,6 +156,23 @@ def test_soft_prompt_of_token_embeddings_answers_like_the_tokens(engine, table):
 
 
 def test_mixed_task_batches_equal_one_at_a_time_with_requests_joining(engine, tasks):
+    assert_mixed_batches_equal_one_at_a_time(engine, tasks)
+
+
+def test_without_flash_attention_answers_are_as_exact(engine, table, tasks):
+    """llama.cpp's other attention kernel (LlamaCppOptions.flash_attention=False; docs/llamacpp.md,
+    "Attention kernels"): with a KV stream per sequence, embedding rows still answer like their
+    tokens and mixed batches like one request at a time."""
+    plain = LlamaCppEngine(engine.backbone, engine.registry, engine.config,
+                           options=LlamaCppOptions(row_cells=512, flash_attention=False))
+    try:
+        assert_embedding_rows_answer_like_their_tokens(plain, table)
+        assert_mixed_batches_equal_one_at_a_time(plain, tasks)
+    finally:
+        plain.close()
+
+
+def assert_mixed_batches_equal_one_at_a_time(engine, tasks) -> None:
     requests = [GenerationRequest(text, task, greedy()) for text in TEXTS[:2] for task in [*tasks, None]]
     alone = [engine.generate([GenerationRequest(r.input, r.task_id, r.params)])[0] for r in requests]
     together = engine.generate([GenerationRequest(r.input, r.task_id, r.params) for r in requests])
