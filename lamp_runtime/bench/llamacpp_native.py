@@ -34,10 +34,27 @@ PROMPTS = {"p200": (200, 8), "p2": (2, 9)}  # length, seed: bench.llamacpp's p20
 EXACTNESS_TEXT, EXACTNESS_TOKENS = "The capital of France is", 24
 
 
+def matmul_gflops(threads: int, size: int = 2048, repeats: int = 5) -> float:
+    """What a large float32 matrix product reaches on `threads` cores (torch.mm): the scale the
+    attention's arithmetic rate is read against."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(size, size), torch.randn(size, size)
+        a @ b  # warm-up: oneDNN/BLAS picks its kernel
+        started = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        return 2 * size ** 3 * repeats / (time.perf_counter() - started) / 1e9
+    finally:
+        torch.set_num_threads(before)
+
+
 class NativeLoopSide:
     def __init__(self, settings: dict):
-        torch.set_num_threads(1)  # as the engine sides
         self.settings = settings
+        self.matmul_gflops = matmul_gflops(settings["threads"])  # before llama.cpp's threads exist here
+        torch.set_num_threads(1)  # as the engine sides
         self.flash_attention = not settings["kind"].endswith("-nofa")
         self.core = build_llamacpp_engine(BackboneOptions(path=settings["gguf"]), engine_config(settings),
                                           LlamaCppOptions(flash_attention=self.flash_attention))
@@ -61,6 +78,7 @@ class NativeLoopSide:
         by_tokens, by_rows = self.greedy(as_rows=False), self.greedy(as_rows=True)
         return {"flash_attention": self.flash_attention, "input_rows": int(self.input_rows.shape[0]), "heads": heads,
                 "layers": layers, "head_dim": head_dim, "attention_flops_p200_minus_p2": flops,
+                "float32_matmul_gflops": self.matmul_gflops,
                 "settings": self.core.settings, "greedy_by_tokens": by_tokens, "greedy_by_embedding_rows": by_rows,
                 "embedding_rows_answer_like_tokens": by_tokens == by_rows}
 

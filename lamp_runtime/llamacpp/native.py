@@ -91,11 +91,17 @@ def new_context(model, n_ctx: int, n_batch: int, n_ubatch: int, n_seq_max: int, 
     `n_ctx` cells instead (cells shareable by seq_cp, but each row's attention spans every used
     cell: 3.3x the step time at 64 rows, bench/llamacpp_kv_layout.py).
 
-    Flash attention is on: without it (llama-cpp-python 0.3.36's vendored llama.cpp), a sequence's
-    logits changed visibly (whole tokens apart within a few steps) when another sequence decoded in
-    the same batch of the unified cache, f16 and f32 caches alike; with it they were bitwise equal
-    (tests/runtime/test_llamacpp_engine.py checks mixed batches against one request at a time). Its CPU kernel sums the values in float16 in the cache's cell order, so when rows
-    land in other cells (another batch composition) answers may still part at near ties."""
+    Flash attention is on by default, for decode speed: a decode row attends through the flash
+    kernel faster than through the matrix path (bare-loop decode 0.87x and 0.94x with it off in
+    docs/bench/llamacpp-iq4_nl-floor-margin.json and llamacpp-iq4_nl.json), while a prefill row's
+    attention over many cached cells costs much more through it (warm prefill after 200 vs 2
+    cached cells 1.35x on, 1.02-1.06x off; docs/llamacpp.md, "Attention kernels"). With a stream
+    per sequence both keep
+    the exactness tests (tests/runtime/test_llamacpp_engine.py runs them with it off too); in the
+    unified cache of earlier versions a sequence's logits changed with what else decoded in the
+    batch unless it was on. Its CPU kernel sums values in float16 in the cache's cell order, so when
+    rows land in other cells (another batch composition) answers may still part at near ties.
+    """
     L = lib()
     params = L.llama_context_default_params()
     params.n_ctx = n_ctx

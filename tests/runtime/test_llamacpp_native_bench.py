@@ -28,6 +28,7 @@ def test_counts_the_extra_attention_of_the_longer_prompt_from_the_model_shape(si
     # SmolLM2-135M: 9 query heads of 64, 30 layers; 198 more cached positions for each input row
     assert (info["input_rows"], info["heads"], info["layers"], info["head_dim"]) == (rows, 9, 30, 64)
     assert info["attention_flops_p200_minus_p2"] == 4 * 64 * 9 * 30 * 198 * rows
+    assert info["float32_matmul_gflops"] > 0
 
 
 def test_with_flash_attention_a_text_as_embedding_rows_answers_like_its_tokens(side):
