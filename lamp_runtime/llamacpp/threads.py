@@ -21,8 +21,10 @@ idle host the cores' count is the fastest. Which holds changes while a server ru
 - now and then one step runs with another count, more rarely while the winner stays the same
   (every `explore_every` steps, doubling up to `max_explore_every`), so a quiet host pays little
   for the check;
-- the winner's time is a moving average; another count's is its latest sample (an old one says
-  nothing about the host now).
+- the winner's time is the median of its last `window` (5) steps, so one step stalled by the host
+  does not hand the steps to another count (with a moving average, one 2-thread step of ~25 ms
+  among ~3.5 ms ones did, in a bench-like sequence of requests); another count's is its latest
+  sample (an old one says nothing about the host now).
 
 Prefills and prompt builds run with the current winner. `ThreadChooser` is pure (no ggml): the
 engine calls `choose(rows)` before a step and `record(threads, rows, seconds)` after a decode-only one.
@@ -30,6 +32,8 @@ engine calls `choose(rows)` before a step and `record(threads, rows, seconds)` a
 
 from __future__ import annotations
 
+import statistics
+from collections import deque
 from collections.abc import Sequence
 
 
@@ -47,7 +51,7 @@ def rows_bucket(rows: int) -> int:
 
 class ThreadChooser:
     def __init__(self, candidates: Sequence[int], explore_every: int = 16, max_explore_every: int = 512,
-                 alpha: float = 0.25, margin: float = 0.9):
+                 window: int = 5, margin: float = 0.9):
         if not candidates or any(c < 1 for c in candidates):
             raise ValueError(f"thread candidates must be positive counts, got {list(candidates)}")
         if not 1 <= explore_every <= max_explore_every:
@@ -55,8 +59,11 @@ class ThreadChooser:
         if not 0 < margin <= 1:
             raise ValueError(f"margin must be in (0, 1], got {margin}")
         self.candidates = tuple(candidates)
-        self.explore_every, self.max_explore_every, self.alpha = explore_every, max_explore_every, alpha
-        self.margin = margin
+        if window < 1:
+            raise ValueError(f"window must be at least one step, got {window}")
+        self.explore_every, self.max_explore_every, self.margin = explore_every, max_explore_every, margin
+        self._samples: dict[tuple[int, int], deque[float]] = {}  # (bucket, threads) -> the last `window` steps
+        self._window = window
         self._seconds: dict[tuple[int, int], float] = {}  # (bucket, threads) -> seconds per step
         self._every: dict[int, int] = {}  # bucket -> decode steps between two explorations
         self._since: dict[int, int] = {}  # bucket -> decode steps since the last exploration
@@ -93,8 +100,11 @@ class ThreadChooser:
         bucket = rows_bucket(rows)
         before = self._winner(bucket) if self._complete(bucket) else None
         key = (bucket, threads)
-        old = self._seconds.get(key)
-        self._seconds[key] = seconds if old is None or threads != before else old + self.alpha * (seconds - old)
+        samples = self._samples.setdefault(key, deque(maxlen=self._window))
+        if threads != before:  # an exploration (or a first try): only what the host does now counts
+            samples.clear()
+        samples.append(seconds)
+        self._seconds[key] = statistics.median(samples)
         if not self._complete(bucket):
             return
         after = self._winner(bucket)

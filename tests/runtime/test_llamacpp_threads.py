@@ -69,13 +69,21 @@ def test_the_cores_count_stays_unless_another_is_clearly_faster():
     assert used[-10:].count(1) >= 9 and clear.current == 1  # what prefills then run with
 
 
+def test_one_stalled_step_does_not_hand_the_steps_to_fewer_threads():
+    chooser = ThreadChooser((2, 1), explore_every=4)
+    run(chooser, {2: 0.0035, 1: 0.0045}.get, 40)
+    stalls = iter([0.025])  # one 2-thread step descheduled by the host, then the usual time
+    used = run(chooser, lambda t: next(stalls, 0.0035) if t == 2 else 0.0045, 40)
+    assert used[-10:] == [2] * 10 and chooser.switches == 0 and chooser.current == 2
+
+
 def test_a_fixed_count_is_never_explored():
     chooser = ThreadChooser((4,))
     assert run(chooser, lambda t: 1.0, 10) == [4] * 10 and not chooser.adaptive
 
 
 @pytest.mark.parametrize("candidates,every,cap,margin", [((), 4, 8, 0.9), ((2, 0), 4, 8, 0.9), ((2, 1), 0, 8, 0.9),
-                                                         ((2, 1), 16, 8, 0.9), ((2, 1), 4, 8, 0.0), ((2, 1), 4, 8, 1.5)])
+                                                         ((2, 1), 16, 8, 0.9), ((2, 1), 4, 8, 0.0), ((2, 1), 4, 8, 1.5)])  # margin
 def test_bad_settings_are_refused_by_name(candidates, every, cap, margin):
     with pytest.raises(ValueError, match="thread candidates|explore_every|margin"):
         ThreadChooser(candidates, explore_every=every, max_explore_every=cap, margin=margin)
