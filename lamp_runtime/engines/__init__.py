@@ -57,7 +57,7 @@ def choose_engine(backbone_options: BackboneOptions | None = None, *, cuda_avail
     A GGUF (a .gguf path, or the embedded default, which is one) on the CPU runs on `llamacpp` in
     its own types and kernels, with no torch copy of the weights, unless its weights are Q4_1: the
     hf engine's int4 kernels serve those blocks as they are, and on the measured host they were
-    faster at 4 to 64 concurrent requests, about twice at 16 (docs/bench/llamacpp.json;
+    faster at 4 to 64 concurrent requests, 1.7x at 16 (docs/bench/llamacpp.json;
     docs/llamacpp.md says why: llama.cpp's Q4_1 matrix kernels are compute-bound there). Any other
     GGUF type (Q4_K, Q8_0, F16...) the int4 engine would requantize to 4 bits, and the float32
     route needs several times the memory. Everything else keeps `hf`: an

@@ -92,15 +92,14 @@ def new_context(model, n_ctx: int, n_batch: int, n_ubatch: int, n_seq_max: int, 
     cell: 3.3x the step time at 64 rows, bench/llamacpp_kv_layout.py).
 
     Flash attention is on by default, for decode speed: a decode row attends through the flash
-    kernel faster than through the matrix path (bare-loop decode 0.87x and 0.94x with it off in
-    docs/bench/llamacpp-iq4_nl-floor-margin.json and llamacpp-iq4_nl.json), while a prefill row's
-    attention over many cached cells costs much more through it (warm prefill after 200 vs 2
-    cached cells 1.35x on, 1.02-1.06x off; docs/llamacpp.md, "Attention kernels"). With a stream
-    per sequence both keep
-    the exactness tests (tests/runtime/test_llamacpp_engine.py runs them with it off too); in the
-    unified cache of earlier versions a sequence's logits changed with what else decoded in the
-    batch unless it was on. Its CPU kernel sums values in float16 in the cache's cell order, so when
-    rows land in other cells (another batch composition) answers may still part at near ties.
+    kernel faster than through the matrix path (bare-loop decode 0.86-0.94x with it off), while a
+    prefill row's attention over many cached cells costs more through it (warm prefill after 200
+    vs 2 cached cells 1.11-1.35x on, about flat off): docs/llamacpp.md, "Attention kernels", has
+    the runs. With a stream per sequence both keep the exactness tests
+    (tests/runtime/test_llamacpp_engine.py runs them with it off too); in the unified cache of
+    earlier versions a sequence's logits changed with what else decoded in the batch unless it was
+    on. Its CPU kernel sums values in float16 in the cache's cell order, so when rows land in other
+    cells (another batch composition) answers may still part at near ties.
     """
     L = lib()
     params = L.llama_context_default_params()
