@@ -81,10 +81,12 @@ def engine_decode(runner, tokens: int) -> float:
     return (len(result.token_ids) - 1) / (result.decode_ms / 1000)
 
 
+PREFILL_INPUT = "Classify the sentiment of this short review please: great"  # 11 tokens on SmolLM2
+
+
 def prefill_ms(runner, task: str, repeats: int = 3) -> float:
-    """Median prefill of one request of `task` (one input of ~16 tokens, one new token)."""
-    times = [complete(runner, GenerationRequest("Classify the sentiment of this short review please: great", task,
-                                                SamplingParams(max_new_tokens=1))).prefill_ms
+    """Median prefill of one request of `task` (PREFILL_INPUT, one new token)."""
+    times = [complete(runner, GenerationRequest(PREFILL_INPUT, task, SamplingParams(max_new_tokens=1))).prefill_ms
              for _ in range(repeats)]
     return sorted(times)[len(times) // 2]
 

@@ -8,7 +8,8 @@ as the served one) but its loop never runs: a bare ctypes loop drives its contex
 - ("prefill", "native-p200" / "native-p2"): the same request input as the engine's warm-prefill
   samples, as embedding rows after 200 / 2 soft-prompt rows already decoded into the sequence (its
   prompt KV, as the cache gives it): the llama_decode alone. The difference is the input rows'
-  attention over 198 more cached positions; `attention_flops` says how much arithmetic that is.
+  attention over 198 more cached positions; `info()["attention_flops_p200_minus_p2"]` says how
+  much arithmetic that is.
 
 The "-nofa" side runs the same with llama.cpp's flash attention off (LlamaCppOptions
 .flash_attention), and its `info` says whether a text fed as its token embeddings still answers
@@ -23,13 +24,12 @@ import numpy as np
 import torch
 
 from lamp_runtime.backbone.options import BackboneOptions
-from lamp_runtime.bench.llamacpp import engine_config
+from lamp_runtime.bench.llamacpp import PREFILL_INPUT, engine_config
 from lamp_runtime.bench.workload import vocabulary_prompt
 from lamp_runtime.llamacpp.engine import build_llamacpp_engine
-from lamp_runtime.llamacpp.native import Batch
+from lamp_runtime.llamacpp.native import Batch, lib
 from lamp_runtime.llamacpp.options import LlamaCppOptions
 
-PREFILL_INPUT = "Classify the sentiment of this short review please: great"  # bench.llamacpp.prefill_ms's
 PROMPTS = {"p200": (200, 8), "p2": (2, 9)}  # length, seed: bench.llamacpp's p200 / p2
 EXACTNESS_TEXT, EXACTNESS_TOKENS = "The capital of France is", 24
 
@@ -58,7 +58,7 @@ class NativeLoopSide:
         self.flash_attention = not settings["kind"].endswith("-nofa")
         self.core = build_llamacpp_engine(BackboneOptions(path=settings["gguf"]), engine_config(settings),
                                           LlamaCppOptions(flash_attention=self.flash_attention))
-        self.lib, self.ctx = self.core._lib, self.core.ctx
+        self.lib, self.ctx = lib(), self.core.ctx
         self.memory = self.lib.llama_get_memory(self.ctx)
         table = self.core.backbone.info.table
         rows = torch.from_numpy(np.array(table))  # a writable copy, as bench.llamacpp's sides draw from
