@@ -58,13 +58,12 @@ class ThreadChooser:
             raise ValueError(f"need 1 <= explore_every <= max_explore_every, got {explore_every}, {max_explore_every}")
         if not 0 < margin <= 1:
             raise ValueError(f"margin must be in (0, 1], got {margin}")
-        self.candidates = tuple(candidates)
         if window < 1:
             raise ValueError(f"window must be at least one step, got {window}")
+        self.candidates = tuple(candidates)
         self.explore_every, self.max_explore_every, self.margin = explore_every, max_explore_every, margin
-        self._samples: dict[tuple[int, int], deque[float]] = {}  # (bucket, threads) -> the last `window` steps
         self._window = window
-        self._seconds: dict[tuple[int, int], float] = {}  # (bucket, threads) -> seconds per step
+        self._samples: dict[tuple[int, int], deque[float]] = {}  # (bucket, threads) -> its last `window` steps
         self._every: dict[int, int] = {}  # bucket -> decode steps between two explorations
         self._since: dict[int, int] = {}  # bucket -> decode steps since the last exploration
         self._explorations: dict[int, int] = {}  # bucket -> explorations so far
@@ -80,7 +79,7 @@ class ThreadChooser:
         if not self.adaptive:
             return self.current
         bucket = rows_bucket(rows)
-        untried = [t for t in self.candidates if (bucket, t) not in self._seconds]
+        untried = [t for t in self.candidates if (bucket, t) not in self._samples]
         if untried:
             return untried[0]
         winner = self._winner(bucket)
@@ -104,7 +103,6 @@ class ThreadChooser:
         if threads != before:  # an exploration (or a first try): only what the host does now counts
             samples.clear()
         samples.append(seconds)
-        self._seconds[key] = statistics.median(samples)
         if not self._complete(bucket):
             return
         after = self._winner(bucket)
@@ -117,13 +115,16 @@ class ThreadChooser:
 
     def seconds(self) -> dict[str, float]:
         """Per (rows bucket, threads): the seconds per step the choice is made on."""
-        return {f"rows<{1 << bucket},threads={t}": s for (bucket, t), s in sorted(self._seconds.items())}
+        return {f"rows<{1 << bucket},threads={t}": statistics.median(samples)
+                for (bucket, t), samples in sorted(self._samples.items())}
 
     def _complete(self, bucket: int) -> bool:
-        return all((bucket, t) in self._seconds for t in self.candidates)
+        return all((bucket, t) in self._samples for t in self.candidates)
 
     def _winner(self, bucket: int) -> int:
-        """The fastest count, but the cores' count unless another one's steps take under `margin` of its time."""
+        """The fastest count, but the cores' count unless another one's steps take under `margin` of its time
+        (a count's time: the median of its samples, one sample for a count just explored)."""
+        seconds = {t: statistics.median(self._samples[(bucket, t)]) for t in self.candidates}
         cores = self.candidates[0]
-        best = min(self.candidates, key=lambda t: self._seconds[(bucket, t)])
-        return best if self._seconds[(bucket, best)] < self.margin * self._seconds[(bucket, cores)] else cores
+        best = min(self.candidates, key=seconds.__getitem__)
+        return best if seconds[best] < self.margin * seconds[cores] else cores

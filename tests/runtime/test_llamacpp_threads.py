@@ -82,8 +82,9 @@ def test_a_fixed_count_is_never_explored():
     assert run(chooser, lambda t: 1.0, 10) == [4] * 10 and not chooser.adaptive
 
 
-@pytest.mark.parametrize("candidates,every,cap,margin", [((), 4, 8, 0.9), ((2, 0), 4, 8, 0.9), ((2, 1), 0, 8, 0.9),
-                                                         ((2, 1), 16, 8, 0.9), ((2, 1), 4, 8, 0.0), ((2, 1), 4, 8, 1.5)])  # margin
-def test_bad_settings_are_refused_by_name(candidates, every, cap, margin):
-    with pytest.raises(ValueError, match="thread candidates|explore_every|margin"):
-        ThreadChooser(candidates, explore_every=every, max_explore_every=cap, margin=margin)
+@pytest.mark.parametrize("candidates,every,cap,margin,window", [
+    ((), 4, 8, 0.9, 5), ((2, 0), 4, 8, 0.9, 5), ((2, 1), 0, 8, 0.9, 5), ((2, 1), 16, 8, 0.9, 5),
+    ((2, 1), 4, 8, 0.0, 5), ((2, 1), 4, 8, 1.5, 5), ((2, 1), 4, 8, 0.9, 0)])
+def test_bad_settings_are_refused_by_name(candidates, every, cap, margin, window):
+    with pytest.raises(ValueError, match="thread candidates|explore_every|margin|window"):
+        ThreadChooser(candidates, explore_every=every, max_explore_every=cap, margin=margin, window=window)
